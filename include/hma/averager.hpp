@@ -1,0 +1,140 @@
+// hma/averager.hpp: drives the step counter and averages a ParamSet on the scheduled level.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "hma/buffer.hpp"
+#include "hma/hierarchy.hpp"
+#include "hma/schedule.hpp"
+
+namespace hma {
+
+namespace detail {
+struct Pending;
+}
+
+/// The handle of a started, non-blocking average. Move-only.
+/// `wait()` completes it (the ParamSet then holds the average; packed user arrays are written
+/// back); `test()` completes it if it can without blocking. The destructor of a Request whose
+/// average is still in flight WAITS for it: MPI forbids dropping or cancelling a started
+/// collective, so hma never does. A Request for a step where this rank does not average is
+/// empty: `active()` is false and wait/test return at once.
+/// Errors: hma::Error if MPI fails. Not thread safe.
+class [[nodiscard]] Request {
+ public:
+  Request() noexcept = default;
+  Request(Request&&) noexcept = default;
+  Request& operator=(Request&& other) noexcept;
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+  ~Request();
+
+  /// Blocks until the average is complete. Calling it again is a no-op.
+  void wait();
+  /// Non-blocking: drives MPI progress; true when the average is complete (then as after wait()).
+  bool test();
+  /// True while started and not yet completed.
+  [[nodiscard]] bool active() const noexcept;
+  /// The level being averaged, or nullopt for an empty request.
+  [[nodiscard]] std::optional<std::size_t> level() const noexcept { return level_; }
+
+ private:
+  friend class Averager;
+  Request(std::shared_ptr<detail::Pending> p, std::size_t level) noexcept
+      : pending_(std::move(p)), level_(level) {}
+  std::shared_ptr<detail::Pending> pending_;
+  std::optional<std::size_t> level_;
+};
+
+struct AveragerOptions {
+  HierarchyOptions hierarchy;
+  /// Verify at EVERY average that all ranks are at the same step with the same buffer layout
+  /// (one extra small collective per average). nullopt: the environment variable HMA_CHECK
+  /// (default off). Without it the layout is still checked at the first average of every
+  /// ParamSet and after every change to it.
+  std::optional<bool> check_every_average;
+};
+
+/// Averages a ParamSet over the level its Schedule picks at each step, like torch's
+/// `average_parameters` (divide by the group size, then allreduce SUM, then unpack), and counts
+/// steps. Construction is collective over `comm`: it duplicates `comm`, builds the hierarchy
+/// (MPI_Comm_split per level) and checks that all ranks hold the same schedule, throwing
+/// hma::MismatchError on every rank if not. `step()` and `start()` are collective over the
+/// ranks of the chosen level's group; every rank of `comm` must call them in the same order
+/// and with ParamSets of the same layout (checked, see AveragerOptions).
+/// The caller owns MPI: MPI must be initialised before and finalised after the Averager's life.
+/// Not thread safe.
+class Averager {
+ public:
+  /// `schedule.world_size()` must equal the size of `comm`.
+  Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options = {});
+  Averager(Averager&&) noexcept;
+  Averager& operator=(Averager&&) noexcept;
+  ~Averager();
+
+  /// Blocking. Averages `params` if the schedule says so at the current step, then advances the
+  /// step counter. Returns true if this rank averaged. On an exception the step does not advance.
+  bool step(ParamSet& params);
+  /// Non-blocking form of step(): starts the average (MPI_Iallreduce) and advances the step
+  /// counter at once. Do not touch `params` until the Request completes. Throws hma::Error if
+  /// `params` already has an average in flight.
+  [[nodiscard]] Request start(ParamSet& params);
+
+  /// The level that averages at the current step (nullopt: none).
+  [[nodiscard]] std::optional<std::size_t> level_now() const noexcept;
+  [[nodiscard]] std::int64_t step_count() const noexcept { return step_; }
+  /// Sets the step counter (restart from a checkpoint). Must be set to the same value on all
+  /// ranks. Throws hma::InvalidArgument for a negative step.
+  void set_step(std::int64_t step);
+  [[nodiscard]] const Schedule& schedule() const noexcept { return schedule_; }
+  [[nodiscard]] const Hierarchy& hierarchy() const noexcept { return hierarchy_; }
+  /// False on a rank outside the averager's communicator (a null comm): it never averages.
+  [[nodiscard]] bool member() const noexcept { return hierarchy_.member(); }
+  /// The torch-style log of the hierarchy: which group averages how often.
+  [[nodiscard]] std::string describe() const;
+
+ protected:
+  // Builds the schedule with `make` on every rank of comm; if it throws anywhere, throws
+  // everywhere (no rank is left waiting in a collective).
+  static Schedule agreed(MPI_Comm comm, const std::function<Schedule()>& make);
+
+ private:
+  bool average(ParamSet& params, std::size_t level, bool blocking, Request* out);
+  void check_layout(ParamSet& params);
+
+  Schedule schedule_;
+  Hierarchy hierarchy_;
+  std::int64_t step_ = 0;
+  bool check_every_ = false;
+  std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
+};
+
+/// torch's PeriodicModelAverager: averages over all of `comm` every `period` steps after
+/// `warmup` steps. A rank whose `comm` is MPI_COMM_NULL is outside the group: it only counts
+/// steps (torch: "ranks not in the process group do nothing").
+class PeriodicAverager : public Averager {
+ public:
+  PeriodicAverager(MPI_Comm comm, std::int64_t period, std::int64_t warmup = 0,
+                   AveragerOptions options = {});
+};
+
+/// torch's HierarchicalModelAverager: `levels` are (period, group size) with periods strictly
+/// increasing and the last group size equal to the size of `comm`.
+class HierarchicalAverager : public Averager {
+ public:
+  HierarchicalAverager(MPI_Comm comm, std::vector<Level> levels, std::int64_t warmup = 0,
+                       AveragerOptions options = {});
+  /// Levels from a string, see Schedule::parse ("2:node,8:world" is allowed).
+  HierarchicalAverager(MPI_Comm comm, std::string_view spec, std::int64_t warmup = 0,
+                       AveragerOptions options = {});
+};
+
+}  // namespace hma

@@ -1,0 +1,163 @@
+// hma/buffer.hpp: the contiguous per-dtype buffers that hma averages.
+#pragma once
+
+#include <algorithm>
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace hma {
+
+/// Element types hma averages. Each has its own bucket: mixed dtypes are never promoted
+/// (unlike torch.cat in torch's average_parameters, which would upcast).
+enum class Dtype : std::uint8_t { f32 = 0, f64 = 1 };
+inline constexpr std::size_t kNumDtypes = 2;
+
+template <class T>
+concept Element = std::same_as<T, float> || std::same_as<T, double>;
+
+template <Element T>
+constexpr Dtype dtype_of() noexcept {
+  return std::same_as<T, float> ? Dtype::f32 : Dtype::f64;
+}
+[[nodiscard]] const char* dtype_name(Dtype d) noexcept;
+[[nodiscard]] std::size_t dtype_size(Dtype d) noexcept;
+
+namespace detail {
+struct Pending;
+/// One contiguous buffer of one dtype: [hma-owned arrays | staging for user arrays].
+template <Element T>
+struct Bucket {
+  std::vector<T> storage;
+  std::size_t owned = 0;                // elements of hma-owned (zero-copy) arrays, at the front
+  std::vector<std::span<T>> user;       // user arrays packed into storage[owned ...]
+  std::size_t user_elems = 0;
+  [[nodiscard]] std::size_t size() const noexcept { return owned + user_elems; }
+};
+}  // namespace detail
+
+/// A handle to an array that lives inside hma's contiguous buffer (zero-copy mode): averaging
+/// reads and writes it in place, with no packing. The handle stays valid for the ParamSet's
+/// life (also when the ParamSet is moved); the raw pointer from `data()` or `span()` is only
+/// valid until the next `allocate()` or `add()` of the same dtype on that ParamSet, which may
+/// move the storage.
+template <Element T>
+class Array {
+ public:
+  Array() = default;
+  [[nodiscard]] T* data() const noexcept {
+    return bucket_ != nullptr ? bucket_->storage.data() + offset_ : nullptr;
+  }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::span<T> span() const noexcept { return {data(), size_}; }
+  T& operator[](std::size_t i) const noexcept { return data()[i]; }
+  T* begin() const noexcept { return data(); }
+  T* end() const noexcept { return data() + size_; }
+
+ private:
+  friend class ParamSet;
+  Array(detail::Bucket<T>* b, std::size_t off, std::size_t n) : bucket_(b), offset_(off), size_(n) {}
+  detail::Bucket<T>* bucket_ = nullptr;
+  std::size_t offset_ = 0, size_ = 0;
+};
+
+/// The set of arrays one averager averages together: the model's parameters, a simulation's
+/// state. Two ways to register arrays, freely mixed:
+/// - `allocate<T>(n)`: zero-copy. hma owns the memory; you compute in place through the Array.
+/// - `add(std::span<T>)`: pack/unpack. Your memory stays yours; each average copies it into
+///   hma's buffer (dividing by the group size on the way), reduces, and copies the result back.
+/// Each dtype is one contiguous buffer and one MPI reduction per average.
+/// Every rank must register the same arrays (sizes, dtypes, kinds, order): the averager checks
+/// this collectively at the first average after any change and throws hma::MismatchError.
+/// Not thread safe. Registering while an average is in flight throws hma::Error.
+class ParamSet {
+ public:
+  ParamSet();
+  ParamSet(ParamSet&&) noexcept;
+  ParamSet& operator=(ParamSet&&) noexcept;
+  ParamSet(const ParamSet&) = delete;
+  ParamSet& operator=(const ParamSet&) = delete;
+  ~ParamSet();
+
+  /// Zero-copy: a new hma-owned array of `n` elements, each set to `init`.
+  template <Element T>
+  Array<T> allocate(std::size_t n, T init = T(0));
+  /// Pack/unpack: registers the caller's array; it must outlive the ParamSet's averages.
+  template <Element T>
+  void add(std::span<T> user);
+  template <Element T>
+  void add(std::vector<T>& user) { add(std::span<T>(user)); }
+
+  /// Elements of dtype `d` (owned plus user), i.e. the length of that contiguous buffer.
+  [[nodiscard]] std::size_t count(Dtype d) const noexcept;
+  /// Bytes averaged per average, all dtypes.
+  [[nodiscard]] std::size_t bytes() const noexcept;
+  /// Number of registered arrays, all kinds.
+  [[nodiscard]] std::size_t arrays() const noexcept { return layout_.size(); }
+  /// True while a non-blocking average on this set has not been completed. Destroying a ParamSet
+  /// with an average in flight first waits for that average (MPI still writes its buffer).
+  [[nodiscard]] bool in_flight() const noexcept;
+  /// Unique per ParamSet in this process (kept when moved).
+  [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
+  /// Hash of the layout (per array: kind, dtype, length, in order); equal on all ranks.
+  [[nodiscard]] std::uint64_t layout_fingerprint() const noexcept;
+  /// Incremented by every allocate/add.
+  [[nodiscard]] std::uint64_t layout_version() const noexcept { return version_; }
+  /// Human summary, e.g. "3 arrays: f32 1000 (zero-copy 1000, packed 0), f64 0".
+  [[nodiscard]] std::string describe() const;
+
+  // Used by the averager; not for users.
+  template <Element T>
+  detail::Bucket<T>& bucket() noexcept;
+  void set_pending(std::shared_ptr<detail::Pending> p) noexcept;
+
+ private:
+  struct Entry {
+    std::uint8_t kind;  // 0 owned, 1 user
+    Dtype dtype;
+    std::size_t n;
+  };
+  void check_mutable(const char* what) const;
+  std::unique_ptr<detail::Bucket<float>> f32_;
+  std::unique_ptr<detail::Bucket<double>> f64_;
+  std::vector<Entry> layout_;
+  std::uint64_t version_ = 0;
+  std::uint64_t id_ = 0;
+  std::shared_ptr<detail::Pending> pending_;
+};
+
+template <>
+inline detail::Bucket<float>& ParamSet::bucket<float>() noexcept { return *f32_; }
+template <>
+inline detail::Bucket<double>& ParamSet::bucket<double>() noexcept { return *f64_; }
+
+template <Element T>
+Array<T> ParamSet::allocate(std::size_t n, T init) {
+  check_mutable("allocate");
+  auto& b = bucket<T>();
+  const std::size_t off = b.owned;
+  b.storage.resize(b.owned + n + b.user_elems);
+  std::fill(b.storage.begin() + static_cast<std::ptrdiff_t>(off),
+            b.storage.begin() + static_cast<std::ptrdiff_t>(off + n), init);
+  b.owned += n;
+  layout_.push_back(Entry{0, dtype_of<T>(), n});
+  ++version_;
+  return Array<T>(&b, off, n);
+}
+
+template <Element T>
+void ParamSet::add(std::span<T> user) {
+  check_mutable("add");
+  auto& b = bucket<T>();
+  b.user.push_back(user);
+  b.user_elems += user.size();
+  b.storage.resize(b.owned + b.user_elems);
+  layout_.push_back(Entry{1, dtype_of<T>(), user.size()});
+  ++version_;
+}
+
+}  // namespace hma

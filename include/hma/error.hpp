@@ -1,0 +1,39 @@
+// hma/error.hpp: the exceptions hma throws and the one MPI result check.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace hma {
+
+/// A failure at run time: an MPI call returned an error, a collective check found that ranks
+/// disagree, or an operation was used out of order. The message says what hma was doing and,
+/// for MPI failures, carries MPI's own error string.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A bad argument: the message names the argument, the value given and what is allowed.
+class InvalidArgument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// Ranks disagree about something that must be identical on all of them (the schedule, a buffer
+/// layout, the step counter). Thrown on every rank of the communicator; `rank()` is the lowest
+/// rank whose value differs from rank 0's.
+class MismatchError : public Error {
+ public:
+  MismatchError(const std::string& what, int rank) : Error(what), rank_(rank) {}
+  [[nodiscard]] int rank() const noexcept { return rank_; }
+
+ private:
+  int rank_;
+};
+
+/// Throws hma::Error("hma: <what>: <MPI error string>") unless rc is MPI_SUCCESS.
+void check(int rc, std::string_view what);
+
+}  // namespace hma

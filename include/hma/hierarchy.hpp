@@ -1,0 +1,65 @@
+// hma/hierarchy.hpp: the communicators of every averaging level, built once.
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "hma/comm.hpp"
+
+namespace hma {
+
+struct HierarchyOptions {
+  /// Ranks per node. 0 (default): the environment variable HMA_RANKS_PER_NODE if set, else
+  /// the ranks that share memory (MPI_COMM_TYPE_SHARED). A value r > 0 groups ranks
+  /// [k*r, (k+1)*r) into emulated node k; it must divide the world size.
+  int ranks_per_node = 0;
+};
+
+/// Owns the communicators of a hierarchy over `parent` (which it duplicates, so hma's traffic
+/// never mixes with the caller's):
+/// - world: all ranks of `parent`;
+/// - one communicator per level: the contiguous block [k*g, (k+1)*g) holding this rank, built
+///   with MPI_Comm_split (levels with equal group sizes share one; g == world size reuses world);
+/// - node: the ranks on this rank's node (MPI_Comm_split_type(SHARED) or emulated, see options);
+/// - inter_node: the ranks with the same node-local rank, one per node.
+/// Every communicator is freed exactly once, when the Hierarchy dies. Construction is collective
+/// over `parent`; it throws hma::InvalidArgument for a group size that does not divide the world
+/// or a bad ranks-per-node. A null `parent` gives an empty hierarchy (this rank is not a member).
+class Hierarchy {
+ public:
+  Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, HierarchyOptions options = {});
+  Hierarchy(Hierarchy&&) noexcept = default;
+  Hierarchy& operator=(Hierarchy&&) noexcept = default;
+
+  [[nodiscard]] bool member() const noexcept { return !world_.is_null(); }
+  [[nodiscard]] const Comm& world() const noexcept { return world_; }
+  [[nodiscard]] std::size_t num_levels() const noexcept { return level_slot_.size(); }
+  /// The communicator of level `i` that holds this rank. Throws hma::InvalidArgument if out of range.
+  [[nodiscard]] const Comm& level(std::size_t i) const;
+  [[nodiscard]] int level_group_size(std::size_t i) const;
+  [[nodiscard]] const Comm& node() const noexcept { return node_; }
+  [[nodiscard]] const Comm& inter_node() const noexcept { return inter_node_; }
+  [[nodiscard]] int world_rank() const noexcept { return world_rank_; }
+  [[nodiscard]] int world_size() const noexcept { return world_size_; }
+  [[nodiscard]] int node_index() const noexcept { return node_index_; }
+  [[nodiscard]] int num_nodes() const noexcept { return num_nodes_; }
+  /// Ranks per node when every node has the same count, else 0.
+  [[nodiscard]] int ranks_per_node() const noexcept { return ranks_per_node_; }
+  /// True when the nodes were emulated (HMA_RANKS_PER_NODE or options), not detected.
+  [[nodiscard]] bool emulated_nodes() const noexcept { return emulated_; }
+  /// Multi-line description of the nodes and levels, for logs.
+  [[nodiscard]] std::string describe() const;
+
+ private:
+  Comm world_;
+  std::vector<Comm> owned_levels_;   // one per distinct sub-world group size
+  std::vector<int> level_sizes_;     // per level
+  std::vector<int> level_slot_;      // per level: -1 = world, else index into owned_levels_
+  Comm node_, inter_node_;
+  int world_rank_ = -1, world_size_ = 0, node_index_ = -1, num_nodes_ = 0, ranks_per_node_ = 0;
+  bool emulated_ = false;
+};
+
+}  // namespace hma

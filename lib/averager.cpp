@@ -1,0 +1,329 @@
+#include "hma/averager.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+
+#include "collective.hpp"
+#include "env.hpp"
+#include "hma/error.hpp"
+#include "log.hpp"
+#include "pending.hpp"
+
+namespace hma {
+
+namespace detail {
+
+namespace {
+
+// MPI counts are int: reduce buffers larger than this in pieces.
+constexpr std::size_t kMaxChunk = std::size_t{1} << 30;
+
+template <Element T>
+MPI_Datatype mpi_type() {
+  return std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+}
+
+// torch: flat_params /= group_size before the allreduce. Owned arrays are scaled in place, user
+// arrays are copied into the staging area and scaled in the same pass.
+template <Element T>
+void scale_and_pack(Bucket<T>& b, int group_size) {
+  const T g = static_cast<T>(group_size);
+  T* data = b.storage.data();
+  for (std::size_t i = 0; i < b.owned; ++i) data[i] /= g;
+  T* out = data + b.owned;
+  for (const auto& u : b.user) {
+    const T* in = u.data();
+    for (std::size_t i = 0; i < u.size(); ++i) out[i] = in[i] / g;
+    out += u.size();
+  }
+}
+
+template <Element T>
+void unpack_bucket(Bucket<T>& b) {
+  const T* in = b.storage.data() + b.owned;
+  for (const auto& u : b.user) {
+    std::copy(in, in + u.size(), u.data());
+    in += u.size();
+  }
+}
+
+template <Element T>
+void reduce_bucket(Bucket<T>& b, MPI_Comm comm, bool blocking, std::vector<MPI_Request>& reqs) {
+  T* data = b.storage.data();
+  for (std::size_t off = 0; off < b.size(); off += kMaxChunk) {
+    const int n = static_cast<int>(std::min(kMaxChunk, b.size() - off));
+    if (blocking) {
+      check(MPI_Allreduce(MPI_IN_PLACE, data + off, n, mpi_type<T>(), MPI_SUM, comm),
+            "MPI_Allreduce(average)");
+    } else {
+      MPI_Request r = MPI_REQUEST_NULL;
+      check(MPI_Iallreduce(MPI_IN_PLACE, data + off, n, mpi_type<T>(), MPI_SUM, comm, &r),
+            "MPI_Iallreduce(average)");
+      reqs.push_back(r);
+    }
+  }
+}
+
+}  // namespace
+
+void unpack(ParamSet& params) {
+  unpack_bucket(params.bucket<float>());
+  unpack_bucket(params.bucket<double>());
+}
+
+bool complete(Pending& p, bool blocking) {
+  if (p.done) return true;
+  if (!p.reqs.empty()) {
+    const int n = static_cast<int>(p.reqs.size());
+    if (blocking) {
+      check(MPI_Waitall(n, p.reqs.data(), MPI_STATUSES_IGNORE), "MPI_Waitall(average)");
+    } else {
+      int flag = 0;
+      check(MPI_Testall(n, p.reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(average)");
+      if (!flag) return false;
+    }
+  }
+  if (p.params != nullptr) unpack(*p.params);
+  p.done = true;
+  return true;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- Request
+
+Request& Request::operator=(Request&& other) noexcept {
+  if (this != &other) {
+    if (active()) {
+      try {
+        wait();
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "hma: error completing an in-flight average in Request::operator=: %s\n",
+                     e.what());
+      }
+    }
+    pending_ = std::move(other.pending_);
+    level_ = other.level_;
+    other.level_.reset();
+  }
+  return *this;
+}
+
+Request::~Request() {
+  if (!active()) return;
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma: error completing an in-flight average in ~Request: %s\n", e.what());
+  }
+}
+
+void Request::wait() {
+  if (pending_) detail::complete(*pending_, true);
+}
+
+bool Request::test() { return !pending_ || detail::complete(*pending_, false); }
+
+bool Request::active() const noexcept { return pending_ && !pending_->done; }
+
+// ---------------------------------------------------------------- Averager
+
+Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule()>& make) {
+  if (comm == MPI_COMM_NULL) return make();
+  std::optional<Schedule> s;
+  detail::agree(comm, [&] { s.emplace(make()); });
+  return std::move(*s);
+}
+
+Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
+    : schedule_(std::move(schedule)), hierarchy_(MPI_COMM_NULL, {}) {
+  if (comm == MPI_COMM_NULL) return;  // not a member: count steps only
+  std::vector<int> sizes;
+  detail::agree(comm, [&] {
+    int size = 0;
+    check(MPI_Comm_size(comm, &size), "MPI_Comm_size");
+    if (schedule_.world_size() != size)
+      throw InvalidArgument("hma: the schedule is for " + std::to_string(schedule_.world_size()) +
+                            " ranks but the communicator has " + std::to_string(size));
+    check_every_ = options.check_every_average.value_or(detail::env_bool("HMA_CHECK", false));
+    detail::log_level();  // validates HMA_LOG on every rank
+    for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
+    if (options.hierarchy.ranks_per_node == 0)
+      options.hierarchy.ranks_per_node = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, size);
+    if (options.hierarchy.ranks_per_node < 0 || options.hierarchy.ranks_per_node > size ||
+        (options.hierarchy.ranks_per_node > 0 && size % options.hierarchy.ranks_per_node != 0))
+      throw InvalidArgument("hma: ranks per node " +
+                            std::to_string(options.hierarchy.ranks_per_node) +
+                            " (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) must "
+                            "divide the world size " + std::to_string(size));
+  });
+  const std::uint64_t fp[1] = {schedule_.fingerprint()};
+  detail::check_same(comm, fp, "the schedule", [this] { return schedule_.to_string(); });
+  hierarchy_ = Hierarchy(comm, sizes, options.hierarchy);
+  if (hierarchy_.world().rank() == 0) {
+    for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
+    detail::log(detail::LogLevel::info, describe());
+  }
+}
+
+Averager::Averager(Averager&&) noexcept = default;
+Averager& Averager::operator=(Averager&&) noexcept = default;
+Averager::~Averager() = default;
+
+std::optional<std::size_t> Averager::level_now() const noexcept {
+  return schedule_.level_at(step_);
+}
+
+void Averager::set_step(std::int64_t step) {
+  if (step < 0) throw InvalidArgument("hma: set_step: step must be >= 0, got " + std::to_string(step));
+  step_ = step;
+}
+
+bool Averager::step(ParamSet& params) {
+  const auto lvl = level_now();
+  if (member() && check_every_) check_layout(params);
+  const bool did = member() && lvl && average(params, *lvl, true, nullptr);
+  ++step_;
+  return did;
+}
+
+Request Averager::start(ParamSet& params) {
+  const auto lvl = level_now();
+  if (member() && check_every_) check_layout(params);
+  Request r;
+  if (member() && lvl) average(params, *lvl, false, &r);
+  ++step_;
+  return r;
+}
+
+void Averager::check_layout(ParamSet& params) {
+  const auto it = checked_.find(params.id());
+  if (!check_every_ && it != checked_.end() && it->second == params.layout_version()) return;
+  std::vector<std::uint64_t> v = {params.layout_fingerprint(), params.count(Dtype::f32),
+                                  params.count(Dtype::f64)};
+  std::string what = "the buffer layout (ParamSet arrays, sizes and dtypes)";
+  if (check_every_) {
+    v.push_back(static_cast<std::uint64_t>(step_));
+    what = "the step counter or the buffer layout";
+  }
+  detail::check_same(hierarchy_.world().get(), v, what, [&] {
+    return "step " + std::to_string(step_) + ", " + params.describe();
+  });
+  checked_[params.id()] = params.layout_version();
+}
+
+bool Averager::average(ParamSet& params, std::size_t level, bool blocking, Request* out) {
+  if (params.in_flight())
+    throw Error("hma: step " + std::to_string(step_) +
+                ": this ParamSet already has an average in flight; wait() on its Request first");
+  if (!check_every_) check_layout(params);
+  const Comm& comm = hierarchy_.level(level);
+  const int g = comm.size();
+  if (detail::log_enabled(detail::LogLevel::debug))
+    detail::log(detail::LogLevel::debug,
+                "rank " + std::to_string(hierarchy_.world_rank()) + " step " +
+                    std::to_string(step_) + ": level " + std::to_string(level) + " (group of " +
+                    std::to_string(g) + "), " + std::to_string(params.bytes()) + " bytes");
+  if (g == 1) {  // averaging over one rank is the identity
+    if (out != nullptr) *out = Request(nullptr, level);
+    return true;
+  }
+  auto& f = params.bucket<float>();
+  auto& d = params.bucket<double>();
+  detail::scale_and_pack(f, g);
+  detail::scale_and_pack(d, g);
+  if (blocking) {
+    std::vector<MPI_Request> none;
+    detail::reduce_bucket(f, comm.get(), true, none);
+    detail::reduce_bucket(d, comm.get(), true, none);
+    detail::unpack(params);
+    return true;
+  }
+  auto p = std::make_shared<detail::Pending>();
+  p->params = &params;
+  p->level = level;
+  p->step = step_;
+  detail::reduce_bucket(f, comm.get(), false, p->reqs);
+  detail::reduce_bucket(d, comm.get(), false, p->reqs);
+  params.set_pending(p);
+  *out = Request(std::move(p), level);
+  return true;
+}
+
+std::string Averager::describe() const {
+  if (!member()) return "hma: this rank is outside the averaging group\n";
+  std::string s = "hma: model averaging " + schedule_.to_string() + "\n";
+  s += hierarchy_.describe();
+  const auto& lv = schedule_.levels();
+  if (schedule_.kind() == Schedule::Kind::periodic) {
+    s += "  all " + std::to_string(lv[0].group_size) + " ranks average parameters every " +
+         std::to_string(lv[0].period) + " steps from step " + std::to_string(schedule_.warmup()) +
+         "\n";
+    return s;
+  }
+  for (std::size_t i = 0; i < lv.size(); ++i)
+    s += "  each group of " + std::to_string(lv[i].group_size) +
+         " ranks averages parameters every " + std::to_string(lv[i].period) + " steps" +
+         (i + 1 < lv.size() ? ", if no higher level averages" : "") + "\n";
+  if (schedule_.warmup() > 0)
+    s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";
+  return s;
+}
+
+// ---------------------------------------------------------------- torch-named averagers
+
+namespace {
+int size_or_one(MPI_Comm comm) {
+  if (comm == MPI_COMM_NULL) return 1;
+  int s = 0;
+  check(MPI_Comm_size(comm, &s), "MPI_Comm_size");
+  return s;
+}
+
+// Ranks per node for the 'node' token of a schedule string: from options, HMA_RANKS_PER_NODE,
+// or the shared-memory split (0 when nodes differ in size). Collective over comm.
+int node_size(MPI_Comm comm, const AveragerOptions& o) {
+  const int world = size_or_one(comm);
+  int rpn = o.hierarchy.ranks_per_node;
+  if (rpn == 0) detail::agree(comm, [&] { rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, world); });
+  if (rpn > 0) return rpn;
+  Comm shared = Comm::attach(comm).split_shared();
+  const int mine = shared.size();
+  int lo = 0, hi = 0;
+  check(MPI_Allreduce(&mine, &lo, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce(node size)");
+  check(MPI_Allreduce(&mine, &hi, 1, MPI_INT, MPI_MAX, comm), "MPI_Allreduce(node size)");
+  return lo == hi ? lo : 0;
+}
+
+MPI_Comm require(MPI_Comm comm) {
+  if (comm == MPI_COMM_NULL)
+    throw InvalidArgument("hma: HierarchicalAverager: comm is MPI_COMM_NULL; every rank of the "
+                          "hierarchy must pass the same (non-null) communicator");
+  return comm;
+}
+}  // namespace
+
+PeriodicAverager::PeriodicAverager(MPI_Comm comm, std::int64_t period, std::int64_t warmup,
+                                   AveragerOptions options)
+    : Averager(comm,
+               agreed(comm, [&] { return Schedule::periodic(period, warmup, size_or_one(comm)); }),
+               options) {}
+
+HierarchicalAverager::HierarchicalAverager(MPI_Comm comm, std::vector<Level> levels,
+                                           std::int64_t warmup, AveragerOptions options)
+    : Averager(comm, agreed(comm, [&] {
+                 require(comm);
+                 return Schedule::hierarchical(std::move(levels), warmup, size_or_one(comm));
+               }),
+               options) {}
+
+HierarchicalAverager::HierarchicalAverager(MPI_Comm comm, std::string_view spec,
+                                           std::int64_t warmup, AveragerOptions options)
+    : Averager(comm, agreed(comm, [&] {
+                 require(comm);
+                 return Schedule::parse(spec, warmup, size_or_one(comm), node_size(comm, options));
+               }),
+               options) {}
+
+}  // namespace hma

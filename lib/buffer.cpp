@@ -1,0 +1,108 @@
+#include "hma/buffer.hpp"
+
+#include <atomic>
+#include <cstdio>
+
+#include "hma/error.hpp"
+#include "pending.hpp"
+
+namespace hma {
+
+const char* dtype_name(Dtype d) noexcept { return d == Dtype::f32 ? "f32" : "f64"; }
+std::size_t dtype_size(Dtype d) noexcept { return d == Dtype::f32 ? 4 : 8; }
+
+namespace {
+std::atomic<std::uint64_t> next_id{1};
+
+// Completes an in-flight average before its buffers go away; a destructor cannot throw.
+void finish_quietly(const std::shared_ptr<detail::Pending>& p) noexcept {
+  if (!p || p->done) return;
+  try {
+    detail::complete(*p, true);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma: error completing an in-flight average of a dying ParamSet: %s\n",
+                 e.what());
+  }
+  p->params = nullptr;
+}
+}  // namespace
+
+ParamSet::ParamSet()
+    : f32_(std::make_unique<detail::Bucket<float>>()),
+      f64_(std::make_unique<detail::Bucket<double>>()),
+      id_(next_id++) {}
+
+ParamSet::ParamSet(ParamSet&& o) noexcept
+    : f32_(std::move(o.f32_)),
+      f64_(std::move(o.f64_)),
+      layout_(std::move(o.layout_)),
+      version_(o.version_),
+      id_(o.id_),
+      pending_(std::move(o.pending_)) {
+  if (pending_) pending_->params = this;
+  o.f32_ = std::make_unique<detail::Bucket<float>>();
+  o.f64_ = std::make_unique<detail::Bucket<double>>();
+  o.id_ = next_id++;
+}
+
+ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
+  if (this == &o) return *this;
+  finish_quietly(pending_);
+  f32_ = std::move(o.f32_);
+  f64_ = std::move(o.f64_);
+  layout_ = std::move(o.layout_);
+  version_ = o.version_;
+  id_ = o.id_;
+  pending_ = std::move(o.pending_);
+  if (pending_) pending_->params = this;
+  o.f32_ = std::make_unique<detail::Bucket<float>>();
+  o.f64_ = std::make_unique<detail::Bucket<double>>();
+  o.layout_.clear();
+  o.id_ = next_id++;
+  return *this;
+}
+
+ParamSet::~ParamSet() { finish_quietly(pending_); }
+
+bool ParamSet::in_flight() const noexcept { return pending_ && !pending_->done; }
+
+void ParamSet::set_pending(std::shared_ptr<detail::Pending> p) noexcept { pending_ = std::move(p); }
+
+void ParamSet::check_mutable(const char* what) const {
+  if (in_flight())
+    throw Error(std::string("hma: ParamSet::") + what +
+                " while an average of this set is in flight: wait() on its Request first");
+}
+
+std::size_t ParamSet::count(Dtype d) const noexcept {
+  return d == Dtype::f32 ? f32_->size() : f64_->size();
+}
+
+std::size_t ParamSet::bytes() const noexcept { return f32_->size() * 4 + f64_->size() * 8; }
+
+std::uint64_t ParamSet::layout_fingerprint() const noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a over the entries
+  auto fold = [&h](std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= (v >> (8 * i)) & 0xff;
+      h *= 0x100000001b3ULL;
+    }
+  };
+  for (const auto& e : layout_) {
+    fold(e.kind);
+    fold(static_cast<std::uint64_t>(e.dtype));
+    fold(e.n);
+  }
+  return h;
+}
+
+std::string ParamSet::describe() const {
+  auto one = [](const char* name, std::size_t owned, std::size_t user) {
+    return std::string(name) + " " + std::to_string(owned + user) + " (zero-copy " +
+           std::to_string(owned) + ", packed " + std::to_string(user) + ")";
+  };
+  return std::to_string(layout_.size()) + " arrays: " + one("f32", f32_->owned, f32_->user_elems) +
+         ", " + one("f64", f64_->owned, f64_->user_elems);
+}
+
+}  // namespace hma

@@ -1,0 +1,79 @@
+#include "collective.hpp"
+
+#include <exception>
+#include <stdexcept>
+#include <vector>
+
+#include "hma/error.hpp"
+
+namespace hma::detail {
+
+namespace {
+
+int comm_rank(MPI_Comm c) {
+  int r = 0;
+  check(MPI_Comm_rank(c, &r), "MPI_Comm_rank");
+  return r;
+}
+int comm_size(MPI_Comm c) {
+  int s = 0;
+  check(MPI_Comm_size(c, &s), "MPI_Comm_size");
+  return s;
+}
+
+// Broadcasts `text` from `root` to all ranks of comm.
+std::string bcast_string(MPI_Comm comm, std::string text, int root) {
+  int len = static_cast<int>(text.size());
+  check(MPI_Bcast(&len, 1, MPI_INT, root, comm), "MPI_Bcast(message length)");
+  text.resize(static_cast<std::size_t>(len));
+  if (len > 0) check(MPI_Bcast(text.data(), len, MPI_CHAR, root, comm), "MPI_Bcast(message)");
+  return text;
+}
+
+}  // namespace
+
+void agree(MPI_Comm comm, const std::function<void()>& fn) {
+  std::exception_ptr err;
+  std::string msg;
+  int family = 0;  // 0 invalid argument, 1 runtime error
+  try {
+    fn();
+  } catch (const std::invalid_argument& e) {
+    err = std::current_exception();
+    msg = e.what();
+  } catch (const std::exception& e) {
+    err = std::current_exception();
+    msg = e.what();
+    family = 1;
+  }
+  const int rank = comm_rank(comm), size = comm_size(comm);
+  int mine = err ? rank : size, first = size;
+  check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce(agreement)");
+  if (first == size) return;
+  check(MPI_Bcast(&family, 1, MPI_INT, first, comm), "MPI_Bcast(agreement)");
+  msg = bcast_string(comm, msg, first);
+  if (rank == first) std::rethrow_exception(err);
+  const std::string text = "hma: rank " + std::to_string(first) + " failed: " + msg;
+  if (family == 0) throw InvalidArgument(text);
+  throw Error(text);
+}
+
+void check_same(MPI_Comm comm, std::span<const std::uint64_t> values, const std::string& what,
+                const std::function<std::string()>& describe) {
+  const int rank = comm_rank(comm), size = comm_size(comm);
+  std::vector<std::uint64_t> root(values.begin(), values.end());
+  check(MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_UINT64_T, 0, comm),
+        "MPI_Bcast(consistency check)");
+  bool same = true;
+  for (std::size_t i = 0; i < root.size(); ++i) same = same && root[i] == values[i];
+  int mine = same ? size : rank, first = size;
+  check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce(consistency check)");
+  if (first == size) return;
+  const std::string theirs = bcast_string(comm, rank == first ? describe() : std::string(), first);
+  const std::string zeros = bcast_string(comm, rank == 0 ? describe() : std::string(), 0);
+  throw MismatchError("hma: " + what + " differs across ranks: rank " + std::to_string(first) +
+                          " has " + theirs + ", rank 0 has " + zeros,
+                      first);
+}
+
+}  // namespace hma::detail

@@ -1,0 +1,25 @@
+// Internal: collective agreement helpers that turn rank-local failures and cross-rank
+// disagreement into the same exception on every rank, instead of a deadlock.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+
+namespace hma::detail {
+
+/// Runs `fn` on every rank of `comm` (collective). If it throws on any rank, every rank throws:
+/// the failing rank rethrows its own exception, the others an exception of the same family
+/// (hma::InvalidArgument or hma::Error) saying "rank R: <its message>", R the lowest failing rank.
+void agree(MPI_Comm comm, const std::function<void()>& fn);
+
+/// Collective: checks that `values` (same length on all ranks) are identical on every rank of
+/// `comm`. If not, every rank throws hma::MismatchError naming the lowest rank that differs from
+/// rank 0, with both ranks' `describe()` text.
+void check_same(MPI_Comm comm, std::span<const std::uint64_t> values, const std::string& what,
+                const std::function<std::string()>& describe);
+
+}  // namespace hma::detail

@@ -1,0 +1,97 @@
+#include "hma/hierarchy.hpp"
+
+#include <cstdlib>
+#include <string>
+
+#include "env.hpp"
+#include "hma/error.hpp"
+
+namespace hma {
+
+Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, HierarchyOptions options) {
+  if (parent == MPI_COMM_NULL) return;
+  world_ = Comm::attach(parent).dup();
+  world_rank_ = world_.rank();
+  world_size_ = world_.size();
+
+  level_sizes_.assign(group_sizes.begin(), group_sizes.end());
+  std::vector<int> distinct;
+  for (std::size_t i = 0; i < level_sizes_.size(); ++i) {
+    const int g = level_sizes_[i];
+    if (g < 1 || g > world_size_ || world_size_ % g != 0)
+      throw InvalidArgument("hma: level " + std::to_string(i) + ": group size " + std::to_string(g) +
+                            " must be positive and divide the world size " +
+                            std::to_string(world_size_));
+    if (g == world_size_) {
+      level_slot_.push_back(-1);
+      continue;
+    }
+    int slot = -1;
+    for (std::size_t j = 0; j < distinct.size(); ++j)
+      if (distinct[j] == g) slot = static_cast<int>(j);
+    if (slot < 0) {
+      slot = static_cast<int>(distinct.size());
+      distinct.push_back(g);
+      owned_levels_.push_back(world_.split(world_rank_ / g, world_rank_));
+    }
+    level_slot_.push_back(slot);
+  }
+
+  int rpn = options.ranks_per_node;
+  if (rpn == 0) rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, world_size_);
+  if (rpn < 0 || rpn > world_size_ || (rpn > 0 && world_size_ % rpn != 0))
+    throw InvalidArgument("hma: ranks per node " + std::to_string(rpn) +
+                          " must be between 1 and the world size " + std::to_string(world_size_) +
+                          " and divide it");
+  if (rpn > 0) {
+    emulated_ = true;
+    node_ = world_.split(world_rank_ / rpn, world_rank_);
+  } else {
+    node_ = world_.split_shared();
+  }
+  const int local_rank = node_.rank();
+  inter_node_ = world_.split(local_rank, world_rank_);
+  // Nodes are numbered by the inter-node rank of their local rank 0, which we learn as the
+  // position of this node among the nodes: rank of the node leader within the leaders' comm.
+  int leader_index = local_rank == 0 ? inter_node_.rank() : 0;
+  check(MPI_Bcast(&leader_index, 1, MPI_INT, 0, node_.get()), "MPI_Bcast(node index)");
+  node_index_ = leader_index;
+  int leaders = local_rank == 0 ? 1 : 0;
+  check(MPI_Allreduce(&leaders, &num_nodes_, 1, MPI_INT, MPI_SUM, world_.get()),
+        "MPI_Allreduce(node count)");
+  const int mine = node_.size();
+  int lo = 0, hi = 0;
+  check(MPI_Allreduce(&mine, &lo, 1, MPI_INT, MPI_MIN, world_.get()), "MPI_Allreduce(node size)");
+  check(MPI_Allreduce(&mine, &hi, 1, MPI_INT, MPI_MAX, world_.get()), "MPI_Allreduce(node size)");
+  ranks_per_node_ = lo == hi ? lo : 0;
+}
+
+const Comm& Hierarchy::level(std::size_t i) const {
+  if (i >= level_slot_.size())
+    throw InvalidArgument("hma: level " + std::to_string(i) + " out of range: the hierarchy has " +
+                          std::to_string(level_slot_.size()) + " levels");
+  const int slot = level_slot_[i];
+  return slot < 0 ? world_ : owned_levels_[static_cast<std::size_t>(slot)];
+}
+
+int Hierarchy::level_group_size(std::size_t i) const { return level(i).size(); }
+
+std::string Hierarchy::describe() const {
+  if (!member()) return "hma hierarchy: this rank is not a member\n";
+  std::string s = "hma hierarchy: " + std::to_string(world_size_) + " ranks on " +
+                  std::to_string(num_nodes_) + (emulated_ ? " emulated" : "") + " node(s)";
+  s += ranks_per_node_ ? " of " + std::to_string(ranks_per_node_) + " ranks\n" : " of unequal sizes\n";
+  for (std::size_t i = 0; i < level_sizes_.size(); ++i) {
+    const int g = level_sizes_[i];
+    s += "  level " + std::to_string(i) + ": " + std::to_string(world_size_ / g) + " group(s) of " +
+         std::to_string(g) + " contiguous ranks";
+    if (g == world_size_) s += " (world)";
+    else if (ranks_per_node_ && g == ranks_per_node_) s += " (one per node)";
+    else if (ranks_per_node_ && g < ranks_per_node_) s += " (within a node)";
+    else s += " (spans nodes)";
+    s += "\n";
+  }
+  return s;
+}
+
+}  // namespace hma

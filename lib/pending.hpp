@@ -1,0 +1,29 @@
+// Internal: the state of a started average, shared by its Request and its ParamSet.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "hma/buffer.hpp"
+
+namespace hma::detail {
+
+struct Pending {
+  ParamSet* params = nullptr;  // kept current when the ParamSet moves
+  std::vector<MPI_Request> reqs;
+  bool done = false;
+  std::size_t level = 0;
+  std::int64_t step = 0;
+};
+
+/// Completes `p` (blocking: MPI_Waitall; else MPI_Testall), then unpacks the user arrays and
+/// marks it done. Returns true when complete. Idempotent.
+bool complete(Pending& p, bool blocking);
+
+/// Copies the packed staging area back into the user arrays of `params`.
+void unpack(ParamSet& params);
+
+}  // namespace hma::detail

@@ -1,0 +1,39 @@
+// The one Catch2 main of hma's MPI tests: MPI_Init, run, MPI_Finalize. Rank 0 reports to the
+// console; the other ranks write a compact report that is printed only if that rank failed.
+#define CATCH_CONFIG_RUNNER
+#include <mpi.h>
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::vector<std::string> args(argv, argv + argc);
+  std::string report;
+  if (rank != 0) {
+    report = "/tmp/hma-test-" + std::to_string(getpid()) + ".txt";
+    args.insert(args.end(), {"--reporter", "compact", "--out", report});
+  }
+  std::vector<char*> cargs;
+  for (auto& a : args) cargs.push_back(a.data());
+  const int failed = Catch::Session().run(static_cast<int>(cargs.size()), cargs.data());
+  if (rank != 0) {
+    if (failed) {
+      std::ifstream in(report);
+      std::cerr << "---- rank " << rank << " report ----\n" << in.rdbuf() << std::flush;
+    }
+    std::remove(report.c_str());
+  }
+  int any = 0;
+  MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Finalize();
+  return any ? 1 : 0;
+}

@@ -1,0 +1,152 @@
+// Bad input and cross-rank disagreement: a clear exception on EVERY rank, never a hang.
+// Run at np >= 2 (sections needing two ranks return early at np 1).
+#include <cstdlib>
+#include <vector>
+
+#include "hma/hma.hpp"
+#include "mpi_test.hpp"
+
+using hma_test::rank;
+using hma_test::size;
+
+TEST_CASE("a bad argument on one rank throws on every rank, naming that rank") {
+  if (size() < 2) return;
+  const std::int64_t period = rank() == 1 ? 0 : 2;
+  try {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, period, 0);
+    REQUIRE_ALL_RANKS(false);
+  } catch (const hma::InvalidArgument& e) {
+    const std::string m = e.what();
+    INFO(m);
+    if (rank() == 1) REQUIRE_ALL_RANKS(m.find("period must be a positive value, got 0") != std::string::npos);
+    else REQUIRE_ALL_RANKS(m.find("rank 1 failed: hma: period must be a positive value, got 0") != std::string::npos);
+  }
+}
+
+TEST_CASE("different schedules on different ranks are detected, not deadlocked") {
+  if (size() < 2) return;
+  const std::int64_t period = rank() == size() - 1 ? 5 : 4;
+  try {
+    hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{period, size()}}, 0);
+    REQUIRE_ALL_RANKS(false);
+  } catch (const hma::MismatchError& e) {
+    const std::string m = e.what();
+    INFO(m);
+    REQUIRE_ALL_RANKS(e.rank() == size() - 1);
+    REQUIRE_ALL_RANKS(m.find("the schedule differs across ranks: rank " + std::to_string(size() - 1) +
+                             " has hierarchical 5:" + std::to_string(size()) +
+                             " warmup 0 world " + std::to_string(size()) + ", rank 0 has hierarchical 4:") !=
+                      std::string::npos);
+  }
+  // Warmup alone differing is a different schedule too.
+  REQUIRE_THROWS_ALL_RANKS(hma::MismatchError,
+                           hma::PeriodicAverager(MPI_COMM_WORLD, 2, rank() == 1 ? 1 : 0),
+                           "rank 1 has periodic 2 warmup 1");
+}
+
+TEST_CASE("buffer layouts that differ across ranks are detected at the first average") {
+  if (size() < 2) return;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  SECTION("size") {
+    hma::ParamSet ps;
+    (void)ps.allocate<float>(rank() == 1 ? 11 : 10);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps), "the buffer layout");
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps),
+                             "rank 1 has step 0, 1 arrays: f32 11 (zero-copy 11, packed 0)");
+    REQUIRE(avg.step_count() == 0);  // a failed step does not advance
+  }
+  SECTION("dtype") {
+    hma::ParamSet ps;
+    std::vector<float> f(8);
+    std::vector<double> d(8);
+    if (rank() == 1) ps.add(d);
+    else ps.add(f);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps), "rank 1 has step 0, 1 arrays: f32 0");
+  }
+  SECTION("same total, different split into arrays") {
+    hma::ParamSet ps;
+    std::vector<float> a(rank() == 1 ? 3 : 5), b(rank() == 1 ? 5 : 3);
+    ps.add(a);
+    ps.add(b);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps), "differs across ranks: rank 1");
+  }
+  SECTION("zero-copy vs packed") {
+    hma::ParamSet ps;
+    std::vector<float> a(4);
+    if (rank() == 1) ps.add(a);
+    else (void)ps.allocate<float>(4);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.start(ps), "rank 1 has step 0, 1 arrays: f32 4 (zero-copy 0, packed 4)");
+  }
+  SECTION("a layout changed on one rank after a good first average") {
+    hma::ParamSet ps;
+    std::vector<double> a(4, 1.0);
+    ps.add(a);
+    REQUIRE(avg.step(ps));
+    std::vector<double> extra(2, 1.0);
+    if (rank() == 0) ps.add(extra);
+    else {
+      std::vector<double> other(3, 1.0);
+      ps.add(other);
+      REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps), "rank 1");
+      return;
+    }
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps), "rank 1");
+  }
+}
+
+TEST_CASE("check_every_average catches step counters that drift apart") {
+  if (size() < 2) return;
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{3, size()}}, 0, {.hierarchy = {}, .check_every_average = true});
+  hma::ParamSet ps;
+  (void)ps.allocate<float>(4);
+  REQUIRE(avg.step(ps));  // step 0 averages; all agree
+  if (rank() == 1) avg.set_step(2);
+  // Rank 1 would average at step 3 while the others are at step 1: without the check this hangs.
+  REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, avg.step(ps), "the step counter or the buffer layout differs across ranks: rank 1 has step 2");
+}
+
+TEST_CASE("misuse of requests and buffers") {
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  hma::ParamSet ps;
+  auto w = ps.allocate<double>(16, 1.0);
+  auto r = avg.start(ps);
+  const bool active = r.active();
+  REQUIRE(active == (size() > 1));
+  if (active) {
+    REQUIRE_THROWS_ALL_RANKS(hma::Error, avg.start(ps), "already has an average in flight");
+    REQUIRE_THROWS_ALL_RANKS(hma::Error, avg.step(ps), "already has an average in flight");
+    REQUIRE_THROWS_ALL_RANKS(hma::Error, ps.allocate<double>(1), "ParamSet::allocate while an average of this set is in flight");
+    std::vector<double> v(2);
+    REQUIRE_THROWS_ALL_RANKS(hma::Error, ps.add(v), "ParamSet::add while an average");
+  }
+  r.wait();
+  REQUIRE(avg.step_count() == 1);  // the failed calls did not advance the counter
+  REQUIRE_ALL_RANKS(w[0] == 1.0 && w[15] == 1.0);
+}
+
+TEST_CASE("wrong world size, null communicator, bad environment") {
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument,
+                           hma::Averager(MPI_COMM_WORLD, hma::Schedule::periodic(2, 0, size() + 1)),
+                           "the schedule is for " + std::to_string(size() + 1) + " ranks but the communicator has " + std::to_string(size()));
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::HierarchicalAverager(MPI_COMM_NULL, "2:1", 0),
+                           "comm is MPI_COMM_NULL");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::HierarchicalAverager(MPI_COMM_WORLD, "2:3x", 0),
+                           "group size '3x' is not an integer");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::HierarchicalAverager(MPI_COMM_WORLD, "2:world,1:world", 0),
+                           "periods must strictly increase");
+  const char* old = std::getenv("HMA_RANKS_PER_NODE");
+  const std::string saved = old ? old : "";
+  // Only rank 0 has a bad value: every rank must still throw.
+  if (rank() == 0) setenv("HMA_RANKS_PER_NODE", "abc", 1);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0),
+                           "HMA_RANKS_PER_NODE='abc' must be an integer");
+  if (size() % 3 != 0) {
+    setenv("HMA_RANKS_PER_NODE", "3", 1);
+    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0), "HMA_RANKS_PER_NODE");
+  }
+  if (rank() == 0) setenv("HMA_CHECK", "maybe", 1);
+  unsetenv("HMA_RANKS_PER_NODE");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0), "HMA_CHECK='maybe'");
+  unsetenv("HMA_CHECK");
+  if (!saved.empty()) setenv("HMA_RANKS_PER_NODE", saved.c_str(), 1);
+}
