@@ -9,6 +9,7 @@
 #include "hma/error.hpp"
 #include "log.hpp"
 #include "pending.hpp"
+#include "timeline.hpp"
 
 namespace hma {
 
@@ -24,44 +25,113 @@ MPI_Datatype mpi_type() {
   return std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE;
 }
 
-// torch: flat_params /= group_size before the allreduce. Owned arrays are scaled in place, user
-// arrays are copied into the staging area and scaled in the same pass.
+// torch: flat_params /= group_size before the allreduce. For a power-of-two group size the
+// reciprocal is exact, and x * (1/g) == x / g bit for bit, so the cheaper multiply is used.
 template <Element T>
-void scale_and_pack(Bucket<T>& b, int group_size) {
-  const T g = static_cast<T>(group_size);
-  T* data = b.storage.data();
-  for (std::size_t i = 0; i < b.owned; ++i) data[i] /= g;
-  T* out = data + b.owned;
-  for (const auto& u : b.user) {
-    const T* in = u.data();
-    for (std::size_t i = 0; i < u.size(); ++i) out[i] = in[i] / g;
-    out += u.size();
+struct Scaler {
+  T g, inv;
+  bool pow2;
+  explicit Scaler(int group_size)
+      : g(static_cast<T>(group_size)),
+        inv(T(1) / static_cast<T>(group_size)),
+        pow2((group_size & (group_size - 1)) == 0) {}
+  void in_place(T* x, std::size_t n) const {
+    if (pow2) {
+      for (std::size_t i = 0; i < n; ++i) x[i] *= inv;
+    } else {
+      for (std::size_t i = 0; i < n; ++i) x[i] /= g;
+    }
   }
+  void copy(const T* in, T* out, std::size_t n) const {
+    if (pow2) {
+      for (std::size_t i = 0; i < n; ++i) out[i] = in[i] * inv;
+    } else {
+      for (std::size_t i = 0; i < n; ++i) out[i] = in[i] / g;
+    }
+  }
+};
+
+// Calls fn(storage offset, user pointer or nullptr, count) for the parts of [lo, hi) of the
+// bucket: the owned region (in place, user pointer null) and each packed user array.
+template <Element T, class F>
+void for_segments(Bucket<T>& b, std::size_t lo, std::size_t hi, F&& fn) {
+  if (lo < b.owned) fn(lo, static_cast<T*>(nullptr), std::min(hi, b.owned) - lo);
+  std::size_t off = b.owned;
+  for (const auto& u : b.user) {
+    const std::size_t end = off + u.size();
+    if (end > lo && off < hi) {
+      const std::size_t from = std::max(off, lo), to = std::min(end, hi);
+      fn(from, u.data() + (from - off), to - from);
+    }
+    off = end;
+    if (off >= hi) break;
+  }
+}
+
+// Scales [lo, hi) of the bucket's buffer, copying packed user arrays in on the way.
+template <Element T>
+void scale_pack(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s) {
+  T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+    if (user == nullptr) s.in_place(data + at, n);
+    else s.copy(user, data + at, n);
+  });
+}
+
+// Copies [lo, hi) of the staging area back into the packed user arrays.
+template <Element T>
+void unpack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
+  const T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+    if (user != nullptr) std::copy(data + at, data + at + n, user);
+  });
 }
 
 template <Element T>
 void unpack_bucket(Bucket<T>& b) {
-  const T* in = b.storage.data() + b.owned;
-  for (const auto& u : b.user) {
-    std::copy(in, in + u.size(), u.data());
-    in += u.size();
+  unpack_range(b, b.owned, b.size());
+}
+
+// Blocking average of one bucket, in pieces of `chunk` elements: scale (and pack) a piece, reduce
+// it, unpack it. The piece is still in cache when MPI reads it, so the scaling pass costs little
+// beyond the reads the reduction does anyway.
+template <Element T>
+void average_blocking(Bucket<T>& b, int group_size, std::size_t chunk, MPI_Comm comm, int level,
+                      std::int64_t at_step) {
+  const Scaler<T> s(group_size);
+  T* data = b.storage.data();
+  const std::size_t piece = std::min(chunk == 0 ? kMaxChunk : chunk, kMaxChunk);
+  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
+    const std::size_t hi = std::min(lo + piece, b.size());
+    const std::size_t bytes = (hi - lo) * sizeof(T);
+    {
+      TimelineScope t("scale+pack", level, at_step, bytes, group_size);
+      scale_pack(b, lo, hi, s);
+    }
+    {
+      TimelineScope t("MPI_Allreduce", level, at_step, bytes, group_size);
+      check(MPI_Allreduce(MPI_IN_PLACE, data + lo, static_cast<int>(hi - lo), mpi_type<T>(),
+                          MPI_SUM, comm),
+            "MPI_Allreduce(average)");
+    }
+    if (hi > b.owned) {
+      TimelineScope t("unpack", level, at_step, bytes, group_size);
+      unpack_range(b, lo, hi);
+    }
   }
 }
 
+// Non-blocking: scale and pack everything, then start the reduction; unpack on completion.
 template <Element T>
-void reduce_bucket(Bucket<T>& b, MPI_Comm comm, bool blocking, std::vector<MPI_Request>& reqs) {
+void start_bucket(Bucket<T>& b, int group_size, MPI_Comm comm, std::vector<MPI_Request>& reqs) {
+  scale_pack(b, 0, b.size(), Scaler<T>(group_size));
   T* data = b.storage.data();
-  for (std::size_t off = 0; off < b.size(); off += kMaxChunk) {
-    const int n = static_cast<int>(std::min(kMaxChunk, b.size() - off));
-    if (blocking) {
-      check(MPI_Allreduce(MPI_IN_PLACE, data + off, n, mpi_type<T>(), MPI_SUM, comm),
-            "MPI_Allreduce(average)");
-    } else {
-      MPI_Request r = MPI_REQUEST_NULL;
-      check(MPI_Iallreduce(MPI_IN_PLACE, data + off, n, mpi_type<T>(), MPI_SUM, comm, &r),
-            "MPI_Iallreduce(average)");
-      reqs.push_back(r);
-    }
+  for (std::size_t lo = 0; lo < b.size(); lo += kMaxChunk) {
+    const int n = static_cast<int>(std::min(kMaxChunk, b.size() - lo));
+    MPI_Request r = MPI_REQUEST_NULL;
+    check(MPI_Iallreduce(MPI_IN_PLACE, data + lo, n, mpi_type<T>(), MPI_SUM, comm, &r),
+          "MPI_Iallreduce(average)");
+    reqs.push_back(r);
   }
 }
 
@@ -74,6 +144,7 @@ void unpack(ParamSet& params) {
 
 bool complete(Pending& p, bool blocking) {
   if (p.done) return true;
+  TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.level), p.step, p.bytes, p.group);
   if (!p.reqs.empty()) {
     const int n = static_cast<int>(p.reqs.size());
     if (blocking) {
@@ -86,6 +157,9 @@ bool complete(Pending& p, bool blocking) {
   }
   if (p.params != nullptr) unpack(*p.params);
   p.done = true;
+  if (auto* tl = Timeline::get())
+    tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step, p.bytes,
+              p.group, 1);
   return true;
 }
 
@@ -147,6 +221,9 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
       throw InvalidArgument("hma: the schedule is for " + std::to_string(schedule_.world_size()) +
                             " ranks but the communicator has " + std::to_string(size));
     check_every_ = options.check_every_average.value_or(detail::env_bool("HMA_CHECK", false));
+    chunk_bytes_ = options.chunk_bytes.value_or(static_cast<std::size_t>(detail::env_int(
+        "HMA_CHUNK_BYTES", static_cast<int>(AveragerOptions::kDefaultChunkBytes), 0,
+        std::numeric_limits<int>::max())));
     detail::log_level();  // validates HMA_LOG on every rank
     for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
     if (options.hierarchy.ranks_per_node == 0)
@@ -183,7 +260,7 @@ void Averager::set_step(std::int64_t step) {
 bool Averager::step(ParamSet& params) {
   const auto lvl = level_now();
   if (member() && check_every_) check_layout(params);
-  const bool did = member() && lvl && average(params, *lvl, true, nullptr);
+  const bool did = member() && lvl && run(params, *lvl, true, nullptr);
   ++step_;
   return did;
 }
@@ -192,7 +269,7 @@ Request Averager::start(ParamSet& params) {
   const auto lvl = level_now();
   if (member() && check_every_) check_layout(params);
   Request r;
-  if (member() && lvl) average(params, *lvl, false, &r);
+  if (member() && lvl) run(params, *lvl, false, &r);
   ++step_;
   return r;
 }
@@ -213,7 +290,23 @@ void Averager::check_layout(ParamSet& params) {
   checked_[params.id()] = params.layout_version();
 }
 
-bool Averager::average(ParamSet& params, std::size_t level, bool blocking, Request* out) {
+void Averager::average(ParamSet& params, std::size_t level) {
+  if (!member()) return;
+  (void)hierarchy_.level(level);  // range check
+  if (check_every_) check_layout(params);
+  run(params, level, true, nullptr);
+}
+
+Request Averager::start_average(ParamSet& params, std::size_t level) {
+  Request r;
+  if (!member()) return r;
+  (void)hierarchy_.level(level);
+  if (check_every_) check_layout(params);
+  run(params, level, false, &r);
+  return r;
+}
+
+bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* out) {
   if (params.in_flight())
     throw Error("hma: step " + std::to_string(step_) +
                 ": this ParamSet already has an average in flight; wait() on its Request first");
@@ -231,21 +324,26 @@ bool Averager::average(ParamSet& params, std::size_t level, bool blocking, Reque
   }
   auto& f = params.bucket<float>();
   auto& d = params.bucket<double>();
-  detail::scale_and_pack(f, g);
-  detail::scale_and_pack(d, g);
+  const int lv = static_cast<int>(level);
+  detail::TimelineScope whole(blocking ? "average" : "start", lv, step_, params.bytes(), g);
   if (blocking) {
-    std::vector<MPI_Request> none;
-    detail::reduce_bucket(f, comm.get(), true, none);
-    detail::reduce_bucket(d, comm.get(), true, none);
-    detail::unpack(params);
+    // A chunk smaller than one element still means one element per piece (0 = no chunking).
+    auto elems = [this](std::size_t size) {
+      return chunk_bytes_ == 0 ? 0 : std::max<std::size_t>(1, chunk_bytes_ / size);
+    };
+    detail::average_blocking(f, g, elems(sizeof(float)), comm.get(), lv, step_);
+    detail::average_blocking(d, g, elems(sizeof(double)), comm.get(), lv, step_);
     return true;
   }
   auto p = std::make_shared<detail::Pending>();
   p->params = &params;
   p->level = level;
   p->step = step_;
-  detail::reduce_bucket(f, comm.get(), false, p->reqs);
-  detail::reduce_bucket(d, comm.get(), false, p->reqs);
+  p->bytes = params.bytes();
+  p->group = g;
+  p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
+  detail::start_bucket(f, g, comm.get(), p->reqs);
+  detail::start_bucket(d, g, comm.get(), p->reqs);
   params.set_pending(p);
   *out = Request(std::move(p), level);
   return true;

@@ -17,6 +17,9 @@ struct Pending {
   bool done = false;
   std::size_t level = 0;
   std::int64_t step = 0;
+  std::size_t bytes = 0;
+  int group = 0;
+  double t_start = 0;  // for the timeline
 };
 
 /// Completes `p` (blocking: MPI_Waitall; else MPI_Testall), then unpacks the user arrays and

@@ -137,6 +137,49 @@ TEST_CASE("hierarchical averaging is exact on every level, every mode and buffer
   }
 }
 
+TEST_CASE("chunked blocking averages are exact for any chunk size, across array boundaries") {
+  std::vector<hma::Level> levels;
+  std::int64_t period = 1;
+  for (int g : group_sizes()) {
+    levels.push_back({period, g});
+    period *= 2;
+  }
+  // 0: one piece; 4 bytes: one element per piece (also for double); 12, 40, 256: pieces that
+  // end inside arrays and span several.
+  for (std::size_t chunk : {0, 4, 12, 40, 256}) {
+    for (auto [zero_copy, packed] : {std::pair{true, false}, {false, true}, {true, true}}) {
+      {
+        CAPTURE(chunk, zero_copy, packed);
+        hma::AveragerOptions o;
+        o.chunk_bytes = chunk;
+        hma::HierarchicalAverager avg(MPI_COMM_WORLD, levels, 0, o);
+        Model m(zero_copy, packed);
+        int averaged = 0;
+        run_schedule(avg, m, Mode::blocking, 9, averaged);
+        REQUIRE(averaged == 9);
+      }
+    }
+  }
+}
+
+TEST_CASE("average() and start_average() average a level now, outside the schedule") {
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{1000, size()}}, 0);
+  const std::size_t top = avg.schedule().levels().size() - 1;
+  Model m(true, true);
+  for (std::int64_t t = 0; t < 3; ++t) {
+    m.fill(rank(), t);
+    if (t % 2 == 0) {
+      avg.average(m.ps, top);
+    } else {
+      auto r = avg.start_average(m.ps, top);
+      r.wait();
+    }
+    REQUIRE_ALL_RANKS(m.mismatches(rank(), t, size()) == 0);
+  }
+  REQUIRE(avg.step_count() == 0);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, avg.average(m.ps, 5), "level 5 out of range");
+}
+
 TEST_CASE("periodic averaging with warmup is exact") {
   for (Mode mode : {Mode::blocking, Mode::start_wait}) {
     hma::PeriodicAverager avg(MPI_COMM_WORLD, 3, 2);
@@ -236,7 +279,7 @@ TEST_CASE("set_step restarts the schedule; describe reads like torch's log") {
 }
 
 TEST_CASE("an empty ParamSet and a Request moved around still complete") {
-  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, {.hierarchy = {}, .check_every_average = false});
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
   hma::ParamSet empty;
   REQUIRE(avg.step(empty));
   hma::ParamSet ps;

@@ -96,7 +96,9 @@ TEST_CASE("buffer layouts that differ across ranks are detected at the first ave
 
 TEST_CASE("check_every_average catches step counters that drift apart") {
   if (size() < 2) return;
-  hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{3, size()}}, 0, {.hierarchy = {}, .check_every_average = true});
+  hma::AveragerOptions o;
+  o.check_every_average = true;
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{3, size()}}, 0, o);
   hma::ParamSet ps;
   (void)ps.allocate<float>(4);
   REQUIRE(avg.step(ps));  // step 0 averages; all agree

@@ -61,6 +61,11 @@ struct AveragerOptions {
   /// (default off). Without it the layout is still checked at the first average of every
   /// ParamSet and after every change to it.
   std::optional<bool> check_every_average;
+  /// Blocking averages scale and reduce the buffer in pieces of this many bytes (0: one piece),
+  /// so that each piece is still in cache when MPI reads it. nullopt: the environment variable
+  /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes. Results do not depend on it.
+  std::optional<std::size_t> chunk_bytes;
+  static constexpr std::size_t kDefaultChunkBytes = std::size_t{1} << 20;
 };
 
 /// Averages a ParamSet over the level its Schedule picks at each step, like torch's
@@ -88,6 +93,13 @@ class Averager {
   /// `params` already has an average in flight.
   [[nodiscard]] Request start(ParamSet& params);
 
+  /// Blocking: averages `params` over level `level` now, outside the schedule; the step counter
+  /// is untouched (e.g. a final world average at the end of training). Collective over the
+  /// level's group, on every rank of the averager. Throws hma::InvalidArgument for a bad level.
+  void average(ParamSet& params, std::size_t level);
+  /// Non-blocking form of average(params, level).
+  [[nodiscard]] Request start_average(ParamSet& params, std::size_t level);
+
   /// The level that averages at the current step (nullopt: none).
   [[nodiscard]] std::optional<std::size_t> level_now() const noexcept;
   [[nodiscard]] std::int64_t step_count() const noexcept { return step_; }
@@ -107,13 +119,14 @@ class Averager {
   static Schedule agreed(MPI_Comm comm, const std::function<Schedule()>& make);
 
  private:
-  bool average(ParamSet& params, std::size_t level, bool blocking, Request* out);
+  bool run(ParamSet& params, std::size_t level, bool blocking, Request* out);
   void check_layout(ParamSet& params);
 
   Schedule schedule_;
   Hierarchy hierarchy_;
   std::int64_t step_ = 0;
   bool check_every_ = false;
+  std::size_t chunk_bytes_ = AveragerOptions::kDefaultChunkBytes;
   std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };
 

@@ -1,0 +1,146 @@
+// hma-bench-average: the time of one average, per size, next to its floor measured in the same
+// run: bare MPI_Allreduce on the same bytes, bare MPI_Iallreduce + wait, and memcpy.
+//   mpirun -np 2 build/bench/hma-bench-average --max-bytes 64M --csv avg.csv --json avg.json
+#include <cstring>
+#include <numeric>
+
+#include "bench_util.hpp"
+#include "hma/hma.hpp"
+
+namespace {
+
+const char* kUsage =
+    "usage: hma-bench-average [options]\n"
+    "  --min-bytes N     smallest size (default 4; K/M/G suffixes)\n"
+    "  --max-bytes N     largest size (default 256M)\n"
+    "  --factor F        size step factor (default 4)\n"
+    "  --dtype f32|f64   element type (default f32)\n"
+    "  --group G         average over contiguous groups of G ranks (default: all ranks)\n"
+    "  --iters N         timed iterations per size (default 30)\n"
+    "  --warmup N        untimed iterations per size (default 3)\n"
+    "  --max-seconds S   stop a measurement after S s of timed work, >= 3 iterations (default 1)\n"
+    "  --arrays K        arrays of the scattered (pack/unpack) variant (default 100)\n"
+    "  --chunk-bytes N   hma's blocking chunk size (default: hma's default or HMA_CHUNK_BYTES)\n"
+    "  --csv FILE        write the results as CSV\n"
+    "  --json FILE       write the results and the run's metadata as JSON\n";
+
+template <class T>
+void run(bench::Flags& flags, const bench::Meta& meta) {
+  const long long min_b = flags.integer("min-bytes", 4), max_b = flags.integer("max-bytes", 256LL << 20);
+  const double factor = flags.real("factor", 4);
+  const int world = bench::size();
+  const int group = static_cast<int>(flags.integer("group", world));
+  const int iters = static_cast<int>(flags.integer("iters", 30)), warm = static_cast<int>(flags.integer("warmup", 3));
+  const double max_s = flags.real("max-seconds", 1.0);
+  const int arrays = static_cast<int>(flags.integer("arrays", 100));
+  const long long chunk = flags.integer("chunk-bytes", -1);
+  const std::string csv = flags.str("csv", ""), json = flags.str("json", "");
+  flags.str("dtype", "");
+  flags.done();
+  if (min_b < 1 || max_b < min_b || factor <= 1 || iters < 1 || warm < 0 || arrays < 1)
+    flags.fail("need 1 <= min-bytes <= max-bytes, factor > 1, iters >= 1, arrays >= 1");
+  if (group < 1 || world % group != 0) flags.fail("--group must divide the rank count");
+
+  std::vector<hma::Level> levels;
+  if (group < world) levels.push_back({std::int64_t{1} << 40, group});
+  levels.push_back({std::int64_t{1} << 41, world});
+  hma::AveragerOptions opt;
+  if (chunk >= 0) opt.chunk_bytes = static_cast<std::size_t>(chunk);
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, levels, 0, opt);
+  const MPI_Comm comm = avg.hierarchy().level(0).get();
+  const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+  const int n_ranks = group;
+
+  if (bench::rank() == 0) {
+    std::printf("# hma-bench-average: np %d, groups of %d, %s, %s, build %s, %s\n", world, group,
+                std::is_same_v<T, float> ? "f32" : "f64", meta.mpi.c_str(), meta.build.c_str(),
+                meta.date.c_str());
+    std::printf("# median µs of one in-place average (slowest rank per iteration); ratio = hma / bare "
+                "MPI_Allreduce; spread = (p90 - p10) / median\n");
+    std::printf("%10s %10s %10s %7s %6s %10s %7s %10s %10s %7s %10s %9s\n", "bytes", "bare", "hma",
+                "ratio", "spread", "scattered", "ratio", "hma-nb", "bare-nb", "ratio", "memcpy",
+                "busbw");
+  }
+  bench::Table table({"bytes", "np", "group", "dtype", "variant", "median_us", "p10_us", "p90_us",
+                      "min_us", "max_us", "iters", "algbw_GBps", "busbw_GBps", "ratio_to_bare"});
+  for (double fb = static_cast<double>(min_b); fb <= static_cast<double>(max_b) * 1.0001; fb *= factor) {
+    const std::size_t n = std::max<std::size_t>(1, static_cast<std::size_t>(fb) / sizeof(T));
+    const double bytes = static_cast<double>(n * sizeof(T));
+    std::vector<T> bare(n, T(1)), src(n, T(1)), dst(n);
+    hma::ParamSet contig;
+    auto w = contig.allocate<T>(n, T(1));
+    // Scattered: `arrays` user arrays of about equal size summing to n elements.
+    const std::size_t k = std::min<std::size_t>(static_cast<std::size_t>(arrays), n);
+    std::vector<std::vector<T>> pieces(k);
+    hma::ParamSet scattered;
+    for (std::size_t i = 0; i < k; ++i) {
+      pieces[i].assign(n / k + (i < n % k ? 1 : 0), T(1));
+      scattered.add(pieces[i]);
+    }
+    const int cnt = static_cast<int>(n);
+    auto t_bare = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      MPI_Allreduce(MPI_IN_PLACE, bare.data(), cnt, type, MPI_SUM, comm);
+    }));
+    auto t_hma = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(contig, 0); }));
+    auto t_scat = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(scattered, 0); }));
+    auto t_nb = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      auto r = avg.start_average(contig, 0);
+      r.wait();
+    }));
+    auto t_bare_nb = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      MPI_Request r;
+      MPI_Iallreduce(MPI_IN_PLACE, bare.data(), cnt, type, MPI_SUM, comm, &r);
+      MPI_Wait(&r, MPI_STATUS_IGNORE);
+    }));
+    auto t_copy = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      std::memcpy(dst.data(), src.data(), n * sizeof(T));
+    }));
+    (void)w;
+    const double base = t_bare.median;
+    auto add = [&](const char* variant, const bench::Stats& s, double ref) {
+      table.add({bench::fmt(bytes, 0), std::to_string(world), std::to_string(group),
+                 std::is_same_v<T, float> ? "f32" : "f64", variant, bench::fmt(s.median, 3),
+                 bench::fmt(s.p10, 3), bench::fmt(s.p90, 3), bench::fmt(s.min, 3), bench::fmt(s.max, 3),
+                 std::to_string(s.n), bench::fmt(bench::algbw(bytes, s.median), 4),
+                 bench::fmt(bench::busbw(bytes, s.median, n_ranks), 4), bench::fmt(s.median / ref, 4)});
+    };
+    add("bare_allreduce", t_bare, base);
+    add("hma_contiguous", t_hma, base);
+    add("hma_scattered", t_scat, base);
+    add("hma_start_wait", t_nb, base);
+    add("bare_iallreduce_wait", t_bare_nb, base);
+    add("memcpy", t_copy, base);
+    if (bench::rank() == 0)
+      std::printf("%10s %10.1f %10.1f %7.3f %5.0f%% %10.1f %7.3f %10.1f %10.1f %7.3f %10.1f %9.3f\n",
+                  bench::human_bytes(bytes).c_str(), base, t_hma.median, t_hma.median / base,
+                  t_hma.spread_pct(), t_scat.median, t_scat.median / base, t_nb.median,
+                  t_bare_nb.median, t_nb.median / t_bare_nb.median, t_copy.median,
+                  bench::busbw(bytes, t_hma.median, n_ranks));
+    std::fflush(stdout);
+  }
+  if (bench::rank() == 0) {
+    std::printf("# hma-nb ratio is to bare MPI_Iallreduce + MPI_Wait; busbw (GB/s) is hma's, "
+                "nccl-tests convention\n");
+    if (!csv.empty()) table.write_csv(csv);
+    if (!json.empty()) table.write_json(json, meta);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  bench::Flags flags(argc, argv, kUsage);
+  const bench::Meta meta = bench::collect_meta(argc, argv);
+  const std::string dtype = flags.str("dtype", "f32");
+  try {
+    if (dtype == "f32") run<float>(flags, meta);
+    else if (dtype == "f64") run<double>(flags, meta);
+    else flags.fail("--dtype must be f32 or f64");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma-bench-average (rank %d): %s\n", bench::rank(), e.what());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  MPI_Finalize();
+  return 0;
+}
