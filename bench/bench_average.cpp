@@ -51,6 +51,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
   const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
   const int n_ranks = group;
 
+  bench::warn_oversubscribed();
   if (bench::rank() == 0) {
     std::printf("# hma-bench-average: np %d, groups of %d, %s, %s, build %s, %s\n", world, group,
                 std::is_same_v<T, float> ? "f32" : "f64", meta.mpi.c_str(), meta.build.c_str(),

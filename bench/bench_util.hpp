@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifndef HMA_BUILD_TYPE
@@ -213,8 +214,25 @@ inline Meta collect_meta(int argc, char** argv) {
   char d[32];
   std::strftime(d, sizeof d, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
   m.date = d;
-  for (int i = 0; i < argc; ++i) m.command += (i ? " " : "") + std::string(argv[i]);
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0) m.command += ' ';
+    m.command += argv[i];
+  }
   return m;
+}
+
+/// A line of warning when ranks outnumber the cores of this machine: timings then include
+/// waiting for a core, and compute phases overrun.
+inline void warn_oversubscribed() {
+  int local = 0;
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  MPI_Comm_size(node, &local);
+  MPI_Comm_free(&node);
+  const unsigned cores = std::thread::hardware_concurrency();
+  if (rank() == 0 && cores > 0 && static_cast<unsigned>(local) > cores)
+    std::printf("# warning: %d ranks share %u cores on this node (oversubscribed): times include "
+                "waiting for a core\n", local, cores);
 }
 
 inline std::string meta_json(const Meta& m) {

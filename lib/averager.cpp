@@ -10,6 +10,7 @@
 #include "log.hpp"
 #include "pending.hpp"
 #include "timeline.hpp"
+#include "worker.hpp"
 
 namespace hma {
 
@@ -145,6 +146,13 @@ void unpack(ParamSet& params) {
 bool complete(Pending& p, bool blocking) {
   if (p.done) return true;
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.level), p.step, p.bytes, p.group);
+  if (p.threaded) {
+    if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
+      return false;
+    p.done = true;  // even if the worker failed: the error is reported once, here
+    p.result.get();
+    return true;
+  }
   if (!p.reqs.empty()) {
     const int n = static_cast<int>(p.reqs.size());
     if (blocking) {
@@ -224,16 +232,36 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     chunk_bytes_ = options.chunk_bytes.value_or(static_cast<std::size_t>(detail::env_int(
         "HMA_CHUNK_BYTES", static_cast<int>(AveragerOptions::kDefaultChunkBytes), 0,
         std::numeric_limits<int>::max())));
+    Progress progress = Progress::poll;
+    if (options.progress) {
+      progress = *options.progress;
+    } else {
+      const std::string v = detail::env_str("HMA_PROGRESS", "poll");
+      if (v == "thread") progress = Progress::thread;
+      else if (v != "poll" && !v.empty())
+        throw InvalidArgument("hma: environment variable HMA_PROGRESS='" + v +
+                              "' must be poll or thread");
+    }
+    if (progress == Progress::thread) {
+      int provided = MPI_THREAD_SINGLE;
+      check(MPI_Query_thread(&provided), "MPI_Query_thread");
+      if (provided < MPI_THREAD_MULTIPLE)
+        throw InvalidArgument(
+            "hma: progress thread (HMA_PROGRESS=thread or AveragerOptions::progress) needs MPI "
+            "initialised with MPI_Init_thread(MPI_THREAD_MULTIPLE); this MPI provides level " +
+            std::to_string(provided));
+      worker_ = std::make_unique<detail::Worker>();
+    }
     detail::log_level();  // validates HMA_LOG on every rank
     for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
-    if (options.hierarchy.ranks_per_node == 0)
-      options.hierarchy.ranks_per_node = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, size);
-    if (options.hierarchy.ranks_per_node < 0 || options.hierarchy.ranks_per_node > size ||
-        (options.hierarchy.ranks_per_node > 0 && size % options.hierarchy.ranks_per_node != 0))
-      throw InvalidArgument("hma: ranks per node " +
-                            std::to_string(options.hierarchy.ranks_per_node) +
+    int universe = 0;
+    check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
+    int& rpn = options.hierarchy.ranks_per_node;
+    if (rpn == 0) rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
+    if (rpn < 0 || rpn > universe || (rpn > 0 && universe % rpn != 0))
+      throw InvalidArgument("hma: ranks per node " + std::to_string(rpn) +
                             " (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) must "
-                            "divide the world size " + std::to_string(size));
+                            "divide the MPI_COMM_WORLD size " + std::to_string(universe));
   });
   const std::uint64_t fp[1] = {schedule_.fingerprint()};
   detail::check_same(comm, fp, "the schedule", [this] { return schedule_.to_string(); });
@@ -277,6 +305,8 @@ Request Averager::start(ParamSet& params) {
 void Averager::check_layout(ParamSet& params) {
   const auto it = checked_.find(params.id());
   if (!check_every_ && it != checked_.end() && it->second == params.layout_version()) return;
+  // The check is a collective on the world communicator: never concurrent with the worker's.
+  if (worker_) worker_->drain();
   std::vector<std::uint64_t> v = {params.layout_fingerprint(), params.count(Dtype::f32),
                                   params.count(Dtype::f64)};
   std::string what = "the buffer layout (ParamSet arrays, sizes and dtypes)";
@@ -326,13 +356,44 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   auto& d = params.bucket<double>();
   const int lv = static_cast<int>(level);
   detail::TimelineScope whole(blocking ? "average" : "start", lv, step_, params.bytes(), g);
+  // A chunk smaller than one element still means one element per piece (0 = no chunking).
+  auto elems = [this](std::size_t size) {
+    return chunk_bytes_ == 0 ? 0 : std::max<std::size_t>(1, chunk_bytes_ / size);
+  };
   if (blocking) {
-    // A chunk smaller than one element still means one element per piece (0 = no chunking).
-    auto elems = [this](std::size_t size) {
-      return chunk_bytes_ == 0 ? 0 : std::max<std::size_t>(1, chunk_bytes_ / size);
-    };
+    // With a worker, wait for what it has queued (collectives stay in order), then run here:
+    // no hand-off latency for blocking calls.
+    if (worker_) worker_->drain();
     detail::average_blocking(f, g, elems(sizeof(float)), comm.get(), lv, step_);
     detail::average_blocking(d, g, elems(sizeof(double)), comm.get(), lv, step_);
+    return true;
+  }
+  if (worker_) {
+    auto p = std::make_shared<detail::Pending>();
+    p->params = &params;
+    p->level = level;
+    p->step = step_;
+    p->bytes = params.bytes();
+    p->group = g;
+    p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
+    p->threaded = true;
+    auto done = std::make_shared<std::promise<void>>();
+    p->result = done->get_future().share();
+    const std::size_t cf = elems(sizeof(float)), cd = elems(sizeof(double));
+    const MPI_Comm c = comm.get();
+    const std::int64_t at = step_;
+    // The buckets live on the heap: they stay put even if the ParamSet is moved meanwhile.
+    worker_->submit([&f, &d, g, cf, cd, c, lv, at, done] {
+      try {
+        detail::average_blocking(f, g, cf, c, lv, at);
+        detail::average_blocking(d, g, cd, c, lv, at);
+        done->set_value();
+      } catch (...) {
+        done->set_exception(std::current_exception());
+      }
+    });
+    params.set_pending(p);
+    *out = Request(std::move(p), level);
     return true;
   }
   auto p = std::make_shared<detail::Pending>();
@@ -382,9 +443,12 @@ int size_or_one(MPI_Comm comm) {
 // Ranks per node for the 'node' token of a schedule string: from options, HMA_RANKS_PER_NODE,
 // or the shared-memory split (0 when nodes differ in size). Collective over comm.
 int node_size(MPI_Comm comm, const AveragerOptions& o) {
-  const int world = size_or_one(comm);
   int rpn = o.hierarchy.ranks_per_node;
-  if (rpn == 0) detail::agree(comm, [&] { rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, world); });
+  if (rpn == 0) detail::agree(comm, [&] {
+    int universe = 0;
+    check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
+    rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
+  });
   if (rpn > 0) return rpn;
   Comm shared = Comm::attach(comm).split_shared();
   const int mine = shared.size();

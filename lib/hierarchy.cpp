@@ -37,15 +37,21 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
     level_slot_.push_back(slot);
   }
 
+  // Emulated nodes are blocks of MPI_COMM_WORLD ranks (where processes are placed), so a
+  // sub-communicator sees the same nodes as the world does.
+  int universe = 0, me = 0;
+  check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
+  check(MPI_Comm_rank(MPI_COMM_WORLD, &me), "MPI_Comm_rank(MPI_COMM_WORLD)");
   int rpn = options.ranks_per_node;
-  if (rpn == 0) rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, world_size_);
-  if (rpn < 0 || rpn > world_size_ || (rpn > 0 && world_size_ % rpn != 0))
+  if (rpn == 0) rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
+  if (rpn < 0 || rpn > universe || (rpn > 0 && universe % rpn != 0))
     throw InvalidArgument("hma: ranks per node " + std::to_string(rpn) +
-                          " must be between 1 and the world size " + std::to_string(world_size_) +
+                          " (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) must be "
+                          "between 1 and the MPI_COMM_WORLD size " + std::to_string(universe) +
                           " and divide it");
   if (rpn > 0) {
     emulated_ = true;
-    node_ = world_.split(world_rank_ / rpn, world_rank_);
+    node_ = world_.split(me / rpn, world_rank_);
   } else {
     node_ = world_.split_shared();
   }

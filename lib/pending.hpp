@@ -4,6 +4,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <future>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,8 @@ struct Pending {
   std::size_t bytes = 0;
   int group = 0;
   double t_start = 0;  // for the timeline
+  bool threaded = false;            // run by the averager's worker thread, which also unpacks
+  std::shared_future<void> result;  // threaded only: ready when done, holds the worker's error
 };
 
 /// Completes `p` (blocking: MPI_Waitall; else MPI_Testall), then unpacks the user arrays and

@@ -1,10 +1,13 @@
-// The one Catch2 main of hma's MPI tests: MPI_Init, run, MPI_Finalize. Rank 0 reports to the
-// console; the other ranks write a compact report that is printed only if that rank failed.
+// The one Catch2 main of hma's MPI tests: MPI_Init_thread, run, MPI_Finalize. Rank 0 reports to
+// the console; the other ranks write a compact report that is printed only if that rank failed.
+// MPI is initialised with MPI_THREAD_MULTIPLE (for HMA_PROGRESS=thread) unless
+// HMA_TEST_THREAD_LEVEL=single asks for plain MPI_Init.
 #define CATCH_CONFIG_RUNNER
 #include <mpi.h>
 
 #include <catch2/catch.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -13,7 +16,13 @@
 #include <unistd.h>
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  const char* level = std::getenv("HMA_TEST_THREAD_LEVEL");
+  if (level != nullptr && std::string(level) == "single") {
+    MPI_Init(&argc, &argv);
+  } else {
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  }
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   std::vector<std::string> args(argv, argv + argc);

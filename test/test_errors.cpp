@@ -152,3 +152,24 @@ TEST_CASE("wrong world size, null communicator, bad environment") {
   unsetenv("HMA_CHECK");
   if (!saved.empty()) setenv("HMA_RANKS_PER_NODE", saved.c_str(), 1);
 }
+
+TEST_CASE("the progress thread needs MPI_THREAD_MULTIPLE, and says so") {
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  hma::AveragerOptions o;
+  o.progress = hma::Progress::thread;
+  if (provided < MPI_THREAD_MULTIPLE) {
+    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0, o),
+                             "needs MPI initialised with MPI_Init_thread(MPI_THREAD_MULTIPLE)");
+  } else {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 2, 0, o);
+    hma::ParamSet ps;
+    auto w = ps.allocate<double>(3, static_cast<double>(2 * rank()));
+    REQUIRE(avg.step(ps));
+    REQUIRE_ALL_RANKS(w[0] == static_cast<double>(size() - 1) && w[2] == w[0]);
+  }
+  if (rank() == 0) setenv("HMA_PROGRESS", "threads", 1);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0),
+                           "HMA_PROGRESS='threads' must be poll or thread");
+  unsetenv("HMA_PROGRESS");
+}

@@ -19,7 +19,20 @@ namespace hma {
 
 namespace detail {
 struct Pending;
-}
+class Worker;
+}  // namespace detail
+
+/// How a started (non-blocking) average makes progress.
+enum class Progress {
+  /// MPI_Iallreduce; it advances inside MPI calls only (Open MPI has no progress thread):
+  /// call Request::test() from your compute loop, or it all happens in wait().
+  poll,
+  /// A background thread of the averager runs the blocking, chunked MPI_Allreduce, so start()
+  /// returns at once and the reduction overlaps your work with no polling. Needs MPI initialised
+  /// with MPI_Init_thread(MPI_THREAD_MULTIPLE). Blocking step()/average() go through the same
+  /// thread, in order.
+  thread,
+};
 
 /// The handle of a started, non-blocking average. Move-only.
 /// `wait()` completes it (the ParamSet then holds the average; packed user arrays are written
@@ -66,6 +79,8 @@ struct AveragerOptions {
   /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes. Results do not depend on it.
   std::optional<std::size_t> chunk_bytes;
   static constexpr std::size_t kDefaultChunkBytes = std::size_t{1} << 20;
+  /// nullopt: the environment variable HMA_PROGRESS (poll or thread), default poll.
+  std::optional<Progress> progress;
 };
 
 /// Averages a ParamSet over the level its Schedule picks at each step, like torch's
@@ -127,6 +142,7 @@ class Averager {
   std::int64_t step_ = 0;
   bool check_every_ = false;
   std::size_t chunk_bytes_ = AveragerOptions::kDefaultChunkBytes;
+  std::unique_ptr<detail::Worker> worker_;  // Progress::thread only
   std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };
 

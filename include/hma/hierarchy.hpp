@@ -12,8 +12,8 @@ namespace hma {
 
 struct HierarchyOptions {
   /// Ranks per node. 0 (default): the environment variable HMA_RANKS_PER_NODE if set, else
-  /// the ranks that share memory (MPI_COMM_TYPE_SHARED). A value r > 0 groups ranks
-  /// [k*r, (k+1)*r) into emulated node k; it must divide the world size.
+  /// the ranks that share memory (MPI_COMM_TYPE_SHARED). A value r > 0 groups MPI_COMM_WORLD
+  /// ranks [k*r, (k+1)*r) into emulated node k; it must divide the MPI_COMM_WORLD size.
   int ranks_per_node = 0;
 };
 
