@@ -130,7 +130,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  bench::init(&argc, &argv);
   bench::Flags flags(argc, argv, kUsage);
   const bench::Meta meta = bench::collect_meta(argc, argv);
   const std::string dtype = flags.str("dtype", "f32");

@@ -86,7 +86,7 @@ Result run_loop(hma::Averager& avg, hma::ParamSet& ps, int steps, double compute
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  bench::init(&argc, &argv);
   bench::Flags flags(argc, argv, kUsage);
   const bench::Meta meta = bench::collect_meta(argc, argv);
   const long long bytes = flags.integer("bytes", 4LL << 20);

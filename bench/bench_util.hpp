@@ -24,6 +24,18 @@
 
 namespace bench {
 
+/// MPI_Init, or MPI_Init_thread(MPI_THREAD_MULTIPLE) when HMA_PROGRESS=thread asks for hma's
+/// progress thread (THREAD_MULTIPLE costs some latency, so it is not the default).
+inline void init(int* argc, char*** argv) {
+  const char* p = std::getenv("HMA_PROGRESS");
+  if (p != nullptr && std::string(p) == "thread") {
+    int provided = 0;
+    MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided);
+  } else {
+    MPI_Init(argc, argv);
+  }
+}
+
 inline int rank(MPI_Comm c = MPI_COMM_WORLD) {
   int r = 0;
   MPI_Comm_rank(c, &r);

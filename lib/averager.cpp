@@ -7,6 +7,7 @@
 #include "collective.hpp"
 #include "env.hpp"
 #include "hma/error.hpp"
+#include "kernels.hpp"
 #include "log.hpp"
 #include "pending.hpp"
 #include "timeline.hpp"
@@ -18,105 +19,50 @@ namespace detail {
 
 namespace {
 
-// MPI counts are int: reduce buffers larger than this in pieces.
-constexpr std::size_t kMaxChunk = std::size_t{1} << 30;
-
-template <Element T>
-MPI_Datatype mpi_type() {
-  return std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE;
-}
-
-// torch: flat_params /= group_size before the allreduce. For a power-of-two group size the
-// reciprocal is exact, and x * (1/g) == x / g bit for bit, so the cheaper multiply is used.
-template <Element T>
-struct Scaler {
-  T g, inv;
-  bool pow2;
-  explicit Scaler(int group_size)
-      : g(static_cast<T>(group_size)),
-        inv(T(1) / static_cast<T>(group_size)),
-        pow2((group_size & (group_size - 1)) == 0) {}
-  void in_place(T* x, std::size_t n) const {
-    if (pow2) {
-      for (std::size_t i = 0; i < n; ++i) x[i] *= inv;
-    } else {
-      for (std::size_t i = 0; i < n; ++i) x[i] /= g;
-    }
-  }
-  void copy(const T* in, T* out, std::size_t n) const {
-    if (pow2) {
-      for (std::size_t i = 0; i < n; ++i) out[i] = in[i] * inv;
-    } else {
-      for (std::size_t i = 0; i < n; ++i) out[i] = in[i] / g;
-    }
-  }
+// How a blocking average reduces (see AveragerOptions::reduction).
+struct Plan {
+  int group = 1;              // group size
+  int rank = 0;               // this rank in the group's communicator
+  MPI_Comm comm = MPI_COMM_NULL;
+  std::size_t chunk = 0;      // elements per piece, 0 = one piece
+  Reduction reduction = Reduction::automatic;
+  std::size_t ring_min_bytes = 0;  // automatic: ring for pieces of at least this many bytes
+  int level = 0;
+  std::int64_t step = 0;
 };
 
-// Calls fn(storage offset, user pointer or nullptr, count) for the parts of [lo, hi) of the
-// bucket: the owned region (in place, user pointer null) and each packed user array.
-template <Element T, class F>
-void for_segments(Bucket<T>& b, std::size_t lo, std::size_t hi, F&& fn) {
-  if (lo < b.owned) fn(lo, static_cast<T*>(nullptr), std::min(hi, b.owned) - lo);
-  std::size_t off = b.owned;
-  for (const auto& u : b.user) {
-    const std::size_t end = off + u.size();
-    if (end > lo && off < hi) {
-      const std::size_t from = std::max(off, lo), to = std::min(end, hi);
-      fn(from, u.data() + (from - off), to - from);
-    }
-    off = end;
-    if (off >= hi) break;
-  }
-}
-
-// Scales [lo, hi) of the bucket's buffer, copying packed user arrays in on the way.
+// Blocking average of one bucket, in pieces of `plan.chunk` elements, each still in cache while
+// it is scaled, reduced and unpacked. A piece goes either through scale + MPI_Allreduce, or
+// through hma's ring, which folds the scaling into its additions (no separate pass).
 template <Element T>
-void scale_pack(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s) {
+void average_blocking(Bucket<T>& b, const Plan& plan, std::vector<T>& scratch) {
+  const Scaler<T> s(plan.group);
   T* data = b.storage.data();
-  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
-    if (user == nullptr) s.in_place(data + at, n);
-    else s.copy(user, data + at, n);
-  });
-}
-
-// Copies [lo, hi) of the staging area back into the packed user arrays.
-template <Element T>
-void unpack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
-  const T* data = b.storage.data();
-  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
-    if (user != nullptr) std::copy(data + at, data + at + n, user);
-  });
-}
-
-template <Element T>
-void unpack_bucket(Bucket<T>& b) {
-  unpack_range(b, b.owned, b.size());
-}
-
-// Blocking average of one bucket, in pieces of `chunk` elements: scale (and pack) a piece, reduce
-// it, unpack it. The piece is still in cache when MPI reads it, so the scaling pass costs little
-// beyond the reads the reduction does anyway.
-template <Element T>
-void average_blocking(Bucket<T>& b, int group_size, std::size_t chunk, MPI_Comm comm, int level,
-                      std::int64_t at_step) {
-  const Scaler<T> s(group_size);
-  T* data = b.storage.data();
-  const std::size_t piece = std::min(chunk == 0 ? kMaxChunk : chunk, kMaxChunk);
+  const std::size_t piece = std::min(plan.chunk == 0 ? kMaxChunk : plan.chunk, kMaxChunk);
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size());
     const std::size_t bytes = (hi - lo) * sizeof(T);
-    {
-      TimelineScope t("scale+pack", level, at_step, bytes, group_size);
-      scale_pack(b, lo, hi, s);
-    }
-    {
-      TimelineScope t("MPI_Allreduce", level, at_step, bytes, group_size);
+    const bool ring = plan.reduction == Reduction::ring ||
+                      (plan.reduction == Reduction::automatic && bytes >= plan.ring_min_bytes);
+    if (ring) {
+      if (hi > b.owned) {
+        TimelineScope t("pack", plan.level, plan.step, bytes, plan.group);
+        pack_range(b, lo, hi);
+      }
+      TimelineScope t("ring allreduce (scaling fused)", plan.level, plan.step, bytes, plan.group);
+      ring_average(data + lo, hi - lo, plan.comm, plan.rank, plan.group, s, scratch);
+    } else {
+      {
+        TimelineScope t("scale+pack", plan.level, plan.step, bytes, plan.group);
+        scale_pack(b, lo, hi, s);
+      }
+      TimelineScope t("MPI_Allreduce", plan.level, plan.step, bytes, plan.group);
       check(MPI_Allreduce(MPI_IN_PLACE, data + lo, static_cast<int>(hi - lo), mpi_type<T>(),
-                          MPI_SUM, comm),
+                          MPI_SUM, plan.comm),
             "MPI_Allreduce(average)");
     }
     if (hi > b.owned) {
-      TimelineScope t("unpack", level, at_step, bytes, group_size);
+      TimelineScope t("unpack", plan.level, plan.step, bytes, plan.group);
       unpack_range(b, lo, hi);
     }
   }
@@ -232,6 +178,19 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     chunk_bytes_ = options.chunk_bytes.value_or(static_cast<std::size_t>(detail::env_int(
         "HMA_CHUNK_BYTES", static_cast<int>(AveragerOptions::kDefaultChunkBytes), 0,
         std::numeric_limits<int>::max())));
+    if (options.reduction) {
+      reduction_ = *options.reduction;
+    } else {
+      const std::string v = detail::env_str("HMA_REDUCTION", "auto");
+      if (v == "mpi") reduction_ = Reduction::mpi;
+      else if (v == "ring") reduction_ = Reduction::ring;
+      else if (v != "auto" && !v.empty())
+        throw InvalidArgument("hma: environment variable HMA_REDUCTION='" + v +
+                              "' must be auto, mpi or ring");
+    }
+    ring_min_bytes_ = static_cast<std::size_t>(detail::env_int(
+        "HMA_RING_MIN_BYTES", static_cast<int>(AveragerOptions::kDefaultRingMinBytes), 0,
+        std::numeric_limits<int>::max()));
     Progress progress = Progress::poll;
     if (options.progress) {
       progress = *options.progress;
@@ -357,15 +316,24 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   const int lv = static_cast<int>(level);
   detail::TimelineScope whole(blocking ? "average" : "start", lv, step_, params.bytes(), g);
   // A chunk smaller than one element still means one element per piece (0 = no chunking).
-  auto elems = [this](std::size_t size) {
-    return chunk_bytes_ == 0 ? 0 : std::max<std::size_t>(1, chunk_bytes_ / size);
+  auto plan = [&](std::size_t elem_size) {
+    detail::Plan p;
+    p.group = g;
+    p.rank = comm.rank();
+    p.comm = comm.get();
+    p.chunk = chunk_bytes_ == 0 ? 0 : std::max<std::size_t>(1, chunk_bytes_ / elem_size);
+    p.reduction = reduction_;
+    p.ring_min_bytes = ring_min_bytes_;
+    p.level = lv;
+    p.step = step_;
+    return p;
   };
   if (blocking) {
     // With a worker, wait for what it has queued (collectives stay in order), then run here:
     // no hand-off latency for blocking calls.
     if (worker_) worker_->drain();
-    detail::average_blocking(f, g, elems(sizeof(float)), comm.get(), lv, step_);
-    detail::average_blocking(d, g, elems(sizeof(double)), comm.get(), lv, step_);
+    detail::average_blocking(f, plan(sizeof(float)), scratch_->f);
+    detail::average_blocking(d, plan(sizeof(double)), scratch_->d);
     return true;
   }
   if (worker_) {
@@ -379,14 +347,13 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p->threaded = true;
     auto done = std::make_shared<std::promise<void>>();
     p->result = done->get_future().share();
-    const std::size_t cf = elems(sizeof(float)), cd = elems(sizeof(double));
-    const MPI_Comm c = comm.get();
-    const std::int64_t at = step_;
-    // The buckets live on the heap: they stay put even if the ParamSet is moved meanwhile.
-    worker_->submit([&f, &d, g, cf, cd, c, lv, at, done] {
+    // The buckets live on the heap: they stay put even if the ParamSet is moved meanwhile. The
+    // scratch buffers are the averager's; only one job uses them at a time.
+    worker_->submit([&f, &d, pf = plan(sizeof(float)), pd = plan(sizeof(double)),
+                     sc = scratch_.get(), done] {
       try {
-        detail::average_blocking(f, g, cf, c, lv, at);
-        detail::average_blocking(d, g, cd, c, lv, at);
+        detail::average_blocking(f, pf, sc->f);
+        detail::average_blocking(d, pd, sc->d);
         done->set_value();
       } catch (...) {
         done->set_exception(std::current_exception());

@@ -137,7 +137,7 @@ TEST_CASE("hierarchical averaging is exact on every level, every mode and buffer
   }
 }
 
-TEST_CASE("chunked blocking averages are exact for any chunk size, across array boundaries") {
+TEST_CASE("chunked blocking averages are exact for any chunk size and reduction, across array boundaries") {
   std::vector<hma::Level> levels;
   std::int64_t period = 1;
   for (int g : group_sizes()) {
@@ -148,10 +148,11 @@ TEST_CASE("chunked blocking averages are exact for any chunk size, across array 
   // end inside arrays and span several.
   for (std::size_t chunk : {0, 4, 12, 40, 256}) {
     for (auto [zero_copy, packed] : {std::pair{true, false}, {false, true}, {true, true}}) {
-      {
-        CAPTURE(chunk, zero_copy, packed);
+      for (auto reduction : {hma::Reduction::mpi, hma::Reduction::ring, hma::Reduction::automatic}) {
+        CAPTURE(chunk, zero_copy, packed, static_cast<int>(reduction));
         hma::AveragerOptions o;
         o.chunk_bytes = chunk;
+        o.reduction = reduction;
         hma::HierarchicalAverager avg(MPI_COMM_WORLD, levels, 0, o);
         Model m(zero_copy, packed);
         int averaged = 0;
@@ -255,7 +256,6 @@ TEST_CASE("ranks outside a periodic averager's group are untouched") {
           double sum = 0;
           for (int m = 0; m < size(); m += 2) sum += value(m, t, i);
           want = sum / members;
-          // members = 3 (np 6) would not be exact; our rank counts give 1, 2 or 4 members.
         }
         ok = ok && w[i] == want;
       }
@@ -303,4 +303,37 @@ TEST_CASE("an empty ParamSet and a Request moved around still complete") {
   REQUIRE(ps2.in_flight());
   r2.wait();
   REQUIRE(!ps2.in_flight());
+}
+
+TEST_CASE("a group of 3 divides by 3 before summing, bit for bit as torch does") {
+  if (size() != 3) return;  // registered at np 3
+  // Every rank holds the same values, so any summation order gives the same bits: the result
+  // must be fl(fl(x/3) + fl(x/3)) + fl(x/3), which differs from using fl(1/3) * x for many x.
+  for (auto reduction : {hma::Reduction::mpi, hma::Reduction::ring}) {
+    hma::AveragerOptions o;
+    o.reduction = reduction;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    hma::ParamSet ps;
+    const std::size_t n = 1000;
+    auto f = ps.allocate<float>(n);
+    auto d = ps.allocate<double>(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      f[i] = 1.0f + 0.001f * static_cast<float>(i);
+      d[i] = 1.0 + 0.001 * static_cast<double>(i);
+    }
+    std::vector<float> xf(f.begin(), f.end());
+    std::vector<double> xd(d.begin(), d.end());
+    REQUIRE(avg.step(ps));
+    int bad = 0, discriminating = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const float qf = xf[i] / 3.0f;
+      const double qd = xd[i] / 3.0;
+      bad += f[i] != (qf + qf) + qf;
+      bad += d[i] != (qd + qd) + qd;
+      discriminating += (xf[i] * (1.0f / 3.0f)) != qf;
+    }
+    CAPTURE(static_cast<int>(reduction), discriminating);
+    REQUIRE_ALL_RANKS(bad == 0);
+    REQUIRE(discriminating > 0);  // the test can tell division from the reciprocal
+  }
 }

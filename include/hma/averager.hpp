@@ -20,6 +20,10 @@ namespace hma {
 namespace detail {
 struct Pending;
 class Worker;
+struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
+  std::vector<float> f;
+  std::vector<double> d;
+};
 }  // namespace detail
 
 /// How a started (non-blocking) average makes progress.
@@ -67,6 +71,18 @@ class [[nodiscard]] Request {
   std::optional<std::size_t> level_;
 };
 
+/// How a blocking average (and a progress-thread one) reduces a buffer.
+enum class Reduction {
+  /// ring for pieces of at least HMA_RING_MIN_BYTES (default kDefaultRingMinBytes), else mpi.
+  automatic,
+  /// Divide by the group size in one pass, then MPI_Allreduce(SUM) in place: torch's recipe.
+  mpi,
+  /// hma's ring allreduce over MPI_Sendrecv (reduce-scatter, then allgather) with the division
+  /// folded into its additions: the same values as torch's recipe (each element is a sum of
+  /// x / g), without the extra pass over the buffer.
+  ring,
+};
+
 struct AveragerOptions {
   HierarchyOptions hierarchy;
   /// Verify at EVERY average that all ranks are at the same step with the same buffer layout
@@ -81,6 +97,9 @@ struct AveragerOptions {
   static constexpr std::size_t kDefaultChunkBytes = std::size_t{1} << 20;
   /// nullopt: the environment variable HMA_PROGRESS (poll or thread), default poll.
   std::optional<Progress> progress;
+  /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
+  std::optional<Reduction> reduction;
+  static constexpr std::size_t kDefaultRingMinBytes = std::size_t{64} << 10;
 };
 
 /// Averages a ParamSet over the level its Schedule picks at each step, like torch's
@@ -142,7 +161,10 @@ class Averager {
   std::int64_t step_ = 0;
   bool check_every_ = false;
   std::size_t chunk_bytes_ = AveragerOptions::kDefaultChunkBytes;
-  std::unique_ptr<detail::Worker> worker_;  // Progress::thread only
+  Reduction reduction_ = Reduction::automatic;
+  std::size_t ring_min_bytes_ = AveragerOptions::kDefaultRingMinBytes;
+  std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
+  std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
   std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };
 
