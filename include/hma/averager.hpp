@@ -94,7 +94,7 @@ struct AveragerOptions {
   /// so that each piece is still in cache when MPI reads it. nullopt: the environment variable
   /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes. Results do not depend on it.
   std::optional<std::size_t> chunk_bytes;
-  static constexpr std::size_t kDefaultChunkBytes = std::size_t{1} << 20;
+  static constexpr std::size_t kDefaultChunkBytes = std::size_t{4} << 20;
   /// nullopt: the environment variable HMA_PROGRESS (poll or thread), default poll.
   std::optional<Progress> progress;
   /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
