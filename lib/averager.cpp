@@ -32,8 +32,9 @@ struct Plan {
 };
 
 // Blocking average of one bucket, in pieces of `plan.chunk` elements, each still in cache while
-// it is scaled, reduced and unpacked. A piece goes either through scale + MPI_Allreduce, or
-// through hma's ring, which folds the scaling into its additions (no separate pass).
+// it is scaled, reduced and unpacked. A piece goes either through scale + pack + MPI_Allreduce +
+// unpack, or through hma's ring, which folds the scaling into its additions and works on the
+// user arrays in place (no separate pass at all).
 template <Element T>
 void average_blocking(Bucket<T>& b, const Plan& plan, std::vector<T>& scratch) {
   const Scaler<T> s(plan.group);
@@ -44,18 +45,16 @@ void average_blocking(Bucket<T>& b, const Plan& plan, std::vector<T>& scratch) {
     const std::size_t bytes = (hi - lo) * sizeof(T);
     const bool ring = plan.reduction == Reduction::ring ||
                       (plan.reduction == Reduction::automatic && bytes >= plan.ring_min_bytes);
-    if (ring) {
-      if (hi > b.owned) {
-        TimelineScope t("pack", plan.level, plan.step, bytes, plan.group);
-        pack_range(b, lo, hi);
-      }
+    if (ring) {  // in place in the owned region and the user arrays: nothing to pack or unpack
       TimelineScope t("ring allreduce (scaling fused)", plan.level, plan.step, bytes, plan.group);
-      ring_average(data + lo, hi - lo, plan.comm, plan.rank, plan.group, s, scratch);
-    } else {
-      {
-        TimelineScope t("scale+pack", plan.level, plan.step, bytes, plan.group);
-        scale_pack(b, lo, hi, s);
-      }
+      ring_average(Runs<T>::of(b, lo, hi), plan.comm, plan.rank, plan.group, s, scratch);
+      continue;
+    }
+    {
+      TimelineScope t("scale+pack", plan.level, plan.step, bytes, plan.group);
+      scale_pack(b, lo, hi, s);
+    }
+    {
       TimelineScope t("MPI_Allreduce", plan.level, plan.step, bytes, plan.group);
       check(MPI_Allreduce(MPI_IN_PLACE, data + lo, static_cast<int>(hi - lo), mpi_type<T>(),
                           MPI_SUM, plan.comm),

@@ -74,6 +74,15 @@ void ParamSet::check_mutable(const char* what) const {
                 " while an average of this set is in flight: wait() on its Request first");
 }
 
+void ParamSet::overlap_error(std::size_t index) {
+  if (index == static_cast<std::size_t>(-1))
+    throw InvalidArgument("hma: ParamSet::add: the array lies inside hma's own buffer (an Array "
+                          "from allocate() is averaged already; do not add() it)");
+  throw InvalidArgument("hma: ParamSet::add: the array overlaps user array #" +
+                        std::to_string(index) +
+                        " of the same dtype already registered; each element may be averaged once");
+}
+
 std::size_t ParamSet::count(Dtype d) const noexcept {
   return d == Dtype::f32 ? f32_->size() : f64_->size();
 }

@@ -74,15 +74,6 @@ void scale_pack(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s
   });
 }
 
-// Copies the packed user arrays of [lo, hi) into the buffer, unscaled (the ring scales later).
-template <Element T>
-void pack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
-  T* data = b.storage.data();
-  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
-    if (user != nullptr) std::copy(user, user + n, data + at);
-  });
-}
-
 // Copies [lo, hi) of the staging area back into the packed user arrays.
 template <Element T>
 void unpack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
@@ -104,51 +95,137 @@ inline std::size_t block_start(std::size_t N, int n, int i) {
   return q * k + std::min(k, r);
 }
 
-/// Averages x[0, N) over the ranks of `comm` with a ring (reduce-scatter, then allgather) over
-/// point-to-point messages, dividing by the group size inside the additions: each element ends
-/// as the sum of every rank's x / g, exactly torch's formula, with no separate scaling pass.
-/// `x` holds this rank's UNSCALED values. `tmp` is scratch (resized as needed). Collective.
+/// The memory of a logical range [0, N) of a bucket as an ordered list of contiguous runs: the
+/// owned region in hma's buffer, then the user arrays themselves. The ring reads and writes them
+/// in place, so packed arrays need no copy into hma's buffer and back.
 template <Element T>
-void ring_average(T* x, std::size_t N, MPI_Comm comm, int rank, int n, const Scaler<T>& s,
+struct Runs {
+  std::vector<T*> ptr;
+  std::vector<std::size_t> len, start;  // start: logical offset of each run
+  std::size_t N = 0;
+
+  static Runs of(Bucket<T>& b, std::size_t lo, std::size_t hi) {
+    Runs r;
+    T* data = b.storage.data();
+    for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+      if (n == 0) return;
+      r.ptr.push_back(user != nullptr ? user : data + at);
+      r.len.push_back(n);
+      r.start.push_back(r.N);
+      r.N += n;
+    });
+    return r;
+  }
+  /// Calls fn(pointer, count, logical offset) for the parts of the runs inside [a, b).
+  template <class F>
+  void each(std::size_t a, std::size_t b, F&& fn) const {
+    if (a >= b) return;
+    std::size_t i = static_cast<std::size_t>(std::upper_bound(start.begin(), start.end(), a) - start.begin()) - 1;
+    for (; i < ptr.size() && start[i] < b; ++i) {
+      const std::size_t from = std::max(a, start[i]), to = std::min(b, start[i] + len[i]);
+      fn(ptr[i] + (from - start[i]), to - from, from);
+    }
+  }
+};
+
+/// An MPI buffer for the logical range [a, b) of some Runs: a plain pointer when the range is one
+/// run, else MPI_BOTTOM with an hindexed datatype over the runs (freed by the destructor).
+template <Element T>
+class RunsBuffer {
+ public:
+  RunsBuffer(const Runs<T>& r, std::size_t a, std::size_t b) {
+    std::vector<int> lens;
+    std::vector<MPI_Aint> displs;
+    T* first = nullptr;
+    r.each(a, b, [&](T* p, std::size_t n, std::size_t) {
+      if (first == nullptr) first = p;
+      MPI_Aint addr = 0;
+      check(MPI_Get_address(p, &addr), "MPI_Get_address");
+      lens.push_back(static_cast<int>(n));
+      displs.push_back(addr);
+    });
+    if (lens.size() <= 1) {
+      ptr_ = first;
+      count_ = lens.empty() ? 0 : lens[0];
+      type_ = mpi_type<T>();
+      return;
+    }
+    check(MPI_Type_create_hindexed(static_cast<int>(lens.size()), lens.data(), displs.data(),
+                                   mpi_type<T>(), &type_),
+          "MPI_Type_create_hindexed");
+    check(MPI_Type_commit(&type_), "MPI_Type_commit");
+    owned_ = true;
+    ptr_ = MPI_BOTTOM;
+    count_ = 1;
+  }
+  ~RunsBuffer() {
+    if (owned_) MPI_Type_free(&type_);
+  }
+  RunsBuffer(const RunsBuffer&) = delete;
+  RunsBuffer& operator=(const RunsBuffer&) = delete;
+  void* ptr() const { return ptr_; }
+  int count() const { return count_; }
+  MPI_Datatype type() const { return type_; }
+
+ private:
+  void* ptr_ = nullptr;
+  int count_ = 0;
+  MPI_Datatype type_ = MPI_DATATYPE_NULL;
+  bool owned_ = false;
+};
+
+/// Averages the logical range [0, N) of `x` over the ranks of `comm` with a ring (reduce-scatter,
+/// then allgather) over point-to-point messages, dividing by the group size inside the additions:
+/// each element ends as the sum of every rank's x / g, exactly torch's formula, with no separate
+/// scaling, packing or unpacking pass. `x` holds this rank's UNSCALED values. `tmp` is scratch.
+/// Collective over `comm`.
+template <Element T>
+void ring_average(const Runs<T>& x, MPI_Comm comm, int rank, int n, const Scaler<T>& s,
                   std::vector<T>& tmp) {
+  const std::size_t N = x.N;
   const int right = (rank + 1) % n, left = (rank - 1 + n) % n;
   constexpr int kTag = 0x686d;  // hma's communicators carry only hma's traffic
   tmp.resize(N / static_cast<std::size_t>(n) + 1);
   auto blk = [&](int i) {
     i = ((i % n) + n) % n;
-    const std::size_t b0 = block_start(N, n, i), b1 = block_start(N, n, i + 1);
-    return std::pair<std::size_t, int>(b0, static_cast<int>(b1 - b0));
+    return std::pair<std::size_t, std::size_t>(block_start(N, n, i), block_start(N, n, i + 1));
   };
   // Reduce-scatter: at step k send block r-k, receive block r-k-1 and add this rank's share.
   for (int k = 0; k < n - 1; ++k) {
-    const auto [so, sc] = blk(rank - k);
-    const auto [ro, rc] = blk(rank - k - 1);
-    check(MPI_Sendrecv(x + so, sc, mpi_type<T>(), right, kTag, tmp.data(), rc, mpi_type<T>(), left,
-                       kTag, comm, MPI_STATUS_IGNORE),
-          "MPI_Sendrecv(ring reduce-scatter)");
-    T* mine = x + ro;
-    const T* in = tmp.data();
-    const std::size_t m = static_cast<std::size_t>(rc);
-    if (k == 0) {  // the left neighbour sent its own, unscaled values
-      if (s.pow2) {
-        for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] * s.inv + mine[i] * s.inv;
-      } else {
-        for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] / s.g + mine[i] / s.g;
-      }
-    } else {  // a partial sum of scaled values
-      if (s.pow2) {
-        for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] + mine[i] * s.inv;
-      } else {
-        for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] + mine[i] / s.g;
-      }
+    const auto [s0, s1] = blk(rank - k);
+    const auto [r0, r1] = blk(rank - k - 1);
+    {
+      const RunsBuffer<T> send(x, s0, s1);
+      check(MPI_Sendrecv(send.ptr(), send.count(), send.type(), right, kTag, tmp.data(),
+                         static_cast<int>(r1 - r0), mpi_type<T>(), left, kTag, comm,
+                         MPI_STATUS_IGNORE),
+            "MPI_Sendrecv(ring reduce-scatter)");
     }
+    const bool first = k == 0;  // the left neighbour sent its own, unscaled values
+    x.each(r0, r1, [&](T* mine, std::size_t m, std::size_t off) {
+      const T* in = tmp.data() + (off - r0);
+      if (s.pow2) {
+        if (first) {
+          for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] * s.inv + mine[i] * s.inv;
+        } else {
+          for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] + mine[i] * s.inv;
+        }
+      } else {
+        if (first) {
+          for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] / s.g + mine[i] / s.g;
+        } else {
+          for (std::size_t i = 0; i < m; ++i) mine[i] = in[i] + mine[i] / s.g;
+        }
+      }
+    });
   }
   // Allgather: this rank now owns block r+1; pass the finished blocks around the ring.
   for (int k = 0; k < n - 1; ++k) {
-    const auto [so, sc] = blk(rank + 1 - k);
-    const auto [ro, rc] = blk(rank - k);
-    check(MPI_Sendrecv(x + so, sc, mpi_type<T>(), right, kTag, x + ro, rc, mpi_type<T>(), left,
-                       kTag, comm, MPI_STATUS_IGNORE),
+    const auto [s0, s1] = blk(rank + 1 - k);
+    const auto [r0, r1] = blk(rank - k);
+    const RunsBuffer<T> send(x, s0, s1), recv(x, r0, r1);
+    check(MPI_Sendrecv(send.ptr(), send.count(), send.type(), right, kTag, recv.ptr(), recv.count(),
+                       recv.type(), left, kTag, comm, MPI_STATUS_IGNORE),
           "MPI_Sendrecv(ring allgather)");
   }
 }

@@ -173,3 +173,19 @@ TEST_CASE("the progress thread needs MPI_THREAD_MULTIPLE, and says so") {
                            "HMA_PROGRESS='threads' must be poll or thread");
   unsetenv("HMA_PROGRESS");
 }
+
+TEST_CASE("overlapping or duplicate arrays are refused when registered") {
+  hma::ParamSet ps;
+  std::vector<float> a(10), b(10);
+  ps.add(a);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, ps.add(a), "overlaps user array #0");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, ps.add(std::span<float>(a).subspan(5, 2)),
+                           "overlaps user array #0");
+  ps.add(b);
+  auto w = ps.allocate<float>(4);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, ps.add(w.span()), "inside hma's own buffer");
+  std::vector<double> c(3);
+  ps.add(c);  // another dtype, another bucket: fine
+  REQUIRE(ps.arrays() == 4);
+  REQUIRE(ps.count(hma::Dtype::f32) == 24);
+}

@@ -122,6 +122,21 @@ class ParamSet {
     std::size_t n;
   };
   void check_mutable(const char* what) const;
+  // Throws hma::InvalidArgument if [p, p + bytes) overlaps a registered user array or hma's own
+  // buffer: averaging it twice would silently give wrong values.
+  template <Element T>
+  void check_no_overlap(const T* p, std::size_t bytes, const std::vector<std::span<T>>& user,
+                        const std::vector<T>& storage) const {
+    auto overlaps = [&](const T* q, std::size_t qbytes) {
+      const auto a = reinterpret_cast<std::uintptr_t>(p), b = reinterpret_cast<std::uintptr_t>(q);
+      return bytes > 0 && qbytes > 0 && a < b + qbytes && b < a + bytes;
+    };
+    for (std::size_t i = 0; i < user.size(); ++i)
+      if (overlaps(user[i].data(), user[i].size_bytes()))
+        overlap_error(i);
+    if (overlaps(storage.data(), storage.size() * sizeof(T))) overlap_error(static_cast<std::size_t>(-1));
+  }
+  [[noreturn]] static void overlap_error(std::size_t index);
   std::unique_ptr<detail::Bucket<float>> f32_;
   std::unique_ptr<detail::Bucket<double>> f64_;
   std::vector<Entry> layout_;
@@ -153,6 +168,7 @@ template <Element T>
 void ParamSet::add(std::span<T> user) {
   check_mutable("add");
   auto& b = bucket<T>();
+  check_no_overlap(user.data(), user.size_bytes(), b.user, b.storage);
   b.user.push_back(user);
   b.user_elems += user.size();
   b.storage.resize(b.owned + b.user_elems);
