@@ -26,7 +26,7 @@ struct Plan {
   MPI_Comm comm = MPI_COMM_NULL;
   std::size_t chunk = 0;      // elements per piece, 0 = one piece
   Reduction reduction = Reduction::automatic;
-  std::size_t ring_min_bytes = 0;  // automatic: ring for pieces of at least this many bytes
+  std::size_t ring_min_block = 0;  // automatic: ring when bytes / group reach this
   int level = 0;
   std::int64_t step = 0;
 };
@@ -44,7 +44,8 @@ void average_blocking(Bucket<T>& b, const Plan& plan, std::vector<T>& scratch) {
     const std::size_t hi = std::min(lo + piece, b.size());
     const std::size_t bytes = (hi - lo) * sizeof(T);
     const bool ring = plan.reduction == Reduction::ring ||
-                      (plan.reduction == Reduction::automatic && bytes >= plan.ring_min_bytes);
+                      (plan.reduction == Reduction::automatic &&
+                       bytes / static_cast<std::size_t>(plan.group) >= plan.ring_min_block);
     if (ring) {  // in place in the owned region and the user arrays: nothing to pack or unpack
       TimelineScope t("ring allreduce (scaling fused)", plan.level, plan.step, bytes, plan.group);
       ring_average(Runs<T>::of(b, lo, hi), plan.comm, plan.rank, plan.group, s, scratch);
@@ -187,8 +188,8 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
         throw InvalidArgument("hma: environment variable HMA_REDUCTION='" + v +
                               "' must be auto, mpi or ring");
     }
-    ring_min_bytes_ = static_cast<std::size_t>(detail::env_int(
-        "HMA_RING_MIN_BYTES", static_cast<int>(AveragerOptions::kDefaultRingMinBytes), 0,
+    ring_min_block_bytes_ = static_cast<std::size_t>(detail::env_int(
+        "HMA_RING_MIN_BLOCK_BYTES", static_cast<int>(AveragerOptions::kDefaultRingMinBlockBytes), 0,
         std::numeric_limits<int>::max()));
     Progress progress = Progress::poll;
     if (options.progress) {
@@ -322,7 +323,7 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p.comm = comm.get();
     p.chunk = chunk_bytes_ == 0 ? 0 : std::max<std::size_t>(1, chunk_bytes_ / elem_size);
     p.reduction = reduction_;
-    p.ring_min_bytes = ring_min_bytes_;
+    p.ring_min_block = ring_min_block_bytes_;
     p.level = lv;
     p.step = step_;
     return p;
