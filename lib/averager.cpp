@@ -68,15 +68,23 @@ void average_blocking(Bucket<T>& b, const Plan& plan, std::vector<T>& scratch) {
   }
 }
 
-// Non-blocking: scale and pack everything, then start the reduction; unpack on completion.
+// Non-blocking: scale everything into the bucket's send buffer, then start an OUT-of-place
+// reduction into the buffer (Open MPI 4.1's libnbc is 2-4x faster out of place than in place at
+// >= 1 MiB; the scaling pass writes the copy instead of rewriting in place, so it costs the
+// same). Packed user arrays are unpacked on completion.
 template <Element T>
 void start_bucket(Bucket<T>& b, int group_size, MPI_Comm comm, std::vector<MPI_Request>& reqs) {
-  scale_pack(b, 0, b.size(), Scaler<T>(group_size));
+  const Scaler<T> s(group_size);
+  b.send.resize(b.size());
+  T* send = b.send.data();
   T* data = b.storage.data();
+  for_segments(b, 0, b.size(), [&](std::size_t at, T* user, std::size_t n) {
+    s.copy(user != nullptr ? user : data + at, send + at, n);
+  });
   for (std::size_t lo = 0; lo < b.size(); lo += kMaxChunk) {
     const int n = static_cast<int>(std::min(kMaxChunk, b.size() - lo));
     MPI_Request r = MPI_REQUEST_NULL;
-    check(MPI_Iallreduce(MPI_IN_PLACE, data + lo, n, mpi_type<T>(), MPI_SUM, comm, &r),
+    check(MPI_Iallreduce(send + lo, data + lo, n, mpi_type<T>(), MPI_SUM, comm, &r),
           "MPI_Iallreduce(average)");
     reqs.push_back(r);
   }

@@ -31,7 +31,7 @@ def plot_average(rows, out, title):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"bare_allreduce": ("k", "--", "bare MPI_Allreduce"),
               "hma_contiguous": ("tab:blue", "-", "hma contiguous"),
-              "hma_scattered": ("tab:orange", "-", "hma scattered (pack/unpack)"),
+              "hma_scattered": ("tab:orange", "-", "hma scattered (100 arrays)"),
               "hma_start_wait": ("tab:green", "-", "hma start/wait"),
               "bare_iallreduce_wait": ("tab:gray", ":", "bare MPI_Iallreduce+wait")}
     for variant, (color, ls, label) in styles.items():

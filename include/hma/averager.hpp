@@ -124,9 +124,12 @@ class Averager {
   /// Blocking. Averages `params` if the schedule says so at the current step, then advances the
   /// step counter. Returns true if this rank averaged. On an exception the step does not advance.
   bool step(ParamSet& params);
-  /// Non-blocking form of step(): starts the average (MPI_Iallreduce) and advances the step
-  /// counter at once. Do not touch `params` until the Request completes. Throws hma::Error if
-  /// `params` already has an average in flight.
+  /// Non-blocking form of step(): starts the average and advances the step counter at once.
+  /// Do not touch `params` until the Request completes. With Progress::poll this is an
+  /// out-of-place MPI_Iallreduce from a scaled copy (faster than in place on Open MPI 4.1; the
+  /// ParamSet keeps that copy, so it holds twice its bytes); with Progress::thread the worker
+  /// thread runs the blocking path. Throws hma::Error if `params` already has an average in
+  /// flight.
   [[nodiscard]] Request start(ParamSet& params);
 
   /// Blocking: averages `params` over level `level` now, outside the schedule; the step counter

@@ -36,6 +36,7 @@ struct Bucket {
   std::size_t owned = 0;                // elements of hma-owned (zero-copy) arrays, at the front
   std::vector<std::span<T>> user;       // user arrays packed into storage[owned ...]
   std::size_t user_elems = 0;
+  std::vector<T> send;                  // poll-mode start(): the scaled copy MPI sends from
   [[nodiscard]] std::size_t size() const noexcept { return owned + user_elems; }
 };
 }  // namespace detail
