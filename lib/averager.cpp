@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <chrono>
 #include <limits>
+#include <thread>
 
 #include "collective.hpp"
 #include "env.hpp"
@@ -97,19 +99,84 @@ void unpack(ParamSet& params) {
   unpack_bucket(params.bucket<double>());
 }
 
+namespace {
+
+// World ranks of `comm`, for messages.
+std::vector<int> world_ranks_of(MPI_Comm comm) {
+  std::vector<int> out;
+  MPI_Group g = MPI_GROUP_NULL, w = MPI_GROUP_NULL;
+  if (comm == MPI_COMM_NULL || MPI_Comm_group(comm, &g) != MPI_SUCCESS ||
+      MPI_Comm_group(MPI_COMM_WORLD, &w) != MPI_SUCCESS)
+    return out;
+  int n = 0;
+  MPI_Group_size(g, &n);
+  std::vector<int> mine(static_cast<std::size_t>(n));
+  out.resize(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) mine[static_cast<std::size_t>(i)] = i;
+  MPI_Group_translate_ranks(g, n, mine.data(), w, out.data());
+  MPI_Group_free(&g);
+  MPI_Group_free(&w);
+  return out;
+}
+
+// "0-3,6" from {0,1,2,3,6}.
+std::string ranges(const std::vector<int>& r) {
+  std::string s;
+  for (std::size_t i = 0; i < r.size();) {
+    std::size_t j = i;
+    while (j + 1 < r.size() && r[j + 1] == r[j] + 1) ++j;
+    if (!s.empty()) s += ',';
+    s += std::to_string(r[i]);
+    if (j > i) {
+      s += '-';
+      s += std::to_string(r[j]);
+    }
+    i = j + 1;
+  }
+  return s;
+}
+
+[[noreturn]] void throw_timeout(const Pending& p) {
+  const std::vector<int> ranks = world_ranks_of(p.comm);
+  char secs[32];
+  std::snprintf(secs, sizeof secs, "%g", p.timeout_s);
+  throw Timeout("hma: step " + std::to_string(p.step) + ": the average over level " +
+                    std::to_string(p.level) + " (group of " + std::to_string(p.group) +
+                    " ranks, world ranks " + ranges(ranks) + ", " + std::to_string(p.bytes) +
+                    " bytes) did not complete within " + secs +
+                    " s (HMA_TIMEOUT_S): a rank of the group is slow, stuck or dead. The "
+                    "average is still in flight: wait() again, or end the job",
+                p.level, p.step, p.bytes, ranks);
+}
+
+}  // namespace
+
 bool complete(Pending& p, bool blocking) {
   if (p.done) return true;
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.level), p.step, p.bytes, p.group);
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(p.timeout_s));
   if (p.threaded) {
     if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
       return false;
+    if (blocking && p.timeout_s > 0 && p.result.wait_until(deadline) != std::future_status::ready)
+      throw_timeout(p);
     p.done = true;  // even if the worker failed: the error is reported once, here
     p.result.get();
     return true;
   }
   if (!p.reqs.empty()) {
     const int n = static_cast<int>(p.reqs.size());
-    if (blocking) {
+    if (blocking && p.timeout_s > 0) {
+      int flag = 0;
+      while (true) {
+        check(MPI_Testall(n, p.reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(average)");
+        if (flag) break;
+        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        std::this_thread::yield();
+      }
+    } else if (blocking) {
       check(MPI_Waitall(n, p.reqs.data(), MPI_STATUSES_IGNORE), "MPI_Waitall(average)");
     } else {
       int flag = 0;
@@ -150,6 +217,9 @@ Request::~Request() {
   if (!active()) return;
   try {
     wait();
+  } catch (const Timeout& e) {
+    // Still in flight: the ParamSet that owns the buffers decides what to do when it dies.
+    std::fprintf(stderr, "hma: ~Request: %s\n", e.what());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: error completing an in-flight average in ~Request: %s\n", e.what());
   }
@@ -199,6 +269,20 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     ring_min_block_bytes_ = static_cast<std::size_t>(detail::env_int(
         "HMA_RING_MIN_BLOCK_BYTES", static_cast<int>(AveragerOptions::kDefaultRingMinBlockBytes), 0,
         std::numeric_limits<int>::max()));
+    timeout_s_ = options.timeout_s.value_or(0.0);
+    if (!options.timeout_s) {
+      const std::string v = detail::env_str("HMA_TIMEOUT_S", "");
+      if (!v.empty()) {
+        char* end = nullptr;
+        timeout_s_ = std::strtod(v.c_str(), &end);
+        if (end == v.c_str() || *end != '\0' || !(timeout_s_ >= 0))
+          throw InvalidArgument("hma: environment variable HMA_TIMEOUT_S='" + v +
+                                "' must be a non-negative number of seconds (0: no timeout)");
+      }
+    } else if (!(timeout_s_ >= 0)) {
+      throw InvalidArgument("hma: AveragerOptions::timeout_s must be >= 0 (0: no timeout), got " +
+                            std::to_string(timeout_s_));
+    }
     Progress progress = Progress::poll;
     if (options.progress) {
       progress = *options.progress;
@@ -255,7 +339,13 @@ void Averager::set_step(std::int64_t step) {
 bool Averager::step(ParamSet& params) {
   const auto lvl = level_now();
   if (member() && check_every_) check_layout(params);
-  const bool did = member() && lvl && run(params, *lvl, true, nullptr);
+  bool did = false;
+  try {
+    did = member() && lvl && run(params, *lvl, true, nullptr);
+  } catch (const Timeout&) {
+    ++step_;  // the average was issued and is still in flight: this step is taken
+    throw;
+  }
   ++step_;
   return did;
 }
@@ -336,6 +426,18 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p.step = step_;
     return p;
   };
+  if (blocking && timeout_s_ > 0) {
+    // Only a non-blocking average can be abandoned at a deadline: start one and wait for it.
+    Request r;
+    run(params, level, false, &r);
+    try {
+      r.wait();
+    } catch (const Timeout&) {
+      r.detach();  // still in flight in `params`: params.wait() resumes the wait
+      throw;
+    }
+    return true;
+  }
   if (blocking) {
     // With a worker, wait for what it has queued (collectives stay in order), then run here:
     // no hand-off latency for blocking calls.
@@ -353,6 +455,8 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p->group = g;
     p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
     p->threaded = true;
+    p->timeout_s = timeout_s_;
+    p->comm = comm.get();
     auto done = std::make_shared<std::promise<void>>();
     p->result = done->get_future().share();
     // The buckets live on the heap: they stay put even if the ParamSet is moved meanwhile. The
@@ -378,6 +482,8 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   p->bytes = params.bytes();
   p->group = g;
   p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
+  p->timeout_s = timeout_s_;
+  p->comm = comm.get();
   detail::start_bucket(f, g, comm.get(), p->reqs);
   detail::start_bucket(d, g, comm.get(), p->reqs);
   params.set_pending(p);

@@ -15,15 +15,23 @@ namespace {
 std::atomic<std::uint64_t> next_id{1};
 
 // Completes an in-flight average before its buffers go away; a destructor cannot throw.
-void finish_quietly(const std::shared_ptr<detail::Pending>& p) noexcept {
-  if (!p || p->done) return;
+// Returns false when the average is still in flight (it timed out): the buffers must then be
+// leaked, since MPI may still write into them.
+bool finish_quietly(const std::shared_ptr<detail::Pending>& p) noexcept {
+  if (!p || p->done) return true;
+  bool finished = true;
   try {
     detail::complete(*p, true);
+  } catch (const Timeout& e) {
+    std::fprintf(stderr, "hma: a dying ParamSet's average is still in flight; leaking its "
+                 "buffers so MPI cannot write into freed memory: %s\n", e.what());
+    finished = false;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: error completing an in-flight average of a dying ParamSet: %s\n",
                  e.what());
   }
   p->params = nullptr;
+  return finished;
 }
 }  // namespace
 
@@ -47,7 +55,10 @@ ParamSet::ParamSet(ParamSet&& o) noexcept
 
 ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
   if (this == &o) return *this;
-  finish_quietly(pending_);
+  if (!finish_quietly(pending_)) {
+    (void)f32_.release();
+    (void)f64_.release();
+  }
   f32_ = std::move(o.f32_);
   f64_ = std::move(o.f64_);
   layout_ = std::move(o.layout_);
@@ -62,7 +73,16 @@ ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
   return *this;
 }
 
-ParamSet::~ParamSet() { finish_quietly(pending_); }
+ParamSet::~ParamSet() {
+  if (!finish_quietly(pending_)) {
+    (void)f32_.release();  // deliberately leaked: see finish_quietly
+    (void)f64_.release();
+  }
+}
+
+void ParamSet::wait() {
+  if (pending_ && !pending_->done) detail::complete(*pending_, true);
+}
 
 bool ParamSet::in_flight() const noexcept { return pending_ && !pending_->done; }
 

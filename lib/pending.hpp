@@ -21,12 +21,15 @@ struct Pending {
   std::size_t bytes = 0;
   int group = 0;
   double t_start = 0;  // for the timeline
+  double timeout_s = 0;             // 0: wait forever
+  MPI_Comm comm = MPI_COMM_NULL;     // the group's communicator, to name its ranks in a Timeout
   bool threaded = false;            // run by the averager's worker thread, which also unpacks
   std::shared_future<void> result;  // threaded only: ready when done, holds the worker's error
 };
 
-/// Completes `p` (blocking: MPI_Waitall; else MPI_Testall), then unpacks the user arrays and
-/// marks it done. Returns true when complete. Idempotent.
+/// Completes `p` (blocking: waits, up to p.timeout_s when set, then throws hma::Timeout; else
+/// tests once), then unpacks the user arrays and marks it done. Returns true when complete.
+/// Idempotent.
 bool complete(Pending& p, bool blocking);
 
 /// Copies the packed staging area back into the user arrays of `params`.

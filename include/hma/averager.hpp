@@ -54,7 +54,9 @@ class [[nodiscard]] Request {
   Request& operator=(const Request&) = delete;
   ~Request();
 
-  /// Blocks until the average is complete. Calling it again is a no-op.
+  /// Blocks until the average is complete. Calling it again is a no-op. With a timeout set on
+  /// the averager, throws hma::Timeout past it; the average stays in flight and wait() may be
+  /// called again.
   void wait();
   /// Non-blocking: drives MPI progress; true when the average is complete (then as after wait()).
   bool test();
@@ -67,6 +69,8 @@ class [[nodiscard]] Request {
   friend class Averager;
   Request(std::shared_ptr<detail::Pending> p, std::size_t level) noexcept
       : pending_(std::move(p)), level_(level) {}
+  // Lets go of the average without waiting (it stays in flight in its ParamSet).
+  void detach() noexcept { pending_.reset(); }
   std::shared_ptr<detail::Pending> pending_;
   std::optional<std::size_t> level_;
 };
@@ -99,6 +103,13 @@ struct AveragerOptions {
   static constexpr std::size_t kDefaultChunkBytes = std::size_t{4} << 20;
   /// nullopt: the environment variable HMA_PROGRESS (poll or thread), default poll.
   std::optional<Progress> progress;
+  /// Seconds an average may take before wait() (and step()) throws hma::Timeout naming the
+  /// level, step, bytes and ranks of the group. 0: no limit. nullopt: the environment variable
+  /// HMA_TIMEOUT_S, default 0. With a limit, blocking averages run through the non-blocking
+  /// path (a blocking MPI call cannot be abandoned). Not covered: construction and the layout
+  /// check at the first average of a ParamSet layout (and every average with
+  /// check_every_average), which are blocking collectives.
+  std::optional<double> timeout_s;
   /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
   std::optional<Reduction> reduction;
   static constexpr std::size_t kDefaultRingMinBlockBytes = std::size_t{64} << 10;
@@ -122,7 +133,9 @@ class Averager {
   ~Averager();
 
   /// Blocking. Averages `params` if the schedule says so at the current step, then advances the
-  /// step counter. Returns true if this rank averaged. On an exception the step does not advance.
+  /// step counter. Returns true if this rank averaged. On an exception the step does not advance,
+  /// except after hma::Timeout: the average was issued and is still in flight (the step counts),
+  /// and `params.wait()` keeps waiting for it.
   bool step(ParamSet& params);
   /// Non-blocking form of step(): starts the average and advances the step counter at once.
   /// Do not touch `params` until the Request completes. With Progress::poll this is an
@@ -167,6 +180,7 @@ class Averager {
   bool check_every_ = false;
   std::size_t chunk_bytes_ = AveragerOptions::kDefaultChunkBytes;
   Reduction reduction_ = Reduction::automatic;
+  double timeout_s_ = 0;
   std::size_t ring_min_block_bytes_ = AveragerOptions::kDefaultRingMinBlockBytes;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first

@@ -102,6 +102,9 @@ class ParamSet {
   /// True while a non-blocking average on this set has not been completed. Destroying a ParamSet
   /// with an average in flight first waits for that average (MPI still writes its buffer).
   [[nodiscard]] bool in_flight() const noexcept;
+  /// Completes this set's in-flight average, if any (after step() threw hma::Timeout, this keeps
+  /// waiting; it may throw hma::Timeout again). A no-op when nothing is in flight.
+  void wait();
   /// Unique per ParamSet in this process (kept when moved).
   [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
   /// Hash of the layout (per array: kind, dtype, length, in order); equal on all ranks.

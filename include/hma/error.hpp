@@ -4,6 +4,9 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <vector>
+#include <cstddef>
+#include <cstdint>
 
 namespace hma {
 
@@ -31,6 +34,27 @@ class MismatchError : public Error {
 
  private:
   int rank_;
+};
+
+/// An average did not complete within the averager's timeout (AveragerOptions::timeout_s or
+/// HMA_TIMEOUT_S): a rank of the group is slow, stuck or dead. The average is still in flight
+/// (MPI cannot cancel a collective): wait() again to keep waiting, or end the job (MPI_Abort).
+class Timeout : public Error {
+ public:
+  Timeout(const std::string& what, std::size_t level, std::int64_t step, std::size_t bytes,
+          std::vector<int> ranks)
+      : Error(what), level_(level), step_(step), bytes_(bytes), ranks_(std::move(ranks)) {}
+  [[nodiscard]] std::size_t level() const noexcept { return level_; }
+  [[nodiscard]] std::int64_t step() const noexcept { return step_; }
+  [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+  /// MPI_COMM_WORLD ranks of the group that was averaging.
+  [[nodiscard]] const std::vector<int>& ranks() const noexcept { return ranks_; }
+
+ private:
+  std::size_t level_;
+  std::int64_t step_;
+  std::size_t bytes_;
+  std::vector<int> ranks_;
 };
 
 /// Throws hma::Error("hma: <what>: <MPI error string>") unless rc is MPI_SUCCESS.
