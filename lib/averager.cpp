@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <chrono>
+#include <cmath>
+#include <fstream>
+#include <sstream>
 #include <limits>
 #include <thread>
 
@@ -236,6 +239,7 @@ bool Request::active() const noexcept { return pending_ && !pending_->done; }
 // ---------------------------------------------------------------- Averager
 
 Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule()>& make) {
+  detail::require_mpi("averager");
   if (comm == MPI_COMM_NULL) return make();
   std::optional<Schedule> s;
   detail::agree(comm, [&] { s.emplace(make()); });
@@ -244,6 +248,7 @@ Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule()>& make) 
 
 Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     : schedule_(std::move(schedule)), hierarchy_(MPI_COMM_NULL, {}) {
+  detail::require_mpi("averager");
   if (comm == MPI_COMM_NULL) return;  // not a member: count steps only
   std::vector<int> sizes;
   detail::agree(comm, [&] {
@@ -282,6 +287,16 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     } else if (!(timeout_s_ >= 0)) {
       throw InvalidArgument("hma: AveragerOptions::timeout_s must be >= 0 (0: no timeout), got " +
                             std::to_string(timeout_s_));
+    }
+    if (options.nonfinite) {
+      nonfinite_ = *options.nonfinite;
+    } else {
+      const std::string v = detail::env_str("HMA_NONFINITE", "off");
+      if (v == "throw") nonfinite_ = NonFinite::error;
+      else if (v == "skip") nonfinite_ = NonFinite::skip;
+      else if (v != "off" && !v.empty())
+        throw InvalidArgument("hma: environment variable HMA_NONFINITE='" + v +
+                              "' must be off, throw or skip");
     }
     Progress progress = Progress::poll;
     if (options.progress) {
@@ -359,6 +374,49 @@ Request Averager::start(ParamSet& params) {
   return r;
 }
 
+namespace {
+template <Element T>
+bool all_finite(detail::Bucket<T>& b) {
+  bool ok = true;
+  detail::for_segments(b, 0, b.size(), [&](std::size_t at, T* user, std::size_t n) {
+    const T* x = user != nullptr ? user : b.storage.data() + at;
+    for (std::size_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+  });
+  return ok;
+}
+}  // namespace
+
+bool Averager::nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t level) {
+  const int bad = all_finite(params.bucket<float>()) && all_finite(params.bucket<double>()) ? 0 : 1;
+  std::vector<int> flags(static_cast<std::size_t>(comm.size()));
+  if (worker_) worker_->drain();  // a collective on the level's communicator
+  check(MPI_Allgather(&bad, 1, MPI_INT, flags.data(), 1, MPI_INT, comm.get()),
+        "MPI_Allgather(non-finite guard)");
+  std::vector<int> group_bad;
+  for (std::size_t i = 0; i < flags.size(); ++i)
+    if (flags[i]) group_bad.push_back(static_cast<int>(i));
+  if (group_bad.empty()) return true;
+  // Name world ranks.
+  MPI_Group grp = MPI_GROUP_NULL, wgrp = MPI_GROUP_NULL;
+  check(MPI_Comm_group(comm.get(), &grp), "MPI_Comm_group");
+  check(MPI_Comm_group(MPI_COMM_WORLD, &wgrp), "MPI_Comm_group");
+  std::vector<int> world(group_bad.size());
+  MPI_Group_translate_ranks(grp, static_cast<int>(group_bad.size()), group_bad.data(), wgrp,
+                            world.data());
+  MPI_Group_free(&grp);
+  MPI_Group_free(&wgrp);
+  std::string list;
+  for (int r : world) list += (list.empty() ? "" : ", ") + std::to_string(r);
+  const std::string what = "hma: step " + std::to_string(step_) + ": level " +
+                           std::to_string(level) + ": non-finite values (NaN or Inf) on world rank(s) " +
+                           list;
+  if (nonfinite_ == NonFinite::error)
+    throw NonFiniteError(what + "; nothing was averaged (HMA_NONFINITE=throw)", step_, world);
+  if (comm.rank() == 0)
+    detail::log(detail::LogLevel::warn, what + "; this average is skipped (HMA_NONFINITE=skip)");
+  return false;
+}
+
 void Averager::check_layout(ParamSet& params) {
   const auto it = checked_.find(params.id());
   if (!check_every_ && it != checked_.end() && it->second == params.layout_version()) return;
@@ -400,6 +458,10 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   if (!check_every_) check_layout(params);
   const Comm& comm = hierarchy_.level(level);
   const int g = comm.size();
+  if (nonfinite_ != NonFinite::ignore && !nonfinite_agreed(params, comm, level)) {
+    if (out != nullptr) *out = Request();
+    return false;  // skipped on every rank of the group
+  }
   if (detail::log_enabled(detail::LogLevel::debug))
     detail::log(detail::LogLevel::debug,
                 "rank " + std::to_string(hierarchy_.world_rank()) + " step " +
@@ -489,6 +551,87 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   params.set_pending(p);
   *out = Request(std::move(p), level);
   return true;
+}
+
+namespace {
+constexpr std::string_view kCheckpointMagic = "hma-checkpoint 1";
+}
+
+std::string Averager::checkpoint() const {
+  char fp[32];
+  std::snprintf(fp, sizeof fp, "%016llx", static_cast<unsigned long long>(schedule_.fingerprint()));
+  std::string s(kCheckpointMagic);
+  s += "\nstep " + std::to_string(step_) + "\nworld " + std::to_string(schedule_.world_size()) +
+       "\nfingerprint " + fp + "\nschedule " + schedule_.to_string() + "\n";
+  return s;
+}
+
+void Averager::restore(std::string_view text) {
+  std::int64_t step = -1;
+  auto parse = [&] {
+    std::istringstream in{std::string(text)};
+    std::string line;
+    if (!std::getline(in, line) || line != kCheckpointMagic)
+      throw InvalidArgument("hma: restore: not an hma checkpoint (first line '" + line +
+                            "', expected '" + std::string(kCheckpointMagic) + "')");
+    std::string sched, fp;
+    long long world = -1, st = -1;
+    while (std::getline(in, line)) {
+      const auto sp = line.find(' ');
+      const std::string key = line.substr(0, sp), val = sp == std::string::npos ? "" : line.substr(sp + 1);
+      try {
+        if (key == "step") st = std::stoll(val);
+        else if (key == "world") world = std::stoll(val);
+        else if (key == "fingerprint") fp = val;
+        else if (key == "schedule") sched = val;
+      } catch (const std::exception&) {
+        throw InvalidArgument("hma: restore: checkpoint line '" + line + "' has a bad number");
+      }
+    }
+    if (st < 0 || world < 0 || fp.empty())
+      throw InvalidArgument("hma: restore: checkpoint lacks step, world or fingerprint");
+    if (world != schedule_.world_size())
+      throw InvalidArgument("hma: restore: the checkpoint was written by " + std::to_string(world) +
+                            " ranks, this averager has " + std::to_string(schedule_.world_size()));
+    char mine[32];
+    std::snprintf(mine, sizeof mine, "%016llx", static_cast<unsigned long long>(schedule_.fingerprint()));
+    if (fp != mine)
+      throw InvalidArgument("hma: restore: the checkpoint is for schedule '" + sched +
+                            "' but this averager runs '" + schedule_.to_string() + "'");
+    step = st;
+  };
+  if (!member()) {
+    parse();
+    step_ = step;
+    return;
+  }
+  if (worker_) worker_->drain();
+  detail::agree(hierarchy_.world().get(), parse);
+  const std::uint64_t v[1] = {static_cast<std::uint64_t>(step)};
+  detail::check_same(hierarchy_.world().get(), v, "the restored step",
+                     [&] { return "step " + std::to_string(step); });
+  step_ = step;
+}
+
+void Averager::save_checkpoint(const std::string& path) const {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f << checkpoint();
+  f.close();
+  if (!f) throw Error("hma: save_checkpoint: cannot write '" + path + "'");
+}
+
+void Averager::load_checkpoint(const std::string& path) {
+  std::string text;
+  bool ok = true;
+  {
+    std::ifstream f(path, std::ios::binary);
+    ok = static_cast<bool>(f);
+    std::ostringstream ss;
+    if (ok) ss << f.rdbuf();
+    text = ss.str();
+  }
+  if (!ok) text = "unreadable file '" + path + "'";  // restore() then fails on every rank
+  restore(text);
 }
 
 std::string Averager::describe() const {

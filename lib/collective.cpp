@@ -32,6 +32,17 @@ std::string bcast_string(MPI_Comm comm, std::string text, int root) {
 
 }  // namespace
 
+void require_mpi(const char* who) {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (!init)
+    throw Error(std::string("hma: ") + who +
+                ": MPI is not initialised; call MPI_Init (or MPI_Init_thread) first: hma never "
+                "initialises MPI itself");
+  if (fin) throw Error(std::string("hma: ") + who + ": MPI is already finalised");
+}
+
 void agree(MPI_Comm comm, const std::function<void()>& fn) {
   std::exception_ptr err;
   std::string msg;

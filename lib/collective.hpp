@@ -11,6 +11,10 @@
 
 namespace hma::detail {
 
+/// Throws hma::Error naming `who` unless MPI is initialised and not yet finalised (hma never
+/// initialises MPI itself).
+void require_mpi(const char* who);
+
 /// Runs `fn` on every rank of `comm` (collective). If it throws on any rank, every rank throws:
 /// the failing rank rethrows its own exception, the others an exception of the same family
 /// (hma::InvalidArgument or hma::Error) saying "rank R: <its message>", R the lowest failing rank.

@@ -3,12 +3,14 @@
 #include <cstdlib>
 #include <string>
 
+#include "collective.hpp"
 #include "env.hpp"
 #include "hma/error.hpp"
 
 namespace hma {
 
 Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, HierarchyOptions options) {
+  detail::require_mpi("Hierarchy");
   if (parent == MPI_COMM_NULL) return;
   world_ = Comm::attach(parent).dup();
   world_rank_ = world_.rank();

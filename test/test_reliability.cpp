@@ -92,3 +92,82 @@ TEST_CASE("a Request waited with a timeout completes normally when everyone is t
     REQUIRE_ALL_RANKS(v[0] == static_cast<float>(size() - 1) && v[299] == v[0]);
   }
 }
+
+TEST_CASE("non-finite guard: throw names the ranks, skip skips on every rank of the group") {
+  const int bad_rank = size() - 1;
+  for (auto policy : {hma::NonFinite::error, hma::NonFinite::skip, hma::NonFinite::ignore}) {
+    CAPTURE(static_cast<int>(policy));
+    hma::AveragerOptions o;
+    o.nonfinite = policy;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    hma::ParamSet ps;
+    auto w = ps.allocate<float>(16, static_cast<float>(2 * rank()));
+    std::vector<double> u(4, 2.0 * rank());
+    ps.add(u);
+    if (rank() == bad_rank) u[2] = std::numeric_limits<double>::quiet_NaN();
+    const float before = w[0];
+    if (policy == hma::NonFinite::error) {
+      REQUIRE_THROWS_ALL_RANKS(hma::NonFiniteError, avg.step(ps),
+                               "step 0: level 0: non-finite values (NaN or Inf) on world rank(s) " +
+                                   std::to_string(bad_rank) + "; nothing was averaged");
+      REQUIRE_ALL_RANKS(w[0] == before);  // nobody averaged
+    } else if (policy == hma::NonFinite::skip) {
+      REQUIRE_ALL_RANKS(!avg.step(ps));
+      REQUIRE_ALL_RANKS(w[0] == before);
+      u[2] = 2.0 * rank();  // fixed: the next step averages
+      REQUIRE_ALL_RANKS(avg.step(ps));
+      REQUIRE_ALL_RANKS(w[0] == static_cast<float>(size() - 1));
+    } else {
+      REQUIRE(avg.step(ps));  // torch's behaviour: the NaN spreads
+      REQUIRE_ALL_RANKS(size() == 1 ? std::isnan(u[2]) : std::isnan(u[2]) && w[0] == static_cast<float>(size() - 1));
+    }
+  }
+  // Infinity counts too, and in the non-blocking path.
+  hma::AveragerOptions o;
+  o.nonfinite = hma::NonFinite::error;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  hma::ParamSet ps;
+  auto w = ps.allocate<double>(4, 1.0);
+  if (rank() == 0) w[3] = -std::numeric_limits<double>::infinity();
+  REQUIRE_THROWS_ALL_RANKS(hma::NonFiniteError, avg.start(ps), "world rank(s) 0;");
+}
+
+TEST_CASE("checkpoint and restore the averager's step; foreign checkpoints are refused") {
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{2, 1}, {8, size()}}, 3);
+  hma::ParamSet ps;
+  (void)ps.allocate<float>(4);
+  for (int t = 0; t < 13; ++t) avg.step(ps);
+  const std::string cp = avg.checkpoint();
+  REQUIRE_THAT(cp, Catch::StartsWith("hma-checkpoint 1\nstep 13\nworld " + std::to_string(size())));
+  hma::HierarchicalAverager again(MPI_COMM_WORLD, {{2, 1}, {8, size()}}, 3);
+  again.restore(cp);
+  REQUIRE(again.step_count() == 13);
+  REQUIRE(again.level_now() == avg.level_now());
+  // Through a file.
+  const std::string path = "/tmp/hma-test-checkpoint-" + std::to_string(rank()) + ".txt";
+  avg.save_checkpoint(path);
+  hma::HierarchicalAverager third(MPI_COMM_WORLD, {{2, 1}, {8, size()}}, 3);
+  third.load_checkpoint(path);
+  REQUIRE(third.step_count() == 13);
+  std::remove(path.c_str());
+  // Foreign checkpoints.
+  hma::HierarchicalAverager other(MPI_COMM_WORLD, {{4, size()}}, 0);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore(cp),
+                           "the checkpoint is for schedule 'hierarchical 2:1,8:" + std::to_string(size()) +
+                               " warmup 3 world " + std::to_string(size()) + "' but this averager runs 'hierarchical 4:");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hello\nstep 3\n"), "not an hma checkpoint");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hma-checkpoint 1\nstep x\nworld 1\n"), "has a bad number");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hma-checkpoint 1\nworld 1\n"), "lacks step");
+  std::string wrong_world = cp;
+  wrong_world.replace(wrong_world.find("world "), 6 + std::to_string(size()).size(), "world 1000");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, again.restore(wrong_world), "written by 1000 ranks, this averager has");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.load_checkpoint("/nonexistent/cp.txt"), "unreadable file '/nonexistent/cp.txt'");
+  // One rank restoring another step is caught.
+  if (size() > 1) {
+    hma::HierarchicalAverager avg2(MPI_COMM_WORLD, {{2, 1}, {8, size()}}, 3);
+    avg2.set_step(rank() == 1 ? 5 : 13);
+    const std::string mine = avg2.checkpoint();
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, again.restore(mine), "the restored step differs across ranks: rank 1 has step 5");
+  }
+  REQUIRE(again.step_count() == 13);  // unchanged by the failed restores
+}

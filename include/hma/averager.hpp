@@ -89,6 +89,13 @@ enum class Reduction {
   ring,
 };
 
+/// What to do when a buffer about to be averaged holds a NaN or an infinity.
+enum class NonFinite {
+  ignore,  ///< average it (torch's behaviour; the NaN spreads to the whole group)
+  error,   ///< throw hma::NonFiniteError on every rank of the group, naming the ranks
+  skip,    ///< skip this average on every rank of the group (logged as a warning)
+};
+
 struct AveragerOptions {
   HierarchyOptions hierarchy;
   /// Verify at EVERY average that all ranks are at the same step with the same buffer layout
@@ -110,6 +117,10 @@ struct AveragerOptions {
   /// check at the first average of a ParamSet layout (and every average with
   /// check_every_average), which are blocking collectives.
   std::optional<double> timeout_s;
+  /// Non-finite guard: scans the local buffers (one pass) and agrees across the group (one
+  /// small collective) before each average, so a group never averages on some ranks and not on
+  /// others. nullopt: the environment variable HMA_NONFINITE (off, throw, skip), default off.
+  std::optional<NonFinite> nonfinite;
   /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
   std::optional<Reduction> reduction;
   static constexpr std::size_t kDefaultRingMinBlockBytes = std::size_t{64} << 10;
@@ -162,6 +173,18 @@ class Averager {
   [[nodiscard]] const Hierarchy& hierarchy() const noexcept { return hierarchy_; }
   /// False on a rank outside the averager's communicator (a null comm): it never averages.
   [[nodiscard]] bool member() const noexcept { return hierarchy_.member(); }
+  /// The averager's state as a small text: the step counter, the schedule and its fingerprint,
+  /// the world size. Save it with your model; see restore().
+  [[nodiscard]] std::string checkpoint() const;
+  /// Collective: sets the step counter from checkpoint() text. Throws hma::InvalidArgument on
+  /// every rank when the text is not an hma checkpoint, or was written for another schedule or
+  /// world size (naming both), and hma::MismatchError when ranks restored different steps.
+  void restore(std::string_view checkpoint);
+  /// checkpoint() to a file / restore() from one (hma::Error when the file cannot be written
+  /// or read).
+  void save_checkpoint(const std::string& path) const;
+  void load_checkpoint(const std::string& path);
+
   /// The torch-style log of the hierarchy: which group averages how often.
   [[nodiscard]] std::string describe() const;
 
@@ -173,6 +196,7 @@ class Averager {
  private:
   bool run(ParamSet& params, std::size_t level, bool blocking, Request* out);
   void check_layout(ParamSet& params);
+  bool nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t level);
 
   Schedule schedule_;
   Hierarchy hierarchy_;
@@ -181,6 +205,7 @@ class Averager {
   std::size_t chunk_bytes_ = AveragerOptions::kDefaultChunkBytes;
   Reduction reduction_ = Reduction::automatic;
   double timeout_s_ = 0;
+  NonFinite nonfinite_ = NonFinite::ignore;
   std::size_t ring_min_block_bytes_ = AveragerOptions::kDefaultRingMinBlockBytes;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first

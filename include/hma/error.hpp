@@ -57,6 +57,21 @@ class Timeout : public Error {
   std::vector<int> ranks_;
 };
 
+/// A NaN or infinity was found in the buffers about to be averaged, with the non-finite guard
+/// set to throw (AveragerOptions::nonfinite or HMA_NONFINITE=throw). Thrown on every rank of the
+/// group, which then did not average; `ranks()` are the world ranks holding non-finite values.
+class NonFiniteError : public Error {
+ public:
+  NonFiniteError(const std::string& what, std::int64_t step, std::vector<int> ranks)
+      : Error(what), step_(step), ranks_(std::move(ranks)) {}
+  [[nodiscard]] std::int64_t step() const noexcept { return step_; }
+  [[nodiscard]] const std::vector<int>& ranks() const noexcept { return ranks_; }
+
+ private:
+  std::int64_t step_;
+  std::vector<int> ranks_;
+};
+
 /// Throws hma::Error("hma: <what>: <MPI error string>") unless rc is MPI_SUCCESS.
 void check(int rc, std::string_view what);
 
