@@ -1,0 +1,167 @@
+// hma-soak: random multi-level schedules, buffer layouts, options and call modes for many steps;
+// every average is checked against an independently computed exact reference.
+//   mpirun -np 4 build/test/hma-soak --steps 100000 --seed 1
+// Exit code 0 only when every step matched on every rank.
+#include <mpi.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "hma/hma.hpp"
+
+namespace {
+
+// Multiples of 6 in [-48, 48]: x / g is exact for g in {1, 2, 3, 4, 6, 8}, and so is every sum.
+double value(int r, std::int64_t t, std::size_t i, std::uint64_t salt) {
+  const std::uint64_t h = (static_cast<std::uint64_t>(r) * 0x9e3779b97f4a7c15ULL) ^
+                          (static_cast<std::uint64_t>(t) * 0xbf58476d1ce4e5b9ULL) ^
+                          (static_cast<std::uint64_t>(i) * 0x94d049bb133111ebULL) ^ salt;
+  return 6.0 * static_cast<double>(static_cast<int>((h >> 29) % 17) - 8);
+}
+
+struct Arr {
+  bool f32, owned;
+  std::size_t n;
+  hma::Array<float> af;
+  hma::Array<double> ad;
+  std::vector<float> vf;
+  std::vector<double> vd;
+  double get(std::size_t i) const {
+    if (owned) return f32 ? af[i] : ad[i];
+    return f32 ? vf[i] : vd[i];
+  }
+  void set(std::size_t i, double v) {
+    if (owned) {
+      if (f32) af[i] = static_cast<float>(v);
+      else ad[i] = v;
+    } else {
+      if (f32) vf[i] = static_cast<float>(v);
+      else vd[i] = v;
+    }
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  int rank = 0, np = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &np);
+  std::int64_t steps = 10000;
+  std::uint64_t seed = 1;
+  bool verbose = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (k == "--verbose") verbose = true;
+    else if (k == "--steps" && i + 1 < argc) steps = std::atoll(argv[++i]);
+    else if (k == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
+  }
+  std::vector<int> divisors;
+  for (int g = 1; g <= np; ++g)
+    if (np % g == 0) divisors.push_back(g);
+
+  std::mt19937_64 rng(seed);  // same seed on every rank: the same choices everywhere
+  auto pick = [&](std::uint64_t n) { return static_cast<std::uint64_t>(rng() % n); };
+  long long mismatches = 0, averages = 0, epochs = 0, done = 0;
+  try {
+    while (done < steps) {
+      ++epochs;
+      // A random schedule: a random subset of the divisors (ending with the world), random
+      // strictly increasing periods, random warmup; sometimes periodic.
+      hma::Schedule sched = hma::Schedule::periodic(1 + static_cast<std::int64_t>(pick(5)), static_cast<std::int64_t>(pick(6)), np);
+      if (pick(4) != 0) {
+        std::vector<hma::Level> levels;
+        std::int64_t period = 0;
+        for (int g : divisors)
+          if (g != np && pick(2) == 0) levels.push_back({period += 1 + static_cast<std::int64_t>(pick(4)), g});
+        levels.push_back({period + 1 + static_cast<std::int64_t>(pick(8)), np});
+        sched = hma::Schedule::hierarchical(levels, static_cast<std::int64_t>(pick(10)), np);
+      }
+      hma::AveragerOptions o;
+      o.reduction = std::vector<hma::Reduction>{hma::Reduction::automatic, hma::Reduction::mpi, hma::Reduction::ring}[pick(3)];
+      o.chunk_bytes = std::vector<std::size_t>{0, 12, 4096, std::size_t{4} << 20}[pick(4)];
+      o.progress = provided >= MPI_THREAD_MULTIPLE && pick(3) == 0 ? hma::Progress::thread : hma::Progress::poll;
+      // Tiny pieces on a worker thread of an oversubscribed machine crawl (thousands of
+      // allreduces per step, every thread spinning): keep them to the caller's thread.
+      if (*o.progress == hma::Progress::thread && *o.chunk_bytes < 4096) o.chunk_bytes = 4096;
+      hma::Averager avg(MPI_COMM_WORLD, sched, o);
+      avg.set_step(static_cast<std::int64_t>(pick(50)));
+      // A random layout.
+      hma::ParamSet ps;
+      std::vector<Arr> arrs(1 + pick(5));
+      for (auto& a : arrs) {
+        a.f32 = pick(2) == 0;
+        a.owned = pick(2) == 0;
+        a.n = pick(4) == 0 ? pick(4) : pick(3000);
+        if (a.owned) {
+          if (a.f32) a.af = ps.allocate<float>(a.n);
+          else a.ad = ps.allocate<double>(a.n);
+        } else {
+          if (a.f32) a.vf.resize(a.n);
+          else a.vd.resize(a.n);
+        }
+      }
+      for (auto& a : arrs)  // register user arrays after all allocations
+        if (!a.owned) {
+          if (a.f32) ps.add(a.vf);
+          else ps.add(a.vd);
+        }
+      if (verbose && rank == 0) {
+        std::printf("epoch %lld: %s, reduction %d, chunk %zu, progress %d, step %lld, %s\n", epochs,
+                    sched.to_string().c_str(), static_cast<int>(*o.reduction), *o.chunk_bytes,
+                    static_cast<int>(*o.progress), static_cast<long long>(avg.step_count()),
+                    ps.describe().c_str());
+        std::fflush(stdout);
+      }
+      const std::int64_t len = std::min<std::int64_t>(steps - done, 20 + static_cast<std::int64_t>(pick(300)));
+      for (std::int64_t k = 0; k < len; ++k, ++done) {
+        const std::int64_t t = avg.step_count();
+        const std::uint64_t salt = rng();
+        std::size_t idx = 0;  // each array gets its own index range
+        for (auto& a : arrs) {
+          for (std::size_t i = 0; i < a.n; ++i) a.set(i, value(rank, t, idx + i, salt));
+          idx += a.n;
+        }
+        const auto lvl = sched.level_at(t);
+        const int mode = static_cast<int>(pick(3));
+        if (mode == 0) {
+          avg.step(ps);
+        } else {
+          auto r = avg.start(ps);
+          if (mode == 1) r.wait();
+          else
+            while (!r.test()) std::this_thread::yield();
+        }
+        averages += lvl.has_value();
+        const int g = lvl ? sched.levels()[*lvl].group_size : 1;
+        const int first = rank / g * g;
+        idx = 0;
+        for (auto& a : arrs) {
+          for (std::size_t i = 0; i < a.n; ++i) {
+            double sum = 0;
+            for (int m = first; m < first + g; ++m) sum += value(m, t, idx + i, salt);
+            if (a.get(i) != sum / g) ++mismatches;
+          }
+          idx += a.n;
+        }
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma-soak (rank %d): %s\n", rank, e.what());
+    MPI_Abort(MPI_COMM_WORLD, 2);
+  }
+  long long total = 0;
+  MPI_Allreduce(&mismatches, &total, 1, MPI_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
+  if (rank == 0)
+    std::printf("hma-soak: np %d, seed %llu: %lld steps in %lld random configurations, %lld averages, "
+                "%lld mismatched elements\n",
+                np, static_cast<unsigned long long>(seed), done, epochs, averages, total);
+  MPI_Finalize();
+  return total == 0 ? 0 : 1;
+}
