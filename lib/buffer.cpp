@@ -94,6 +94,19 @@ void ParamSet::check_mutable(const char* what) const {
                 " while an average of this set is in flight: wait() on its Request first");
 }
 
+void ParamSet::check_size(std::size_t n, std::size_t have, std::size_t elem, const char* what) {
+  constexpr std::size_t kMaxBytes = std::size_t{1} << 48;
+  if (n > kMaxBytes / elem || have + n > kMaxBytes / elem)
+    throw InvalidArgument(std::string("hma: ParamSet::") + what + ": " + std::to_string(n) +
+                          " elements of " + std::to_string(elem) +
+                          " bytes would make the buffer larger than 2^48 bytes (a negative size "
+                          "converted to size_t?)");
+}
+
+void ParamSet::throw_null_span() {
+  throw InvalidArgument("hma: ParamSet::add: the array has a null data pointer but a non-zero size");
+}
+
 void ParamSet::overlap_error(std::size_t index) {
   if (index == static_cast<std::size_t>(-1))
     throw InvalidArgument("hma: ParamSet::add: the array lies inside hma's own buffer (an Array "

@@ -2,6 +2,8 @@
 // inputs, each raising a clear error on every rank.
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <functional>
 #include <limits>
 #include <thread>
 #include <vector>
@@ -170,4 +172,104 @@ TEST_CASE("checkpoint and restore the averager's step; foreign checkpoints are r
     REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, again.restore(mine), "the restored step differs across ranks: rank 1 has step 5");
   }
   REQUIRE(again.step_count() == 13);  // unchanged by the failed restores
+}
+
+TEST_CASE("bad-input matrix: every case raises a clear error on every rank, none hangs") {
+  struct Case {
+    const char* what;
+    std::function<void()> fn;
+    std::string needle;
+  };
+  const int n = size();
+  const std::string N = std::to_string(n);
+  auto hier = [](std::string spec, std::int64_t warmup = 0) {
+    return [spec, warmup] { hma::HierarchicalAverager a(MPI_COMM_WORLD, spec, warmup); };
+  };
+  auto with_env = [](const char* var, const char* val) {
+    return [var, val] {
+      setenv(var, val, 1);
+      try {
+        hma::PeriodicAverager a(MPI_COMM_WORLD, 2, 0);
+      } catch (...) {
+        unsetenv(var);
+        throw;
+      }
+      unsetenv(var);
+    };
+  };
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  hma::ParamSet busy;
+  (void)busy.allocate<double>(8);
+  std::vector<Case> cases = {
+      // schedule strings, through the collective constructor
+      {"empty schedule", hier(""), "is empty"},
+      {"blank schedule", hier("   "), "is empty"},
+      {"period not a number", hier("x"), "period 'x' is not an integer"},
+      {"period zero", hier("0"), "period must be a positive value, got 0"},
+      {"negative period", hier("-4"), "got -4"},
+      {"group not a number", hier("2:abc"), "group size 'abc' is not an integer"},
+      {"missing colon", hier("2:1,8"), "expected period:group_size"},
+      {"stray comma", hier("2:1,," + N), "empty level"},
+      {"trailing comma", hier("2:1,"), "empty level"},
+      {"unordered periods", hier("4:1,2:" + N), "periods must strictly increase"},
+      {"equal periods", hier("4:1,4:" + N), "periods must strictly increase"},
+      {"zero group", hier("2:0,4:" + N), "group size must be positive, got 0"},
+      {"group beyond world", hier("2:" + std::to_string(2 * n) + ",4:" + N), "exceeds the world size"},
+      {"last level not world", hier(n == 1 ? "2:1,4:2" : "2:1,4:1", 0), n == 1 ? "exceeds the world size" : "must equal the world size"},
+      {"negative warmup", hier("2:" + N, -1), "warmup must be non-negative, got -1"},
+      {"period overflow", hier("99999999999999999999:" + N), "is not an integer"},
+      {"misspelt node", hier("2:nodes,4:world"), "group size 'nodes' is not an integer, 'node' or 'world'"},
+      // averager construction
+      {"periodic period 0", [] { hma::PeriodicAverager a(MPI_COMM_WORLD, 0, 0); }, "period must be a positive value"},
+      {"periodic negative warmup", [] { hma::PeriodicAverager a(MPI_COMM_WORLD, 2, -3); }, "got -3"},
+      {"schedule for another world", [n] { hma::Averager a(MPI_COMM_WORLD, hma::Schedule::periodic(2, 0, n + 1)); }, "but the communicator has"},
+      {"hierarchical on a null comm", [] { hma::HierarchicalAverager a(MPI_COMM_NULL, "2:1", 0); }, "comm is MPI_COMM_NULL"},
+      {"empty level list", [] { hma::HierarchicalAverager a(MPI_COMM_WORLD, std::vector<hma::Level>{}, 0); }, "at least one period:group_size"},
+      {"negative timeout", [] { hma::AveragerOptions o; o.timeout_s = -1; hma::PeriodicAverager a(MPI_COMM_WORLD, 2, 0, o); }, "timeout_s must be >= 0"},
+      // environment
+      {"HMA_RANKS_PER_NODE text", with_env("HMA_RANKS_PER_NODE", "four"), "HMA_RANKS_PER_NODE='four'"},
+      {"HMA_RANKS_PER_NODE too big", with_env("HMA_RANKS_PER_NODE", "100000"), "HMA_RANKS_PER_NODE='100000'"},
+      {"HMA_CHECK", with_env("HMA_CHECK", "sometimes"), "HMA_CHECK='sometimes'"},
+      {"HMA_LOG", with_env("HMA_LOG", "loud"), "HMA_LOG='loud'"},
+      {"HMA_PROGRESS", with_env("HMA_PROGRESS", "fast"), "HMA_PROGRESS='fast'"},
+      {"HMA_REDUCTION", with_env("HMA_REDUCTION", "tree"), "HMA_REDUCTION='tree'"},
+      {"HMA_NONFINITE", with_env("HMA_NONFINITE", "maybe"), "HMA_NONFINITE='maybe'"},
+      {"HMA_TIMEOUT_S", with_env("HMA_TIMEOUT_S", "soon"), "HMA_TIMEOUT_S='soon'"},
+      {"HMA_TIMEOUT_S negative", with_env("HMA_TIMEOUT_S", "-2"), "HMA_TIMEOUT_S='-2'"},
+      {"HMA_CHUNK_BYTES", with_env("HMA_CHUNK_BYTES", "-1"), "HMA_CHUNK_BYTES='-1'"},
+      // buffers and calls
+      {"huge allocate", [] { hma::ParamSet p; (void)p.allocate<double>(static_cast<std::size_t>(-1)); }, "larger than 2^48 bytes"},
+      {"negative size as span", [] { hma::ParamSet p; std::vector<float> v(1); p.add(std::span<float>(v.data(), static_cast<std::size_t>(-8))); }, "larger than 2^48 bytes"},
+      {"null span", [] { hma::ParamSet p; p.add(std::span<float>(static_cast<float*>(nullptr), 4)); }, "null data pointer"},
+      {"duplicate array", [] { hma::ParamSet p; std::vector<float> v(4); p.add(v); p.add(v); }, "overlaps user array #0"},
+      {"level out of range", [&] { avg.average(busy, 3); }, "level 3 out of range"},
+      {"start_average level out of range", [&] { auto r = avg.start_average(busy, 7); }, "level 7 out of range"},
+      {"negative set_step", [&] { avg.set_step(-5); }, "step must be >= 0, got -5"},
+      {"restore garbage", [&] { avg.restore("garbage"); }, "not an hma checkpoint"},
+  };
+  int checked = 0;
+  for (const auto& c : cases) {
+    std::string msg = "did not throw";
+    bool ok = false;
+    try {
+      c.fn();
+    } catch (const std::exception& e) {
+      msg = e.what();
+      ok = msg.find(c.needle) != std::string::npos && msg.rfind("hma: ", 0) == 0;
+    }
+    INFO("case: " << c.what << "; expected \"" << c.needle << "\"; got: " << msg);
+    REQUIRE_ALL_RANKS(ok);
+    ++checked;
+  }
+  // Misuse of an in-flight request (np >= 2: with one rank nothing is ever in flight).
+  if (n > 1) {
+    auto r = avg.start(busy);
+    REQUIRE_THROWS_ALL_RANKS(hma::Error, avg.start(busy), "already has an average in flight");
+    REQUIRE_THROWS_ALL_RANKS(hma::Error, busy.allocate<double>(1), "while an average of this set is in flight");
+    r.wait();
+    r.wait();  // a second wait is a no-op, not an error
+    checked += 2;
+  }
+  if (rank() == 0) std::printf("bad-input matrix: %d cases, each raised a clear error on all %d ranks\n", checked, n);
+  REQUIRE(checked >= 30);
 }

@@ -126,6 +126,9 @@ class ParamSet {
     std::size_t n;
   };
   void check_mutable(const char* what) const;
+  // Throws hma::InvalidArgument when a bucket would exceed 2^48 bytes (an overflowed size_t,
+  // a negative int cast to size_t, ...), instead of std::length_error deep in std::vector.
+  static void check_size(std::size_t n, std::size_t have, std::size_t elem, const char* what);
   // Throws hma::InvalidArgument if [p, p + bytes) overlaps a registered user array or hma's own
   // buffer: averaging it twice would silently give wrong values.
   template <Element T>
@@ -141,6 +144,7 @@ class ParamSet {
     if (overlaps(storage.data(), storage.size() * sizeof(T))) overlap_error(static_cast<std::size_t>(-1));
   }
   [[noreturn]] static void overlap_error(std::size_t index);
+  [[noreturn]] static void throw_null_span();
   std::unique_ptr<detail::Bucket<float>> f32_;
   std::unique_ptr<detail::Bucket<double>> f64_;
   std::vector<Entry> layout_;
@@ -158,6 +162,7 @@ template <Element T>
 Array<T> ParamSet::allocate(std::size_t n, T init) {
   check_mutable("allocate");
   auto& b = bucket<T>();
+  check_size(n, b.size(), sizeof(T), "allocate");
   const std::size_t off = b.owned;
   b.storage.resize(b.owned + n + b.user_elems);
   std::fill(b.storage.begin() + static_cast<std::ptrdiff_t>(off),
@@ -172,6 +177,9 @@ template <Element T>
 void ParamSet::add(std::span<T> user) {
   check_mutable("add");
   auto& b = bucket<T>();
+  check_size(user.size(), b.size(), sizeof(T), "add");
+  if (user.data() == nullptr && !user.empty())
+    throw_null_span();
   check_no_overlap(user.data(), user.size_bytes(), b.user, b.storage);
   b.user.push_back(user);
   b.user_elems += user.size();
