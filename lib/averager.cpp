@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <chrono>
+#include <functional>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -95,6 +96,90 @@ void start_bucket(Bucket<T>& b, int group_size, MPI_Comm comm, std::vector<MPI_R
   }
 }
 
+// Two-level average of [lo, hi) pieces (a level whose groups are several whole nodes): reduce-
+// scatter within the node, allreduce across nodes between ranks of equal node-local rank, then
+// allgather within the node. Only 1/L of the bytes cross the network from each rank. The scaled
+// copy into the bucket's send buffer is the only extra pass; the result is copied back in place.
+template <Element T>
+void two_level_blocking(Bucket<T>& b, const Plan& plan, MPI_Comm intra, MPI_Comm inter, int L) {
+  const Scaler<T> s(plan.group);
+  T* data = b.storage.data();
+  const std::size_t piece = std::min(plan.chunk == 0 ? kMaxChunk : plan.chunk, kMaxChunk / 2);
+  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
+    const std::size_t hi = std::min(lo + piece, b.size()), N = hi - lo;
+    const std::size_t blk = (N + static_cast<std::size_t>(L) - 1) / static_cast<std::size_t>(L);
+    TimelineScope t("two-level allreduce", plan.level, plan.step, N * sizeof(T), plan.group);
+    b.send.resize(blk * static_cast<std::size_t>(L));
+    b.recv.resize(blk);
+    T* S = b.send.data();
+    for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+      s.copy(user != nullptr ? user : data + at, S + (at - lo), n);
+    });
+    std::fill(S + N, S + blk * static_cast<std::size_t>(L), T(0));
+    const int c = static_cast<int>(blk);
+    check(MPI_Reduce_scatter_block(S, b.recv.data(), c, mpi_type<T>(), MPI_SUM, intra),
+          "MPI_Reduce_scatter_block(two-level, within the node)");
+    check(MPI_Allreduce(MPI_IN_PLACE, b.recv.data(), c, mpi_type<T>(), MPI_SUM, inter),
+          "MPI_Allreduce(two-level, across nodes)");
+    check(MPI_Allgather(b.recv.data(), c, mpi_type<T>(), S, c, mpi_type<T>(), intra),
+          "MPI_Allgather(two-level, within the node)");
+    for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+      std::copy(S + (at - lo), S + (at - lo) + n, user != nullptr ? user : data + at);
+    });
+  }
+}
+
+// The non-blocking two-level average of a whole bucket as three chained stages; the first is
+// issued now, the others by complete() as their predecessors finish.
+template <Element T>
+void start_two_level(Bucket<T>& b, int group, MPI_Comm intra, MPI_Comm inter, int L,
+                     std::vector<MPI_Request>& reqs,
+                     std::vector<std::function<void(std::vector<MPI_Request>&)>>& later,
+                     std::vector<std::function<void()>>& finish) {
+  const std::size_t N = b.size();
+  if (N == 0) return;
+  const std::size_t blk = (N + static_cast<std::size_t>(L) - 1) / static_cast<std::size_t>(L);
+  if (blk > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+    throw InvalidArgument("hma: two-level average of " + std::to_string(N) +
+                          " elements: too large for one non-blocking collective; use "
+                          "HMA_ALGORITHM=flat or Progress::thread");
+  const Scaler<T> s(group);
+  b.send.resize(blk * static_cast<std::size_t>(L));
+  b.recv.resize(blk);
+  T* S = b.send.data();
+  T* data = b.storage.data();
+  for_segments(b, 0, N, [&](std::size_t at, T* user, std::size_t n) {
+    s.copy(user != nullptr ? user : data + at, S + at, n);
+  });
+  std::fill(S + N, S + blk * static_cast<std::size_t>(L), T(0));
+  const int c = static_cast<int>(blk);
+  MPI_Request r = MPI_REQUEST_NULL;
+  check(MPI_Ireduce_scatter_block(S, b.recv.data(), c, mpi_type<T>(), MPI_SUM, intra, &r),
+        "MPI_Ireduce_scatter_block(two-level)");
+  reqs.push_back(r);
+  Bucket<T>* bp = &b;  // buckets live on the heap: stable while in flight
+  later.push_back([bp, c, inter](std::vector<MPI_Request>& q) {
+    MPI_Request x = MPI_REQUEST_NULL;
+    check(MPI_Iallreduce(MPI_IN_PLACE, bp->recv.data(), c, mpi_type<T>(), MPI_SUM, inter, &x),
+          "MPI_Iallreduce(two-level)");
+    q.push_back(x);
+  });
+  later.push_back([bp, c, intra](std::vector<MPI_Request>& q) {
+    MPI_Request x = MPI_REQUEST_NULL;
+    check(MPI_Iallgather(bp->recv.data(), c, mpi_type<T>(), bp->send.data(), c, mpi_type<T>(),
+                         intra, &x),
+          "MPI_Iallgather(two-level)");
+    q.push_back(x);
+  });
+  finish.push_back([bp, N] {
+    const T* S2 = bp->send.data();
+    T* d = bp->storage.data();
+    for_segments(*bp, 0, N, [&](std::size_t at, T* user, std::size_t n) {
+      std::copy(S2 + at, S2 + at + n, user != nullptr ? user : d + at);
+    });
+  });
+}
+
 }  // namespace
 
 void unpack(ParamSet& params) {
@@ -154,6 +239,8 @@ std::string ranges(const std::vector<int>& r) {
 
 }  // namespace
 
+bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline);
+
 bool complete(Pending& p, bool blocking) {
   if (p.done) return true;
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.level), p.step, p.bytes, p.group);
@@ -169,6 +256,23 @@ bool complete(Pending& p, bool blocking) {
     p.result.get();
     return true;
   }
+  while (true) {
+    if (!complete_requests(p, blocking, deadline)) return false;
+    if (p.next_stage >= p.stages.size()) break;
+    p.reqs.clear();
+    p.stages[p.next_stage++](p.reqs);  // issue the next stage's collective
+  }
+  if (p.finish) p.finish();
+  else if (p.params != nullptr) unpack(*p.params);
+  p.done = true;
+  if (auto* tl = Timeline::get())
+    tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step, p.bytes,
+              p.group, 1);
+  return true;
+}
+
+bool complete_requests(Pending& p, bool blocking,
+                       std::chrono::steady_clock::time_point deadline) {
   if (!p.reqs.empty()) {
     const int n = static_cast<int>(p.reqs.size());
     if (blocking && p.timeout_s > 0) {
@@ -187,11 +291,6 @@ bool complete(Pending& p, bool blocking) {
       if (!flag) return false;
     }
   }
-  if (p.params != nullptr) unpack(*p.params);
-  p.done = true;
-  if (auto* tl = Timeline::get())
-    tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step, p.bytes,
-              p.group, 1);
   return true;
 }
 
@@ -297,6 +396,16 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
       else if (v != "off" && !v.empty())
         throw InvalidArgument("hma: environment variable HMA_NONFINITE='" + v +
                               "' must be off, throw or skip");
+    }
+    if (options.algorithm) {
+      algorithm_ = *options.algorithm;
+    } else {
+      const std::string v = detail::env_str("HMA_ALGORITHM", "auto");
+      if (v == "flat") algorithm_ = Algorithm::flat;
+      else if (v == "two_level") algorithm_ = Algorithm::two_level;
+      else if (v != "auto" && !v.empty())
+        throw InvalidArgument("hma: environment variable HMA_ALGORITHM='" + v +
+                              "' must be auto, flat or two_level");
     }
     Progress progress = Progress::poll;
     if (options.progress) {
@@ -417,6 +526,20 @@ bool Averager::nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t 
   return false;
 }
 
+bool Averager::use_two_level(std::size_t level, std::size_t bytes) const {
+  if (hierarchy_.two_level(level) == nullptr) return false;
+  switch (algorithm_) {
+    case Algorithm::flat:
+      return false;
+    case Algorithm::two_level:
+      return true;
+    case Algorithm::automatic:
+      break;
+  }
+  // Emulated nodes share one machine's memory: splitting the reduction buys nothing there.
+  return !hierarchy_.emulated_nodes() && bytes >= AveragerOptions::kTwoLevelMinBytes;
+}
+
 void Averager::check_layout(ParamSet& params) {
   const auto it = checked_.find(params.id());
   if (!check_every_ && it != checked_.end() && it->second == params.layout_version()) return;
@@ -467,6 +590,8 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
                 "rank " + std::to_string(hierarchy_.world_rank()) + " step " +
                     std::to_string(step_) + ": level " + std::to_string(level) + " (group of " +
                     std::to_string(g) + "), " + std::to_string(params.bytes()) + " bytes");
+  const Hierarchy::TwoLevel* two = use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
+  const int per_node = hierarchy_.ranks_per_node();
   if (g == 1) {  // averaging over one rank is the identity
     if (out != nullptr) *out = Request(nullptr, level);
     return true;
@@ -504,8 +629,13 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     // With a worker, wait for what it has queued (collectives stay in order), then run here:
     // no hand-off latency for blocking calls.
     if (worker_) worker_->drain();
-    detail::average_blocking(f, plan(sizeof(float)), scratch_->f);
-    detail::average_blocking(d, plan(sizeof(double)), scratch_->d);
+    if (two != nullptr) {
+      detail::two_level_blocking(f, plan(sizeof(float)), two->intra.get(), two->inter.get(), per_node);
+      detail::two_level_blocking(d, plan(sizeof(double)), two->intra.get(), two->inter.get(), per_node);
+    } else {
+      detail::average_blocking(f, plan(sizeof(float)), scratch_->f);
+      detail::average_blocking(d, plan(sizeof(double)), scratch_->d);
+    }
     return true;
   }
   if (worker_) {
@@ -524,10 +654,15 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     // The buckets live on the heap: they stay put even if the ParamSet is moved meanwhile. The
     // scratch buffers are the averager's; only one job uses them at a time.
     worker_->submit([&f, &d, pf = plan(sizeof(float)), pd = plan(sizeof(double)),
-                     sc = scratch_.get(), done] {
+                     sc = scratch_.get(), done, two, per_node] {
       try {
-        detail::average_blocking(f, pf, sc->f);
-        detail::average_blocking(d, pd, sc->d);
+        if (two != nullptr) {
+          detail::two_level_blocking(f, pf, two->intra.get(), two->inter.get(), per_node);
+          detail::two_level_blocking(d, pd, two->intra.get(), two->inter.get(), per_node);
+        } else {
+          detail::average_blocking(f, pf, sc->f);
+          detail::average_blocking(d, pd, sc->d);
+        }
         done->set_value();
       } catch (...) {
         done->set_exception(std::current_exception());
@@ -546,8 +681,24 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
   p->timeout_s = timeout_s_;
   p->comm = comm.get();
-  detail::start_bucket(f, g, comm.get(), p->reqs);
-  detail::start_bucket(d, g, comm.get(), p->reqs);
+  if (two != nullptr) {
+    std::vector<std::function<void(std::vector<MPI_Request>&)>> lf, ld;
+    std::vector<std::function<void()>> fin;
+    detail::start_two_level(f, g, two->intra.get(), two->inter.get(), per_node, p->reqs, lf, fin);
+    detail::start_two_level(d, g, two->intra.get(), two->inter.get(), per_node, p->reqs, ld, fin);
+    for (std::size_t k = 0; k < std::max(lf.size(), ld.size()); ++k)
+      p->stages.push_back([a = k < lf.size() ? lf[k] : nullptr,
+                           b = k < ld.size() ? ld[k] : nullptr](std::vector<MPI_Request>& q) {
+        if (a) a(q);
+        if (b) b(q);
+      });
+    p->finish = [fin] {
+      for (const auto& fn : fin) fn();
+    };
+  } else {
+    detail::start_bucket(f, g, comm.get(), p->reqs);
+    detail::start_bucket(d, g, comm.get(), p->reqs);
+  }
   params.set_pending(p);
   *out = Request(std::move(p), level);
   return true;
@@ -645,10 +796,21 @@ std::string Averager::describe() const {
          "\n";
     return s;
   }
-  for (std::size_t i = 0; i < lv.size(); ++i)
+  for (std::size_t i = 0; i < lv.size(); ++i) {
     s += "  each group of " + std::to_string(lv[i].group_size) +
          " ranks averages parameters every " + std::to_string(lv[i].period) + " steps" +
          (i + 1 < lv.size() ? ", if no higher level averages" : "") + "\n";
+    if (hierarchy_.two_level(i) != nullptr) {
+      const bool at_all = algorithm_ != Algorithm::flat &&
+                          (algorithm_ == Algorithm::two_level || !hierarchy_.emulated_nodes());
+      s += std::string("    algorithm: ") +
+           (!at_all ? "flat (HMA_ALGORITHM=flat, or auto on emulated nodes that share memory)"
+            : algorithm_ == Algorithm::two_level
+                ? "two-level (HMA_ALGORITHM=two_level)"
+                : "two-level from 64 KiB (auto), flat below") +
+           "\n";
+    }
+  }
   if (schedule_.warmup() > 0)
     s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";
   return s;

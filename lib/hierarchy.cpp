@@ -72,6 +72,32 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
   check(MPI_Allreduce(&mine, &lo, 1, MPI_INT, MPI_MIN, world_.get()), "MPI_Allreduce(node size)");
   check(MPI_Allreduce(&mine, &hi, 1, MPI_INT, MPI_MAX, world_.get()), "MPI_Allreduce(node size)");
   ranks_per_node_ = lo == hi ? lo : 0;
+
+  // Nodes in contiguous rank blocks? (node-local rank r sits at world rank first + r)
+  int first = world_rank_ - local_rank, lo_first = 0, hi_first = 0;
+  check(MPI_Allreduce(&first, &lo_first, 1, MPI_INT, MPI_MIN, node_.get()), "MPI_Allreduce(node layout)");
+  check(MPI_Allreduce(&first, &hi_first, 1, MPI_INT, MPI_MAX, node_.get()), "MPI_Allreduce(node layout)");
+  int contiguous = lo_first == hi_first && ranks_per_node_ > 0 && first % ranks_per_node_ == 0 ? 1 : 0, all = 0;
+  check(MPI_Allreduce(&contiguous, &all, 1, MPI_INT, MPI_LAND, world_.get()), "MPI_Allreduce(node layout)");
+  contiguous_nodes_ = all != 0;
+
+  // Two-level communicators for every level whose groups are made of several whole nodes.
+  two_level_.resize(level_slot_.size());
+  for (std::size_t i = 0; i < level_slot_.size(); ++i) {
+    const int g = level_sizes_[i], L = ranks_per_node_;
+    if (!contiguous_nodes_ || L < 1 || g <= L || g % L != 0) continue;
+    const Comm& lv = level(i);
+    const int r = lv.rank();
+    TwoLevel t;
+    t.intra = lv.split(r / L, r);  // this node's ranks within the group
+    t.inter = lv.split(r % L, r);  // one rank per node: equal node-local rank
+    two_level_[i] = std::make_unique<TwoLevel>(std::move(t));
+  }
+}
+
+const Hierarchy::TwoLevel* Hierarchy::two_level(std::size_t i) const {
+  (void)level(i);  // range check
+  return two_level_[i].get();
 }
 
 const Comm& Hierarchy::level(std::size_t i) const {
@@ -96,6 +122,7 @@ std::string Hierarchy::describe() const {
     if (g == world_size_) s += " (world)";
     else if (ranks_per_node_ && g == ranks_per_node_) s += " (one per node)";
     else if (ranks_per_node_ && g < ranks_per_node_) s += " (within a node)";
+    else if (i < two_level_.size() && two_level_[i]) s += " (spans " + std::to_string(g / ranks_per_node_) + " whole nodes)";
     else s += " (spans nodes)";
     s += "\n";
   }

@@ -4,6 +4,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <string>
 #include <vector>
@@ -23,6 +24,11 @@ struct Pending {
   double t_start = 0;  // for the timeline
   double timeout_s = 0;             // 0: wait forever
   MPI_Comm comm = MPI_COMM_NULL;     // the group's communicator, to name its ranks in a Timeout
+  // Multi-stage averages (two-level): when reqs complete, the next stage issues new requests;
+  // `finish` runs after the last stage (instead of the plain unpack).
+  std::vector<std::function<void(std::vector<MPI_Request>&)>> stages;
+  std::size_t next_stage = 0;
+  std::function<void()> finish;
   bool threaded = false;            // run by the averager's worker thread, which also unpacks
   std::shared_future<void> result;  // threaded only: ready when done, holds the worker's error
 };

@@ -337,3 +337,32 @@ TEST_CASE("a group of 3 divides by 3 before summing, bit for bit as torch does")
     REQUIRE(discriminating > 0);  // the test can tell division from the reciprocal
   }
 }
+
+TEST_CASE("two-level averaging across emulated nodes equals the flat result exactly") {
+  const int rpn = std::getenv("HMA_RANKS_PER_NODE") ? std::atoi(std::getenv("HMA_RANKS_PER_NODE")) : 0;
+  if (rpn == 0 || rpn >= size()) return;  // needs at least two emulated nodes
+  for (auto alg : {hma::Algorithm::two_level, hma::Algorithm::flat, hma::Algorithm::automatic}) {
+    for (std::size_t chunk : {std::size_t{0}, std::size_t{40}}) {
+      CAPTURE(static_cast<int>(alg), chunk);
+      hma::AveragerOptions o;
+      o.algorithm = alg;
+      o.chunk_bytes = chunk;
+      hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{1, rpn}, {2, size()}}, 0, o);
+      REQUIRE(avg.hierarchy().contiguous_nodes());
+      REQUIRE(avg.hierarchy().two_level(0) == nullptr);  // within a node: always flat
+      REQUIRE(avg.hierarchy().two_level(1) != nullptr);  // the world spans whole nodes
+      REQUIRE(avg.hierarchy().two_level(1)->intra.size() == rpn);
+      REQUIRE(avg.hierarchy().two_level(1)->inter.size() == size() / rpn);
+      const std::string d = avg.describe();
+      REQUIRE_THAT(d, Catch::Contains(alg == hma::Algorithm::two_level ? "algorithm: two-level (HMA_ALGORITHM=two_level)"
+                                                                       : "algorithm: flat"));
+      for (Mode mode : {Mode::blocking, Mode::start_wait, Mode::start_test}) {
+        Model m(true, true);
+        int averaged = 0;
+        avg.set_step(0);
+        run_schedule(avg, m, mode, 6, averaged);
+        REQUIRE(averaged == 6);
+      }
+    }
+  }
+}

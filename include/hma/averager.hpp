@@ -96,6 +96,18 @@ enum class NonFinite {
   skip,    ///< skip this average on every rank of the group (logged as a warning)
 };
 
+/// How a level whose groups span several whole nodes reduces.
+enum class Algorithm {
+  /// two_level for buffers of at least kTwoLevelMinBytes on real (detected) nodes; flat on
+  /// emulated nodes (HMA_RANKS_PER_NODE), which share one machine's memory.
+  automatic,
+  /// One allreduce over the whole group.
+  flat,
+  /// Reduce-scatter within each node, allreduce across nodes (ranks of equal node-local rank),
+  /// allgather within the node: each rank sends only 1/L of the bytes across nodes.
+  two_level,
+};
+
 struct AveragerOptions {
   HierarchyOptions hierarchy;
   /// Verify at EVERY average that all ranks are at the same step with the same buffer layout
@@ -121,6 +133,10 @@ struct AveragerOptions {
   /// small collective) before each average, so a group never averages on some ranks and not on
   /// others. nullopt: the environment variable HMA_NONFINITE (off, throw, skip), default off.
   std::optional<NonFinite> nonfinite;
+  /// nullopt: the environment variable HMA_ALGORITHM (auto, flat or two_level), default auto.
+  /// Levels within one node, or whose groups are not whole nodes, are always flat.
+  std::optional<Algorithm> algorithm;
+  static constexpr std::size_t kTwoLevelMinBytes = std::size_t{64} << 10;
   /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
   std::optional<Reduction> reduction;
   static constexpr std::size_t kDefaultRingMinBlockBytes = std::size_t{64} << 10;
@@ -197,6 +213,7 @@ class Averager {
   bool run(ParamSet& params, std::size_t level, bool blocking, Request* out);
   void check_layout(ParamSet& params);
   bool nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t level);
+  bool use_two_level(std::size_t level, std::size_t bytes) const;
 
   Schedule schedule_;
   Hierarchy hierarchy_;
@@ -206,6 +223,7 @@ class Averager {
   Reduction reduction_ = Reduction::automatic;
   double timeout_s_ = 0;
   NonFinite nonfinite_ = NonFinite::ignore;
+  Algorithm algorithm_ = Algorithm::automatic;
   std::size_t ring_min_block_bytes_ = AveragerOptions::kDefaultRingMinBlockBytes;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first

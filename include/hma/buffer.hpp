@@ -37,6 +37,7 @@ struct Bucket {
   std::vector<std::span<T>> user;       // user arrays packed into storage[owned ...]
   std::size_t user_elems = 0;
   std::vector<T> send;                  // poll-mode start(): the scaled copy MPI sends from
+  std::vector<T> recv;                  // two-level: this rank's reduced block
   [[nodiscard]] std::size_t size() const noexcept { return owned + user_elems; }
 };
 }  // namespace detail

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -49,6 +50,17 @@ class Hierarchy {
   [[nodiscard]] int ranks_per_node() const noexcept { return ranks_per_node_; }
   /// True when the nodes were emulated (HMA_RANKS_PER_NODE or options), not detected.
   [[nodiscard]] bool emulated_nodes() const noexcept { return emulated_; }
+  /// True when every node holds a contiguous block of world ranks of equal size (torch-style
+  /// groups then consist of whole nodes).
+  [[nodiscard]] bool contiguous_nodes() const noexcept { return contiguous_nodes_; }
+  /// For a level whose groups are made of several whole nodes: `intra`, this node's ranks of
+  /// the group; `inter`, the group's ranks with this rank's node-local rank (one per node).
+  struct TwoLevel {
+    Comm intra, inter;
+  };
+  /// The two-level communicators of level `i`, or nullptr when its groups are not made of
+  /// several whole nodes (then only the flat algorithm applies).
+  [[nodiscard]] const TwoLevel* two_level(std::size_t i) const;
   /// Multi-line description of the nodes and levels, for logs.
   [[nodiscard]] std::string describe() const;
 
@@ -59,7 +71,8 @@ class Hierarchy {
   std::vector<int> level_slot_;      // per level: -1 = world, else index into owned_levels_
   Comm node_, inter_node_;
   int world_rank_ = -1, world_size_ = 0, node_index_ = -1, num_nodes_ = 0, ranks_per_node_ = 0;
-  bool emulated_ = false;
+  bool emulated_ = false, contiguous_nodes_ = false;
+  std::vector<std::unique_ptr<TwoLevel>> two_level_;  // per level, null when not applicable
 };
 
 }  // namespace hma
