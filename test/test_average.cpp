@@ -366,3 +366,32 @@ TEST_CASE("two-level averaging across emulated nodes equals the flat result exac
     }
   }
 }
+
+TEST_CASE("on an emulated cluster (tools/cluster) the node level is the namespace") {
+  const char* expect = std::getenv("HMA_EXPECT_NODES");
+  if (expect == nullptr) return;  // set by the cluster test only
+  const int nodes = std::atoi(expect), rpn = size() / nodes;
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, "1:node,2:world", 0);
+  const auto& h = avg.hierarchy();
+  REQUIRE_FALSE(h.emulated_nodes());  // detected through shared memory, not HMA_RANKS_PER_NODE
+  REQUIRE(h.num_nodes() == nodes);
+  REQUIRE(h.ranks_per_node() == rpn);
+  REQUIRE(h.node_index() == rank() / rpn);
+  REQUIRE(h.contiguous_nodes());
+  // The ranks of my node are exactly those whose host is mine.
+  char host[MPI_MAX_PROCESSOR_NAME] = {};
+  int len = 0;
+  MPI_Get_processor_name(host, &len);
+  const std::string mine(host);
+  REQUIRE_THAT(mine, Catch::EndsWith("-n" + std::to_string(rank() / rpn)));
+  std::vector<char> all(static_cast<std::size_t>(MPI_MAX_PROCESSOR_NAME) * static_cast<std::size_t>(h.node().size()));
+  MPI_Allgather(host, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR, h.node().get());
+  for (int r = 0; r < h.node().size(); ++r) REQUIRE(std::string(all.data() + r * MPI_MAX_PROCESSOR_NAME) == mine);
+  REQUIRE(avg.hierarchy().two_level(1) != nullptr);
+  Model m(true, true);
+  int averaged = 0;
+  run_schedule(avg, m, Mode::blocking, 4, averaged);
+  avg.set_step(0);
+  run_schedule(avg, m, Mode::start_wait, 4, averaged);
+  REQUIRE(averaged == 8);
+}
