@@ -21,6 +21,8 @@ const char* kUsage =
     "  --max-seconds S   stop a measurement after S s of timed work, >= 3 iterations (default 1)\n"
     "  --arrays K        arrays of the scattered (pack/unpack) variant (default 100)\n"
     "  --chunk-bytes N   hma's blocking chunk size (default: hma's default or HMA_CHUNK_BYTES)\n"
+    "  --variants LIST   comma list of bare,contiguous,scattered,start-wait,bare-nb,memcpy\n"
+    "                    (default all; bare is always measured: it is the floor)\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -35,6 +37,8 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
   const int arrays = static_cast<int>(flags.integer("arrays", 100));
   const long long chunk = flags.integer("chunk-bytes", -1);
   const std::string csv = flags.str("csv", ""), json = flags.str("json", "");
+  const std::string variants = "," + flags.str("variants", "contiguous,scattered,start-wait,bare-nb,memcpy") + ",";
+  auto on = [&](const char* v) { return variants.find("," + std::string(v) + ",") != std::string::npos; };
   flags.str("dtype", "");
   flags.done();
   if (min_b < 1 || max_b < min_b || factor <= 1 || iters < 1 || warm < 0 || arrays < 1)
@@ -82,18 +86,19 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     auto t_bare = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
       MPI_Allreduce(MPI_IN_PLACE, bare.data(), cnt, type, MPI_SUM, comm);
     }));
-    auto t_hma = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(contig, 0); }));
-    auto t_scat = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(scattered, 0); }));
-    auto t_nb = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+    bench::Stats none;
+    auto t_hma = !on("contiguous") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(contig, 0); }));
+    auto t_scat = !on("scattered") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(scattered, 0); }));
+    auto t_nb = !on("start-wait") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
       auto r = avg.start_average(contig, 0);
       r.wait();
     }));
-    auto t_bare_nb = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+    auto t_bare_nb = !on("bare-nb") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
       MPI_Request r;
       MPI_Iallreduce(MPI_IN_PLACE, bare.data(), cnt, type, MPI_SUM, comm, &r);
       MPI_Wait(&r, MPI_STATUS_IGNORE);
     }));
-    auto t_copy = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+    auto t_copy = !on("memcpy") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
       std::memcpy(dst.data(), src.data(), n * sizeof(T));
     }));
     (void)w;
@@ -106,16 +111,16 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
                  bench::fmt(bench::busbw(bytes, s.median, n_ranks), 4), bench::fmt(s.median / ref, 4)});
     };
     add("bare_allreduce", t_bare, base);
-    add("hma_contiguous", t_hma, base);
-    add("hma_scattered", t_scat, base);
-    add("hma_start_wait", t_nb, base);
-    add("bare_iallreduce_wait", t_bare_nb, base);
-    add("memcpy", t_copy, base);
+    if (on("contiguous")) add("hma_contiguous", t_hma, base);
+    if (on("scattered")) add("hma_scattered", t_scat, base);
+    if (on("start-wait")) add("hma_start_wait", t_nb, base);
+    if (on("bare-nb")) add("bare_iallreduce_wait", t_bare_nb, base);
+    if (on("memcpy")) add("memcpy", t_copy, base);
     if (bench::rank() == 0)
       std::printf("%10s %10.1f %10.1f %7.3f %5.0f%% %10.1f %7.3f %10.1f %10.1f %7.3f %10.1f %9.3f\n",
                   bench::human_bytes(bytes).c_str(), base, t_hma.median, t_hma.median / base,
                   t_hma.spread_pct(), t_scat.median, t_scat.median / base, t_nb.median,
-                  t_bare_nb.median, t_nb.median / t_bare_nb.median, t_copy.median,
+                  t_bare_nb.median, t_bare_nb.median > 0 ? t_nb.median / t_bare_nb.median : 0.0, t_copy.median,
                   bench::busbw(bytes, t_hma.median, n_ranks));
     std::fflush(stdout);
   }

@@ -360,16 +360,11 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     chunk_bytes_ = options.chunk_bytes.value_or(static_cast<std::size_t>(detail::env_int(
         "HMA_CHUNK_BYTES", static_cast<int>(AveragerOptions::kDefaultChunkBytes), 0,
         std::numeric_limits<int>::max())));
-    if (options.reduction) {
-      reduction_ = *options.reduction;
-    } else {
-      const std::string v = detail::env_str("HMA_REDUCTION", "auto");
-      if (v == "mpi") reduction_ = Reduction::mpi;
-      else if (v == "ring") reduction_ = Reduction::ring;
-      else if (v != "auto" && !v.empty())
-        throw InvalidArgument("hma: environment variable HMA_REDUCTION='" + v +
-                              "' must be auto, mpi or ring");
-    }
+    reduction_ = options.reduction ? *options.reduction
+                                   : detail::env_choice("HMA_REDUCTION", Reduction::automatic,
+                                                        {{"auto", Reduction::automatic},
+                                                         {"mpi", Reduction::mpi},
+                                                         {"ring", Reduction::ring}});
     ring_min_block_bytes_ = static_cast<std::size_t>(detail::env_int(
         "HMA_RING_MIN_BLOCK_BYTES", static_cast<int>(AveragerOptions::kDefaultRingMinBlockBytes), 0,
         std::numeric_limits<int>::max()));
@@ -387,36 +382,20 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
       throw InvalidArgument("hma: AveragerOptions::timeout_s must be >= 0 (0: no timeout), got " +
                             std::to_string(timeout_s_));
     }
-    if (options.nonfinite) {
-      nonfinite_ = *options.nonfinite;
-    } else {
-      const std::string v = detail::env_str("HMA_NONFINITE", "off");
-      if (v == "throw") nonfinite_ = NonFinite::error;
-      else if (v == "skip") nonfinite_ = NonFinite::skip;
-      else if (v != "off" && !v.empty())
-        throw InvalidArgument("hma: environment variable HMA_NONFINITE='" + v +
-                              "' must be off, throw or skip");
-    }
-    if (options.algorithm) {
-      algorithm_ = *options.algorithm;
-    } else {
-      const std::string v = detail::env_str("HMA_ALGORITHM", "auto");
-      if (v == "flat") algorithm_ = Algorithm::flat;
-      else if (v == "two_level") algorithm_ = Algorithm::two_level;
-      else if (v != "auto" && !v.empty())
-        throw InvalidArgument("hma: environment variable HMA_ALGORITHM='" + v +
-                              "' must be auto, flat or two_level");
-    }
-    Progress progress = Progress::poll;
-    if (options.progress) {
-      progress = *options.progress;
-    } else {
-      const std::string v = detail::env_str("HMA_PROGRESS", "poll");
-      if (v == "thread") progress = Progress::thread;
-      else if (v != "poll" && !v.empty())
-        throw InvalidArgument("hma: environment variable HMA_PROGRESS='" + v +
-                              "' must be poll or thread");
-    }
+    nonfinite_ = options.nonfinite ? *options.nonfinite
+                                   : detail::env_choice("HMA_NONFINITE", NonFinite::ignore,
+                                                        {{"off", NonFinite::ignore},
+                                                         {"throw", NonFinite::error},
+                                                         {"skip", NonFinite::skip}});
+    algorithm_ = options.algorithm ? *options.algorithm
+                                   : detail::env_choice("HMA_ALGORITHM", Algorithm::automatic,
+                                                        {{"auto", Algorithm::automatic},
+                                                         {"flat", Algorithm::flat},
+                                                         {"two_level", Algorithm::two_level}});
+    const Progress progress =
+        options.progress ? *options.progress
+                         : detail::env_choice("HMA_PROGRESS", Progress::poll,
+                                              {{"poll", Progress::poll}, {"thread", Progress::thread}});
     if (progress == Progress::thread) {
       int provided = MPI_THREAD_SINGLE;
       check(MPI_Query_thread(&provided), "MPI_Query_thread");

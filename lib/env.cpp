@@ -22,6 +22,11 @@ int env_int(const char* name, int fallback, int lo, int hi) {
   return out;
 }
 
+void throw_bad_env(const char* name, const std::string& value, const std::string& allowed) {
+  throw InvalidArgument(std::string("hma: environment variable ") + name + "='" + value +
+                        "' must be " + allowed);
+}
+
 std::string env_str(const char* name, const std::string& fallback) {
   const char* v = std::getenv(name);
   return v == nullptr ? fallback : std::string(v);

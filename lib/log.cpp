@@ -8,13 +8,11 @@
 namespace hma::detail {
 
 LogLevel log_level() {
-  const std::string v = env_str("HMA_LOG", "warn");
-  if (v == "off") return LogLevel::off;
-  if (v == "warn" || v.empty()) return LogLevel::warn;
-  if (v == "info") return LogLevel::info;
-  if (v == "debug") return LogLevel::debug;
-  throw InvalidArgument("hma: environment variable HMA_LOG='" + v +
-                        "' must be one of off, warn, info, debug");
+  return env_choice("HMA_LOG", LogLevel::warn,
+                    {{"off", LogLevel::off},
+                     {"warn", LogLevel::warn},
+                     {"info", LogLevel::info},
+                     {"debug", LogLevel::debug}});
 }
 
 bool log_enabled(LogLevel l) {
