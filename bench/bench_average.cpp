@@ -2,6 +2,7 @@
 // run: bare MPI_Allreduce on the same bytes, bare MPI_Iallreduce + wait, and memcpy.
 //   mpirun -np 2 build/bench/hma-bench-average --max-bytes 64M --csv avg.csv --json avg.json
 #include <cstring>
+#include <memory>
 #include <numeric>
 
 #include "bench_util.hpp"
@@ -21,8 +22,10 @@ const char* kUsage =
     "  --max-seconds S   stop a measurement after S s of timed work, >= 3 iterations (default 1)\n"
     "  --arrays K        arrays of the scattered (pack/unpack) variant (default 100)\n"
     "  --chunk-bytes N   hma's blocking chunk size (default: hma's default or HMA_CHUNK_BYTES)\n"
-    "  --variants LIST   comma list of bare,contiguous,scattered,start-wait,bare-nb,memcpy\n"
-    "                    (default all; bare is always measured: it is the floor)\n"
+    "  --variants LIST   comma list of contiguous,scattered,start-wait,bare-nb,memcpy,flat,two-level\n"
+    "                    (default: the first five; bare MPI_Allreduce is always measured: it is\n"
+    "                    the floor). flat and two-level force HMA_ALGORITHM for the group's level\n"
+    "                    (two-level needs groups of whole nodes) and print a second line per size\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -51,6 +54,16 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
   hma::AveragerOptions opt;
   if (chunk >= 0) opt.chunk_bytes = static_cast<std::size_t>(chunk);
   hma::HierarchicalAverager avg(MPI_COMM_WORLD, levels, 0, opt);
+  hma::AveragerOptions opt_flat = opt, opt_two = opt;
+  opt_flat.algorithm = hma::Algorithm::flat;
+  opt_two.algorithm = hma::Algorithm::two_level;
+  std::unique_ptr<hma::HierarchicalAverager> avg_flat, avg_two;
+  if (on("flat")) avg_flat = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_flat);
+  if (on("two-level")) {
+    avg_two = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_two);
+    if (avg_two->hierarchy().two_level(0) == nullptr)
+      flags.fail("--variants two-level: the groups are not made of several whole nodes here");
+  }
   const MPI_Comm comm = avg.hierarchy().level(0).get();
   const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
   const int n_ranks = group;
@@ -98,6 +111,9 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
       MPI_Iallreduce(MPI_IN_PLACE, bare.data(), cnt, type, MPI_SUM, comm, &r);
       MPI_Wait(&r, MPI_STATUS_IGNORE);
     }));
+    // flat and two-level back to back in the same run, next to the same floor.
+    auto t_flat = !on("flat") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_flat->average(contig, 0); }));
+    auto t_two = !on("two-level") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_two->average(contig, 0); }));
     auto t_copy = !on("memcpy") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
       std::memcpy(dst.data(), src.data(), n * sizeof(T));
     }));
@@ -116,12 +132,17 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (on("start-wait")) add("hma_start_wait", t_nb, base);
     if (on("bare-nb")) add("bare_iallreduce_wait", t_bare_nb, base);
     if (on("memcpy")) add("memcpy", t_copy, base);
+    if (on("flat")) add("hma_flat", t_flat, base);
+    if (on("two-level")) add("hma_two_level", t_two, base);
     if (bench::rank() == 0)
       std::printf("%10s %10.1f %10.1f %7.3f %5.0f%% %10.1f %7.3f %10.1f %10.1f %7.3f %10.1f %9.3f\n",
                   bench::human_bytes(bytes).c_str(), base, t_hma.median, t_hma.median / base,
                   t_hma.spread_pct(), t_scat.median, t_scat.median / base, t_nb.median,
                   t_bare_nb.median, t_bare_nb.median > 0 ? t_nb.median / t_bare_nb.median : 0.0, t_copy.median,
                   bench::busbw(bytes, t_hma.median, n_ranks));
+    if (bench::rank() == 0 && (on("flat") || on("two-level")))
+      std::printf("%10s   flat %10.1f µs (%.3f)   two-level %10.1f µs (%.3f)\n", "",
+                  t_flat.median, t_flat.median / base, t_two.median, t_two.median / base);
     std::fflush(stdout);
   }
   if (bench::rank() == 0) {
