@@ -604,51 +604,23 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     }
     return true;
   }
+  // The whole blocking average of both buckets. The buckets and scratch live on the heap, so
+  // this may also run on the worker thread while the ParamSet or the averager is moved.
+  auto body = [&f, &d, pf = plan(sizeof(float)), pd = plan(sizeof(double)), sc = scratch_.get(),
+               two, per_node] {
+    if (two != nullptr) {
+      detail::two_level_blocking(f, pf, two->intra.get(), two->inter.get(), per_node);
+      detail::two_level_blocking(d, pd, two->intra.get(), two->inter.get(), per_node);
+    } else {
+      detail::average_blocking(f, pf, sc->f);
+      detail::average_blocking(d, pd, sc->d);
+    }
+  };
   if (blocking) {
     // With a worker, wait for what it has queued (collectives stay in order), then run here:
     // no hand-off latency for blocking calls.
     if (worker_) worker_->drain();
-    if (two != nullptr) {
-      detail::two_level_blocking(f, plan(sizeof(float)), two->intra.get(), two->inter.get(), per_node);
-      detail::two_level_blocking(d, plan(sizeof(double)), two->intra.get(), two->inter.get(), per_node);
-    } else {
-      detail::average_blocking(f, plan(sizeof(float)), scratch_->f);
-      detail::average_blocking(d, plan(sizeof(double)), scratch_->d);
-    }
-    return true;
-  }
-  if (worker_) {
-    auto p = std::make_shared<detail::Pending>();
-    p->params = &params;
-    p->level = level;
-    p->step = step_;
-    p->bytes = params.bytes();
-    p->group = g;
-    p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
-    p->threaded = true;
-    p->timeout_s = timeout_s_;
-    p->comm = comm.get();
-    auto done = std::make_shared<std::promise<void>>();
-    p->result = done->get_future().share();
-    // The buckets live on the heap: they stay put even if the ParamSet is moved meanwhile. The
-    // scratch buffers are the averager's; only one job uses them at a time.
-    worker_->submit([&f, &d, pf = plan(sizeof(float)), pd = plan(sizeof(double)),
-                     sc = scratch_.get(), done, two, per_node] {
-      try {
-        if (two != nullptr) {
-          detail::two_level_blocking(f, pf, two->intra.get(), two->inter.get(), per_node);
-          detail::two_level_blocking(d, pd, two->intra.get(), two->inter.get(), per_node);
-        } else {
-          detail::average_blocking(f, pf, sc->f);
-          detail::average_blocking(d, pd, sc->d);
-        }
-        done->set_value();
-      } catch (...) {
-        done->set_exception(std::current_exception());
-      }
-    });
-    params.set_pending(p);
-    *out = Request(std::move(p), level);
+    body();
     return true;
   }
   auto p = std::make_shared<detail::Pending>();
@@ -660,6 +632,22 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
   p->timeout_s = timeout_s_;
   p->comm = comm.get();
+  if (worker_) {
+    p->threaded = true;
+    auto done = std::make_shared<std::promise<void>>();
+    p->result = done->get_future().share();
+    worker_->submit([body, done] {
+      try {
+        body();
+        done->set_value();
+      } catch (...) {
+        done->set_exception(std::current_exception());
+      }
+    });
+    params.set_pending(p);
+    *out = Request(std::move(p), level);
+    return true;
+  }
   if (two != nullptr) {
     std::vector<std::function<void(std::vector<MPI_Request>&)>> lf, ld;
     std::vector<std::function<void()>> fin;
