@@ -77,9 +77,10 @@ class [[nodiscard]] Request {
 
 /// How a blocking average (and a progress-thread one) reduces a buffer.
 enum class Reduction {
-  /// ring when each rank's block of a piece (piece bytes / group size) has at least
-  /// HMA_RING_MIN_BLOCK_BYTES (default kDefaultRingMinBlockBytes), else mpi. Measured on Open MPI
-  /// 4.1 / vader: the ring wins on large blocks, loses on small ones (more, smaller messages).
+  /// ring when the level's groups lie inside one node (shared memory) and each rank's block of a
+  /// piece (piece bytes / group size) has at least HMA_RING_MIN_BLOCK_BYTES (default
+  /// kDefaultRingMinBlockBytes), else mpi. Measured on Open MPI 4.1: over shared memory the ring
+  /// wins on large blocks and loses on small ones; across nodes (TCP) Open MPI's allreduce wins.
   automatic,
   /// Divide by the group size in one pass, then MPI_Allreduce(SUM) in place: torch's recipe.
   mpi,
@@ -214,6 +215,8 @@ class Averager {
   void check_layout(ParamSet& params);
   bool nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t level);
   bool use_two_level(std::size_t level, std::size_t bytes) const;
+  // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
+  bool within_shared_memory(std::size_t level) const;
 
   Schedule schedule_;
   Hierarchy hierarchy_;
