@@ -408,14 +408,7 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     }
     detail::log_level();  // validates HMA_LOG on every rank
     for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
-    int universe = 0;
-    check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
-    int& rpn = options.hierarchy.ranks_per_node;
-    if (rpn == 0) rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
-    if (rpn < 0 || rpn > universe || (rpn > 0 && universe % rpn != 0))
-      throw InvalidArgument("hma: ranks per node " + std::to_string(rpn) +
-                            " (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) must "
-                            "divide the MPI_COMM_WORLD size " + std::to_string(universe));
+    options.hierarchy.ranks_per_node = detail::ranks_per_node_setting(options.hierarchy.ranks_per_node);
   });
   const std::uint64_t fp[1] = {schedule_.fingerprint()};
   detail::check_same(comm, fp, "the schedule", [this] { return schedule_.to_string(); });
@@ -484,15 +477,9 @@ bool Averager::nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t 
   for (std::size_t i = 0; i < flags.size(); ++i)
     if (flags[i]) group_bad.push_back(static_cast<int>(i));
   if (group_bad.empty()) return true;
-  // Name world ranks.
-  MPI_Group grp = MPI_GROUP_NULL, wgrp = MPI_GROUP_NULL;
-  check(MPI_Comm_group(comm.get(), &grp), "MPI_Comm_group");
-  check(MPI_Comm_group(MPI_COMM_WORLD, &wgrp), "MPI_Comm_group");
-  std::vector<int> world(group_bad.size());
-  MPI_Group_translate_ranks(grp, static_cast<int>(group_bad.size()), group_bad.data(), wgrp,
-                            world.data());
-  MPI_Group_free(&grp);
-  MPI_Group_free(&wgrp);
+  const std::vector<int> all = detail::world_ranks_of(comm.get());
+  std::vector<int> world;
+  for (int r : group_bad) world.push_back(all.at(static_cast<std::size_t>(r)));
   std::string list;
   for (int r : world) list += (list.empty() ? "" : ", ") + std::to_string(r);
   const std::string what = "hma: step " + std::to_string(step_) + ": level " +
@@ -807,18 +794,11 @@ int size_or_one(MPI_Comm comm) {
 // Ranks per node for the 'node' token of a schedule string: from options, HMA_RANKS_PER_NODE,
 // or the shared-memory split (0 when nodes differ in size). Collective over comm.
 int node_size(MPI_Comm comm, const AveragerOptions& o) {
-  int rpn = o.hierarchy.ranks_per_node;
-  if (rpn == 0) detail::agree(comm, [&] {
-    int universe = 0;
-    check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
-    rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
-  });
+  int rpn = 0;
+  detail::agree(comm, [&] { rpn = detail::ranks_per_node_setting(o.hierarchy.ranks_per_node); });
   if (rpn > 0) return rpn;
   Comm shared = Comm::attach(comm).split_shared();
-  const int mine = shared.size();
-  int lo = 0, hi = 0;
-  check(MPI_Allreduce(&mine, &lo, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce(node size)");
-  check(MPI_Allreduce(&mine, &hi, 1, MPI_INT, MPI_MAX, comm), "MPI_Allreduce(node size)");
+  const auto [lo, hi] = detail::min_max(comm, shared.size());
   return lo == hi ? lo : 0;
 }
 

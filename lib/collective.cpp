@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "env.hpp"
 #include "hma/error.hpp"
 
 namespace hma::detail {
@@ -41,6 +42,24 @@ void require_mpi(const char* who) {
                 ": MPI is not initialised; call MPI_Init (or MPI_Init_thread) first: hma never "
                 "initialises MPI itself");
   if (fin) throw Error(std::string("hma: ") + who + ": MPI is already finalised");
+}
+
+std::pair<int, int> min_max(MPI_Comm comm, int v) {
+  int in[2] = {v, -v}, out[2] = {0, 0};  // min(-v) = -max(v)
+  check(MPI_Allreduce(in, out, 2, MPI_INT, MPI_MIN, comm), "MPI_Allreduce(min/max)");
+  return {out[0], -out[1]};
+}
+
+int ranks_per_node_setting(int option) {
+  int universe = 0;
+  check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
+  const int rpn = option != 0 ? option : env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
+  if (rpn < 0 || rpn > universe || (rpn > 0 && universe % rpn != 0))
+    throw InvalidArgument("hma: ranks per node " + std::to_string(rpn) +
+                          " (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) must be "
+                          "between 1 and the MPI_COMM_WORLD size " + std::to_string(universe) +
+                          " and divide it");
+  return rpn;
 }
 
 void agree(MPI_Comm comm, const std::function<void()>& fn) {

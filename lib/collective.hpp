@@ -8,12 +8,20 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <utility>
 
 namespace hma::detail {
 
 /// Throws hma::Error naming `who` unless MPI is initialised and not yet finalised (hma never
 /// initialises MPI itself).
 void require_mpi(const char* who);
+
+/// Collective: the minimum and maximum of `v` over `comm`, in one MPI_Allreduce.
+std::pair<int, int> min_max(MPI_Comm comm, int v);
+
+/// Ranks per emulated node: `option` if non-zero, else HMA_RANKS_PER_NODE, else 0 (detect).
+/// Throws hma::InvalidArgument unless it is 0 or divides the MPI_COMM_WORLD size. Local.
+int ranks_per_node_setting(int option);
 
 /// Runs `fn` on every rank of `comm` (collective). If it throws on any rank, every rank throws:
 /// the failing rank rethrows its own exception, the others an exception of the same family

@@ -41,16 +41,9 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
 
   // Emulated nodes are blocks of MPI_COMM_WORLD ranks (where processes are placed), so a
   // sub-communicator sees the same nodes as the world does.
-  int universe = 0, me = 0;
-  check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");
+  int me = 0;
   check(MPI_Comm_rank(MPI_COMM_WORLD, &me), "MPI_Comm_rank(MPI_COMM_WORLD)");
-  int rpn = options.ranks_per_node;
-  if (rpn == 0) rpn = detail::env_int("HMA_RANKS_PER_NODE", 0, 0, universe);
-  if (rpn < 0 || rpn > universe || (rpn > 0 && universe % rpn != 0))
-    throw InvalidArgument("hma: ranks per node " + std::to_string(rpn) +
-                          " (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) must be "
-                          "between 1 and the MPI_COMM_WORLD size " + std::to_string(universe) +
-                          " and divide it");
+  const int rpn = detail::ranks_per_node_setting(options.ranks_per_node);
   if (rpn > 0) {
     emulated_ = true;
     node_ = world_.split(me / rpn, world_rank_);
@@ -67,16 +60,12 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
   int leaders = local_rank == 0 ? 1 : 0;
   check(MPI_Allreduce(&leaders, &num_nodes_, 1, MPI_INT, MPI_SUM, world_.get()),
         "MPI_Allreduce(node count)");
-  const int mine = node_.size();
-  int lo = 0, hi = 0;
-  check(MPI_Allreduce(&mine, &lo, 1, MPI_INT, MPI_MIN, world_.get()), "MPI_Allreduce(node size)");
-  check(MPI_Allreduce(&mine, &hi, 1, MPI_INT, MPI_MAX, world_.get()), "MPI_Allreduce(node size)");
+  const auto [lo, hi] = detail::min_max(world_.get(), node_.size());
   ranks_per_node_ = lo == hi ? lo : 0;
 
   // Nodes in contiguous rank blocks? (node-local rank r sits at world rank first + r)
-  int first = world_rank_ - local_rank, lo_first = 0, hi_first = 0;
-  check(MPI_Allreduce(&first, &lo_first, 1, MPI_INT, MPI_MIN, node_.get()), "MPI_Allreduce(node layout)");
-  check(MPI_Allreduce(&first, &hi_first, 1, MPI_INT, MPI_MAX, node_.get()), "MPI_Allreduce(node layout)");
+  const int first = world_rank_ - local_rank;
+  const auto [lo_first, hi_first] = detail::min_max(node_.get(), first);
   int contiguous = lo_first == hi_first && ranks_per_node_ > 0 && first % ranks_per_node_ == 0 ? 1 : 0, all = 0;
   check(MPI_Allreduce(&contiguous, &all, 1, MPI_INT, MPI_LAND, world_.get()), "MPI_Allreduce(node layout)");
   contiguous_nodes_ = all != 0;
