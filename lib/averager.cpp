@@ -84,9 +84,7 @@ void start_bucket(Bucket<T>& b, int group_size, MPI_Comm comm, std::vector<MPI_R
   b.send.resize(b.size());
   T* send = b.send.data();
   T* data = b.storage.data();
-  for_segments(b, 0, b.size(), [&](std::size_t at, T* user, std::size_t n) {
-    s.copy(user != nullptr ? user : data + at, send + at, n);
-  });
+  scale_out(b, 0, b.size(), s, send);
   for (std::size_t lo = 0; lo < b.size(); lo += kMaxChunk) {
     const int n = static_cast<int>(std::min(kMaxChunk, b.size() - lo));
     MPI_Request r = MPI_REQUEST_NULL;
@@ -103,7 +101,6 @@ void start_bucket(Bucket<T>& b, int group_size, MPI_Comm comm, std::vector<MPI_R
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Plan& plan, MPI_Comm intra, MPI_Comm inter, int L) {
   const Scaler<T> s(plan.group);
-  T* data = b.storage.data();
   const std::size_t piece = std::min(plan.chunk == 0 ? kMaxChunk : plan.chunk, kMaxChunk / 2);
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size()), N = hi - lo;
@@ -112,9 +109,7 @@ void two_level_blocking(Bucket<T>& b, const Plan& plan, MPI_Comm intra, MPI_Comm
     b.send.resize(blk * static_cast<std::size_t>(L));
     b.recv.resize(blk);
     T* S = b.send.data();
-    for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
-      s.copy(user != nullptr ? user : data + at, S + (at - lo), n);
-    });
+    scale_out(b, lo, hi, s, S);
     std::fill(S + N, S + blk * static_cast<std::size_t>(L), T(0));
     const int c = static_cast<int>(blk);
     check(MPI_Reduce_scatter_block(S, b.recv.data(), c, mpi_type<T>(), MPI_SUM, intra),
@@ -123,9 +118,7 @@ void two_level_blocking(Bucket<T>& b, const Plan& plan, MPI_Comm intra, MPI_Comm
           "MPI_Allreduce(two-level, across nodes)");
     check(MPI_Allgather(b.recv.data(), c, mpi_type<T>(), S, c, mpi_type<T>(), intra),
           "MPI_Allgather(two-level, within the node)");
-    for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
-      std::copy(S + (at - lo), S + (at - lo) + n, user != nullptr ? user : data + at);
-    });
+    copy_back(b, lo, hi, S);
   }
 }
 
@@ -147,10 +140,7 @@ void start_two_level(Bucket<T>& b, int group, MPI_Comm intra, MPI_Comm inter, in
   b.send.resize(blk * static_cast<std::size_t>(L));
   b.recv.resize(blk);
   T* S = b.send.data();
-  T* data = b.storage.data();
-  for_segments(b, 0, N, [&](std::size_t at, T* user, std::size_t n) {
-    s.copy(user != nullptr ? user : data + at, S + at, n);
-  });
+  scale_out(b, 0, N, s, S);
   std::fill(S + N, S + blk * static_cast<std::size_t>(L), T(0));
   const int c = static_cast<int>(blk);
   MPI_Request r = MPI_REQUEST_NULL;
@@ -171,13 +161,7 @@ void start_two_level(Bucket<T>& b, int group, MPI_Comm intra, MPI_Comm inter, in
           "MPI_Iallgather(two-level)");
     q.push_back(x);
   });
-  finish.push_back([bp, N] {
-    const T* S2 = bp->send.data();
-    T* d = bp->storage.data();
-    for_segments(*bp, 0, N, [&](std::size_t at, T* user, std::size_t n) {
-      std::copy(S2 + at, S2 + at + n, user != nullptr ? user : d + at);
-    });
-  });
+  finish.push_back([bp, N] { copy_back(*bp, 0, N, bp->send.data()); });
 }
 
 }  // namespace

@@ -74,6 +74,25 @@ void scale_pack(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s
   });
 }
 
+// Writes [lo, hi) of the bucket (owned region or user arrays), scaled, to out[0, hi - lo): the
+// send side of an out-of-place reduction.
+template <Element T>
+void scale_out(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s, T* out) {
+  T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+    s.copy(user != nullptr ? user : data + at, out + (at - lo), n);
+  });
+}
+
+// Copies in[0, hi - lo) back into [lo, hi) of the bucket (owned region or user arrays).
+template <Element T>
+void copy_back(Bucket<T>& b, std::size_t lo, std::size_t hi, const T* in) {
+  T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+    std::copy(in + (at - lo), in + (at - lo) + n, user != nullptr ? user : data + at);
+  });
+}
+
 // Copies [lo, hi) of the staging area back into the packed user arrays.
 template <Element T>
 void unpack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
