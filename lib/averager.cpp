@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "collective.hpp"
+#include "device_path.hpp"
 #include "env.hpp"
 #include "hma/error.hpp"
 #include "kernels.hpp"
@@ -238,6 +239,23 @@ bool complete(Pending& p, bool blocking) {
       throw_timeout(p);
     p.done = true;  // even if the worker failed: the error is reported once, here
     p.result.get();
+    if (p.finish) p.finish();
+    return true;
+  }
+  if (p.drive) {
+    if (blocking && p.timeout_s > 0) {
+      while (!p.drive(false)) {
+        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        std::this_thread::yield();
+      }
+    } else if (!p.drive(blocking)) {
+      return false;
+    }
+    p.done = true;
+    if (p.finish) p.finish();
+    if (auto* tl = Timeline::get())
+      tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step,
+                p.bytes, p.group, 1);
     return true;
   }
   while (true) {
@@ -253,6 +271,24 @@ bool complete(Pending& p, bool blocking) {
     tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step, p.bytes,
               p.group, 1);
   return true;
+}
+
+void finish_issuing(Pending& p) {
+  if (p.done || p.threaded) return;
+  if (p.drive) {
+    if (p.issued_all && !p.issued_all()) p.issue_rest();
+    return;
+  }
+  const auto deadline =
+      p.timeout_s > 0 ? std::chrono::steady_clock::now() +
+                            std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                std::chrono::duration<double>(p.timeout_s))
+                      : std::chrono::steady_clock::time_point::max();
+  while (p.next_stage < p.stages.size()) {
+    complete_requests(p, true, deadline);
+    p.reqs.clear();
+    p.stages[p.next_stage++](p.reqs);
+  }
 }
 
 bool complete_requests(Pending& p, bool blocking,
@@ -390,12 +426,54 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
             std::to_string(provided));
       worker_ = std::make_unique<detail::Worker>();
     }
+    detail::DevicePathInputs din = detail::detect_device_inputs();
+    din.requested = options.device_path ? *options.device_path
+                                        : detail::env_choice("HMA_DEVICE_PATH", DevicePath::automatic,
+                                                             {{"auto", DevicePath::automatic},
+                                                              {"staged", DevicePath::staged},
+                                                              {"direct", DevicePath::direct}});
+    if (options.cuda_aware) din.cuda_aware_override = *options.cuda_aware ? 1 : 0;
+    else if (!detail::env_str("HMA_CUDA_AWARE", "").empty())
+      din.cuda_aware_override = detail::env_bool("HMA_CUDA_AWARE", false) ? 1 : 0;
+    din.thread_progress = progress == Progress::thread;
+    device_plan_ = std::make_unique<detail::DevicePlan>(detail::choose_device_plan(din));
+    staging_chunk_bytes_ = options.staging_chunk_bytes.value_or(static_cast<std::size_t>(
+        detail::env_int("HMA_STAGING_CHUNK_BYTES",
+                        static_cast<int>(AveragerOptions::kDefaultStagingChunkBytes), 0,
+                        std::numeric_limits<int>::max())));
+    staging_slots_ = options.staging_slots.value_or(static_cast<std::size_t>(detail::env_int(
+        "HMA_STAGING_SLOTS", static_cast<int>(AveragerOptions::kDefaultStagingSlots), 1, 64)));
+    if (staging_slots_ < 1 || staging_slots_ > 64)
+      throw InvalidArgument("hma: AveragerOptions::staging_slots must be in [1, 64], got " +
+                            std::to_string(staging_slots_));
     detail::log_level();  // validates HMA_LOG on every rank
     for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
     options.hierarchy.ranks_per_node = detail::ranks_per_node_setting(options.hierarchy.ranks_per_node);
   });
   const std::uint64_t fp[1] = {schedule_.fingerprint()};
   detail::check_same(comm, fp, "the schedule", [this] { return schedule_.to_string(); });
+  // Settings that change which collectives an average issues must agree too, or ranks would
+  // wait in different calls (a deadlock) or pair different pieces (wrong data).
+  const std::uint64_t cfg[] = {chunk_bytes_,
+                               static_cast<std::uint64_t>(reduction_),
+                               ring_min_block_bytes_,
+                               static_cast<std::uint64_t>(algorithm_),
+                               worker_ ? 1u : 0u,
+                               static_cast<std::uint64_t>(nonfinite_),
+                               check_every_ ? 1u : 0u,
+                               device_plan_->blocking_direct ? 1u : 0u,
+                               static_cast<std::uint64_t>(device_plan_->nonblocking),
+                               staging_chunk_bytes_};
+  detail::check_same(comm, cfg, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
+    return "chunk bytes " + std::to_string(chunk_bytes_) + ", reduction " +
+           std::to_string(static_cast<int>(reduction_)) + ", ring min block " +
+           std::to_string(ring_min_block_bytes_) + ", algorithm " +
+           std::to_string(static_cast<int>(algorithm_)) + ", progress " +
+           (worker_ ? "thread" : "poll") + ", non-finite " +
+           std::to_string(static_cast<int>(nonfinite_)) + ", check " +
+           (check_every_ ? "on" : "off") + ", " + device_plan_->why + ", staging chunk bytes " +
+           std::to_string(staging_chunk_bytes_);
+  });
   hierarchy_ = Hierarchy(comm, sizes, options.hierarchy);
   if (hierarchy_.world().rank() == 0) {
     for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
@@ -451,8 +529,8 @@ bool all_finite(detail::Bucket<T>& b) {
 }
 }  // namespace
 
-bool Averager::nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t level) {
-  const int bad = all_finite(params.bucket<float>()) && all_finite(params.bucket<double>()) ? 0 : 1;
+bool Averager::nonfinite_agreed(bool bad_here, const Comm& comm, std::size_t level) {
+  const int bad = bad_here ? 1 : 0;
   std::vector<int> flags(static_cast<std::size_t>(comm.size()));
   if (worker_) worker_->drain();  // a collective on the level's communicator
   check(MPI_Allgather(&bad, 1, MPI_INT, flags.data(), 1, MPI_INT, comm.get()),
@@ -498,21 +576,38 @@ bool Averager::use_two_level(std::size_t level, std::size_t bytes) const {
 }
 
 void Averager::check_layout(ParamSet& params) {
-  const auto it = checked_.find(params.id());
-  if (!check_every_ && it != checked_.end() && it->second == params.layout_version()) return;
+  check_layout(params.id(), params.layout_version(),
+               {params.layout_fingerprint(), params.count(Dtype::f32), params.count(Dtype::f64)},
+               [&] { return params.describe(); });
+}
+
+void Averager::check_layout(DeviceParamSet& params) {
+  check_layout(params.id() | (std::uint64_t{1} << 63), params.layout_version(),
+               {params.layout_fingerprint(), params.count(Dtype::f32), params.count(Dtype::f64)},
+               [&] { return params.describe(); });
+}
+
+void Averager::check_layout(std::uint64_t id, std::uint64_t version, std::vector<std::uint64_t> v,
+                            const std::function<std::string()>& describe) {
+  const auto it = checked_.find(id);
+  if (!check_every_ && it != checked_.end() && it->second == version) return;
+  settle_issue();
   // The check is a collective on the world communicator: never concurrent with the worker's.
   if (worker_) worker_->drain();
-  std::vector<std::uint64_t> v = {params.layout_fingerprint(), params.count(Dtype::f32),
-                                  params.count(Dtype::f64)};
   std::string what = "the buffer layout (ParamSet arrays, sizes and dtypes)";
   if (check_every_) {
     v.push_back(static_cast<std::uint64_t>(step_));
     what = "the step counter or the buffer layout";
   }
   detail::check_same(hierarchy_.world().get(), v, what, [&] {
-    return "step " + std::to_string(step_) + ", " + params.describe();
+    return "step " + std::to_string(step_) + ", " + describe();
   });
-  checked_[params.id()] = params.layout_version();
+  checked_[id] = version;
+}
+
+void Averager::settle_issue() {
+  if (auto p = lazy_.lock()) detail::finish_issuing(*p);
+  lazy_.reset();
 }
 
 void Averager::average(ParamSet& params, std::size_t level) {
@@ -532,13 +627,16 @@ Request Averager::start_average(ParamSet& params, std::size_t level) {
 }
 
 bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* out) {
+  settle_issue();
   if (params.in_flight())
     throw Error("hma: step " + std::to_string(step_) +
                 ": this ParamSet already has an average in flight; wait() on its Request first");
   if (!check_every_) check_layout(params);
   const Comm& comm = hierarchy_.level(level);
   const int g = comm.size();
-  if (nonfinite_ != NonFinite::ignore && !nonfinite_agreed(params, comm, level)) {
+  if (nonfinite_ != NonFinite::ignore &&
+      !nonfinite_agreed(!all_finite(params.bucket<float>()) || !all_finite(params.bucket<double>()),
+                        comm, level)) {
     if (out != nullptr) *out = Request();
     return false;  // skipped on every rank of the group
   }
@@ -644,6 +742,7 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p->finish = [fin] {
       for (const auto& fn : fin) fn();
     };
+    lazy_ = p;  // its later stages are issued lazily: see settle_issue()
   } else {
     detail::start_bucket(f, g, comm.get(), p->reqs);
     detail::start_bucket(d, g, comm.get(), p->reqs);
@@ -705,6 +804,7 @@ void Averager::restore(std::string_view text) {
     step_ = step;
     return;
   }
+  settle_issue();
   if (worker_) worker_->drain();
   detail::agree(hierarchy_.world().get(), parse);
   const std::uint64_t v[1] = {static_cast<std::uint64_t>(step)};
@@ -743,6 +843,7 @@ std::string Averager::describe() const {
     s += "  all " + std::to_string(lv[0].group_size) + " ranks average parameters every " +
          std::to_string(lv[0].period) + " steps from step " + std::to_string(schedule_.warmup()) +
          "\n";
+    s += "  " + device_path() + "\n";
     return s;
   }
   for (std::size_t i = 0; i < lv.size(); ++i) {
@@ -762,6 +863,7 @@ std::string Averager::describe() const {
   }
   if (schedule_.warmup() > 0)
     s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";
+  s += "  " + device_path() + "\n";
   return s;
 }
 

@@ -13,10 +13,9 @@ std::size_t dtype_size(Dtype d) noexcept { return d == Dtype::f32 ? 4 : 8; }
 
 namespace {
 std::atomic<std::uint64_t> next_id{1};
+}  // namespace
 
-// Completes an in-flight average before its buffers go away; a destructor cannot throw.
-// Returns false when the average is still in flight (it timed out): the buffers must then be
-// leaked, since MPI may still write into them.
+namespace detail {
 bool finish_quietly(const std::shared_ptr<detail::Pending>& p) noexcept {
   if (!p || p->done) return true;
   bool finished = true;
@@ -33,7 +32,9 @@ bool finish_quietly(const std::shared_ptr<detail::Pending>& p) noexcept {
   p->params = nullptr;
   return finished;
 }
-}  // namespace
+}  // namespace detail
+
+using detail::finish_quietly;
 
 ParamSet::ParamSet()
     : f32_(std::make_unique<detail::Bucket<float>>()),

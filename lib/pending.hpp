@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <future>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -31,12 +32,27 @@ struct Pending {
   std::function<void()> finish;
   bool threaded = false;            // run by the averager's worker thread, which also unpacks
   std::shared_future<void> result;  // threaded only: ready when done, holds the worker's error
+  // Device averages drive their own state machine instead of `reqs`/`stages`: drive(blocking)
+  // advances it and returns true when the host side is complete; `finish` then runs (also after
+  // a threaded average). Collectives issued lazily must be issued in the same order on every
+  // rank: issued_all() says whether all are, issue_rest() blocks until they are.
+  std::function<bool(bool)> drive;
+  std::function<bool()> issued_all;
+  std::function<void()> issue_rest;
 };
 
 /// Completes `p` (blocking: waits, up to p.timeout_s when set, then throws hma::Timeout; else
 /// tests once), then unpacks the user arrays and marks it done. Returns true when complete.
 /// Idempotent.
 bool complete(Pending& p, bool blocking);
+
+/// Blocks until every collective of `p` has been ISSUED (not completed), so that the caller may
+/// issue other collectives on the same communicators in the same order on every rank.
+void finish_issuing(Pending& p);
+
+/// Completes an in-flight average before its buffers go away (a destructor cannot throw).
+/// Returns false when it is still in flight (it timed out): the buffers must then be leaked.
+bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept;
 
 /// Copies the packed staging area back into the user arrays of `params`.
 void unpack(ParamSet& params);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "hma/buffer.hpp"
+#include "hma/device.hpp"
 #include "hma/hierarchy.hpp"
 #include "hma/schedule.hpp"
 
@@ -19,6 +20,7 @@ namespace hma {
 
 namespace detail {
 struct Pending;
+struct DevicePlan;
 class Worker;
 struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
   std::vector<float> f;
@@ -109,6 +111,21 @@ enum class Algorithm {
   two_level,
 };
 
+/// How device buffers (DeviceParamSet) go through MPI. Chosen once per averager, logged at
+/// construction (HMA_LOG=info) and shown by describe(). See README "Device buffers".
+enum class DevicePath {
+  /// direct where the MPI is CUDA-aware (blocking calls: MPI_Allreduce on device pointers;
+  /// start(): MPI_Allreduce on the progress thread with Progress::thread, MPI_Iallreduce only on
+  /// MVAPICH2, else staged), staged elsewhere (Debian's Open MPI is not CUDA-aware).
+  automatic,
+  /// Always through pinned host memory in chunks, pipelined (copies overlap the reductions).
+  staged,
+  /// Always device pointers to MPI, also MPI_Iallreduce for start() with Progress::poll (Open
+  /// MPI documents no CUDA support in non-blocking collectives: opt in only where you know it
+  /// works). Needs a CUDA-aware MPI (hma::InvalidArgument otherwise).
+  direct,
+};
+
 struct AveragerOptions {
   HierarchyOptions hierarchy;
   /// Verify at EVERY average that all ranks are at the same step with the same buffer layout
@@ -141,6 +158,19 @@ struct AveragerOptions {
   /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
   std::optional<Reduction> reduction;
   static constexpr std::size_t kDefaultRingMinBlockBytes = std::size_t{64} << 10;
+  /// nullopt: the environment variable HMA_DEVICE_PATH (auto, staged or direct), default auto.
+  std::optional<DevicePath> device_path;
+  /// Whether the MPI accepts device pointers. nullopt: the environment variable HMA_CUDA_AWARE
+  /// (0 or 1), else MPIX_Query_cuda_support() where the MPI has it, else false.
+  std::optional<bool> cuda_aware;
+  /// The staged path's chunk: bytes copied and reduced at a time (0: one chunk per dtype).
+  /// nullopt: HMA_STAGING_CHUNK_BYTES, default kDefaultStagingChunkBytes.
+  std::optional<std::size_t> staging_chunk_bytes;
+  static constexpr std::size_t kDefaultStagingChunkBytes = std::size_t{4} << 20;
+  /// The staged path's pinned slots (chunks in flight at once, 1..64); each holds 2 chunks.
+  /// nullopt: HMA_STAGING_SLOTS, default kDefaultStagingSlots.
+  std::optional<std::size_t> staging_slots;
+  static constexpr std::size_t kDefaultStagingSlots = 3;
 };
 
 /// Averages a ParamSet over the level its Schedule picks at each step, like torch's
@@ -180,6 +210,21 @@ class Averager {
   /// Non-blocking form of average(params, level).
   [[nodiscard]] Request start_average(ParamSet& params, std::size_t level);
 
+  /// Device buffers: as step()/start()/average()/start_average() above, for a DeviceParamSet.
+  /// `stream` is the CUDA stream whose work produced the data: hma records an event on it and
+  /// waits for that event only (never cudaDeviceSynchronize) before reading the buffers. When
+  /// the blocking call returns, or the Request's wait()/test() completes, `stream` is ordered
+  /// after the result (cudaStreamWaitEvent): later work on it sees the average without any
+  /// host synchronisation; host code that reads the arrays calls params.synchronize() first.
+  /// The path through MPI (direct or staged) is this averager's DevicePath choice.
+  bool step(DeviceParamSet& params, Stream stream = nullptr);
+  [[nodiscard]] Request start(DeviceParamSet& params, Stream stream = nullptr);
+  void average(DeviceParamSet& params, std::size_t level, Stream stream = nullptr);
+  [[nodiscard]] Request start_average(DeviceParamSet& params, std::size_t level,
+                                      Stream stream = nullptr);
+  /// The path device buffers take through MPI and why, one line (also in describe()).
+  [[nodiscard]] std::string device_path() const;
+
   /// The level that averages at the current step (nullopt: none).
   [[nodiscard]] std::optional<std::size_t> level_now() const noexcept;
   [[nodiscard]] std::int64_t step_count() const noexcept { return step_; }
@@ -212,8 +257,17 @@ class Averager {
 
  private:
   bool run(ParamSet& params, std::size_t level, bool blocking, Request* out);
+  bool run_device(DeviceParamSet& params, std::size_t level, bool blocking, Stream stream,
+                  Request* out);
   void check_layout(ParamSet& params);
-  bool nonfinite_agreed(ParamSet& params, const Comm& comm, std::size_t level);
+  void check_layout(DeviceParamSet& params);
+  void check_layout(std::uint64_t id, std::uint64_t version, std::vector<std::uint64_t> v,
+                    const std::function<std::string()>& describe);
+  bool nonfinite_agreed(bool bad_here, const Comm& comm, std::size_t level);
+  // MPI needs collectives on a communicator in the same order on every rank: before issuing
+  // any, make sure the last lazily issuing average (chained two-level stages, device paths)
+  // has issued all of its own.
+  void settle_issue();
   bool use_two_level(std::size_t level, std::size_t bytes) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;
@@ -229,6 +283,10 @@ class Averager {
   Algorithm algorithm_ = Algorithm::automatic;
   std::size_t ring_min_block_bytes_ = AveragerOptions::kDefaultRingMinBlockBytes;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
+  std::unique_ptr<detail::DevicePlan> device_plan_;
+  std::size_t staging_chunk_bytes_ = AveragerOptions::kDefaultStagingChunkBytes;
+  std::size_t staging_slots_ = AveragerOptions::kDefaultStagingSlots;
+  std::weak_ptr<detail::Pending> lazy_;  // see settle_issue()
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
   std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };

@@ -1,0 +1,266 @@
+// The Averager's device-buffer paths (see hma::DevicePath and lib/device_path.cpp):
+//   direct blocking       pack kernel -> event wait -> MPI_Allreduce(device) -> unpack kernel
+//   (a) iallreduce        pack kernel -> (event polled) MPI_Iallreduce(device) -> unpack kernel
+//   (b) thread_direct     the direct blocking path on the progress thread
+//   (c) staged            pack kernel -> StagedPipeline (pinned host chunks) -> unpack kernel,
+//                         blocking, polled (MPI_Iallreduce per chunk) or on the progress thread
+// Every path starts by recording an event on the caller's stream and making hma's stream wait
+// for it, and ends by recording `done` on hma's stream and making the caller's stream wait for
+// it: no host synchronisation of the caller's stream, never cudaDeviceSynchronize.
+#include <algorithm>
+#include <future>
+
+#include "device_path.hpp"
+#include "device_state.hpp"
+#include "hma/averager.hpp"
+#include "hma/error.hpp"
+#include "kernels.hpp"
+#include "log.hpp"
+#include "pending.hpp"
+#include "staged.hpp"
+#include "timeline.hpp"
+#include "worker.hpp"
+
+namespace hma {
+
+namespace {
+
+std::vector<detail::StagedJob> jobs_of(detail::DeviceState& s) {
+  std::vector<detail::StagedJob> jobs;
+  for (detail::DeviceBucket* b : {&s.f32, &s.f64})
+    if (b->size() > 0) jobs.push_back(detail::StagedJob{b->storage, b->size(), b->dtype});
+  return jobs;
+}
+
+MPI_Datatype type_of(Dtype d) { return d == Dtype::f32 ? MPI_FLOAT : MPI_DOUBLE; }
+
+// Device pointers straight to a (CUDA-aware) blocking MPI_Allreduce, in place.
+void allreduce_direct(const std::vector<detail::StagedJob>& jobs, MPI_Comm comm) {
+  for (const auto& j : jobs)
+    for (std::size_t lo = 0; lo < j.n; lo += detail::kMaxChunk) {
+      const std::size_t n = std::min(detail::kMaxChunk, j.n - lo);
+      check(MPI_Allreduce(MPI_IN_PLACE, static_cast<char*>(j.dev) + lo * dtype_size(j.dtype),
+                          static_cast<int>(n), type_of(j.dtype), MPI_SUM, comm),
+            "MPI_Allreduce(device buffer)");
+    }
+}
+
+// The staged pipeline over the set's buckets, with its pinned slots ready.
+std::shared_ptr<detail::StagedPipeline> staged(detail::DeviceState& s, std::size_t chunk_bytes,
+                                               std::size_t slots, MPI_Comm comm, bool blocking_mpi) {
+  auto jobs = jobs_of(s);
+  s.staging.ensure(s.be, slots, detail::staged_slot_bytes(jobs, chunk_bytes));
+  return std::make_shared<detail::StagedPipeline>(*s.be, s.staging, std::move(jobs), chunk_bytes,
+                                                  comm, s.stream, s.stream_back, blocking_mpi);
+}
+
+}  // namespace
+
+std::string Averager::device_path() const {
+  if (!device_plan_) return "device buffers: this rank is outside the averaging group";
+  return device_plan_->why;
+}
+
+bool Averager::step(DeviceParamSet& params, Stream stream) {
+  const auto lvl = level_now();
+  if (member() && check_every_) check_layout(params);
+  bool did = false;
+  try {
+    did = member() && lvl && run_device(params, *lvl, true, stream, nullptr);
+  } catch (const Timeout&) {
+    ++step_;
+    throw;
+  }
+  ++step_;
+  return did;
+}
+
+Request Averager::start(DeviceParamSet& params, Stream stream) {
+  const auto lvl = level_now();
+  if (member() && check_every_) check_layout(params);
+  Request r;
+  if (member() && lvl) run_device(params, *lvl, false, stream, &r);
+  ++step_;
+  return r;
+}
+
+void Averager::average(DeviceParamSet& params, std::size_t level, Stream stream) {
+  if (!member()) return;
+  (void)hierarchy_.level(level);
+  if (check_every_) check_layout(params);
+  run_device(params, level, true, stream, nullptr);
+}
+
+Request Averager::start_average(DeviceParamSet& params, std::size_t level, Stream stream) {
+  Request r;
+  if (!member()) return r;
+  (void)hierarchy_.level(level);
+  if (check_every_) check_layout(params);
+  run_device(params, level, false, stream, &r);
+  return r;
+}
+
+bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocking, Stream user,
+                          Request* out) {
+  settle_issue();
+  if (params.in_flight())
+    throw Error("hma: step " + std::to_string(step_) +
+                ": this DeviceParamSet already has an average in flight; wait() on its Request first");
+  detail::DeviceState& s = params.state();
+  s.be->set_device(s.device);
+  if (!check_every_) check_layout(params);
+  const Comm& comm = hierarchy_.level(level);
+  const int g = comm.size();
+  const int lv = static_cast<int>(level);
+  if (blocking && timeout_s_ > 0) {  // only a non-blocking average can be abandoned at a deadline
+    Request r;
+    run_device(params, level, false, user, &r);
+    try {
+      r.wait();
+    } catch (const Timeout&) {
+      r.detach();
+      throw;
+    }
+    return true;
+  }
+  // Everything hma does to the buffers comes after the caller's work on `user`.
+  s.be->record(s.ready, user);
+  s.be->stream_wait(s.stream, s.ready);
+  s.tables();
+  if (nonfinite_ != NonFinite::ignore) {
+    bool bad = false;
+    for (detail::DeviceBucket* b : {&s.f32, &s.f64})
+      if (b->size() > 0)
+        bad |= s.be->any_nonfinite(b->dtype, b->storage, b->table, b->segs, b->size(), s.stream);
+    if (!nonfinite_agreed(bad, comm, level)) {
+      if (out != nullptr) *out = Request();
+      return false;
+    }
+  }
+  if (g == 1) {  // the identity: nothing to move, the caller's stream is ordered already
+    if (out != nullptr) *out = Request(nullptr, level);
+    return true;
+  }
+  detail::TimelineScope whole(blocking ? "device average" : "device start", lv, step_, params.bytes(), g);
+  for (detail::DeviceBucket* b : {&s.f32, &s.f64})
+    if (b->size() > 0) s.be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), g, s.stream);
+  s.be->record(s.packed, s.stream);
+  const detail::DevicePlan& plan = *device_plan_;
+  const MPI_Comm c = comm.get();
+  detail::DeviceState* sp = &s;  // heap-stable: the set may move while the average is in flight
+  if (blocking) {
+    if (worker_) worker_->drain();
+    if (plan.blocking_direct) {
+      s.be->synchronize(s.packed);
+      allreduce_direct(jobs_of(s), c);
+    } else {
+      staged(s, staging_chunk_bytes_, staging_slots_, c, true)->drive(true);
+    }
+    s.unpack_and_record();
+    s.be->stream_wait(user, s.done);
+    return true;
+  }
+  auto p = std::make_shared<detail::Pending>();
+  p->level = level;
+  p->step = step_;
+  p->bytes = params.bytes();
+  p->group = g;
+  p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
+  p->timeout_s = timeout_s_;
+  p->comm = c;
+  p->finish = [sp, user] { sp->be->stream_wait(user, sp->done); };
+  switch (plan.nonblocking) {
+    case detail::DeviceNonblocking::thread_direct:
+    case detail::DeviceNonblocking::staged_thread: {
+      if (!worker_) throw Error("hma: internal: a progress-thread device path without a worker");
+      const bool direct = plan.nonblocking == detail::DeviceNonblocking::thread_direct;
+      std::shared_ptr<detail::StagedPipeline> pipe;
+      if (!direct) pipe = staged(s, staging_chunk_bytes_, staging_slots_, c, true);
+      p->threaded = true;
+      auto done = std::make_shared<std::promise<void>>();
+      p->result = done->get_future().share();
+      worker_->submit([sp, c, direct, pipe, done] {
+        try {
+          sp->be->set_device(sp->device);
+          if (direct) {
+            sp->be->synchronize(sp->packed);
+            allreduce_direct(jobs_of(*sp), c);
+          } else {
+            pipe->drive(true);
+          }
+          sp->unpack_and_record();
+          done->set_value();
+        } catch (...) {
+          done->set_exception(std::current_exception());
+        }
+      });
+      break;
+    }
+    case detail::DeviceNonblocking::iallreduce: {
+      // Issued once the pack kernel is done (polled: start() does not block on the device).
+      struct State {
+        bool issued = false;
+        std::vector<MPI_Request> reqs;
+      };
+      auto st = std::make_shared<State>();
+      auto issue = [sp, c, st] {
+        for (const auto& j : jobs_of(*sp))
+          for (std::size_t lo = 0; lo < j.n; lo += detail::kMaxChunk) {
+            MPI_Request r = MPI_REQUEST_NULL;
+            check(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(j.dev) + lo * dtype_size(j.dtype),
+                                 static_cast<int>(std::min(detail::kMaxChunk, j.n - lo)),
+                                 type_of(j.dtype), MPI_SUM, c, &r),
+                  "MPI_Iallreduce(device buffer)");
+            st->reqs.push_back(r);
+          }
+        st->issued = true;
+      };
+      p->issued_all = [st] { return st->issued; };
+      p->issue_rest = [sp, st, issue] {
+        if (st->issued) return;
+        sp->be->synchronize(sp->packed);
+        issue();
+      };
+      p->drive = [sp, st, issue](bool block) {
+        sp->be->set_device(sp->device);
+        if (!st->issued) {
+          if (block) sp->be->synchronize(sp->packed);
+          else if (!sp->be->query(sp->packed)) return false;
+          issue();
+        }
+        const int n = static_cast<int>(st->reqs.size());
+        if (block) {
+          check(MPI_Waitall(n, st->reqs.data(), MPI_STATUSES_IGNORE), "MPI_Waitall(device buffer)");
+        } else {
+          int flag = 0;
+          check(MPI_Testall(n, st->reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(device buffer)");
+          if (!flag) return false;
+        }
+        sp->unpack_and_record();
+        return true;
+      };
+      lazy_ = p;
+      break;
+    }
+    case detail::DeviceNonblocking::staged_poll: {
+      auto pipe = staged(s, staging_chunk_bytes_, staging_slots_, c, false);
+      p->issued_all = [pipe] { return pipe->issued_all(); };
+      p->issue_rest = [pipe] { pipe->issue_all(); };
+      p->drive = [sp, pipe](bool block) {
+        sp->be->set_device(sp->device);
+        if (!pipe->drive(block)) return false;
+        sp->unpack_and_record();
+        return true;
+      };
+      lazy_ = p;
+      break;
+    }
+  }
+  params.set_pending(p);
+  *out = Request(std::move(p), level);
+  // Start moving at once (the first chunks' copies, or the reduction if the pack is done).
+  if (out->pending_->drive) (void)out->test();
+  return true;
+}
+
+}  // namespace hma

@@ -1,0 +1,248 @@
+// DeviceParamSet: device buckets, zero-copy arrays, registered user device arrays.
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+
+#include "device_state.hpp"
+#include "hma/device.hpp"
+#include "hma/error.hpp"
+
+namespace hma {
+
+namespace detail {
+
+void* device_storage(const DeviceBucket* b) noexcept { return b->storage; }
+
+void DeviceState::tables() {
+  for (DeviceBucket* b : {&f32, &f64}) {
+    if (!b->dirty) continue;
+    if (b->table != nullptr) {
+      if (done_recorded) be->synchronize(done);
+      be->release_segments(b->table);
+      b->table = nullptr;
+    }
+    b->segs.clear();
+    if (b->owned > 0) b->segs.push_back(Segment{nullptr, 0, b->owned});
+    std::size_t at = b->owned;
+    for (auto& u : b->user) {
+      u.at = at;
+      at += u.n;
+      if (u.n > 0) b->segs.push_back(u);
+    }
+    b->table = be->upload_segments(b->segs);
+    b->dirty = false;
+  }
+}
+
+void DeviceState::unpack_and_record() {
+  for (DeviceBucket* b : {&f32, &f64})
+    if (b->user_elems > 0) be->unpack(b->dtype, b->storage, b->table, b->segs, b->size(), stream);
+  be->record(done, stream);
+  done_recorded = true;
+}
+
+}  // namespace detail
+
+namespace {
+std::atomic<std::uint64_t> next_device_id{1};
+}
+
+DeviceParamSet::DeviceParamSet(int device) : s_(std::make_unique<detail::DeviceState>()) {
+  detail::DeviceBackend* be = detail::device_backend();
+  if (be == nullptr) throw Error("hma: DeviceParamSet: device buffers are unavailable: " + device_info().reason);
+  std::string why;
+  const int n = be->devices(why);
+  if (n <= 0) throw Error("hma: DeviceParamSet: device buffers are unavailable: " + why);
+  if (device < -1 || device >= n)
+    throw InvalidArgument("hma: DeviceParamSet: device " + std::to_string(device) +
+                          " does not exist (this process sees " + std::to_string(n) +
+                          " device(s): 0.." + std::to_string(n - 1) + ", or -1 for the current one)");
+  auto& s = *s_;
+  s.be = be;
+  s.device = device >= 0 ? device : be->current_device();
+  s.id = next_device_id++;
+  s.f32.dtype = Dtype::f32;
+  s.f64.dtype = Dtype::f64;
+  be->set_device(s.device);
+  s.stream = be->create_stream();
+  s.stream_back = be->create_stream();
+  s.ready = be->create_event();
+  s.packed = be->create_event();
+  s.done = be->create_event();
+}
+
+DeviceParamSet::DeviceParamSet(DeviceParamSet&&) noexcept = default;
+
+DeviceParamSet& DeviceParamSet::operator=(DeviceParamSet&& o) noexcept {
+  if (this != &o) {
+    DeviceParamSet dying(std::move(*this));
+    s_ = std::move(o.s_);
+  }
+  return *this;
+}
+
+DeviceParamSet::~DeviceParamSet() {
+  if (!s_) return;
+  auto& s = *s_;
+  if (!detail::finish_quietly(s.pending)) {
+    (void)s_.release();  // MPI or a copy may still write into these buffers: leak them
+    return;
+  }
+  try {
+    s.be->set_device(s.device);
+    if (s.done_recorded) s.be->synchronize(s.done);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
+  }
+  for (detail::DeviceBucket* b : {&s.f32, &s.f64}) {
+    if (b->storage != nullptr) s.be->release(b->storage);
+    if (b->table != nullptr) s.be->release_segments(b->table);
+  }
+  s.be->destroy_stream(s.stream);
+  s.be->destroy_stream(s.stream_back);
+  for (detail::Event e : {s.ready, s.packed, s.done}) s.be->destroy_event(e);
+}
+
+detail::DeviceBucket* DeviceParamSet::bucket(Dtype d) noexcept { return &s_->bucket(d); }
+
+void DeviceParamSet::check_mutable(const char* what) const {
+  if (in_flight())
+    throw Error(std::string("hma: DeviceParamSet::") + what +
+                " while an average of this set is in flight: wait() on its Request first");
+}
+
+namespace {
+void check_count(std::size_t n, std::size_t have, std::size_t elem, const char* what) {
+  constexpr std::size_t kMaxBytes = std::size_t{1} << 48;
+  if (n > kMaxBytes / elem || have + n > kMaxBytes / elem)
+    throw InvalidArgument(std::string("hma: DeviceParamSet::") + what + ": " + std::to_string(n) +
+                          " elements of " + std::to_string(elem) +
+                          " bytes would make the buffer larger than 2^48 bytes (a negative size "
+                          "converted to size_t?)");
+}
+
+// Grows the bucket's storage to hold `need` elements, keeping the owned region.
+void grow(detail::DeviceState& s, detail::DeviceBucket& b, std::size_t need) {
+  if (need <= b.capacity) return;
+  const std::size_t cap = std::max(need, b.capacity * 2);
+  void* fresh = s.be->alloc(cap * b.elem());
+  if (b.storage != nullptr) {
+    if (s.done_recorded) s.be->synchronize(s.done);  // the last average may still use it
+    if (b.owned > 0) {
+      s.be->copy(fresh, b.storage, b.owned * b.elem(), s.stream);
+      s.be->record(s.done, s.stream);
+      s.done_recorded = true;
+      s.be->synchronize(s.done);
+    }
+    s.be->release(b.storage);
+  }
+  b.storage = fresh;
+  b.capacity = cap;
+}
+}  // namespace
+
+void* DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init, std::size_t* offset) {
+  check_mutable("allocate");
+  auto& s = *s_;
+  auto& b = s.bucket(d);
+  check_count(n, b.size(), b.elem(), "allocate");
+  s.be->set_device(s.device);
+  grow(s, b, b.size() + n);
+  *offset = b.owned;
+  if (n > 0) {
+    s.be->fill(d, static_cast<char*>(b.storage) + b.owned * b.elem(), n, init, s.stream);
+    s.be->record(s.done, s.stream);
+    s.done_recorded = true;
+    s.be->synchronize(s.done);
+  }
+  b.owned += n;
+  b.dirty = true;
+  s.layout.push_back({0, d, n});
+  ++s.version;
+  return static_cast<char*>(b.storage) + *offset * b.elem();
+}
+
+void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {
+  check_mutable("add");
+  auto& s = *s_;
+  auto& b = s.bucket(d);
+  check_count(n, b.size(), b.elem(), "add");
+  if (p == nullptr && n > 0)
+    throw InvalidArgument("hma: DeviceParamSet::add: the array has a null data pointer but a non-zero size");
+  s.be->set_device(s.device);
+  if (n > 0 && !s.be->maybe_device_pointer(p))
+    throw InvalidArgument("hma: DeviceParamSet::add: the pointer is host memory, not device memory "
+                          "(use hma::ParamSet for host arrays)");
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  const std::size_t bytes = n * b.elem();
+  auto overlaps = [&](const void* q, std::size_t qbytes) {
+    const auto c = reinterpret_cast<std::uintptr_t>(q);
+    return bytes > 0 && qbytes > 0 && a < c + qbytes && c < a + bytes;
+  };
+  for (std::size_t i = 0; i < b.user.size(); ++i)
+    if (overlaps(b.user[i].user, b.user[i].n * b.elem()))
+      throw InvalidArgument("hma: DeviceParamSet::add: the array overlaps user array #" +
+                            std::to_string(i) + " of the same dtype already registered; each "
+                            "element may be averaged once");
+  if (overlaps(b.storage, b.capacity * b.elem()))
+    throw InvalidArgument("hma: DeviceParamSet::add: the array lies inside hma's own buffer (a "
+                          "DeviceArray from allocate() is averaged already; do not add() it)");
+  grow(s, b, b.size() + n);
+  b.user.push_back(detail::Segment{p, 0, n});
+  b.user_elems += n;
+  b.dirty = true;
+  s.layout.push_back({1, d, n});
+  ++s.version;
+}
+
+std::size_t DeviceParamSet::count(Dtype d) const noexcept { return s_->bucket(d).size(); }
+std::size_t DeviceParamSet::bytes() const noexcept { return s_->f32.size() * 4 + s_->f64.size() * 8; }
+std::size_t DeviceParamSet::arrays() const noexcept { return s_->layout.size(); }
+int DeviceParamSet::device() const noexcept { return s_->device; }
+bool DeviceParamSet::in_flight() const noexcept { return s_->pending && !s_->pending->done; }
+
+void DeviceParamSet::wait() {
+  if (in_flight()) detail::complete(*s_->pending, true);
+}
+
+void DeviceParamSet::synchronize() {
+  wait();
+  if (s_->done_recorded) {
+    s_->be->set_device(s_->device);
+    s_->be->synchronize(s_->done);
+  }
+}
+
+void DeviceParamSet::set_pending(std::shared_ptr<detail::Pending> p) noexcept { s_->pending = std::move(p); }
+
+std::uint64_t DeviceParamSet::id() const noexcept { return s_->id; }
+std::uint64_t DeviceParamSet::layout_version() const noexcept { return s_->version; }
+
+std::uint64_t DeviceParamSet::layout_fingerprint() const noexcept {
+  std::uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a, like ParamSet's, plus a device marker
+  auto fold = [&h](std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= (v >> (8 * i)) & 0xff;
+      h *= 0x100000001b3ULL;
+    }
+  };
+  fold(0xDE71CE);
+  for (const auto& e : s_->layout) {
+    fold(e.kind);
+    fold(static_cast<std::uint64_t>(e.dtype));
+    fold(e.n);
+  }
+  return h;
+}
+
+std::string DeviceParamSet::describe() const {
+  auto one = [](const char* name, const detail::DeviceBucket& b) {
+    return std::string(name) + " " + std::to_string(b.size()) + " (zero-copy " +
+           std::to_string(b.owned) + ", packed " + std::to_string(b.user_elems) + ")";
+  };
+  return std::to_string(s_->layout.size()) + " device arrays on device " +
+         std::to_string(s_->device) + " (" + s_->be->name() + "): " + one("f32", s_->f32) + ", " +
+         one("f64", s_->f64);
+}
+
+}  // namespace hma

@@ -1,0 +1,237 @@
+// The host emulation device backend (for tests on machines without a GPU), the backend switch
+// and device_info().
+#include "device_backend.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+
+#include "emulation.hpp"
+#include "hma/error.hpp"
+
+namespace hma::detail {
+
+namespace {
+
+// A stream: a queue of work that runs late (see device_backend.hpp).
+struct EStream {
+  std::deque<std::function<void()>> q;
+  std::uint64_t enqueued = 0, executed = 0;
+};
+struct EEvent {
+  std::weak_ptr<EStream> s;  // empty: never recorded (complete, as in CUDA); expired: its
+  std::uint64_t seq = 0;     // stream was destroyed, which runs all of its work first
+};
+
+template <class T>
+void scale_pack_t(T* storage, const std::vector<Segment>& segs, int group) {
+  const T g = static_cast<T>(group), inv = T(1) / g;
+  const bool pow2 = (group & (group - 1)) == 0;
+  for (const auto& s : segs) {
+    const T* src = s.user != nullptr ? static_cast<const T*>(s.user) : storage + s.at;
+    T* dst = storage + s.at;
+    for (std::size_t i = 0; i < s.n; ++i) dst[i] = pow2 ? src[i] * inv : src[i] / g;
+  }
+}
+
+template <class T>
+void unpack_t(const T* storage, const std::vector<Segment>& segs) {
+  for (const auto& s : segs)
+    if (s.user != nullptr) std::memcpy(s.user, storage + s.at, s.n * sizeof(T));
+}
+
+template <class T>
+bool nonfinite_t(const T* storage, const std::vector<Segment>& segs) {
+  bool bad = false;
+  for (const auto& s : segs) {
+    const T* src = s.user != nullptr ? static_cast<const T*>(s.user) : storage + s.at;
+    for (std::size_t i = 0; i < s.n; ++i) bad |= !std::isfinite(src[i]);
+  }
+  return bad;
+}
+
+class HostEmulation final : public DeviceBackend {
+ public:
+  std::string name() const override { return "host emulation"; }
+  int devices(std::string& reason) override {
+    reason.clear();
+    return 1;
+  }
+  void set_device(int) override {}
+  int current_device() override { return 0; }
+  void* alloc(std::size_t bytes) override { return raw(bytes); }
+  void release(void* p) noexcept override { std::free(p); }
+  void* alloc_pinned(std::size_t bytes) override { return raw(bytes); }
+  void release_pinned(void* p) noexcept override { std::free(p); }
+  bool maybe_device_pointer(const void*) override { return true; }
+  Stream create_stream() override {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    auto st = std::make_shared<EStream>();
+    streams_[st.get()] = st;
+    return reinterpret_cast<Stream>(st.get());
+  }
+  void destroy_stream(Stream s) noexcept override {
+    if (s == nullptr) return;
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    run_until(*get(s), get(s)->enqueued);
+    streams_.erase(reinterpret_cast<EStream*>(s));
+  }
+  Event create_event() override { return new EEvent; }
+  void destroy_event(Event e) noexcept override { delete static_cast<EEvent*>(e); }
+  void record(Event e, Stream s) override {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    auto* ev = static_cast<EEvent*>(e);
+    ev->s = shared(s);
+    ev->seq = get(s)->enqueued;
+  }
+  bool query(Event e) override {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    auto* ev = static_cast<EEvent*>(e);
+    auto st = ev->s.lock();
+    if (st == nullptr || st->executed >= ev->seq) return true;
+    run_one(*st);  // the "device" makes a little progress per look
+    return st->executed >= ev->seq;
+  }
+  void synchronize(Event e) override {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    auto* ev = static_cast<EEvent*>(e);
+    if (auto st = ev->s.lock()) run_until(*st, ev->seq);
+  }
+  void stream_wait(Stream s, Event e) override {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    auto* ev = static_cast<EEvent*>(e);
+    std::weak_ptr<EStream> other = ev->s;
+    const std::uint64_t seq = ev->seq;
+    if (other.expired()) return;
+    enqueue(s, [this, other, seq] {
+      if (auto st = other.lock()) run_until(*st, seq);
+    });
+  }
+  void copy(void* dst, const void* src, std::size_t bytes, Stream s) override {
+    enqueue(s, [=] { std::memcpy(dst, src, bytes); });
+  }
+  void fill(Dtype d, void* storage, std::size_t n, double v, Stream s) override {
+    enqueue(s, [=] {
+      if (d == Dtype::f32) std::fill_n(static_cast<float*>(storage), n, static_cast<float>(v));
+      else std::fill_n(static_cast<double*>(storage), n, v);
+    });
+  }
+  void* upload_segments(const std::vector<Segment>& segs) override {
+    return new std::vector<Segment>(segs);
+  }
+  void release_segments(void* t) noexcept override { delete static_cast<std::vector<Segment>*>(t); }
+  void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&, std::size_t,
+                  int group, Stream s) override {
+    const auto* segs = static_cast<const std::vector<Segment>*>(table);  // read at run time, like a kernel
+    enqueue(s, [=] {
+      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, group);
+      else scale_pack_t(static_cast<double*>(storage), *segs, group);
+    });
+  }
+  void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>&, std::size_t,
+              Stream s) override {
+    const auto* segs = static_cast<const std::vector<Segment>*>(table);
+    enqueue(s, [=] {
+      if (d == Dtype::f32) unpack_t(static_cast<const float*>(storage), *segs);
+      else unpack_t(static_cast<const double*>(storage), *segs);
+    });
+  }
+  bool any_nonfinite(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
+                     std::size_t, Stream s) override {
+    const auto* segs = static_cast<const std::vector<Segment>*>(table);
+    auto bad = std::make_shared<bool>(false);
+    enqueue(s, [=] {
+      *bad = d == Dtype::f32 ? nonfinite_t(static_cast<const float*>(storage), *segs)
+                             : nonfinite_t(static_cast<const double*>(storage), *segs);
+    });
+    run_all(s);
+    return *bad;
+  }
+
+  void enqueue(Stream s, std::function<void()> fn) {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    EStream* st = get(s);
+    st->q.push_back(std::move(fn));
+    ++st->enqueued;
+  }
+  void run_all(Stream s) {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    run_until(*get(s), get(s)->enqueued);
+  }
+
+ private:
+  static void* raw(std::size_t bytes) {
+    void* p = std::malloc(bytes == 0 ? 1 : bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  EStream* get(Stream s) { return s == nullptr ? default_.get() : reinterpret_cast<EStream*>(s); }
+  std::shared_ptr<EStream> shared(Stream s) {
+    if (s == nullptr) return default_;
+    const auto it = streams_.find(reinterpret_cast<EStream*>(s));
+    if (it == streams_.end()) throw Error("hma: host emulation: unknown stream");
+    return it->second;
+  }
+  void run_one(EStream& s) {
+    if (s.q.empty()) return;
+    auto fn = std::move(s.q.front());
+    s.q.pop_front();
+    fn();
+    ++s.executed;
+  }
+  void run_until(EStream& s, std::uint64_t seq) {
+    while (s.executed < seq && !s.q.empty()) run_one(s);
+  }
+  std::recursive_mutex mu_;
+  std::shared_ptr<EStream> default_ = std::make_shared<EStream>();
+  std::unordered_map<EStream*, std::shared_ptr<EStream>> streams_;
+};
+
+HostEmulation& emulation() {
+  static HostEmulation e;
+  return e;
+}
+
+DeviceBackend* chosen = nullptr;
+
+}  // namespace
+
+DeviceBackend* host_emulation_backend() { return &emulation(); }
+
+void emulation_enqueue(Stream s, std::function<void()> fn) { emulation().enqueue(s, std::move(fn)); }
+void emulation_run_all(Stream s) { emulation().run_all(s); }
+
+DeviceBackend* device_backend() { return chosen != nullptr ? chosen : cuda_backend(); }
+
+void set_device_backend_for_testing(DeviceBackend* b) { chosen = b; }
+
+}  // namespace hma::detail
+
+namespace hma {
+
+DeviceInfo device_info() {
+  DeviceInfo info;
+  detail::DeviceBackend* be = detail::cuda_backend();
+  info.built_with_cuda = be != nullptr;
+  if (be == nullptr) {
+    info.reason = "hma was built without CUDA (meson -Dcuda=disabled, or no CUDA Toolkit / nvcc "
+                  "was found when it was configured)";
+    return info;
+  }
+  try {
+    info.devices = be->devices(info.reason);
+  } catch (const std::exception& e) {
+    info.devices = 0;
+    info.reason = e.what();
+  }
+  return info;
+}
+
+}  // namespace hma

@@ -1,0 +1,87 @@
+// Internal: what hma needs from a device runtime, behind one interface, so that the device
+// paths (packing, scaling, events, the staged pipeline, the direct paths) are one code base
+// with two implementations:
+//  - the CUDA backend (lib/device_cuda.cu, built with nvcc when the CUDA Toolkit is found);
+//  - the host emulation backend (lib/device_backend.cpp): "device" memory is host memory and
+//    each stream is a queue that runs its work LATE (one operation per event query, everything
+//    up to an event on synchronize), so code that reads a buffer before its copy's event
+//    completed reads stale data and fails the tests. It lets every device path run, and be
+//    checked value by value, on machines without a GPU. Tests select it; users never do.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "hma/buffer.hpp"
+#include "hma/device.hpp"
+
+namespace hma::detail {
+
+using Event = void*;
+
+/// One part of a bucket's logical range [at, at + n): `user` is a registered device array that
+/// is packed to / unpacked from storage[at, at + n), or nullptr for hma's own (owned) region.
+struct Segment {
+  void* user = nullptr;
+  std::size_t at = 0;
+  std::size_t n = 0;
+};
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+  [[nodiscard]] virtual std::string name() const = 0;
+  /// Devices visible; 0 and `reason` set when none can be used.
+  virtual int devices(std::string& reason) = 0;
+  /// Makes `device` current in the calling thread.
+  virtual void set_device(int device) = 0;
+  virtual int current_device() = 0;
+  virtual void* alloc(std::size_t bytes) = 0;  // device memory
+  virtual void release(void* p) noexcept = 0;
+  virtual void* alloc_pinned(std::size_t bytes) = 0;  // page-locked host memory
+  virtual void release_pinned(void* p) noexcept = 0;
+  /// False when `p` is known to be host memory (used to refuse host pointers in add()).
+  virtual bool maybe_device_pointer(const void* p) = 0;
+  virtual Stream create_stream() = 0;
+  virtual void destroy_stream(Stream s) noexcept = 0;
+  virtual Event create_event() = 0;
+  virtual void destroy_event(Event e) noexcept = 0;
+  virtual void record(Event e, Stream s) = 0;
+  /// True when the work before the event's record has completed. Never blocks.
+  virtual bool query(Event e) = 0;
+  /// Blocks the calling host thread until the event completes (never the whole device).
+  virtual void synchronize(Event e) = 0;
+  /// Work queued on `s` after this waits for the event.
+  virtual void stream_wait(Stream s, Event e) = 0;
+  /// Asynchronous copy on `s`, any direction (device, pinned host).
+  virtual void copy(void* dst, const void* src, std::size_t bytes, Stream s) = 0;
+  /// storage[0, n) = value, on `s`.
+  virtual void fill(Dtype d, void* storage, std::size_t n, double value, Stream s) = 0;
+  /// The segment table of a bucket, uploaded once per layout (device memory for CUDA).
+  virtual void* upload_segments(const std::vector<Segment>& segs) = 0;
+  virtual void release_segments(void* table) noexcept = 0;
+  /// ONE launch on `s`: for every segment, storage[at + i] = src[i] / group (src = the user array,
+  /// or storage itself for the owned region), with torch's rounding: x / g, or x * (1 / g) when g
+  /// is a power of two (the same bits).
+  virtual void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>& segs,
+                          std::size_t total, int group, Stream s) = 0;
+  /// ONE launch on `s`: for every user segment, user[i] = storage[at + i].
+  virtual void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
+                      std::size_t total, Stream s) = 0;
+  /// Non-finite scan of the segments' source values (user arrays, owned region), on `s`; the
+  /// host waits for the answer (an event wait).
+  virtual bool any_nonfinite(Dtype d, const void* storage, void* table,
+                             const std::vector<Segment>& segs, std::size_t total, Stream s) = 0;
+};
+
+/// The CUDA backend, or nullptr when hma was built without CUDA.
+DeviceBackend* cuda_backend();
+/// The host emulation backend (tests).
+DeviceBackend* host_emulation_backend();
+/// The backend new DeviceParamSets use: the CUDA one unless a test chose another.
+DeviceBackend* device_backend();
+/// Tests: make new DeviceParamSets use `b` (nullptr: back to the default). Not thread safe.
+void set_device_backend_for_testing(DeviceBackend* b);
+
+}  // namespace hma::detail

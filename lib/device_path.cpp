@@ -1,0 +1,93 @@
+#include "device_path.hpp"
+
+#include <mpi.h>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>
+#endif
+
+#include "hma/error.hpp"
+
+namespace hma::detail {
+
+const char* nonblocking_name(DeviceNonblocking n) {
+  switch (n) {
+    case DeviceNonblocking::iallreduce:
+      return "device pointers to MPI_Iallreduce";
+    case DeviceNonblocking::thread_direct:
+      return "device pointers to MPI_Allreduce on the progress thread";
+    case DeviceNonblocking::staged_poll:
+      return "staged through pinned host memory, MPI_Iallreduce per chunk";
+    case DeviceNonblocking::staged_thread:
+      return "staged through pinned host memory, MPI_Allreduce per chunk on the progress thread";
+  }
+  return "?";
+}
+
+DevicePlan choose_device_plan(const DevicePathInputs& in) {
+  DevicePlan p;
+  std::string aware_why;
+  if (in.cuda_aware_override >= 0) {
+    p.cuda_aware = in.cuda_aware_override == 1;
+    aware_why = std::string("HMA_CUDA_AWARE=") + (p.cuda_aware ? "1" : "0") + " (your setting)";
+  } else if (in.mpix_query >= 0) {
+    p.cuda_aware = in.mpix_query == 1;
+    aware_why = std::string("MPIX_Query_cuda_support() = ") + (p.cuda_aware ? "1" : "0") +
+                (p.cuda_aware ? "" : ": this MPI is not CUDA-aware");
+  } else {
+    p.cuda_aware = false;
+    aware_why = "this MPI offers no MPIX_Query_cuda_support(): assumed not CUDA-aware (set "
+                "HMA_CUDA_AWARE=1 if it is)";
+  }
+  const bool mvapich = in.library.find("MVAPICH") != std::string::npos;
+  if (in.requested == DevicePath::direct && !p.cuda_aware)
+    throw InvalidArgument("hma: device path 'direct' (HMA_DEVICE_PATH=direct or "
+                          "AveragerOptions::device_path) hands device pointers to MPI, but " +
+                          aware_why + "; use 'staged' or 'auto', or set HMA_CUDA_AWARE=1 if "
+                          "this MPI really is CUDA-aware");
+  const bool direct = in.requested != DevicePath::staged && p.cuda_aware;
+  p.blocking_direct = direct;
+  std::string nb_why;
+  if (!direct) {
+    p.nonblocking = in.thread_progress ? DeviceNonblocking::staged_thread : DeviceNonblocking::staged_poll;
+    nb_why = in.requested == DevicePath::staged ? "HMA_DEVICE_PATH=staged (your setting)" : aware_why;
+  } else if (in.thread_progress) {
+    p.nonblocking = DeviceNonblocking::thread_direct;
+    nb_why = aware_why + "; progress thread: the blocking MPI_Allreduce runs on it";
+  } else if (in.requested == DevicePath::direct || mvapich) {
+    p.nonblocking = DeviceNonblocking::iallreduce;
+    nb_why = aware_why + (in.requested == DevicePath::direct
+                              ? "; HMA_DEVICE_PATH=direct (your setting): device pointers go to "
+                                "MPI_Iallreduce even where the MPI does not document it (Open MPI "
+                                "does not: ompi#9845)"
+                              : "; MVAPICH2 accepts device buffers in non-blocking collectives");
+  } else {
+    p.nonblocking = DeviceNonblocking::staged_poll;
+    nb_why = aware_why + "; but " + (in.library.empty() ? "this MPI" : "Open MPI and most MPIs") +
+             " do not accept device buffers in non-blocking collectives (ompi#9845), so start() "
+             "stages (HMA_PROGRESS=thread runs MPI_Allreduce on device pointers instead)";
+  }
+  p.why = std::string("device buffers: step()/average(): ") +
+          (p.blocking_direct ? "device pointers to MPI_Allreduce"
+                             : "staged through pinned host memory, MPI_Allreduce per chunk") +
+          "; start(): " + nonblocking_name(p.nonblocking) + " (" + nb_why + ")";
+  return p;
+}
+
+DevicePathInputs detect_device_inputs() {
+  DevicePathInputs in;
+#if defined(OMPI_HAVE_MPI_EXT_CUDA) && OMPI_HAVE_MPI_EXT_CUDA
+  in.mpix_query = MPIX_Query_cuda_support() != 0 ? 1 : 0;
+#elif defined(MPIX_GPU_SUPPORT_CUDA)
+  int v = 0;
+  if (MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, &v) == MPI_SUCCESS) in.mpix_query = v != 0 ? 1 : 0;
+#endif
+  char lib[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+  int len = 0;
+  if (MPI_Get_library_version(lib, &len) == MPI_SUCCESS) {
+    std::string s(lib, static_cast<std::size_t>(len));
+    in.library = s.substr(0, s.find('\n'));
+  }
+  return in;
+}
+
+}  // namespace hma::detail

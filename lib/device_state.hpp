@@ -1,0 +1,57 @@
+// Internal: the state behind a DeviceParamSet (heap-stable, so in-flight work may point at it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "device_backend.hpp"
+#include "pending.hpp"
+#include "staged.hpp"
+
+namespace hma::detail {
+
+/// One contiguous device buffer of one dtype: [hma-owned arrays | staging for user arrays].
+struct DeviceBucket {
+  Dtype dtype = Dtype::f32;
+  void* storage = nullptr;
+  std::size_t capacity = 0;       // elements allocated
+  std::size_t owned = 0;          // elements of hma-owned (zero-copy) arrays, at the front
+  std::vector<Segment> user;      // user device arrays (their `at` is set by tables())
+  std::size_t user_elems = 0;
+  std::vector<Segment> segs;      // the owned region, then the user arrays: what the kernels walk
+  void* table = nullptr;          // segs uploaded for the kernels
+  bool dirty = true;
+  [[nodiscard]] std::size_t size() const noexcept { return owned + user_elems; }
+  [[nodiscard]] std::size_t elem() const noexcept { return dtype_size(dtype); }
+};
+
+struct DeviceState {
+  struct Entry {
+    std::uint8_t kind;  // 0 owned, 1 user
+    Dtype dtype;
+    std::size_t n;
+  };
+  DeviceBackend* be = nullptr;
+  int device = 0;
+  Stream stream = nullptr;       // hma's stream: pack, device->host copies, unpack
+  Stream stream_back = nullptr;  // host->device copies of the staged path
+  Event ready = nullptr;         // recorded on the caller's stream at the start of an average
+  Event packed = nullptr;        // scale+pack done: MPI may read the buffer
+  Event done = nullptr;          // unpack done: the average is in the arrays
+  bool done_recorded = false;
+  DeviceBucket f32, f64;
+  StagingArea staging;
+  std::vector<Entry> layout;
+  std::uint64_t version = 0, id = 0;
+  std::shared_ptr<Pending> pending;
+
+  DeviceBucket& bucket(Dtype d) noexcept { return d == Dtype::f32 ? f32 : f64; }
+  /// Rebuilds and uploads the segment tables of changed buckets (waits for the last average's
+  /// kernels first: they may still read the old table).
+  void tables();
+  /// Queues the unpack kernels and records `done` on hma's stream.
+  void unpack_and_record();
+};
+
+}  // namespace hma::detail

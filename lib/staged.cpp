@@ -1,0 +1,151 @@
+#include "staged.hpp"
+
+#include <algorithm>
+
+#include "hma/error.hpp"
+#include "kernels.hpp"
+
+namespace hma::detail {
+
+StagingArea::~StagingArea() {
+  if (be == nullptr) return;
+  if (host != nullptr) be->release_pinned(host);
+  for (Event e : in) be->destroy_event(e);
+  for (Event e : out) be->destroy_event(e);
+}
+
+void StagingArea::ensure(DeviceBackend* backend, std::size_t want_slots, std::size_t want_bytes) {
+  be = backend;
+  if (want_slots > slots || want_bytes > slot_bytes) {
+    const std::size_t s = std::max(want_slots, slots), b = std::max(want_bytes, slot_bytes);
+    void* fresh = be->alloc_pinned(s * 2 * b);
+    if (host != nullptr) be->release_pinned(host);
+    host = fresh;
+    slots = s;
+    slot_bytes = b;
+  }
+  while (in.size() < slots) in.push_back(be->create_event());
+  while (out.size() < slots) out.push_back(be->create_event());
+}
+
+char* StagingArea::send(std::size_t slot) const { return static_cast<char*>(host) + 2 * slot * slot_bytes; }
+char* StagingArea::recv(std::size_t slot) const { return send(slot) + slot_bytes; }
+
+std::vector<Chunk> staged_chunks(const std::vector<StagedJob>& jobs, std::size_t chunk_bytes) {
+  std::vector<Chunk> out;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const std::size_t n = jobs[j].n;
+    if (n == 0) continue;
+    std::size_t per = chunk_bytes == 0 ? n : std::max<std::size_t>(1, chunk_bytes / dtype_size(jobs[j].dtype));
+    per = std::min(per, kMaxChunk);
+    for (std::size_t lo = 0; lo < n; lo += per) out.push_back(Chunk{j, lo, std::min(per, n - lo)});
+  }
+  return out;
+}
+
+std::size_t staged_slot_bytes(const std::vector<StagedJob>& jobs, std::size_t chunk_bytes) {
+  std::size_t most = 0;
+  for (const Chunk& c : staged_chunks(jobs, chunk_bytes))
+    most = std::max(most, c.n * dtype_size(jobs[c.job].dtype));
+  return most;
+}
+
+StagedPipeline::StagedPipeline(DeviceBackend& be, StagingArea& area, std::vector<StagedJob> jobs,
+                               std::size_t chunk_bytes, MPI_Comm comm, Stream to_host,
+                               Stream to_device, bool blocking_mpi)
+    : be_(be),
+      area_(area),
+      jobs_(std::move(jobs)),
+      chunks_(staged_chunks(jobs_, chunk_bytes)),
+      comm_(comm),
+      to_host_(to_host),
+      to_device_(to_device),
+      blocking_mpi_(blocking_mpi) {
+  if (area_.slots == 0 || area_.slot_bytes < staged_slot_bytes(jobs_, chunk_bytes))
+    throw Error("hma: internal: staging area too small for the pipeline");
+  req_.assign(area_.slots, MPI_REQUEST_NULL);
+}
+
+bool StagedPipeline::step(bool one_mpi) {
+  const std::size_t S = area_.slots, N = chunks_.size();
+  bool progress = false;
+  auto dev = [&](const Chunk& c) {
+    return static_cast<char*>(jobs_[c.job].dev) + c.lo * dtype_size(jobs_[c.job].dtype);
+  };
+  auto bytes = [&](const Chunk& c) { return c.n * dtype_size(jobs_[c.job].dtype); };
+  // 1. Copy chunks to the host while slots are free.
+  while (c_in_ < N && c_in_ - c_free_ < S) {
+    const Chunk& c = chunks_[c_in_];
+    const std::size_t s = c_in_ % S;
+    be_.copy(area_.send(s), dev(c), bytes(c), to_host_);
+    be_.record(area_.in[s], to_host_);
+    ++c_in_;
+    max_in_flight_ = std::max(max_in_flight_, c_in_ - c_free_);
+    progress = true;
+  }
+  // 2. Reduce, in chunk order, the chunks whose copy to the host has completed.
+  while (c_mpi_ < c_in_ && be_.query(area_.in[c_mpi_ % S])) {
+    const Chunk& c = chunks_[c_mpi_];
+    const std::size_t s = c_mpi_ % S;
+    const MPI_Datatype t = jobs_[c.job].dtype == Dtype::f32 ? MPI_FLOAT : MPI_DOUBLE;
+    if (blocking_mpi_) {
+      check(MPI_Allreduce(area_.send(s), area_.recv(s), static_cast<int>(c.n), t, MPI_SUM, comm_),
+            "MPI_Allreduce(staged chunk)");
+    } else {
+      check(MPI_Iallreduce(area_.send(s), area_.recv(s), static_cast<int>(c.n), t, MPI_SUM, comm_,
+                           &req_[s]),
+            "MPI_Iallreduce(staged chunk)");
+    }
+    ++c_mpi_;
+    progress = true;
+    if (one_mpi && blocking_mpi_) break;  // queue this chunk's copy back before the next one
+  }
+  // 3. Copy reduced chunks back, in order.
+  while (c_red_ < c_mpi_) {
+    const std::size_t s = c_red_ % S;
+    int done = 1;
+    if (req_[s] != MPI_REQUEST_NULL) check(MPI_Test(&req_[s], &done, MPI_STATUS_IGNORE), "MPI_Test(staged chunk)");
+    if (!done) break;
+    const Chunk& c = chunks_[c_red_];
+    be_.copy(dev(c), area_.recv(s), bytes(c), to_device_);
+    be_.record(area_.out[s], to_device_);
+    ++c_red_;
+    progress = true;
+  }
+  // 4. A slot is free again once its chunk is back in device memory.
+  while (c_free_ < c_red_ && be_.query(area_.out[c_free_ % S])) {
+    ++c_free_;
+    progress = true;
+  }
+  return progress;
+}
+
+// Nothing moved: block on the oldest unfinished thing of the pipeline.
+void StagedPipeline::wait_oldest() {
+  const std::size_t S = area_.slots;
+  if (c_free_ < c_red_) {
+    be_.synchronize(area_.out[c_free_ % S]);
+  } else if (c_red_ < c_mpi_) {
+    check(MPI_Wait(&req_[c_red_ % S], MPI_STATUS_IGNORE), "MPI_Wait(staged chunk)");
+  } else if (c_mpi_ < c_in_) {
+    be_.synchronize(area_.in[c_mpi_ % S]);
+  }
+}
+
+bool StagedPipeline::drive(bool block) {
+  while (true) {
+    const bool progress = step(true);
+    if (c_free_ == chunks_.size()) return true;
+    if (!progress) {
+      if (!block) return false;
+      wait_oldest();
+    }
+  }
+}
+
+void StagedPipeline::issue_all() {
+  while (!issued_all())
+    if (!step(true)) wait_oldest();
+}
+
+}  // namespace hma::detail

@@ -1,0 +1,87 @@
+// Internal: path (c) for device buffers on an MPI that is not CUDA-aware: the (already scaled)
+// device buffer goes through pinned host memory in chunks, pipelined so that copying chunk k+1
+// to the host, reducing chunk k on the host and copying chunk k-1 back overlap (the pattern of
+// Aluminum's host-transfer backend). Chunk k uses slot k mod S; a slot is a pinned send and
+// receive area of `slot_bytes`. Reductions are issued in chunk order on every rank.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstddef>
+#include <vector>
+
+#include "device_backend.hpp"
+
+namespace hma::detail {
+
+/// Pinned host slots and their events, kept by a DeviceParamSet between averages.
+struct StagingArea {
+  DeviceBackend* be = nullptr;
+  void* host = nullptr;  // slots * 2 * slot_bytes
+  std::size_t slots = 0, slot_bytes = 0;
+  std::vector<Event> in, out;  // per slot: device->host copy done, host->device copy done
+  StagingArea() = default;
+  StagingArea(const StagingArea&) = delete;
+  StagingArea& operator=(const StagingArea&) = delete;
+  ~StagingArea();
+  /// Makes room for `slots` slots of `slot_bytes` (reallocates only to grow).
+  void ensure(DeviceBackend* backend, std::size_t slots, std::size_t slot_bytes);
+  [[nodiscard]] char* send(std::size_t slot) const;
+  [[nodiscard]] char* recv(std::size_t slot) const;
+};
+
+/// One device buffer to average in place: n elements of dtype d (already divided by the group).
+struct StagedJob {
+  void* dev = nullptr;
+  std::size_t n = 0;
+  Dtype dtype = Dtype::f32;
+};
+
+/// The chunks of `jobs` for a chunk size of `chunk_bytes` (at least one element, at most 2^30
+/// elements per chunk): job index, first element, count. Pure arithmetic, tested on its own.
+struct Chunk {
+  std::size_t job = 0, lo = 0, n = 0;
+};
+std::vector<Chunk> staged_chunks(const std::vector<StagedJob>& jobs, std::size_t chunk_bytes);
+/// Bytes of the largest chunk staged_chunks() makes for these jobs (a slot's size).
+std::size_t staged_slot_bytes(const std::vector<StagedJob>& jobs, std::size_t chunk_bytes);
+
+class StagedPipeline {
+ public:
+  /// `blocking_mpi`: reduce each chunk with a blocking MPI_Allreduce (the copies of the other
+  /// chunks still run meanwhile); else with MPI_Iallreduce advanced by drive(). Device->host
+  /// copies run on `to_host`, host->device copies on `to_device`.
+  StagedPipeline(DeviceBackend& be, StagingArea& area, std::vector<StagedJob> jobs,
+                 std::size_t chunk_bytes, MPI_Comm comm, Stream to_host, Stream to_device,
+                 bool blocking_mpi);
+  StagedPipeline(const StagedPipeline&) = delete;
+  StagedPipeline& operator=(const StagedPipeline&) = delete;
+  /// Advances; with `block` returns only when every chunk is back in device memory. True when
+  /// complete (the host->device copies have completed).
+  bool drive(bool block);
+  /// Blocks until every chunk's reduction has been issued (not completed): what MPI's ordering
+  /// of collectives needs before another collective may be issued on the communicator.
+  void issue_all();
+  [[nodiscard]] bool issued_all() const noexcept { return c_mpi_ == chunks_.size(); }
+  [[nodiscard]] std::size_t chunks() const noexcept { return chunks_.size(); }
+  /// The most chunks that were between their device->host copy and their slot's release at once.
+  [[nodiscard]] std::size_t max_in_flight() const noexcept { return max_in_flight_; }
+
+ private:
+  bool step(bool one_mpi);
+  void wait_oldest();
+  DeviceBackend& be_;
+  StagingArea& area_;
+  std::vector<StagedJob> jobs_;
+  std::vector<Chunk> chunks_;
+  MPI_Comm comm_;
+  Stream to_host_, to_device_;
+  bool blocking_mpi_;
+  std::vector<MPI_Request> req_;  // per slot
+  // Chunks [0, c_in_) were copied to the host, [0, c_mpi_) issued, [0, c_red_) reduced (and
+  // their copy back queued), [0, c_free_) back in device memory with their slot free.
+  std::size_t c_in_ = 0, c_mpi_ = 0, c_red_ = 0, c_free_ = 0;
+  std::size_t max_in_flight_ = 0;
+};
+
+}  // namespace hma::detail
