@@ -15,6 +15,10 @@
 
 #include <unistd.h>
 
+#ifdef HMA_TEST_NEEDS_GPU
+#include "hma/device.hpp"
+#endif
+
 int main(int argc, char** argv) {
   const char* level = std::getenv("HMA_TEST_THREAD_LEVEL");
   if (level != nullptr && std::string(level) == "single") {
@@ -25,6 +29,23 @@ int main(int argc, char** argv) {
   }
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+#ifdef HMA_TEST_NEEDS_GPU
+  // A GPU test binary: without a usable device on every rank, say why and report SKIP (77),
+  // never a pass.
+  {
+    const hma::DeviceInfo info = hma::device_info();
+    int ok = info.available() ? 1 : 0, all = 0;
+    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!all) {
+      if (rank == 0 || !ok)
+        std::printf("SKIP (rank %d): the GPU tests need a CUDA device: %s\n", rank,
+                    ok ? "another rank has none" : info.reason.c_str());
+      std::fflush(stdout);
+      MPI_Finalize();
+      return 77;
+    }
+  }
+#endif
   std::vector<std::string> args(argv, argv + argc);
   std::string report;
   if (rank != 0) {

@@ -1,0 +1,177 @@
+// hma-bench-device: device-buffer averages next to host-buffer averages of the same bytes, and
+// next to their floors measured in the same run: bare MPI_Allreduce on host memory and the
+// device<->pinned-host copies that the staged path cannot avoid. Also checks, per size, that the
+// device result equals the host result bit for bit. CUDA builds only; without a usable GPU it
+// says why and exits 77.
+//   mpirun -np 2 build/bench/hma-bench-device --sizes 1M,16M,256M --csv dev.csv --json dev.json
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <memory>
+
+#include "bench_util.hpp"
+#include "hma/hma.hpp"
+
+namespace {
+
+const char* kUsage =
+    "usage: hma-bench-device [options]\n"
+    "  --sizes LIST      comma list of byte sizes (default 1M,16M,256M; K/M/G suffixes)\n"
+    "  --iters N         timed iterations per measurement (default 20)\n"
+    "  --warmup N        untimed iterations (default 2)\n"
+    "  --max-seconds S   stop a measurement after S s of timed work, >= 3 iterations (default 1)\n"
+    "  --csv FILE        write the results as CSV\n"
+    "  --json FILE       write the results and the run's metadata as JSON\n";
+
+void cu(cudaError_t rc, const char* what) {
+  if (rc != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(rc));
+}
+
+long long parse(bench::Flags& flags, const std::string& v) {
+  try {
+    std::size_t pos = 0;
+    long long n = std::stoll(v, &pos);
+    const std::string suf = v.substr(pos);
+    if (suf == "K") n <<= 10;
+    else if (suf == "M") n <<= 20;
+    else if (suf == "G") n <<= 30;
+    else if (!suf.empty()) throw 0;
+    if (n < 4) throw 0;
+    return n;
+  } catch (...) {
+    flags.fail("--sizes: '" + v + "' is not a size of at least 4 bytes");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bench::init(&argc, &argv);
+  bench::Flags flags(argc, argv, kUsage);
+  const bench::Meta meta = bench::collect_meta(argc, argv);
+  const std::string sizes_s = flags.str("sizes", "1M,16M,256M");
+  const int iters = static_cast<int>(flags.integer("iters", 20)), warm = static_cast<int>(flags.integer("warmup", 2));
+  const double max_s = flags.real("max-seconds", 1.0);
+  const std::string csv = flags.str("csv", ""), json = flags.str("json", "");
+  flags.done();
+  std::vector<long long> sizes;
+  for (std::size_t a = 0; a <= sizes_s.size();) {
+    const std::size_t b = std::min(sizes_s.find(',', a), sizes_s.size());
+    sizes.push_back(parse(flags, sizes_s.substr(a, b - a)));
+    a = b + 1;
+  }
+  const hma::DeviceInfo info = hma::device_info();
+  int ok = info.available() ? 1 : 0, all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (!all) {
+    if (bench::rank() == 0 || !ok)
+      std::printf("hma-bench-device (rank %d): no GPU: %s\n", bench::rank(),
+                  ok ? "another rank has none" : info.reason.c_str());
+    MPI_Finalize();
+    return 77;
+  }
+  try {
+    const int world = bench::size();
+    const std::string path = hma::PeriodicAverager(MPI_COMM_WORLD, 1).device_path();
+    const bool direct = path.find("step()/average(): device pointers") != std::string::npos;
+    // The host reference issues the same MPI calls on the same pieces (see test_gpu.cpp).
+    hma::AveragerOptions ref;
+    ref.reduction = hma::Reduction::mpi;
+    const char* chunk = std::getenv("HMA_STAGING_CHUNK_BYTES");
+    ref.chunk_bytes = direct ? 0 : chunk != nullptr ? std::stoul(chunk) : hma::AveragerOptions::kDefaultStagingChunkBytes;
+    hma::PeriodicAverager avg_ref(MPI_COMM_WORLD, 1, 0, ref);
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1);  // hma's defaults, as a user runs it
+    const MPI_Comm comm = avg.hierarchy().level(0).get();
+    int dev = 0;
+    cu(cudaGetDevice(&dev), "cudaGetDevice");
+    cudaDeviceProp prop{};
+    cu(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+    bench::warn_oversubscribed();
+    if (bench::rank() == 0) {
+      std::printf("# hma-bench-device: np %d on %s, f32, %s, build %s, %s\n# %s\n", world, prop.name,
+                  meta.mpi.c_str(), meta.build.c_str(), meta.date.c_str(), path.c_str());
+      std::printf("# median µs of one average (slowest rank); device times include the device work "
+                  "(params.synchronize()); ratio = device / host\n");
+      std::printf("%10s %6s %10s %10s %7s %10s %7s %10s %10s\n", "bytes", "exact", "host-hma",
+                  "dev-hma", "ratio", "dev-nb", "ratio", "bare-host", "d2h+h2d");
+    }
+    bench::Table table({"bytes", "np", "variant", "median_us", "p10_us", "p90_us", "min_us", "max_us",
+                        "iters", "algbw_GBps", "ratio_to_host", "bit_exact"});
+    cudaStream_t stream = nullptr;
+    cu(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    for (const long long b : sizes) {
+      const std::size_t n = static_cast<std::size_t>(b) / sizeof(float);
+      const double bytes = static_cast<double>(n * sizeof(float));
+      std::vector<float> init(n);
+      for (std::size_t i = 0; i < n; ++i)
+        init[i] = static_cast<float>(bench::rank() + 1) * 0.1f + static_cast<float>(i % 1013) / 7.0f;
+      hma::ParamSet host;
+      auto hw = host.allocate<float>(n);
+      std::memcpy(hw.data(), init.data(), n * sizeof(float));
+      hma::DeviceParamSet dps;
+      auto dw = dps.allocate<float>(n);
+      cu(cudaMemcpy(dw.data(), init.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+      // Bit-exactness first, on fresh data: one average each, then compare.
+      avg_ref.average(host, 0);
+      avg.average(dps, 0);
+      dps.synchronize();
+      std::vector<float> back(n);
+      cu(cudaMemcpy(back.data(), dw.data(), n * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+      int same = std::memcmp(back.data(), hw.data(), n * sizeof(float)) == 0 ? 1 : 0, all_same = 0;
+      MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+      // Timings.
+      float* pinned = nullptr;
+      cu(cudaMallocHost(&pinned, n * sizeof(float)), "cudaMallocHost");
+      std::vector<float> bare(init);
+      const int cnt = static_cast<int>(n);
+      auto t_host = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(host, 0); }));
+      auto t_dev = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+        avg.average(dps, 0, stream);
+        dps.synchronize();
+      }));
+      auto t_nb = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+        auto r = avg.start_average(dps, 0, stream);
+        r.wait();
+        dps.synchronize();
+      }));
+      auto t_bare = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+        MPI_Allreduce(MPI_IN_PLACE, bare.data(), cnt, MPI_FLOAT, MPI_SUM, comm);
+      }));
+      auto t_copy = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+        cu(cudaMemcpyAsync(pinned, dw.data(), n * sizeof(float), cudaMemcpyDeviceToHost, stream), "copy");
+        cu(cudaMemcpyAsync(dw.data(), pinned, n * sizeof(float), cudaMemcpyHostToDevice, stream), "copy");
+        cu(cudaStreamSynchronize(stream), "sync");
+      }));
+      cudaFreeHost(pinned);
+      const double h = t_host.median;
+      auto add = [&](const char* v, const bench::Stats& s) {
+        table.add({bench::fmt(bytes, 0), std::to_string(world), v, bench::fmt(s.median, 3),
+                   bench::fmt(s.p10, 3), bench::fmt(s.p90, 3), bench::fmt(s.min, 3), bench::fmt(s.max, 3),
+                   std::to_string(s.n), bench::fmt(bench::algbw(bytes, s.median), 4),
+                   bench::fmt(s.median / h, 4), all_same ? "1" : "0"});
+      };
+      add("host_hma", t_host);
+      add("device_hma", t_dev);
+      add("device_hma_start_wait", t_nb);
+      add("bare_allreduce_host", t_bare);
+      add("d2h_h2d_copy", t_copy);
+      if (bench::rank() == 0)
+        std::printf("%10s %6s %10.1f %10.1f %7.3f %10.1f %7.3f %10.1f %10.1f\n",
+                    bench::human_bytes(bytes).c_str(), all_same ? "yes" : "NO", h, t_dev.median,
+                    t_dev.median / h, t_nb.median, t_nb.median / h, t_bare.median, t_copy.median);
+      std::fflush(stdout);
+    }
+    cudaStreamDestroy(stream);
+    if (bench::rank() == 0) {
+      std::printf("# exact: the device average equals the host average of the same data bit for bit "
+                  "(all ranks)\n");
+      if (!csv.empty()) table.write_csv(csv);
+      if (!json.empty()) table.write_json(json, meta);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma-bench-device (rank %d): %s\n", bench::rank(), e.what());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  MPI_Finalize();
+  return 0;
+}
