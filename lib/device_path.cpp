@@ -28,7 +28,8 @@ DevicePlan choose_device_plan(const DevicePathInputs& in) {
   std::string aware_why;
   if (in.cuda_aware_override >= 0) {
     p.cuda_aware = in.cuda_aware_override == 1;
-    aware_why = std::string("HMA_CUDA_AWARE=") + (p.cuda_aware ? "1" : "0") + " (your setting)";
+    aware_why = std::string("HMA_CUDA_AWARE=") + (p.cuda_aware ? "1" : "0") +
+                " (your setting, or AveragerOptions::cuda_aware)";
   } else if (in.mpix_query >= 0) {
     p.cuda_aware = in.mpix_query == 1;
     aware_why = std::string("MPIX_Query_cuda_support() = ") + (p.cuda_aware ? "1" : "0") +
@@ -49,14 +50,17 @@ DevicePlan choose_device_plan(const DevicePathInputs& in) {
   std::string nb_why;
   if (!direct) {
     p.nonblocking = in.thread_progress ? DeviceNonblocking::staged_thread : DeviceNonblocking::staged_poll;
-    nb_why = in.requested == DevicePath::staged ? "HMA_DEVICE_PATH=staged (your setting)" : aware_why;
+    nb_why = in.requested == DevicePath::staged
+                 ? "HMA_DEVICE_PATH=staged (your setting, or AveragerOptions::device_path)"
+                 : aware_why;
   } else if (in.thread_progress) {
     p.nonblocking = DeviceNonblocking::thread_direct;
     nb_why = aware_why + "; progress thread: the blocking MPI_Allreduce runs on it";
   } else if (in.requested == DevicePath::direct || mvapich) {
     p.nonblocking = DeviceNonblocking::iallreduce;
     nb_why = aware_why + (in.requested == DevicePath::direct
-                              ? "; HMA_DEVICE_PATH=direct (your setting): device pointers go to "
+                              ? "; HMA_DEVICE_PATH=direct (your setting, or AveragerOptions::device_path): "
+                                "device pointers go to "
                                 "MPI_Iallreduce even where the MPI does not document it (Open MPI "
                                 "does not: ompi#9845)"
                               : "; MVAPICH2 accepts device buffers in non-blocking collectives");

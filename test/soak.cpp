@@ -1,5 +1,7 @@
 // hma-soak: random multi-level schedules, buffer layouts, options and call modes for many steps;
-// every average is checked against an independently computed exact reference.
+// every average is checked against an independently computed exact reference. A third of the
+// configurations use device buffers (DeviceParamSet) on the host emulation backend, with random
+// device paths, staging chunks and slots.
 //   mpirun -np 4 build/test/hma-soak --steps 100000 --seed 1
 // Exit code 0 only when every step matched on every rank.
 #include <mpi.h>
@@ -11,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "device_backend.hpp"
 #include "hma/hma.hpp"
 
 namespace {
@@ -24,18 +27,24 @@ double value(int r, std::int64_t t, std::size_t i, std::uint64_t salt) {
 }
 
 struct Arr {
-  bool f32, owned;
+  bool f32, owned, device = false;
   std::size_t n;
   hma::Array<float> af;
   hma::Array<double> ad;
+  hma::DeviceArray<float> df;  // emulated device memory: host-readable
+  hma::DeviceArray<double> dd;
   std::vector<float> vf;
   std::vector<double> vd;
   double get(std::size_t i) const {
+    if (owned && device) return f32 ? df.data()[i] : dd.data()[i];
     if (owned) return f32 ? af[i] : ad[i];
     return f32 ? vf[i] : vd[i];
   }
   void set(std::size_t i, double v) {
-    if (owned) {
+    if (owned && device) {
+      if (f32) df.data()[i] = static_cast<float>(v);
+      else dd.data()[i] = v;
+    } else if (owned) {
       if (f32) af[i] = static_cast<float>(v);
       else ad[i] = v;
     } else {
@@ -66,6 +75,7 @@ int main(int argc, char** argv) {
   for (int g = 1; g <= np; ++g)
     if (np % g == 0) divisors.push_back(g);
 
+  hma::detail::set_device_backend_for_testing(hma::detail::host_emulation_backend());
   std::mt19937_64 rng(seed);  // same seed on every rank: the same choices everywhere
   auto pick = [&](std::uint64_t n) { return static_cast<std::uint64_t>(rng() % n); };
   long long mismatches = 0, averages = 0, epochs = 0, done = 0;
@@ -90,16 +100,31 @@ int main(int argc, char** argv) {
       // Tiny pieces on a worker thread of an oversubscribed machine crawl (thousands of
       // allreduces per step, every thread spinning): keep them to the caller's thread.
       if (*o.progress == hma::Progress::thread && *o.chunk_bytes < 4096) o.chunk_bytes = 4096;
+      const bool device = pick(3) == 0;
+      if (device) {
+        o.cuda_aware = pick(2) == 0;
+        o.device_path = *o.cuda_aware ? std::vector<hma::DevicePath>{hma::DevicePath::automatic, hma::DevicePath::staged,
+                                                                     hma::DevicePath::direct}[pick(3)]
+                                      : std::vector<hma::DevicePath>{hma::DevicePath::automatic, hma::DevicePath::staged}[pick(2)];
+        o.staging_chunk_bytes = std::vector<std::size_t>{0, 16, 4096, std::size_t{4} << 20}[pick(4)];
+        if (*o.progress == hma::Progress::thread && *o.staging_chunk_bytes < 4096) o.staging_chunk_bytes = 4096;
+        o.staging_slots = 1 + pick(4);
+      }
       hma::Averager avg(MPI_COMM_WORLD, sched, o);
       avg.set_step(static_cast<std::int64_t>(pick(50)));
-      // A random layout.
-      hma::ParamSet ps;
+      // A random layout. User arrays are declared before the sets that register them.
       std::vector<Arr> arrs(1 + pick(5));
+      hma::ParamSet ps;
+      hma::DeviceParamSet dps;
       for (auto& a : arrs) {
         a.f32 = pick(2) == 0;
         a.owned = pick(2) == 0;
+        a.device = device;
         a.n = pick(4) == 0 ? pick(4) : pick(3000);
-        if (a.owned) {
+        if (a.owned && device) {
+          if (a.f32) a.df = dps.allocate<float>(a.n);
+          else a.dd = dps.allocate<double>(a.n);
+        } else if (a.owned) {
           if (a.f32) a.af = ps.allocate<float>(a.n);
           else a.ad = ps.allocate<double>(a.n);
         } else {
@@ -109,14 +134,19 @@ int main(int argc, char** argv) {
       }
       for (auto& a : arrs)  // register user arrays after all allocations
         if (!a.owned) {
-          if (a.f32) ps.add(a.vf);
+          if (device && a.f32) dps.add(a.vf.data(), a.n);
+          else if (device) dps.add(a.vd.data(), a.n);
+          else if (a.f32) ps.add(a.vf);
           else ps.add(a.vd);
         }
       if (verbose && rank == 0) {
         std::printf("epoch %lld: %s, reduction %d, chunk %zu, progress %d, step %lld, %s\n", epochs,
                     sched.to_string().c_str(), static_cast<int>(*o.reduction), *o.chunk_bytes,
                     static_cast<int>(*o.progress), static_cast<long long>(avg.step_count()),
-                    ps.describe().c_str());
+                    device ? (dps.describe() + "; " + avg.device_path() + ", staging chunk " +
+                              std::to_string(*o.staging_chunk_bytes) + ", slots " +
+                              std::to_string(*o.staging_slots)).c_str()
+                           : ps.describe().c_str());
         std::fflush(stdout);
       }
       const std::int64_t len = std::min<std::int64_t>(steps - done, 20 + static_cast<std::int64_t>(pick(300)));
@@ -131,13 +161,15 @@ int main(int argc, char** argv) {
         const auto lvl = sched.level_at(t);
         const int mode = static_cast<int>(pick(3));
         if (mode == 0) {
-          avg.step(ps);
+          if (device) avg.step(dps);
+          else avg.step(ps);
         } else {
-          auto r = avg.start(ps);
+          auto r = device ? avg.start(dps) : avg.start(ps);
           if (mode == 1) r.wait();
           else
             while (!r.test()) std::this_thread::yield();
         }
+        if (device) dps.synchronize();  // the host reads the "device" arrays next
         averages += lvl.has_value();
         const int g = lvl ? sched.levels()[*lvl].group_size : 1;
         const int first = rank / g * g;

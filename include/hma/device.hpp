@@ -76,7 +76,8 @@ class DeviceArray {
 /// flight throws hma::Error. Not thread safe. Memory is allocated on `device` (or the device
 /// current at construction); hma makes that device current in its own calls.
 /// Construction throws hma::Error when hma was built without CUDA or no device is visible (the
-/// message says which; see device_info()). Initialise MPI before constructing one.
+/// message says which; see device_info()). Initialise MPI before constructing one. A moved-from
+/// DeviceParamSet may only be destroyed or assigned to.
 class DeviceParamSet {
  public:
   /// `device`: CUDA device ordinal, or -1 for the device current in this thread.

@@ -9,6 +9,7 @@
 #include "hma/averager.hpp"
 #include "hma/buffer.hpp"
 #include "hma/comm.hpp"
+#include "hma/device.hpp"
 #include "hma/error.hpp"
 #include "hma/hierarchy.hpp"
 #include "hma/schedule.hpp"
