@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "bench_util.hpp"
+#include "device_backend.hpp"
 #include "hma/hma.hpp"
 
 namespace {
@@ -25,7 +26,10 @@ const char* kUsage =
     "  --variants LIST   comma list of contiguous,scattered,start-wait,bare-nb,memcpy,flat,two-level\n"
     "                    (default: the first five; bare MPI_Allreduce is always measured: it is\n"
     "                    the floor). flat and two-level force HMA_ALGORITHM for the group's level\n"
-    "                    (two-level needs groups of whole nodes) and print a second line per size\n"
+    "                    (two-level needs groups of whole nodes) and print a second line per size.\n"
+    "                    device-emulated: a DeviceParamSet on hma's host emulation backend (device\n"
+    "                    memory = host memory): the staged path's chunking and MPI calls plus two\n"
+    "                    memcpy passes standing in for the PCIe copies; blocking and start/wait\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -114,6 +118,23 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     // flat and two-level back to back in the same run, next to the same floor.
     auto t_flat = !on("flat") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_flat->average(contig, 0); }));
     auto t_two = !on("two-level") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_two->average(contig, 0); }));
+    std::unique_ptr<hma::DeviceParamSet> dps;
+    hma::DeviceArray<T> dw;
+    if (on("device-emulated")) {
+      hma::detail::set_device_backend_for_testing(hma::detail::host_emulation_backend());
+      dps = std::make_unique<hma::DeviceParamSet>();
+      hma::detail::set_device_backend_for_testing(nullptr);
+      dw = dps->allocate<T>(n, T(1));
+    }
+    auto t_dev = !on("device-emulated") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      avg.average(*dps, 0);
+      dps->synchronize();
+    }));
+    auto t_dev_nb = !on("device-emulated") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      auto r = avg.start_average(*dps, 0);
+      r.wait();
+      dps->synchronize();
+    }));
     auto t_copy = !on("memcpy") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
       std::memcpy(dst.data(), src.data(), n * sizeof(T));
     }));
@@ -134,6 +155,8 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (on("memcpy")) add("memcpy", t_copy, base);
     if (on("flat")) add("hma_flat", t_flat, base);
     if (on("two-level")) add("hma_two_level", t_two, base);
+    if (on("device-emulated")) add("emulated_device_staged", t_dev, base);
+    if (on("device-emulated")) add("emulated_device_staged_start_wait", t_dev_nb, base);
     if (bench::rank() == 0)
       std::printf("%10s %10.1f %10.1f %7.3f %5.0f%% %10.1f %7.3f %10.1f %10.1f %7.3f %10.1f %9.3f\n",
                   bench::human_bytes(bytes).c_str(), base, t_hma.median, t_hma.median / base,
@@ -143,6 +166,9 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (bench::rank() == 0 && (on("flat") || on("two-level")))
       std::printf("%10s   flat %10.1f µs (%.3f)   two-level %10.1f µs (%.3f)\n", "",
                   t_flat.median, t_flat.median / base, t_two.median, t_two.median / base);
+    if (bench::rank() == 0 && on("device-emulated"))
+      std::printf("%10s   emulated device, staged: blocking %10.1f µs (%.3f)   start+wait %10.1f µs (%.3f)\n",
+                  "", t_dev.median, t_dev.median / base, t_dev_nb.median, t_dev_nb.median / base);
     std::fflush(stdout);
   }
   if (bench::rank() == 0) {

@@ -605,6 +605,19 @@ void Averager::check_layout(std::uint64_t id, std::uint64_t version, std::vector
   checked_[id] = version;
 }
 
+std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::size_t bytes,
+                                                       const Comm& comm) const {
+  auto p = std::make_shared<detail::Pending>();
+  p->level = level;
+  p->step = step_;
+  p->bytes = bytes;
+  p->group = comm.size();
+  p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
+  p->timeout_s = timeout_s_;
+  p->comm = comm.get();
+  return p;
+}
+
 void Averager::settle_issue() {
   if (auto p = lazy_.lock()) detail::finish_issuing(*p);
   lazy_.reset();
@@ -703,15 +716,8 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     body();
     return true;
   }
-  auto p = std::make_shared<detail::Pending>();
+  auto p = new_pending(level, params.bytes(), comm);
   p->params = &params;
-  p->level = level;
-  p->step = step_;
-  p->bytes = params.bytes();
-  p->group = g;
-  p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
-  p->timeout_s = timeout_s_;
-  p->comm = comm.get();
   if (worker_) {
     p->threaded = true;
     auto done = std::make_shared<std::promise<void>>();

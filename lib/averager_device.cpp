@@ -160,14 +160,7 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
     s.be->stream_wait(user, s.done);
     return true;
   }
-  auto p = std::make_shared<detail::Pending>();
-  p->level = level;
-  p->step = step_;
-  p->bytes = params.bytes();
-  p->group = g;
-  p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
-  p->timeout_s = timeout_s_;
-  p->comm = c;
+  auto p = new_pending(level, params.bytes(), comm);
   p->finish = [sp, user] { sp->be->stream_wait(user, sp->done); };
   switch (plan.nonblocking) {
     case detail::DeviceNonblocking::thread_direct:

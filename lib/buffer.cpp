@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "hma/error.hpp"
+#include "buffer_limits.hpp"
 #include "pending.hpp"
 
 namespace hma {
@@ -95,13 +96,17 @@ void ParamSet::check_mutable(const char* what) const {
                 " while an average of this set is in flight: wait() on its Request first");
 }
 
-void ParamSet::check_size(std::size_t n, std::size_t have, std::size_t elem, const char* what) {
+void detail::check_buffer_size(std::size_t n, std::size_t have, std::size_t elem, const std::string& who) {
   constexpr std::size_t kMaxBytes = std::size_t{1} << 48;
   if (n > kMaxBytes / elem || have + n > kMaxBytes / elem)
-    throw InvalidArgument(std::string("hma: ParamSet::") + what + ": " + std::to_string(n) +
-                          " elements of " + std::to_string(elem) +
+    throw InvalidArgument("hma: " + who + ": " + std::to_string(n) + " elements of " +
+                          std::to_string(elem) +
                           " bytes would make the buffer larger than 2^48 bytes (a negative size "
                           "converted to size_t?)");
+}
+
+void ParamSet::check_size(std::size_t n, std::size_t have, std::size_t elem, const char* what) {
+  detail::check_buffer_size(n, have, elem, std::string("ParamSet::") + what);
 }
 
 void ParamSet::throw_null_span() {

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdio>
 
+#include "buffer_limits.hpp"
 #include "device_state.hpp"
 #include "hma/device.hpp"
 #include "hma/error.hpp"
@@ -112,15 +113,6 @@ void DeviceParamSet::check_mutable(const char* what) const {
 }
 
 namespace {
-void check_count(std::size_t n, std::size_t have, std::size_t elem, const char* what) {
-  constexpr std::size_t kMaxBytes = std::size_t{1} << 48;
-  if (n > kMaxBytes / elem || have + n > kMaxBytes / elem)
-    throw InvalidArgument(std::string("hma: DeviceParamSet::") + what + ": " + std::to_string(n) +
-                          " elements of " + std::to_string(elem) +
-                          " bytes would make the buffer larger than 2^48 bytes (a negative size "
-                          "converted to size_t?)");
-}
-
 // Grows the bucket's storage to hold `need` elements, keeping the owned region.
 void grow(detail::DeviceState& s, detail::DeviceBucket& b, std::size_t need) {
   if (need <= b.capacity) return;
@@ -145,7 +137,7 @@ void* DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init, std::s
   check_mutable("allocate");
   auto& s = *s_;
   auto& b = s.bucket(d);
-  check_count(n, b.size(), b.elem(), "allocate");
+  detail::check_buffer_size(n, b.size(), b.elem(), "DeviceParamSet::allocate");
   s.be->set_device(s.device);
   grow(s, b, b.size() + n);
   *offset = b.owned;
@@ -166,7 +158,7 @@ void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {
   check_mutable("add");
   auto& s = *s_;
   auto& b = s.bucket(d);
-  check_count(n, b.size(), b.elem(), "add");
+  detail::check_buffer_size(n, b.size(), b.elem(), "DeviceParamSet::add");
   if (p == nullptr && n > 0)
     throw InvalidArgument("hma: DeviceParamSet::add: the array has a null data pointer but a non-zero size");
   s.be->set_device(s.device);

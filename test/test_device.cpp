@@ -14,10 +14,13 @@
 #include "device_path.hpp"
 #include "emulation.hpp"
 #include "hma/hma.hpp"
+#include "exact_values.hpp"
 #include "mpi_test.hpp"
 #include "staged.hpp"
 
+using hma_test::block_mean;
 using hma_test::rank;
+using hma_test::value;
 using hma_test::size;
 namespace hd = hma::detail;
 
@@ -29,17 +32,6 @@ struct Emulated {
   ~Emulated() { hd::set_device_backend_for_testing(nullptr); }
 };
 
-// A multiple of g*... : x / g is exact for g in {1, 2, 3, 4, 6, 8} and sums of at most 8 such
-// values are exact, so averages are exact in any order (see test_average.cpp).
-double value(int r, std::int64_t t, std::size_t i) {
-  return 24.0 * static_cast<double>((r * 7 + static_cast<std::int64_t>(i) * 3 + t * 5) % 17 - 8);
-}
-double block_mean(int r, int g, std::int64_t t, std::size_t i) {
-  const int first = r / g * g;
-  double sum = 0;
-  for (int m = first; m < first + g; ++m) sum += value(m, t, i);
-  return sum / g;
-}
 
 // Zero-copy and registered arrays of both dtypes. "Device" memory is host memory here.
 struct DeviceModel {

@@ -268,6 +268,9 @@ class Averager {
   // any, make sure the last lazily issuing average (chained two-level stages, device paths)
   // has issued all of its own.
   void settle_issue();
+  // The shared state of a started average of `bytes` on `level` (group communicator `comm`).
+  std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes,
+                                               const Comm& comm) const;
   bool use_two_level(std::size_t level, std::size_t bytes) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;

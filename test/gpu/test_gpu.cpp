@@ -15,9 +15,12 @@
 
 #include "gpu_kernels.hpp"
 #include "hma/hma.hpp"
+#include "exact_values.hpp"
 #include "mpi_test.hpp"
 
+using hma_test::block_mean;
 using hma_test::rank;
+using hma_test::value;
 using hma_test::size;
 
 namespace {
@@ -26,15 +29,6 @@ void ok(cudaError_t rc) {
   if (rc != cudaSuccess) FAIL("CUDA: " << cudaGetErrorString(rc));
 }
 
-double value(int r, std::int64_t t, std::size_t i) {
-  return 24.0 * static_cast<double>((r * 7 + static_cast<std::int64_t>(i) * 3 + t * 5) % 17 - 8);
-}
-double block_mean(int r, int g, std::int64_t t, std::size_t i) {
-  const int first = r / g * g;
-  double sum = 0;
-  for (int m = first; m < first + g; ++m) sum += value(m, t, i);
-  return sum / g;
-}
 
 template <class T>
 struct DeviceVec {  // a cudaMalloc'd user array
