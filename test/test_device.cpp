@@ -4,10 +4,12 @@
 // as a wrong value. Plus the staged chunk arithmetic, the path choice, the options and errors.
 // The path under test comes from the environment (test/meson.build runs this binary with
 // HMA_CUDA_AWARE, HMA_DEVICE_PATH, HMA_PROGRESS and HMA_STAGING_* variants).
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "device_backend.hpp"
@@ -431,4 +433,47 @@ TEST_CASE("device options: bad values and settings that differ between ranks", "
   if (rank() == 1) d.staging_chunk_bytes = 1024;
   REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, d),
                            "averaging settings");
+}
+
+TEST_CASE("device averages: a late rank gives hma::Timeout and the wait resumes", "[device]") {
+  Emulated emu;
+  // With HMA_CHECK=1 the blocking per-step check waits for the late rank first (documented: the
+  // timeout does not cover that collective).
+  if (size() < 2 || env("HMA_CHECK") == "1") return;
+  hma::AveragerOptions o;
+  o.timeout_s = 0.3;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  std::vector<double> v(1000, 1.0);
+  hma::DeviceParamSet ps;
+  ps.add(v.data(), v.size());
+  REQUIRE(avg.step(ps));  // all present: also the (blocking) layout check
+  ps.synchronize();
+  std::fill(v.begin(), v.end(), 2.0 * rank());
+  const int late = size() - 1;
+  int timeouts = 0;
+  std::string msg;
+  if (rank() == late) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+    avg.step(ps);
+  } else {
+    try {
+      avg.step(ps);
+    } catch (const hma::Timeout& e) {
+      ++timeouts;
+      msg = e.what();
+    }
+    while (ps.in_flight()) {
+      try {
+        ps.wait();
+      } catch (const hma::Timeout&) {
+        ++timeouts;
+      }
+    }
+  }
+  ps.synchronize();
+  INFO(msg);
+  REQUIRE_ALL_RANKS(rank() == late || timeouts >= 1);
+  REQUIRE_ALL_RANKS(rank() == late || msg.find("8000 bytes) did not complete within 0.3 s") != std::string::npos);
+  REQUIRE_ALL_RANKS(v[0] == static_cast<double>(size() - 1) && v[999] == v[0]);
+  REQUIRE(avg.step_count() == 2);
 }
