@@ -5,6 +5,8 @@
 #include <mpi-ext.h>
 #endif
 
+#include <cstdlib>
+
 #include "hma/error.hpp"
 
 namespace hma::detail {
@@ -34,6 +36,9 @@ DevicePlan choose_device_plan(const DevicePathInputs& in) {
     p.cuda_aware = in.mpix_query == 1;
     aware_why = std::string("MPIX_Query_cuda_support() = ") + (p.cuda_aware ? "1" : "0") +
                 (p.cuda_aware ? "" : ": this MPI is not CUDA-aware");
+  } else if (in.mv2_use_cuda && in.library.find("MVAPICH") != std::string::npos) {
+    p.cuda_aware = true;
+    aware_why = "MVAPICH2 with MV2_USE_CUDA=1";
   } else {
     p.cuda_aware = false;
     aware_why = "this MPI offers no MPIX_Query_cuda_support(): assumed not CUDA-aware (set "
@@ -85,6 +90,8 @@ DevicePathInputs detect_device_inputs() {
   int v = 0;
   if (MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, &v) == MPI_SUCCESS) in.mpix_query = v != 0 ? 1 : 0;
 #endif
+  const char* mv2 = std::getenv("MV2_USE_CUDA");
+  in.mv2_use_cuda = mv2 != nullptr && std::string(mv2) == "1";
   char lib[MPI_MAX_LIBRARY_VERSION_STRING] = {};
   int len = 0;
   if (MPI_Get_library_version(lib, &len) == MPI_SUCCESS) {

@@ -13,6 +13,7 @@ struct DevicePathInputs {
   DevicePath requested = DevicePath::automatic;
   int cuda_aware_override = -1;  // AveragerOptions::cuda_aware / HMA_CUDA_AWARE: -1 unset, 0, 1
   int mpix_query = -1;           // MPIX_Query_cuda_support(): -1 not provided by this MPI, 0, 1
+  bool mv2_use_cuda = false;     // MVAPICH2 with MV2_USE_CUDA=1 (it has no MPIX query)
   std::string library;           // MPI_Get_library_version(), first line
   bool thread_progress = false;  // Progress::thread (a worker thread runs the averages)
 };

@@ -188,10 +188,20 @@ TEST_CASE("device path choice", "[device][unit]") {
   REQUIRE_THAT(p.why, Catch::Contains("ompi#9845"));
   in.thread_progress = true;
   REQUIRE(hd::choose_device_plan(in).nonblocking == hd::DeviceNonblocking::thread_direct);
-  // MVAPICH2(-GDR) takes device buffers in MPI_Iallreduce.
+  // MVAPICH2(-GDR) takes device buffers in MPI_Iallreduce; it has no MPIX query, its
+  // MV2_USE_CUDA=1 says it is CUDA-aware.
   in.thread_progress = false;
   in.library = "MVAPICH2 Version      :\t2.3.7";
   REQUIRE(hd::choose_device_plan(in).nonblocking == hd::DeviceNonblocking::iallreduce);
+  {
+    hd::DevicePathInputs mv;
+    mv.library = in.library;
+    REQUIRE(!hd::choose_device_plan(mv).cuda_aware);
+    mv.mv2_use_cuda = true;
+    p = hd::choose_device_plan(mv);
+    REQUIRE((p.cuda_aware && p.blocking_direct && p.nonblocking == hd::DeviceNonblocking::iallreduce));
+    REQUIRE_THAT(p.why, Catch::Contains("MV2_USE_CUDA=1"));
+  }
   // Overrides: HMA_CUDA_AWARE beats the query; staged beats awareness; direct is an opt-in.
   in.library = "Open MPI v5.0.3";
   in.cuda_aware_override = 0;

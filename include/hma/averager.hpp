@@ -161,7 +161,8 @@ struct AveragerOptions {
   /// nullopt: the environment variable HMA_DEVICE_PATH (auto, staged or direct), default auto.
   std::optional<DevicePath> device_path;
   /// Whether the MPI accepts device pointers. nullopt: the environment variable HMA_CUDA_AWARE
-  /// (0 or 1), else MPIX_Query_cuda_support() where the MPI has it, else false.
+  /// (0 or 1), else MPIX_Query_cuda_support() where the MPI has it (Open MPI), else
+  /// MV2_USE_CUDA=1 on MVAPICH2, else false.
   std::optional<bool> cuda_aware;
   /// The staged path's chunk: bytes copied and reduced at a time (0: one chunk per dtype).
   /// nullopt: HMA_STAGING_CHUNK_BYTES, default kDefaultStagingChunkBytes.
