@@ -482,8 +482,48 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
 }
 
 Averager::Averager(Averager&&) noexcept = default;
-Averager& Averager::operator=(Averager&&) noexcept = default;
-Averager::~Averager() = default;
+Averager& Averager::operator=(Averager&& o) noexcept {
+  if (this == &o) return *this;
+  finish_all();
+  worker_.reset();  // joined before the communicators it uses go
+  schedule_ = std::move(o.schedule_);
+  hierarchy_ = std::move(o.hierarchy_);
+  step_ = o.step_;
+  check_every_ = o.check_every_;
+  chunk_bytes_ = o.chunk_bytes_;
+  reduction_ = o.reduction_;
+  timeout_s_ = o.timeout_s_;
+  nonfinite_ = o.nonfinite_;
+  algorithm_ = o.algorithm_;
+  ring_min_block_bytes_ = o.ring_min_block_bytes_;
+  scratch_ = std::move(o.scratch_);
+  device_plan_ = std::move(o.device_plan_);
+  staging_chunk_bytes_ = o.staging_chunk_bytes_;
+  staging_slots_ = o.staging_slots_;
+  lazy_ = std::move(o.lazy_);
+  inflight_ = std::move(o.inflight_);
+  worker_ = std::move(o.worker_);
+  checked_ = std::move(o.checked_);
+  return *this;
+}
+
+Averager::~Averager() { finish_all(); }
+
+void Averager::finish_all() noexcept {
+  // Open MPI 4.1 crashes when a communicator is freed under a pending non-blocking collective
+  // (and lazily issued stages need it): complete this averager's averages first.
+  for (auto& w : inflight_)
+    if (auto p = w.lock(); p && !p->done) {
+      try {
+        detail::complete(*p, true);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "hma: destroying an averager: completing its in-flight average: %s\n",
+                     e.what());
+      }
+    }
+  inflight_.clear();
+  lazy_.reset();
+}
 
 std::optional<std::size_t> Averager::level_now() const noexcept {
   return schedule_.level_at(step_);
@@ -606,8 +646,13 @@ void Averager::check_layout(std::uint64_t id, std::uint64_t version, std::vector
 }
 
 std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::size_t bytes,
-                                                       const Comm& comm) const {
+                                                       const Comm& comm) {
+  std::erase_if(inflight_, [](const std::weak_ptr<detail::Pending>& w) {
+    const auto p = w.lock();
+    return p == nullptr || p->done;
+  });
   auto p = std::make_shared<detail::Pending>();
+  inflight_.push_back(p);
   p->level = level;
   p->step = step_;
   p->bytes = bytes;

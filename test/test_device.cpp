@@ -487,3 +487,18 @@ TEST_CASE("device averages: a late rank gives hma::Timeout and the wait resumes"
   REQUIRE_ALL_RANKS(v[0] == static_cast<double>(size() - 1) && v[999] == v[0]);
   REQUIRE(avg.step_count() == 2);
 }
+
+TEST_CASE("device averages: a Request outlives its averager", "[device]") {
+  Emulated emu;
+  DeviceModel m(100000);
+  m.fill(rank(), 3);
+  hma::Request r;
+  {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1);
+    r = avg.start_average(m.ps, 0);
+  }  // the averager completes the average before it frees its communicators
+  REQUIRE(!r.active());
+  r.wait();
+  m.ps.synchronize();
+  REQUIRE_ALL_RANKS(m.averaged(rank(), size(), 3));
+}

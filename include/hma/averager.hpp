@@ -182,7 +182,8 @@ struct AveragerOptions {
 /// ranks of the chosen level's group; every rank of `comm` must call them in the same order
 /// and with ParamSets of the same layout (checked, see AveragerOptions).
 /// The caller owns MPI: MPI must be initialised before and finalised after the Averager's life.
-/// Not thread safe.
+/// Destroying (or assigning to) an averager first completes the averages it started that are
+/// still in flight: their collectives run on its communicators. Not thread safe.
 class Averager {
  public:
   /// `schedule.world_size()` must equal the size of `comm`.
@@ -270,8 +271,11 @@ class Averager {
   // has issued all of its own.
   void settle_issue();
   // The shared state of a started average of `bytes` on `level` (group communicator `comm`).
+  // Registered in inflight_.
   std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes,
-                                               const Comm& comm) const;
+                                               const Comm& comm);
+  // Completes every average still in flight (destructor, move assignment).
+  void finish_all() noexcept;
   bool use_two_level(std::size_t level, std::size_t bytes) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;
@@ -291,6 +295,7 @@ class Averager {
   std::size_t staging_chunk_bytes_ = AveragerOptions::kDefaultStagingChunkBytes;
   std::size_t staging_slots_ = AveragerOptions::kDefaultStagingSlots;
   std::weak_ptr<detail::Pending> lazy_;  // see settle_issue()
+  std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all()
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
   std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };
