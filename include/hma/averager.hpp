@@ -177,7 +177,9 @@ struct AveragerOptions {
 /// Averages a ParamSet over the level its Schedule picks at each step, like torch's
 /// `average_parameters` (divide by the group size, then allreduce SUM, then unpack), and counts
 /// steps. Construction is collective over `comm`: it duplicates `comm`, builds the hierarchy
-/// (MPI_Comm_split per level) and checks that all ranks hold the same schedule, throwing
+/// (MPI_Comm_split per level) and checks that all ranks hold the same schedule and the same
+/// settings that decide which collectives an average issues (chunk sizes, reduction,
+/// algorithm, progress, non-finite guard, per-step check, device path), throwing
 /// hma::MismatchError on every rank if not. `step()` and `start()` are collective over the
 /// ranks of the chosen level's group; every rank of `comm` must call them in the same order
 /// and with ParamSets of the same layout (checked, see AveragerOptions).
