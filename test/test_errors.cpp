@@ -189,3 +189,20 @@ TEST_CASE("overlapping or duplicate arrays are refused when registered") {
   REQUIRE(ps.arrays() == 4);
   REQUIRE(ps.count(hma::Dtype::f32) == 24);
 }
+
+// A rank with another chunk size would reduce different pieces than the others (wrong data or a
+// deadlock); another non-finite setting would leave it out of the guard's collective.
+TEST_CASE("averaging settings that differ across ranks are detected at construction") {
+  if (size() < 2) return;
+  hma::AveragerOptions chunk;
+  if (rank() == size() - 1) chunk.chunk_bytes = 12345;
+  REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, chunk),
+                           "the averaging settings");
+  hma::AveragerOptions guard;
+  if (rank() == 0) guard.nonfinite = hma::NonFinite::skip;
+  REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, guard),
+                           "non-finite");
+  setenv("HMA_REDUCTION", rank() == 0 ? "ring" : "mpi", 1);
+  REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1), "rank 1");
+  unsetenv("HMA_REDUCTION");
+}
