@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "emulation.hpp"
+#include "segments.hpp"
 #include "hma/error.hpp"
 
 namespace hma::detail {
@@ -30,29 +31,38 @@ struct EEvent {
   std::uint64_t seq = 0;     // stream was destroyed, which runs all of its work first
 };
 
+// The kernels of lib/device_cuda.cu, element by element with the same indexing.
 template <class T>
-void scale_pack_t(T* storage, const std::vector<Segment>& segs, int group) {
+void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group) {
   const T g = static_cast<T>(group), inv = T(1) / g;
   const bool pow2 = (group & (group - 1)) == 0;
-  for (const auto& s : segs) {
-    const T* src = s.user != nullptr ? static_cast<const T*>(s.user) : storage + s.at;
-    T* dst = storage + s.at;
-    for (std::size_t i = 0; i < s.n; ++i) dst[i] = pow2 ? src[i] * inv : src[i] / g;
+  const int n = static_cast<int>(segs.size());
+  if (n == 0) return;
+  for (std::uint64_t e = 0; e < total; ++e) {
+    const Segment& s = segs[static_cast<std::size_t>(find_segment(segs.data(), n, e))];
+    const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
+    storage[e] = pow2 ? x * inv : x / g;
   }
 }
 
 template <class T>
-void unpack_t(const T* storage, const std::vector<Segment>& segs) {
-  for (const auto& s : segs)
-    if (s.user != nullptr) std::memcpy(s.user, storage + s.at, s.n * sizeof(T));
+void unpack_t(const T* storage, const std::vector<Segment>& segs, std::size_t total) {
+  const int n = static_cast<int>(segs.size());
+  for (std::uint64_t e = unpack_start(segs.data(), n); e < total; ++e) {
+    const Segment& s = segs[static_cast<std::size_t>(find_segment(segs.data(), n, e))];
+    if (s.user != nullptr) static_cast<T*>(s.user)[e - s.at] = storage[e];
+  }
 }
 
 template <class T>
-bool nonfinite_t(const T* storage, const std::vector<Segment>& segs) {
+bool nonfinite_t(const T* storage, const std::vector<Segment>& segs, std::size_t total) {
   bool bad = false;
-  for (const auto& s : segs) {
-    const T* src = s.user != nullptr ? static_cast<const T*>(s.user) : storage + s.at;
-    for (std::size_t i = 0; i < s.n; ++i) bad |= !std::isfinite(src[i]);
+  const int n = static_cast<int>(segs.size());
+  if (n == 0) return false;
+  for (std::uint64_t e = 0; e < total; ++e) {
+    const Segment& s = segs[static_cast<std::size_t>(find_segment(segs.data(), n, e))];
+    const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
+    bad |= !std::isfinite(x);
   }
   return bad;
 }
@@ -127,29 +137,29 @@ class HostEmulation final : public DeviceBackend {
     return new std::vector<Segment>(segs);
   }
   void release_segments(void* t) noexcept override { delete static_cast<std::vector<Segment>*>(t); }
-  void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&, std::size_t,
-                  int group, Stream s) override {
+  void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&,
+                  std::size_t total, int group, Stream s) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);  // read at run time, like a kernel
     enqueue(s, [=] {
-      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, group);
-      else scale_pack_t(static_cast<double*>(storage), *segs, group);
+      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, total, group);
+      else scale_pack_t(static_cast<double*>(storage), *segs, total, group);
     });
   }
-  void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>&, std::size_t,
-              Stream s) override {
+  void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
+              std::size_t total, Stream s) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);
     enqueue(s, [=] {
-      if (d == Dtype::f32) unpack_t(static_cast<const float*>(storage), *segs);
-      else unpack_t(static_cast<const double*>(storage), *segs);
+      if (d == Dtype::f32) unpack_t(static_cast<const float*>(storage), *segs, total);
+      else unpack_t(static_cast<const double*>(storage), *segs, total);
     });
   }
   bool any_nonfinite(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
-                     std::size_t, Stream s) override {
+                     std::size_t total, Stream s) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);
     auto bad = std::make_shared<bool>(false);
     enqueue(s, [=] {
-      *bad = d == Dtype::f32 ? nonfinite_t(static_cast<const float*>(storage), *segs)
-                             : nonfinite_t(static_cast<const double*>(storage), *segs);
+      *bad = d == Dtype::f32 ? nonfinite_t(static_cast<const float*>(storage), *segs, total)
+                             : nonfinite_t(static_cast<const double*>(storage), *segs, total);
     });
     run_all(s);
     return *bad;

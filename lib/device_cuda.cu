@@ -11,6 +11,7 @@
 
 #include "device_backend.hpp"
 #include "hma/error.hpp"
+#include "segments.hpp"
 
 namespace hma::detail {
 
@@ -26,17 +27,6 @@ struct DevSeg {
   void* user;
   std::uint64_t at, n;
 };
-
-// The segment holding element e (segments are sorted by `at` and cover [0, total)).
-__device__ inline int find_segment(const DevSeg* segs, int nsegs, std::uint64_t e) {
-  int lo = 0, hi = nsegs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (segs[mid].at <= e) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
-}
 
 template <class T, bool Pow2>
 __global__ void scale_pack_kernel(T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
@@ -216,7 +206,7 @@ class Cuda final : public DeviceBackend {
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
               std::size_t total, Stream s) override {
     const auto* t = static_cast<Table*>(table);
-    const std::uint64_t from = segs.empty() || segs[0].user != nullptr ? 0 : segs[0].n;  // skip the owned region
+    const std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
     if (total <= from || t->n == 0) return;
     if (d == Dtype::f32)
       unpack_kernel<float><<<blocks_for(total - from), kThreads, 0, s>>>(static_cast<const float*>(storage), t->dev, t->n, from, total);

@@ -15,6 +15,7 @@
 #include "device_backend.hpp"
 #include "device_path.hpp"
 #include "emulation.hpp"
+#include "segments.hpp"
 #include "hma/hma.hpp"
 #include "exact_values.hpp"
 #include "mpi_test.hpp"
@@ -126,6 +127,35 @@ TEST_CASE("staged pipeline: chunk arithmetic", "[device][unit]") {
       }
       REQUIRE(next == n);
     }
+}
+
+TEST_CASE("kernel indexing: element to segment", "[device][unit]") {
+  // The lookup the pack/unpack kernels use (also run by the emulation), against a linear scan.
+  std::uint64_t seed = 12345;
+  auto rnd = [&](std::uint64_t n) {
+    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (seed >> 33) % n;
+  };
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<hd::Segment> segs;
+    std::size_t at = 0;
+    const bool owned = rnd(2) == 0;
+    const std::size_t nsegs = 1 + rnd(40);
+    static float dummy;
+    for (std::size_t k = 0; k < nsegs; ++k) {
+      const std::size_t n = 1 + rnd(k % 5 == 0 ? 1000 : 7);
+      segs.push_back({owned && k == 0 ? nullptr : &dummy, at, n});
+      at += n;
+    }
+    const int ns = static_cast<int>(segs.size());
+    REQUIRE(hd::unpack_start(segs.data(), ns) == (owned ? segs[0].n : 0));
+    for (std::uint64_t e = 0; e < at; ++e) {
+      int want = 0;
+      while (static_cast<std::size_t>(want + 1) < segs.size() && segs[static_cast<std::size_t>(want) + 1].at <= e) ++want;
+      if (hd::find_segment(segs.data(), ns, e) != want) FAIL("trial " << trial << ", element " << e);
+    }
+  }
+  REQUIRE(hd::unpack_start(static_cast<const hd::Segment*>(nullptr), 0) == 0);
 }
 
 TEST_CASE("staged pipeline: reduces every chunk on host memory in order and overlapped", "[device]") {
