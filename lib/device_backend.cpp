@@ -31,39 +31,47 @@ struct EEvent {
   std::uint64_t seq = 0;     // stream was destroyed, which runs all of its work first
 };
 
-// The kernels of lib/device_cuda.cu, element by element with the same indexing.
-template <class T>
-void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group) {
-  const T g = static_cast<T>(group), inv = T(1) / g;
-  const bool pow2 = (group & (group - 1)) == 0;
+// The kernels of lib/device_cuda.cu with the same indexing (find_segment, e - at), looked up once
+// per run of elements of one segment instead of per element (the unit test checks the lookup
+// for every element).
+template <class T, class F>
+void each_element(const std::vector<Segment>& segs, std::uint64_t from, std::uint64_t total, F&& f) {
   const int n = static_cast<int>(segs.size());
-  if (n == 0) return;
-  for (std::uint64_t e = 0; e < total; ++e) {
+  for (std::uint64_t e = from; e < total;) {
     const Segment& s = segs[static_cast<std::size_t>(find_segment(segs.data(), n, e))];
-    const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
-    storage[e] = pow2 ? x * inv : x / g;
+    const std::uint64_t end = s.at + s.n;
+    for (; e < end && e < total; ++e) f(s, e);
   }
 }
 
 template <class T>
+void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group) {
+  const T g = static_cast<T>(group), inv = T(1) / g;
+  const bool pow2 = (group & (group - 1)) == 0;
+  if (segs.empty()) return;
+  each_element<T>(segs, 0, total, [&](const Segment& s, std::uint64_t e) {
+    const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
+    storage[e] = pow2 ? x * inv : x / g;
+  });
+}
+
+template <class T>
 void unpack_t(const T* storage, const std::vector<Segment>& segs, std::size_t total) {
-  const int n = static_cast<int>(segs.size());
-  for (std::uint64_t e = unpack_start(segs.data(), n); e < total; ++e) {
-    const Segment& s = segs[static_cast<std::size_t>(find_segment(segs.data(), n, e))];
-    if (s.user != nullptr) static_cast<T*>(s.user)[e - s.at] = storage[e];
-  }
+  if (segs.empty()) return;
+  each_element<T>(segs, unpack_start(segs.data(), static_cast<int>(segs.size())), total,
+                  [&](const Segment& s, std::uint64_t e) {
+                    if (s.user != nullptr) static_cast<T*>(s.user)[e - s.at] = storage[e];
+                  });
 }
 
 template <class T>
 bool nonfinite_t(const T* storage, const std::vector<Segment>& segs, std::size_t total) {
   bool bad = false;
-  const int n = static_cast<int>(segs.size());
-  if (n == 0) return false;
-  for (std::uint64_t e = 0; e < total; ++e) {
-    const Segment& s = segs[static_cast<std::size_t>(find_segment(segs.data(), n, e))];
+  if (segs.empty()) return false;
+  each_element<T>(segs, 0, total, [&](const Segment& s, std::uint64_t e) {
     const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
     bad |= !std::isfinite(x);
-  }
+  });
   return bad;
 }
 
