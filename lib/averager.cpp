@@ -765,16 +765,7 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
   p->params = &params;
   if (worker_) {
     p->threaded = true;
-    auto done = std::make_shared<std::promise<void>>();
-    p->result = done->get_future().share();
-    worker_->submit([body, done] {
-      try {
-        body();
-        done->set_value();
-      } catch (...) {
-        done->set_exception(std::current_exception());
-      }
-    });
+    p->result = worker_->submit(body);
     params.set_pending(p);
     *out = Request(std::move(p), level);
     return true;

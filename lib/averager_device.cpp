@@ -170,22 +170,15 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
       std::shared_ptr<detail::StagedPipeline> pipe;
       if (!direct) pipe = staged(s, staging_chunk_bytes_, staging_slots_, c, true);
       p->threaded = true;
-      auto done = std::make_shared<std::promise<void>>();
-      p->result = done->get_future().share();
-      worker_->submit([sp, c, direct, pipe, done] {
-        try {
-          sp->be->set_device(sp->device);
-          if (direct) {
-            sp->be->synchronize(sp->packed);
-            allreduce_direct(jobs_of(*sp), c);
-          } else {
-            pipe->drive(true);
-          }
-          sp->unpack_and_record();
-          done->set_value();
-        } catch (...) {
-          done->set_exception(std::current_exception());
+      p->result = worker_->submit([sp, c, direct, pipe] {
+        sp->be->set_device(sp->device);
+        if (direct) {
+          sp->be->synchronize(sp->packed);
+          allreduce_direct(jobs_of(*sp), c);
+        } else {
+          pipe->drive(true);
         }
+        sp->unpack_and_record();
       });
       break;
     }

@@ -1,5 +1,7 @@
 #include "worker.hpp"
 
+#include <memory>
+
 namespace hma::detail {
 
 Worker::Worker() : thread_([this] { loop(); }) {}
@@ -13,12 +15,22 @@ Worker::~Worker() {
   thread_.join();
 }
 
-void Worker::submit(std::function<void()> job) {
+std::shared_future<void> Worker::submit(std::function<void()> job) {
+  auto done = std::make_shared<std::promise<void>>();
+  std::shared_future<void> result = done->get_future().share();
   {
     std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(std::move(job));
+    queue_.push_back([job = std::move(job), done] {
+      try {
+        job();
+        done->set_value();
+      } catch (...) {
+        done->set_exception(std::current_exception());
+      }
+    });
   }
   work_cv_.notify_one();
+  return result;
 }
 
 void Worker::drain() {

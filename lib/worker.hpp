@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -17,8 +18,8 @@ class Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
   /// Queues `job`; jobs run one at a time, in order (MPI needs collectives in the same order on
-  /// every rank). A job must not throw: it reports errors through its own promise.
-  void submit(std::function<void()> job);
+  /// every rank). The future is ready when the job has run, and holds its exception if it threw.
+  std::shared_future<void> submit(std::function<void()> job);
   /// Blocks until no job is queued or running.
   void drain();
 
