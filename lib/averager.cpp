@@ -226,12 +226,20 @@ std::string ranges(const std::vector<int>& r) {
 
 bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline);
 
+namespace {
+// When a blocking wait on `p` that starts now gives up (never without a timeout).
+std::chrono::steady_clock::time_point deadline_of(const Pending& p) {
+  if (p.timeout_s <= 0) return std::chrono::steady_clock::time_point::max();
+  return std::chrono::steady_clock::now() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+             std::chrono::duration<double>(p.timeout_s));
+}
+}  // namespace
+
 bool complete(Pending& p, bool blocking) {
   if (p.done) return true;
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.level), p.step, p.bytes, p.group);
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(p.timeout_s));
+  const auto deadline = deadline_of(p);
   if (p.threaded) {
     if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
       return false;
@@ -251,22 +259,17 @@ bool complete(Pending& p, bool blocking) {
     } else if (!p.drive(blocking)) {
       return false;
     }
-    p.done = true;
-    if (p.finish) p.finish();
-    if (auto* tl = Timeline::get())
-      tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step,
-                p.bytes, p.group, 1);
-    return true;
+  } else {
+    while (true) {
+      if (!complete_requests(p, blocking, deadline)) return false;
+      if (p.next_stage >= p.stages.size()) break;
+      p.reqs.clear();
+      p.stages[p.next_stage++](p.reqs);  // issue the next stage's collective
+    }
   }
-  while (true) {
-    if (!complete_requests(p, blocking, deadline)) return false;
-    if (p.next_stage >= p.stages.size()) break;
-    p.reqs.clear();
-    p.stages[p.next_stage++](p.reqs);  // issue the next stage's collective
-  }
+  p.done = true;
   if (p.finish) p.finish();
   else if (p.params != nullptr) unpack(*p.params);
-  p.done = true;
   if (auto* tl = Timeline::get())
     tl->event("in flight", p.t_start, Timeline::now_us(), static_cast<int>(p.level), p.step, p.bytes,
               p.group, 1);
@@ -276,14 +279,10 @@ bool complete(Pending& p, bool blocking) {
 void finish_issuing(Pending& p) {
   if (p.done || p.threaded) return;
   if (p.drive) {
-    if (p.issued_all && !p.issued_all()) p.issue_rest();
+    if (p.issue_rest) p.issue_rest();
     return;
   }
-  const auto deadline =
-      p.timeout_s > 0 ? std::chrono::steady_clock::now() +
-                            std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                std::chrono::duration<double>(p.timeout_s))
-                      : std::chrono::steady_clock::time_point::max();
+  const auto deadline = deadline_of(p);
   while (p.next_stage < p.stages.size()) {
     complete_requests(p, true, deadline);
     p.reqs.clear();
@@ -500,7 +499,6 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   device_plan_ = std::move(o.device_plan_);
   staging_chunk_bytes_ = o.staging_chunk_bytes_;
   staging_slots_ = o.staging_slots_;
-  lazy_ = std::move(o.lazy_);
   inflight_ = std::move(o.inflight_);
   worker_ = std::move(o.worker_);
   checked_ = std::move(o.checked_);
@@ -522,7 +520,6 @@ void Averager::finish_all() noexcept {
       }
     }
   inflight_.clear();
-  lazy_.reset();
 }
 
 std::optional<std::size_t> Averager::level_now() const noexcept {
@@ -664,8 +661,10 @@ std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::s
 }
 
 void Averager::settle_issue() {
-  if (auto p = lazy_.lock()) detail::finish_issuing(*p);
-  lazy_.reset();
+  // Only the last lazily issuing average can have collectives left to issue (every start
+  // settles the ones before it); for the others this is a no-op.
+  for (auto& w : inflight_)
+    if (auto p = w.lock()) detail::finish_issuing(*p);
 }
 
 void Averager::average(ParamSet& params, std::size_t level) {
@@ -784,7 +783,6 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p->finish = [fin] {
       for (const auto& fn : fin) fn();
     };
-    lazy_ = p;  // its later stages are issued lazily: see settle_issue()
   } else {
     detail::start_bucket(f, g, comm.get(), p->reqs);
     detail::start_bucket(d, g, comm.get(), p->reqs);

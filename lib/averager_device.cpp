@@ -201,7 +201,6 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
           }
         st->issued = true;
       };
-      p->issued_all = [st] { return st->issued; };
       p->issue_rest = [sp, st, issue] {
         if (st->issued) return;
         sp->be->synchronize(sp->packed);
@@ -225,12 +224,10 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
         sp->unpack_and_record();
         return true;
       };
-      lazy_ = p;
       break;
     }
     case detail::DeviceNonblocking::staged_poll: {
       auto pipe = staged(s, staging_chunk_bytes_, staging_slots_, c, false);
-      p->issued_all = [pipe] { return pipe->issued_all(); };
       p->issue_rest = [pipe] { pipe->issue_all(); };
       p->drive = [sp, pipe](bool block) {
         sp->be->set_device(sp->device);
@@ -238,7 +235,6 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
         sp->unpack_and_record();
         return true;
       };
-      lazy_ = p;
       break;
     }
   }

@@ -35,9 +35,8 @@ struct Pending {
   // Device averages drive their own state machine instead of `reqs`/`stages`: drive(blocking)
   // advances it and returns true when the host side is complete; `finish` then runs (also after
   // a threaded average). Collectives issued lazily must be issued in the same order on every
-  // rank: issued_all() says whether all are, issue_rest() blocks until they are.
+  // rank: issue_rest() blocks until all of them are (a no-op once they are).
   std::function<bool(bool)> drive;
-  std::function<bool()> issued_all;
   std::function<void()> issue_rest;
 };
 

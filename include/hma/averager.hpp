@@ -269,8 +269,8 @@ class Averager {
                     const std::function<std::string()>& describe);
   bool nonfinite_agreed(bool bad_here, const Comm& comm, std::size_t level);
   // MPI needs collectives on a communicator in the same order on every rank: before issuing
-  // any, make sure the last lazily issuing average (chained two-level stages, device paths)
-  // has issued all of its own.
+  // any, make sure every average in flight that issues lazily (chained two-level stages, device
+  // paths) has issued all of its own.
   void settle_issue();
   // The shared state of a started average of `bytes` on `level` (group communicator `comm`).
   // Registered in inflight_.
@@ -296,8 +296,7 @@ class Averager {
   std::unique_ptr<detail::DevicePlan> device_plan_;
   std::size_t staging_chunk_bytes_ = AveragerOptions::kDefaultStagingChunkBytes;
   std::size_t staging_slots_ = AveragerOptions::kDefaultStagingSlots;
-  std::weak_ptr<detail::Pending> lazy_;  // see settle_issue()
-  std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all()
+  std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
   std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };
