@@ -531,28 +531,7 @@ void Averager::set_step(std::int64_t step) {
   step_ = step;
 }
 
-bool Averager::step(ParamSet& params) {
-  const auto lvl = level_now();
-  if (member() && check_every_) check_layout(params);
-  bool did = false;
-  try {
-    did = member() && lvl && run(params, *lvl, true, nullptr);
-  } catch (const Timeout&) {
-    ++step_;  // the average was issued and is still in flight: this step is taken
-    throw;
-  }
-  ++step_;
-  return did;
-}
 
-Request Averager::start(ParamSet& params) {
-  const auto lvl = level_now();
-  if (member() && check_every_) check_layout(params);
-  Request r;
-  if (member() && lvl) run(params, *lvl, false, &r);
-  ++step_;
-  return r;
-}
 
 namespace {
 template <Element T>
@@ -667,19 +646,65 @@ void Averager::settle_issue() {
     if (auto p = w.lock()) detail::finish_issuing(*p);
 }
 
-void Averager::average(ParamSet& params, std::size_t level) {
-  if (!member()) return;
+
+bool Averager::scheduled(bool blocking, Request* out, const std::function<void()>& check,
+                         const RunFn& run) {
+  const auto lvl = level_now();
+  if (member() && check_every_) check();  // every rank, averaging at this step or not
+  bool did = false;
+  try {
+    did = member() && lvl && (blocking ? run_blocking(*lvl, run) : run(*lvl, false, out));
+  } catch (const Timeout&) {
+    ++step_;  // the average was issued and is still in flight: this step is taken
+    throw;
+  }
+  ++step_;
+  return did;
+}
+
+bool Averager::at_level(std::size_t level, bool blocking, Request* out,
+                        const std::function<void()>& check, const RunFn& run) {
+  if (!member()) return false;
   (void)hierarchy_.level(level);  // range check
-  if (check_every_) check_layout(params);
-  run(params, level, true, nullptr);
+  if (check_every_) check();
+  return blocking ? run_blocking(level, run) : run(level, false, out);
+}
+
+bool Averager::run_blocking(std::size_t level, const RunFn& run) {
+  if (timeout_s_ <= 0) return run(level, true, nullptr);
+  // Only a non-blocking average can be abandoned at a deadline: start one and wait for it.
+  Request r;
+  const bool did = run(level, false, &r);
+  try {
+    r.wait();
+  } catch (const Timeout&) {
+    r.detach();  // still in flight in its set: the set's wait() resumes the wait
+    throw;
+  }
+  return did;
+}
+
+bool Averager::step(ParamSet& params) {
+  return scheduled(true, nullptr, [&] { check_layout(params); },
+                   [&](std::size_t l, bool b, Request* o) { return run(params, l, b, o); });
+}
+
+Request Averager::start(ParamSet& params) {
+  Request r;
+  scheduled(false, &r, [&] { check_layout(params); },
+            [&](std::size_t l, bool b, Request* o) { return run(params, l, b, o); });
+  return r;
+}
+
+void Averager::average(ParamSet& params, std::size_t level) {
+  at_level(level, true, nullptr, [&] { check_layout(params); },
+           [&](std::size_t l, bool b, Request* o) { return run(params, l, b, o); });
 }
 
 Request Averager::start_average(ParamSet& params, std::size_t level) {
   Request r;
-  if (!member()) return r;
-  (void)hierarchy_.level(level);
-  if (check_every_) check_layout(params);
-  run(params, level, false, &r);
+  at_level(level, false, &r, [&] { check_layout(params); },
+           [&](std::size_t l, bool b, Request* o) { return run(params, l, b, o); });
   return r;
 }
 
@@ -729,18 +754,6 @@ bool Averager::run(ParamSet& params, std::size_t level, bool blocking, Request* 
     p.step = step_;
     return p;
   };
-  if (blocking && timeout_s_ > 0) {
-    // Only a non-blocking average can be abandoned at a deadline: start one and wait for it.
-    Request r;
-    run(params, level, false, &r);
-    try {
-      r.wait();
-    } catch (const Timeout&) {
-      r.detach();  // still in flight in `params`: params.wait() resumes the wait
-      throw;
-    }
-    return true;
-  }
   // The whole blocking average of both buckets. The buckets and scratch live on the heap, so
   // this may also run on the worker thread while the ParamSet or the averager is moved.
   auto body = [&f, &d, pf = plan(sizeof(float)), pd = plan(sizeof(double)), sc = scratch_.get(),

@@ -62,41 +62,26 @@ std::string Averager::device_path() const {
 }
 
 bool Averager::step(DeviceParamSet& params, Stream stream) {
-  const auto lvl = level_now();
-  if (member() && check_every_) check_layout(params);
-  bool did = false;
-  try {
-    did = member() && lvl && run_device(params, *lvl, true, stream, nullptr);
-  } catch (const Timeout&) {
-    ++step_;
-    throw;
-  }
-  ++step_;
-  return did;
+  return scheduled(true, nullptr, [&] { check_layout(params); },
+                   [&](std::size_t l, bool b, Request* o) { return run_device(params, l, b, stream, o); });
 }
 
 Request Averager::start(DeviceParamSet& params, Stream stream) {
-  const auto lvl = level_now();
-  if (member() && check_every_) check_layout(params);
   Request r;
-  if (member() && lvl) run_device(params, *lvl, false, stream, &r);
-  ++step_;
+  scheduled(false, &r, [&] { check_layout(params); },
+            [&](std::size_t l, bool b, Request* o) { return run_device(params, l, b, stream, o); });
   return r;
 }
 
 void Averager::average(DeviceParamSet& params, std::size_t level, Stream stream) {
-  if (!member()) return;
-  (void)hierarchy_.level(level);
-  if (check_every_) check_layout(params);
-  run_device(params, level, true, stream, nullptr);
+  at_level(level, true, nullptr, [&] { check_layout(params); },
+           [&](std::size_t l, bool b, Request* o) { return run_device(params, l, b, stream, o); });
 }
 
 Request Averager::start_average(DeviceParamSet& params, std::size_t level, Stream stream) {
   Request r;
-  if (!member()) return r;
-  (void)hierarchy_.level(level);
-  if (check_every_) check_layout(params);
-  run_device(params, level, false, stream, &r);
+  at_level(level, false, &r, [&] { check_layout(params); },
+           [&](std::size_t l, bool b, Request* o) { return run_device(params, l, b, stream, o); });
   return r;
 }
 
@@ -112,17 +97,6 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
   const Comm& comm = hierarchy_.level(level);
   const int g = comm.size();
   const int lv = static_cast<int>(level);
-  if (blocking && timeout_s_ > 0) {  // only a non-blocking average can be abandoned at a deadline
-    Request r;
-    run_device(params, level, false, user, &r);
-    try {
-      r.wait();
-    } catch (const Timeout&) {
-      r.detach();
-      throw;
-    }
-    return true;
-  }
   // Everything hma does to the buffers comes after the caller's work on `user`.
   s.be->record(s.ready, user);
   s.be->stream_wait(s.stream, s.ready);

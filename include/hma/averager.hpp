@@ -260,6 +260,16 @@ class Averager {
   static Schedule agreed(MPI_Comm comm, const std::function<Schedule()>& make);
 
  private:
+  // An average of one set at `level`: blocking (out null) or started into *out. Returns whether
+  // this rank averaged. Blocking runs never come here with a timeout (see run_blocking()).
+  using RunFn = std::function<bool(std::size_t level, bool blocking, Request* out)>;
+  // step()/start() and average()/start_average() for either kind of set: `check` is the set's
+  // layout check, `run` its average.
+  bool scheduled(bool blocking, Request* out, const std::function<void()>& check, const RunFn& run);
+  bool at_level(std::size_t level, bool blocking, Request* out, const std::function<void()>& check,
+                const RunFn& run);
+  // A blocking average; with a timeout, a started one waited for up to the deadline.
+  bool run_blocking(std::size_t level, const RunFn& run);
   bool run(ParamSet& params, std::size_t level, bool blocking, Request* out);
   bool run_device(DeviceParamSet& params, std::size_t level, bool blocking, Stream stream,
                   Request* out);
