@@ -32,17 +32,23 @@ std::vector<detail::StagedJob> jobs_of(detail::DeviceState& s) {
   return jobs;
 }
 
-MPI_Datatype type_of(Dtype d) { return d == Dtype::f32 ? MPI_FLOAT : MPI_DOUBLE; }
+// Calls fn(device pointer, count, MPI type) for each piece of the set's buckets that one MPI
+// call can take: the staged chunks with no chunking (at most 2^30 elements each).
+template <class F>
+void each_piece(detail::DeviceState& s, F&& fn) {
+  const auto jobs = jobs_of(s);
+  for (const auto& c : detail::staged_chunks(jobs, 0)) {
+    const auto& j = jobs[c.job];
+    fn(static_cast<char*>(j.dev) + c.lo * dtype_size(j.dtype), static_cast<int>(c.n),
+       detail::mpi_type(j.dtype));
+  }
+}
 
 // Device pointers straight to a (CUDA-aware) blocking MPI_Allreduce, in place.
-void allreduce_direct(const std::vector<detail::StagedJob>& jobs, MPI_Comm comm) {
-  for (const auto& j : jobs)
-    for (std::size_t lo = 0; lo < j.n; lo += detail::kMaxChunk) {
-      const std::size_t n = std::min(detail::kMaxChunk, j.n - lo);
-      check(MPI_Allreduce(MPI_IN_PLACE, static_cast<char*>(j.dev) + lo * dtype_size(j.dtype),
-                          static_cast<int>(n), type_of(j.dtype), MPI_SUM, comm),
-            "MPI_Allreduce(device buffer)");
-    }
+void allreduce_direct(detail::DeviceState& s, MPI_Comm comm) {
+  each_piece(s, [&](void* p, int n, MPI_Datatype t) {
+    check(MPI_Allreduce(MPI_IN_PLACE, p, n, t, MPI_SUM, comm), "MPI_Allreduce(device buffer)");
+  });
 }
 
 // The staged pipeline over the set's buckets, with its pinned slots ready.
@@ -126,7 +132,7 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
     if (worker_) worker_->drain();
     if (plan.blocking_direct) {
       s.be->synchronize(s.packed);
-      allreduce_direct(jobs_of(s), c);
+      allreduce_direct(s, c);
     } else {
       staged(s, staging_chunk_bytes_, staging_slots_, c, true)->drive(true);
     }
@@ -148,7 +154,7 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
         sp->be->set_device(sp->device);
         if (direct) {
           sp->be->synchronize(sp->packed);
-          allreduce_direct(jobs_of(*sp), c);
+          allreduce_direct(*sp, c);
         } else {
           pipe->drive(true);
         }
@@ -164,15 +170,11 @@ bool Averager::run_device(DeviceParamSet& params, std::size_t level, bool blocki
       };
       auto st = std::make_shared<State>();
       auto issue = [sp, c, st] {
-        for (const auto& j : jobs_of(*sp))
-          for (std::size_t lo = 0; lo < j.n; lo += detail::kMaxChunk) {
-            MPI_Request r = MPI_REQUEST_NULL;
-            check(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(j.dev) + lo * dtype_size(j.dtype),
-                                 static_cast<int>(std::min(detail::kMaxChunk, j.n - lo)),
-                                 type_of(j.dtype), MPI_SUM, c, &r),
-                  "MPI_Iallreduce(device buffer)");
-            st->reqs.push_back(r);
-          }
+        each_piece(*sp, [&](void* p, int n, MPI_Datatype t) {
+          MPI_Request r = MPI_REQUEST_NULL;
+          check(MPI_Iallreduce(MPI_IN_PLACE, p, n, t, MPI_SUM, c, &r), "MPI_Iallreduce(device buffer)");
+          st->reqs.push_back(r);
+        });
         st->issued = true;
       };
       p->issue_rest = [sp, st, issue] {

@@ -20,6 +20,7 @@ template <Element T>
 MPI_Datatype mpi_type() {
   return std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE;
 }
+inline MPI_Datatype mpi_type(Dtype d) { return d == Dtype::f32 ? mpi_type<float>() : mpi_type<double>(); }
 
 // torch: flat_params /= group_size before the allreduce. For a power-of-two group size the
 // reciprocal is exact, and x * (1/g) == x / g bit for bit, so the cheaper multiply is used.

@@ -87,7 +87,7 @@ bool StagedPipeline::step(bool one_mpi) {
   while (c_mpi_ < c_in_ && be_.query(area_.in[c_mpi_ % S])) {
     const Chunk& c = chunks_[c_mpi_];
     const std::size_t s = c_mpi_ % S;
-    const MPI_Datatype t = jobs_[c.job].dtype == Dtype::f32 ? MPI_FLOAT : MPI_DOUBLE;
+    const MPI_Datatype t = mpi_type(jobs_[c.job].dtype);
     if (blocking_mpi_) {
       check(MPI_Allreduce(area_.send(s), area_.recv(s), static_cast<int>(c.n), t, MPI_SUM, comm_),
             "MPI_Allreduce(staged chunk)");
