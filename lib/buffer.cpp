@@ -4,7 +4,7 @@
 #include <cstdio>
 
 #include "hma/error.hpp"
-#include "buffer_limits.hpp"
+#include "buffer_common.hpp"
 #include "pending.hpp"
 
 namespace hma {
@@ -128,15 +128,16 @@ std::size_t ParamSet::count(Dtype d) const noexcept {
 
 std::size_t ParamSet::bytes() const noexcept { return f32_->size() * 4 + f64_->size() * 8; }
 
-std::uint64_t ParamSet::layout_fingerprint() const noexcept {
-  std::uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a over the entries
+std::uint64_t detail::layout_fingerprint(std::span<const LayoutEntry> entries, std::uint64_t marker) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
   auto fold = [&h](std::uint64_t v) {
     for (int i = 0; i < 8; ++i) {
       h ^= (v >> (8 * i)) & 0xff;
       h *= 0x100000001b3ULL;
     }
   };
-  for (const auto& e : layout_) {
+  if (marker != 0) fold(marker);
+  for (const auto& e : entries) {
     fold(e.kind);
     fold(static_cast<std::uint64_t>(e.dtype));
     fold(e.n);
@@ -144,13 +145,19 @@ std::uint64_t ParamSet::layout_fingerprint() const noexcept {
   return h;
 }
 
+std::string detail::describe_bucket(const char* name, std::size_t owned, std::size_t user) {
+  return std::string(name) + " " + std::to_string(owned + user) + " (zero-copy " +
+         std::to_string(owned) + ", packed " + std::to_string(user) + ")";
+}
+
+std::uint64_t ParamSet::layout_fingerprint() const noexcept {
+  return detail::layout_fingerprint(layout_, 0);
+}
+
 std::string ParamSet::describe() const {
-  auto one = [](const char* name, std::size_t owned, std::size_t user) {
-    return std::string(name) + " " + std::to_string(owned + user) + " (zero-copy " +
-           std::to_string(owned) + ", packed " + std::to_string(user) + ")";
-  };
-  return std::to_string(layout_.size()) + " arrays: " + one("f32", f32_->owned, f32_->user_elems) +
-         ", " + one("f64", f64_->owned, f64_->user_elems);
+  return std::to_string(layout_.size()) + " arrays: " +
+         detail::describe_bucket("f32", f32_->owned, f32_->user_elems) + ", " +
+         detail::describe_bucket("f64", f64_->owned, f64_->user_elems);
 }
 
 }  // namespace hma

@@ -3,7 +3,7 @@
 #include <atomic>
 #include <cstdio>
 
-#include "buffer_limits.hpp"
+#include "buffer_common.hpp"
 #include "device_state.hpp"
 #include "hma/device.hpp"
 #include "hma/error.hpp"
@@ -18,7 +18,7 @@ void DeviceState::tables() {
   for (DeviceBucket* b : {&f32, &f64}) {
     if (!b->dirty) continue;
     if (b->table != nullptr) {
-      if (done_recorded) be->synchronize(done);
+      be->synchronize(done);  // the last average's kernels may still read the old table
       be->release_segments(b->table);
       b->table = nullptr;
     }
@@ -39,7 +39,6 @@ void DeviceState::unpack_and_record() {
   for (DeviceBucket* b : {&f32, &f64})
     if (b->user_elems > 0) be->unpack(b->dtype, b->storage, b->table, b->segs, b->size(), stream);
   be->record(done, stream);
-  done_recorded = true;
 }
 
 }  // namespace detail
@@ -91,7 +90,7 @@ DeviceParamSet::~DeviceParamSet() {
   }
   try {
     s.be->set_device(s.device);
-    if (s.done_recorded) s.be->synchronize(s.done);
+    s.be->synchronize(s.done);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
   }
@@ -119,12 +118,10 @@ void grow(detail::DeviceState& s, detail::DeviceBucket& b, std::size_t need) {
   const std::size_t cap = std::max(need, b.capacity * 2);
   void* fresh = s.be->alloc(cap * b.elem());
   if (b.storage != nullptr) {
-    if (s.done_recorded) s.be->synchronize(s.done);  // the last average may still use it
+    s.be->synchronize(s.done);  // the last average may still use it
     if (b.owned > 0) {
       s.be->copy(fresh, b.storage, b.owned * b.elem(), s.stream);
-      s.be->record(s.done, s.stream);
-      s.done_recorded = true;
-      s.be->synchronize(s.done);
+      s.sync_stream();
     }
     s.be->release(b.storage);
   }
@@ -143,9 +140,7 @@ void* DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init, std::s
   *offset = b.owned;
   if (n > 0) {
     s.be->fill(d, static_cast<char*>(b.storage) + b.owned * b.elem(), n, init, s.stream);
-    s.be->record(s.done, s.stream);
-    s.done_recorded = true;
-    s.be->synchronize(s.done);
+    s.sync_stream();
   }
   b.owned += n;
   b.dirty = true;
@@ -165,18 +160,13 @@ void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {
   if (n > 0 && !s.be->maybe_device_pointer(p))
     throw InvalidArgument("hma: DeviceParamSet::add: the pointer is host memory, not device memory "
                           "(use hma::ParamSet for host arrays)");
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
   const std::size_t bytes = n * b.elem();
-  auto overlaps = [&](const void* q, std::size_t qbytes) {
-    const auto c = reinterpret_cast<std::uintptr_t>(q);
-    return bytes > 0 && qbytes > 0 && a < c + qbytes && c < a + bytes;
-  };
   for (std::size_t i = 0; i < b.user.size(); ++i)
-    if (overlaps(b.user[i].user, b.user[i].n * b.elem()))
+    if (detail::overlaps(p, bytes, b.user[i].user, b.user[i].n * b.elem()))
       throw InvalidArgument("hma: DeviceParamSet::add: the array overlaps user array #" +
                             std::to_string(i) + " of the same dtype already registered; each "
                             "element may be averaged once");
-  if (overlaps(b.storage, b.capacity * b.elem()))
+  if (detail::overlaps(p, bytes, b.storage, b.capacity * b.elem()))
     throw InvalidArgument("hma: DeviceParamSet::add: the array lies inside hma's own buffer (a "
                           "DeviceArray from allocate() is averaged already; do not add() it)");
   grow(s, b, b.size() + n);
@@ -199,10 +189,8 @@ void DeviceParamSet::wait() {
 
 void DeviceParamSet::synchronize() {
   wait();
-  if (s_->done_recorded) {
-    s_->be->set_device(s_->device);
-    s_->be->synchronize(s_->done);
-  }
+  s_->be->set_device(s_->device);
+  s_->be->synchronize(s_->done);
 }
 
 void DeviceParamSet::set_pending(std::shared_ptr<detail::Pending> p) noexcept { s_->pending = std::move(p); }
@@ -211,30 +199,14 @@ std::uint64_t DeviceParamSet::id() const noexcept { return s_->id; }
 std::uint64_t DeviceParamSet::layout_version() const noexcept { return s_->version; }
 
 std::uint64_t DeviceParamSet::layout_fingerprint() const noexcept {
-  std::uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a, like ParamSet's, plus a device marker
-  auto fold = [&h](std::uint64_t v) {
-    for (int i = 0; i < 8; ++i) {
-      h ^= (v >> (8 * i)) & 0xff;
-      h *= 0x100000001b3ULL;
-    }
-  };
-  fold(0xDE71CE);
-  for (const auto& e : s_->layout) {
-    fold(e.kind);
-    fold(static_cast<std::uint64_t>(e.dtype));
-    fold(e.n);
-  }
-  return h;
+  return detail::layout_fingerprint(s_->layout, 0xDE71CE);
 }
 
 std::string DeviceParamSet::describe() const {
-  auto one = [](const char* name, const detail::DeviceBucket& b) {
-    return std::string(name) + " " + std::to_string(b.size()) + " (zero-copy " +
-           std::to_string(b.owned) + ", packed " + std::to_string(b.user_elems) + ")";
-  };
   return std::to_string(s_->layout.size()) + " device arrays on device " +
-         std::to_string(s_->device) + " (" + s_->be->name() + "): " + one("f32", s_->f32) + ", " +
-         one("f64", s_->f64);
+         std::to_string(s_->device) + " (" + s_->be->name() + "): " +
+         detail::describe_bucket("f32", s_->f32.owned, s_->f32.user_elems) + ", " +
+         detail::describe_bucket("f64", s_->f64.owned, s_->f64.user_elems);
 }
 
 }  // namespace hma

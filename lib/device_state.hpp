@@ -27,22 +27,17 @@ struct DeviceBucket {
 };
 
 struct DeviceState {
-  struct Entry {
-    std::uint8_t kind;  // 0 owned, 1 user
-    Dtype dtype;
-    std::size_t n;
-  };
   DeviceBackend* be = nullptr;
   int device = 0;
   Stream stream = nullptr;       // hma's stream: pack, device->host copies, unpack
   Stream stream_back = nullptr;  // host->device copies of the staged path
   Event ready = nullptr;         // recorded on the caller's stream at the start of an average
   Event packed = nullptr;        // scale+pack done: MPI may read the buffer
-  Event done = nullptr;          // unpack done: the average is in the arrays
-  bool done_recorded = false;
+  Event done = nullptr;          // unpack done: the average is in the arrays (a wait on it
+                                 // before its first record returns at once, in CUDA as in emulation)
   DeviceBucket f32, f64;
   StagingArea staging;
-  std::vector<Entry> layout;
+  std::vector<LayoutEntry> layout;
   std::uint64_t version = 0, id = 0;
   std::shared_ptr<Pending> pending;
 
@@ -52,6 +47,11 @@ struct DeviceState {
   void tables();
   /// Queues the unpack kernels and records `done` on hma's stream.
   void unpack_and_record();
+  /// Blocks the host until everything queued on hma's stream so far has run (set-up work).
+  void sync_stream() {
+    be->record(done, stream);
+    be->synchronize(done);
+  }
 };
 
 }  // namespace hma::detail

@@ -29,6 +29,18 @@ constexpr Dtype dtype_of() noexcept {
 
 namespace detail {
 struct Pending;
+/// True when the byte ranges [a, a + abytes) and [b, b + bbytes) share a byte (empty ranges
+/// never do).
+inline bool overlaps(const void* a, std::size_t abytes, const void* b, std::size_t bbytes) noexcept {
+  const auto x = reinterpret_cast<std::uintptr_t>(a), y = reinterpret_cast<std::uintptr_t>(b);
+  return abytes > 0 && bbytes > 0 && x < y + bbytes && y < x + abytes;
+}
+/// One registered array of a ParamSet or DeviceParamSet, for the layout fingerprint.
+struct LayoutEntry {
+  std::uint8_t kind;  // 0 owned (zero-copy), 1 user (packed)
+  Dtype dtype;
+  std::size_t n;
+};
 /// One contiguous buffer of one dtype: [hma-owned arrays | staging for user arrays].
 template <Element T>
 struct Bucket {
@@ -121,11 +133,6 @@ class ParamSet {
   void set_pending(std::shared_ptr<detail::Pending> p) noexcept;
 
  private:
-  struct Entry {
-    std::uint8_t kind;  // 0 owned, 1 user
-    Dtype dtype;
-    std::size_t n;
-  };
   void check_mutable(const char* what) const;
   // Throws hma::InvalidArgument when a bucket would exceed 2^48 bytes (an overflowed size_t,
   // a negative int cast to size_t, ...), instead of std::length_error deep in std::vector.
@@ -135,20 +142,16 @@ class ParamSet {
   template <Element T>
   void check_no_overlap(const T* p, std::size_t bytes, const std::vector<std::span<T>>& user,
                         const std::vector<T>& storage) const {
-    auto overlaps = [&](const T* q, std::size_t qbytes) {
-      const auto a = reinterpret_cast<std::uintptr_t>(p), b = reinterpret_cast<std::uintptr_t>(q);
-      return bytes > 0 && qbytes > 0 && a < b + qbytes && b < a + bytes;
-    };
     for (std::size_t i = 0; i < user.size(); ++i)
-      if (overlaps(user[i].data(), user[i].size_bytes()))
-        overlap_error(i);
-    if (overlaps(storage.data(), storage.size() * sizeof(T))) overlap_error(static_cast<std::size_t>(-1));
+      if (detail::overlaps(p, bytes, user[i].data(), user[i].size_bytes())) overlap_error(i);
+    if (detail::overlaps(p, bytes, storage.data(), storage.size() * sizeof(T)))
+      overlap_error(static_cast<std::size_t>(-1));
   }
   [[noreturn]] static void overlap_error(std::size_t index);
   [[noreturn]] static void throw_null_span();
   std::unique_ptr<detail::Bucket<float>> f32_;
   std::unique_ptr<detail::Bucket<double>> f64_;
-  std::vector<Entry> layout_;
+  std::vector<detail::LayoutEntry> layout_;
   std::uint64_t version_ = 0;
   std::uint64_t id_ = 0;
   std::shared_ptr<detail::Pending> pending_;
@@ -169,7 +172,7 @@ Array<T> ParamSet::allocate(std::size_t n, T init) {
   std::fill(b.storage.begin() + static_cast<std::ptrdiff_t>(off),
             b.storage.begin() + static_cast<std::ptrdiff_t>(off + n), init);
   b.owned += n;
-  layout_.push_back(Entry{0, dtype_of<T>(), n});
+  layout_.push_back(detail::LayoutEntry{0, dtype_of<T>(), n});
   ++version_;
   return Array<T>(&b, off, n);
 }
@@ -185,7 +188,7 @@ void ParamSet::add(std::span<T> user) {
   b.user.push_back(user);
   b.user_elems += user.size();
   b.storage.resize(b.owned + b.user_elems);
-  layout_.push_back(Entry{1, dtype_of<T>(), user.size()});
+  layout_.push_back(detail::LayoutEntry{1, dtype_of<T>(), user.size()});
   ++version_;
 }
 
