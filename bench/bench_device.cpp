@@ -27,39 +27,17 @@ void cu(cudaError_t rc, const char* what) {
   if (rc != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(rc));
 }
 
-long long parse(bench::Flags& flags, const std::string& v) {
-  try {
-    std::size_t pos = 0;
-    long long n = std::stoll(v, &pos);
-    const std::string suf = v.substr(pos);
-    if (suf == "K") n <<= 10;
-    else if (suf == "M") n <<= 20;
-    else if (suf == "G") n <<= 30;
-    else if (!suf.empty()) throw 0;
-    if (n < 4) throw 0;
-    return n;
-  } catch (...) {
-    flags.fail("--sizes: '" + v + "' is not a size of at least 4 bytes");
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   bench::init(&argc, &argv);
   bench::Flags flags(argc, argv, kUsage);
   const bench::Meta meta = bench::collect_meta(argc, argv);
-  const std::string sizes_s = flags.str("sizes", "1M,16M,256M");
+  const std::vector<long long> sizes = flags.sizes("sizes", "1M,16M,256M", 4);
   const int iters = static_cast<int>(flags.integer("iters", 20)), warm = static_cast<int>(flags.integer("warmup", 2));
   const double max_s = flags.real("max-seconds", 1.0);
   const std::string csv = flags.str("csv", ""), json = flags.str("json", "");
   flags.done();
-  std::vector<long long> sizes;
-  for (std::size_t a = 0; a <= sizes_s.size();) {
-    const std::size_t b = std::min(sizes_s.find(',', a), sizes_s.size());
-    sizes.push_back(parse(flags, sizes_s.substr(a, b - a)));
-    a = b + 1;
-  }
   const hma::DeviceInfo info = hma::device_info();
   int ok = info.available() ? 1 : 0, all = 0;
   MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);

@@ -74,6 +74,18 @@ class Flags {
       fail("--" + k + " '" + values_[k] + "' is not a number");
     }
   }
+  /// A comma list of sizes (K/M/G suffixes), each at least `min`.
+  std::vector<long long> sizes(const std::string& k, const std::string& def, long long min) {
+    const std::string v = str(k, def);
+    std::vector<long long> out;
+    for (std::size_t a = 0; a <= v.size();) {
+      const std::size_t b = std::min(v.find(',', a), v.size());
+      out.push_back(parse_size(k, v.substr(a, b - a)));
+      if (out.back() < min) fail("--" + k + ": " + v.substr(a, b - a) + " is below " + std::to_string(min));
+      a = b + 1;
+    }
+    return out;
+  }
   /// Call after reading every flag: rejects flags nobody asked for.
   void done() {
     for (const auto& [k, v] : values_)

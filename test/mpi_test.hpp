@@ -9,6 +9,8 @@
 #include <sstream>
 #include <string>
 
+#include "hma/error.hpp"
+
 namespace hma_test {
 
 inline int rank() {
@@ -27,6 +29,21 @@ inline int first_failing_rank(bool ok) {
   int mine = ok ? size() : rank(), first = 0;
   MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   return first == size() ? -1 : first;
+}
+
+/// Waits for the in-flight average of `set` (a ParamSet or DeviceParamSet) past any number of
+/// hma::Timeout; returns how many it saw.
+template <class Set>
+int wait_through_timeouts(Set& set) {
+  int timeouts = 0;
+  while (set.in_flight()) {
+    try {
+      set.wait();
+    } catch (const hma::Timeout&) {
+      ++timeouts;
+    }
+  }
+  return timeouts;
 }
 
 }  // namespace hma_test

@@ -502,13 +502,7 @@ TEST_CASE("device averages: a late rank gives hma::Timeout and the wait resumes"
       ++timeouts;
       msg = e.what();
     }
-    while (ps.in_flight()) {
-      try {
-        ps.wait();
-      } catch (const hma::Timeout&) {
-        ++timeouts;
-      }
-    }
+    timeouts += hma_test::wait_through_timeouts(ps);
   }
   ps.synchronize();
   INFO(msg);

@@ -55,13 +55,7 @@ TEST_CASE("a rank that joins late gives hma::Timeout naming the group, and the w
         REQUIRE(e.bytes() == 8000);
       }
       REQUIRE(ps.in_flight());
-      while (ps.in_flight()) {
-        try {
-          ps.wait();
-        } catch (const hma::Timeout&) {
-          ++timeouts;
-        }
-      }
+      timeouts += hma_test::wait_through_timeouts(ps);
     }
     INFO(msg);
     REQUIRE_ALL_RANKS(rank() == late || timeouts >= 1);
