@@ -90,10 +90,13 @@ bool ParamSet::in_flight() const noexcept { return pending_ && !pending_->done; 
 
 void ParamSet::set_pending(std::shared_ptr<detail::Pending> p) noexcept { pending_ = std::move(p); }
 
+void detail::check_not_in_flight(bool in_flight, const std::string& who) {
+  if (in_flight)
+    throw Error("hma: " + who + " while an average of this set is in flight: wait() on its Request first");
+}
+
 void ParamSet::check_mutable(const char* what) const {
-  if (in_flight())
-    throw Error(std::string("hma: ParamSet::") + what +
-                " while an average of this set is in flight: wait() on its Request first");
+  detail::check_not_in_flight(in_flight(), std::string("ParamSet::") + what);
 }
 
 void detail::check_buffer_size(std::size_t n, std::size_t have, std::size_t elem, const std::string& who) {

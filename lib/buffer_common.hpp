@@ -17,6 +17,10 @@ namespace hma::detail {
 /// an allocation fails somewhere deep.
 void check_buffer_size(std::size_t n, std::size_t have, std::size_t elem, const std::string& who);
 
+/// Throws hma::Error "hma: <who> while an average of this set is in flight: wait() on its
+/// Request first" when `in_flight`: registering while MPI may still write the buffers.
+void check_not_in_flight(bool in_flight, const std::string& who);
+
 /// FNV-1a over the entries (kind, dtype, length, in order), preceded by `marker` when non-zero
 /// (device sets use one, so a host set and a device set of equal shape differ).
 std::uint64_t layout_fingerprint(std::span<const LayoutEntry> entries, std::uint64_t marker);

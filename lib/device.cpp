@@ -106,9 +106,7 @@ DeviceParamSet::~DeviceParamSet() {
 detail::DeviceBucket* DeviceParamSet::bucket(Dtype d) noexcept { return &s_->bucket(d); }
 
 void DeviceParamSet::check_mutable(const char* what) const {
-  if (in_flight())
-    throw Error(std::string("hma: DeviceParamSet::") + what +
-                " while an average of this set is in flight: wait() on its Request first");
+  detail::check_not_in_flight(in_flight(), std::string("DeviceParamSet::") + what);
 }
 
 namespace {
@@ -130,14 +128,14 @@ void grow(detail::DeviceState& s, detail::DeviceBucket& b, std::size_t need) {
 }
 }  // namespace
 
-void* DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init, std::size_t* offset) {
+std::size_t DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init) {
   check_mutable("allocate");
   auto& s = *s_;
   auto& b = s.bucket(d);
   detail::check_buffer_size(n, b.size(), b.elem(), "DeviceParamSet::allocate");
   s.be->set_device(s.device);
   grow(s, b, b.size() + n);
-  *offset = b.owned;
+  const std::size_t offset = b.owned;
   if (n > 0) {
     s.be->fill(d, static_cast<char*>(b.storage) + b.owned * b.elem(), n, init, s.stream);
     s.sync_stream();
@@ -146,7 +144,7 @@ void* DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init, std::s
   b.dirty = true;
   s.layout.push_back({0, d, n});
   ++s.version;
-  return static_cast<char*>(b.storage) + *offset * b.elem();
+  return offset;
 }
 
 void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {

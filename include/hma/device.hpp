@@ -122,7 +122,8 @@ class DeviceParamSet {
 
  private:
   void check_mutable(const char* what) const;
-  void* allocate_bytes(Dtype d, std::size_t n, double init, std::size_t* offset);
+  // Returns the new array's offset in its bucket.
+  std::size_t allocate_bytes(Dtype d, std::size_t n, double init);
   void add_bytes(Dtype d, void* p, std::size_t n);
   detail::DeviceBucket* bucket(Dtype d) noexcept;
   std::unique_ptr<detail::DeviceState> s_;
@@ -130,8 +131,7 @@ class DeviceParamSet {
 
 template <Element T>
 DeviceArray<T> DeviceParamSet::allocate(std::size_t n, T init) {
-  std::size_t off = 0;
-  allocate_bytes(dtype_of<T>(), n, static_cast<double>(init), &off);
+  const std::size_t off = allocate_bytes(dtype_of<T>(), n, static_cast<double>(init));
   return DeviceArray<T>(bucket(dtype_of<T>()), off, n);
 }
 
