@@ -6,7 +6,7 @@
 #include <numeric>
 
 #include "bench_util.hpp"
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 #include "hma/hma.hpp"
 
 namespace {

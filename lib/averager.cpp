@@ -10,15 +10,15 @@
 #include <limits>
 #include <thread>
 
-#include "collective.hpp"
-#include "device_path.hpp"
-#include "env.hpp"
+#include "control/agree.hpp"
+#include "device/device_path.hpp"
+#include "support/env.hpp"
 #include "hma/error.hpp"
-#include "kernels.hpp"
-#include "log.hpp"
+#include "transport/elements.hpp"
+#include "support/log.hpp"
 #include "pending.hpp"
-#include "timeline.hpp"
-#include "worker.hpp"
+#include "support/timeline.hpp"
+#include "support/worker.hpp"
 
 namespace hma {
 

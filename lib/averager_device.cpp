@@ -10,16 +10,16 @@
 #include <algorithm>
 #include <future>
 
-#include "device_path.hpp"
-#include "device_state.hpp"
+#include "device/device_path.hpp"
+#include "device/device_state.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
-#include "kernels.hpp"
-#include "log.hpp"
+#include "transport/elements.hpp"
+#include "support/log.hpp"
 #include "pending.hpp"
-#include "staged.hpp"
-#include "timeline.hpp"
-#include "worker.hpp"
+#include "transport/staged.hpp"
+#include "support/timeline.hpp"
+#include "support/worker.hpp"
 
 namespace hma {
 

@@ -3,8 +3,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "collective.hpp"
-#include "env.hpp"
+#include "control/agree.hpp"
+#include "support/env.hpp"
 #include "hma/error.hpp"
 
 namespace hma {

@@ -13,7 +13,7 @@
 #include <thread>
 #include <vector>
 
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 #include "hma/hma.hpp"
 
 namespace {

@@ -12,14 +12,14 @@
 #include <thread>
 #include <vector>
 
-#include "device_backend.hpp"
-#include "device_path.hpp"
-#include "emulation.hpp"
-#include "segments.hpp"
+#include "device/device_backend.hpp"
+#include "device/device_path.hpp"
+#include "device/emulation.hpp"
+#include "device/segments.hpp"
 #include "hma/hma.hpp"
 #include "exact_values.hpp"
 #include "mpi_test.hpp"
-#include "staged.hpp"
+#include "transport/staged.hpp"
 
 using hma_test::block_mean;
 using hma_test::rank;

@@ -7,7 +7,7 @@
 #include <string>
 #include <string_view>
 
-#include "../../lib/env.hpp"
+#include "support/env.hpp"
 #include "hma/error.hpp"
 #include "hma/schedule.hpp"
 

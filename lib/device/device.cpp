@@ -4,7 +4,7 @@
 #include <cstdio>
 
 #include "buffer_common.hpp"
-#include "device_state.hpp"
+#include "device/device_state.hpp"
 #include "hma/device.hpp"
 #include "hma/error.hpp"
 

@@ -5,9 +5,9 @@
 #include <memory>
 #include <vector>
 
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 #include "pending.hpp"
-#include "staged.hpp"
+#include "transport/staged.hpp"
 
 namespace hma::detail {
 

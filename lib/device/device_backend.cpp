@@ -1,6 +1,6 @@
 // The host emulation device backend (for tests on machines without a GPU), the backend switch
 // and device_info().
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -13,8 +13,8 @@
 #include <new>
 #include <unordered_map>
 
-#include "emulation.hpp"
-#include "segments.hpp"
+#include "device/emulation.hpp"
+#include "device/segments.hpp"
 #include "hma/error.hpp"
 
 namespace hma::detail {

@@ -1,5 +1,5 @@
 // hma built without CUDA: there is no CUDA backend (see device_backend.hpp, device_info()).
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 
 namespace hma::detail {
 

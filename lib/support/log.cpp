@@ -1,8 +1,8 @@
-#include "log.hpp"
+#include "support/log.hpp"
 
 #include <cstdio>
 
-#include "env.hpp"
+#include "support/env.hpp"
 #include "hma/error.hpp"
 
 namespace hma::detail {

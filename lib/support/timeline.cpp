@@ -1,4 +1,4 @@
-#include "timeline.hpp"
+#include "support/timeline.hpp"
 
 #include <chrono>
 #include <cstdio>

@@ -1,9 +1,9 @@
-#include "staged.hpp"
+#include "transport/staged.hpp"
 
 #include <algorithm>
 
 #include "hma/error.hpp"
-#include "kernels.hpp"
+#include "transport/elements.hpp"
 
 namespace hma::detail {
 

@@ -1,4 +1,4 @@
-#include "worker.hpp"
+#include "support/worker.hpp"
 
 #include <memory>
 

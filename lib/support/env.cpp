@@ -1,4 +1,4 @@
-#include "env.hpp"
+#include "support/env.hpp"
 
 #include <algorithm>
 #include <cctype>

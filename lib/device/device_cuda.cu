@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 #include "hma/error.hpp"
-#include "segments.hpp"
+#include "device/segments.hpp"
 
 namespace hma::detail {
 

@@ -1,10 +1,10 @@
-#include "collective.hpp"
+#include "control/agree.hpp"
 
 #include <exception>
 #include <stdexcept>
 #include <vector>
 
-#include "env.hpp"
+#include "support/env.hpp"
 #include "hma/error.hpp"
 
 namespace hma::detail {

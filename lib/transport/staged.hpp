@@ -10,7 +10,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "device_backend.hpp"
+#include "device/device_backend.hpp"
 
 namespace hma::detail {
 
