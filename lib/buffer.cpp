@@ -16,24 +16,6 @@ namespace {
 std::atomic<std::uint64_t> next_id{1};
 }  // namespace
 
-namespace detail {
-bool finish_quietly(const std::shared_ptr<detail::Pending>& p) noexcept {
-  if (!p || p->done) return true;
-  bool finished = true;
-  try {
-    detail::complete(*p, true);
-  } catch (const Timeout& e) {
-    std::fprintf(stderr, "hma: a dying ParamSet's average is still in flight; leaking its "
-                 "buffers so MPI cannot write into freed memory: %s\n", e.what());
-    finished = false;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "hma: error completing an in-flight average of a dying ParamSet: %s\n",
-                 e.what());
-  }
-  p->params = nullptr;
-  return finished;
-}
-}  // namespace detail
 
 using detail::finish_quietly;
 

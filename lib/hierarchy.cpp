@@ -15,6 +15,8 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
   world_ = Comm::attach(parent).dup();
   world_rank_ = world_.rank();
   world_size_ = world_.size();
+  // Agreed before anything splits by it (ranks that disagree would call different splits).
+  const int rpn = detail::agreed_ranks_per_node(world_.get(), options.ranks_per_node);
 
   level_sizes_.assign(group_sizes.begin(), group_sizes.end());
   std::vector<int> distinct;
@@ -43,7 +45,6 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
   // sub-communicator sees the same nodes as the world does.
   int me = 0;
   check(MPI_Comm_rank(MPI_COMM_WORLD, &me), "MPI_Comm_rank(MPI_COMM_WORLD)");
-  const int rpn = detail::ranks_per_node_setting(options.ranks_per_node);
   if (rpn > 0) {
     emulated_ = true;
     node_ = world_.split(me / rpn, world_rank_);
@@ -69,6 +70,24 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
   int contiguous = lo_first == hi_first && ranks_per_node_ > 0 && first % ranks_per_node_ == 0 ? 1 : 0, all = 0;
   check(MPI_Allreduce(&contiguous, &all, 1, MPI_INT, MPI_LAND, world_.get()), "MPI_Allreduce(node layout)");
   contiguous_nodes_ = all != 0;
+
+  // The control plane: one duplicate per distinct level communicator, and who is in each group.
+  control_.push_back(world_.dup());
+  for (const Comm& c : owned_levels_) control_.push_back(c.dup());
+  std::vector<int> mine(static_cast<std::size_t>(world_size_));
+  MPI_Group wg = MPI_GROUP_NULL, g = MPI_GROUP_NULL;
+  check(MPI_Comm_group(MPI_COMM_WORLD, &wg), "MPI_Comm_group");
+  for (std::size_t i = 0; i < level_slot_.size(); ++i) {
+    const Comm& lv = level(i);
+    const int n = lv.size();
+    std::vector<int> out(static_cast<std::size_t>(n));
+    for (int k = 0; k < n; ++k) mine[static_cast<std::size_t>(k)] = k;
+    check(MPI_Comm_group(lv.get(), &g), "MPI_Comm_group");
+    check(MPI_Group_translate_ranks(g, n, mine.data(), wg, out.data()), "MPI_Group_translate_ranks");
+    MPI_Group_free(&g);
+    world_ranks_.push_back(std::move(out));
+  }
+  MPI_Group_free(&wg);
 
   // Two-level communicators for every level whose groups are made of several whole nodes.
   two_level_.resize(level_slot_.size());
@@ -98,6 +117,29 @@ const Comm& Hierarchy::level(std::size_t i) const {
 }
 
 int Hierarchy::level_group_size(std::size_t i) const { return level(i).size(); }
+
+const Comm& Hierarchy::control(std::size_t i) const {
+  (void)level(i);  // range check
+  return control_[static_cast<std::size_t>(level_slot_[i] + 1)];
+}
+
+const std::vector<int>& Hierarchy::world_ranks(std::size_t i) const {
+  (void)level(i);  // range check
+  return world_ranks_[i];
+}
+
+void Hierarchy::abandon() noexcept {
+  world_.release();
+  for (Comm& c : owned_levels_) c.release();
+  for (Comm& c : control_) c.release();
+  node_.release();
+  inter_node_.release();
+  for (auto& t : two_level_)
+    if (t) {
+      t->intra.release();
+      t->inter.release();
+    }
+}
 
 std::string Hierarchy::describe() const {
   if (!member()) return "hma hierarchy: this rank is not a member\n";

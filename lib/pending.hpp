@@ -1,4 +1,10 @@
-// Internal: the state of a started average, shared by its Request and its ParamSet.
+// Internal: one average from its agreement check to its last byte, shared by its Request and its
+// set (ParamSet or DeviceParamSet). Two stages:
+//   1. control: the group's agreement check (control/check.hpp), waited with a deadline;
+//   2. data: `launch` issues the transport's collectives (or runs a blocking one), then they are
+//      completed (reqs/stages, a device state machine `drive`, or a worker thread's future).
+// The data stage is launched only after every rank of the group agreed, so a rank that is
+// elsewhere can never pair its collective with this one.
 #pragma once
 
 #include <mpi.h>
@@ -10,21 +16,27 @@
 #include <string>
 #include <vector>
 
+#include "control/check.hpp"
+#include "hma/averager.hpp"
 #include "hma/buffer.hpp"
 
 namespace hma::detail {
 
 struct Pending {
   ParamSet* params = nullptr;  // kept current when the ParamSet moves
-  std::vector<MPI_Request> reqs;
+  GroupInfo who;               // level, step, bytes, world ranks: captured at start for messages
+  double timeout_s = 0;        // 0: wait forever
+  bool timed_out = false;      // a wait on it has hit the deadline (a destructor then only tests)
+  bool orphaned = false;       // its averager is gone while it was still in flight
   bool done = false;
-  std::size_t level = 0;
-  std::int64_t step = 0;
-  std::size_t bytes = 0;
-  int group = 0;
-  double t_start = 0;  // for the timeline
-  double timeout_s = 0;             // 0: wait forever
-  MPI_Comm comm = MPI_COMM_NULL;     // the group's communicator, to name its ranks in a Timeout
+
+  ControlCheck control;        // not started: checks off (HMA_CHECK=0 and no non-finite guard)
+  NonFinite nonfinite = NonFinite::ignore;
+  bool launched = false;
+  bool skipped = false;                  // the group voted non-finite with NonFinite::skip
+  std::function<void(Pending&)> launch;  // the data stage: issues it, or runs it (blocking)
+
+  std::vector<MPI_Request> reqs;
   // Multi-stage averages (two-level): when reqs complete, the next stage issues new requests;
   // `finish` runs after the last stage (instead of the plain unpack).
   std::vector<std::function<void(std::vector<MPI_Request>&)>> stages;
@@ -38,22 +50,41 @@ struct Pending {
   // rank: issue_rest() blocks until all of them are (a no-op once they are).
   std::function<bool(bool)> drive;
   std::function<void()> issue_rest;
+  double t_start = 0;  // for the timeline
 };
 
-/// Completes `p` (blocking: waits, up to p.timeout_s when set, then throws hma::Timeout; else
-/// tests once), then unpacks the user arrays and marks it done. Returns true when complete.
-/// Idempotent.
+/// What a set hands the averager for one average (see Averager::issue()).
+struct Prepared {
+  std::shared_ptr<Pending> p;
+  Header header;
+  bool nonfinite_here = false;
+  std::function<void(std::shared_ptr<Pending>)> attach;  // hangs `p` on its set
+};
+
+/// Completes `p`: the agreement check, then the data. Blocking: waits (up to p.timeout_s, then
+/// throws hma::Timeout, leaving it resumable); else tests once. Throws hma::MismatchError or
+/// hma::NonFiniteError from the check (then done: nothing was moved), hma::Error after
+/// MPI_Finalize or when its averager is gone. Returns true when complete. Idempotent.
 bool complete(Pending& p, bool blocking);
 
-/// Blocks until every collective of `p` has been ISSUED (not completed), so that the caller may
-/// issue other collectives on the same communicators in the same order on every rank.
+/// Blocks (up to the deadline, then hma::Timeout) until the agreement check of `p` has completed,
+/// then launches its data stage (issues its first collectives). Throws what complete() throws.
+void launch_data(Pending& p);
+
+/// Blocks (up to the deadline) until every collective of `p` has been ISSUED (not completed), so
+/// that the caller may issue other collectives on the same communicators in the same order on
+/// every rank.
 void finish_issuing(Pending& p);
 
-/// Completes an in-flight average before its buffers go away (a destructor cannot throw).
-/// Returns false when it is still in flight (it timed out): the buffers must then be leaked.
+/// Completes an in-flight average before its buffers go away (a destructor cannot throw). After
+/// a timeout it only tests, never waits a second timeout. Returns false when it may still be in
+/// flight: the buffers must then be leaked.
 bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept;
 
 /// Copies the packed staging area back into the user arrays of `params`.
 void unpack(ParamSet& params);
+
+/// True when MPI has been finalised (no MPI call may be made).
+bool mpi_finalized() noexcept;
 
 }  // namespace hma::detail

@@ -507,7 +507,7 @@ TEST_CASE("device averages: a late rank gives hma::Timeout and the wait resumes"
   ps.synchronize();
   INFO(msg);
   REQUIRE_ALL_RANKS(rank() == late || timeouts >= 1);
-  REQUIRE_ALL_RANKS(rank() == late || msg.find("8000 bytes) did not complete within 0.3 s") != std::string::npos);
+  REQUIRE_ALL_RANKS(rank() == late || msg.find("8000 bytes, was not reached by every rank of the group within 0.3 s") != std::string::npos);
   REQUIRE_ALL_RANKS(v[0] == static_cast<double>(size() - 1) && v[999] == v[0]);
   REQUIRE(avg.step_count() == 2);
 }

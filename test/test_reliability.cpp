@@ -34,7 +34,7 @@ TEST_CASE("a rank that joins late gives hma::Timeout naming the group, and the w
     hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
     hma::ParamSet ps;
     auto w = ps.allocate<double>(1000, 1.0);
-    REQUIRE(avg.step(ps));  // step 0, all present: also runs the (blocking) layout check
+    REQUIRE(avg.step(ps));  // step 0, all present
     std::fill(w.begin(), w.end(), 2.0 * rank());
     const int late = size() - 1;
     int timeouts = 0;
@@ -62,7 +62,8 @@ TEST_CASE("a rank that joins late gives hma::Timeout naming the group, and the w
     REQUIRE_ALL_RANKS(rank() == late ||
                       msg.find("step 1: the average over level 0 (group of " + std::to_string(size()) +
                                " ranks, world ranks 0-" + std::to_string(size() - 1) +
-                               ", 8000 bytes) did not complete within 0.3 s") != std::string::npos);
+                               "), 8000 bytes, was not reached by every rank of the group within "
+                               "0.3 s") != std::string::npos);
     REQUIRE_ALL_RANKS(rank() == late || static_cast<int>(ranks.size()) == size());
     // The late average completed everywhere, with the right values.
     REQUIRE_ALL_RANKS(w[0] == static_cast<double>(size() - 1) && w[999] == w[0]);

@@ -20,6 +20,7 @@ namespace hma {
 
 namespace detail {
 struct Pending;
+struct Prepared;
 struct DevicePlan;
 class Worker;
 struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
@@ -128,28 +129,34 @@ enum class DevicePath {
 
 struct AveragerOptions {
   HierarchyOptions hierarchy;
-  /// Verify at EVERY average that all ranks are at the same step with the same buffer layout
-  /// (one extra small collective per average). nullopt: the environment variable HMA_CHECK
-  /// (default off). Without it the layout is still checked at the first average of every
-  /// ParamSet and after every change to it.
+  /// The agreement check (default ON): before an average moves any data, every rank of its group
+  /// confirms, in one tiny non-blocking collective on a control communicator of its own, that
+  /// they are all at the same step, in the same kind of call (step()/start() or
+  /// average()/start_average()), at the same level, with the same kind of set and buffer layout;
+  /// it is waited for with the timeout. A mismatch throws hma::MismatchError on every rank of the
+  /// group naming the ranks and both values; a rank that never arrives gives hma::Timeout.
+  /// false (HMA_CHECK=0) skips it: UNSAFE, a rank that diverges then hangs its group or mixes
+  /// data of different steps. nullopt: the environment variable HMA_CHECK, default on.
   std::optional<bool> check_every_average;
   /// Blocking averages scale and reduce the buffer in pieces of this many bytes (0: one piece),
   /// so that each piece is still in cache when MPI reads it. nullopt: the environment variable
-  /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes. Results do not depend on it.
+  /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes.
   std::optional<std::size_t> chunk_bytes;
   static constexpr std::size_t kDefaultChunkBytes = std::size_t{4} << 20;
   /// nullopt: the environment variable HMA_PROGRESS (poll or thread), default poll.
   std::optional<Progress> progress;
-  /// Seconds an average may take before wait() (and step()) throws hma::Timeout naming the
-  /// level, step, bytes and ranks of the group. 0: no limit. nullopt: the environment variable
-  /// HMA_TIMEOUT_S, default 0. With a limit, blocking averages run through the non-blocking
-  /// path (a blocking MPI call cannot be abandoned). Not covered: construction and the layout
-  /// check at the first average of a ParamSet layout (and every average with
-  /// check_every_average), which are blocking collectives.
+  /// Seconds a wait may last before it throws hma::Timeout naming the level, step, bytes and
+  /// ranks of the group: the wait for every rank of the group to reach an average (the
+  /// agreement check) and, for a started average, Request::wait(). The blocking data collective
+  /// of step()/average() that follows a passed check runs as a plain blocking MPI call (every
+  /// rank is there). 0 or infinity: no limit; NaN and negative values are refused. nullopt: the
+  /// environment variable HMA_TIMEOUT_S ("inf" allowed), default kDefaultTimeoutS (30 minutes,
+  /// as torch's process groups). Must agree across ranks (checked at construction).
   std::optional<double> timeout_s;
-  /// Non-finite guard: scans the local buffers (one pass) and agrees across the group (one
-  /// small collective) before each average, so a group never averages on some ranks and not on
-  /// others. nullopt: the environment variable HMA_NONFINITE (off, throw, skip), default off.
+  static constexpr double kDefaultTimeoutS = 1800;
+  /// Non-finite guard: scans the local buffers (one pass) and votes in the agreement check, so a
+  /// group never averages on some ranks and not on others. nullopt: the environment variable
+  /// HMA_NONFINITE (off, throw, skip), default off.
   std::optional<NonFinite> nonfinite;
   /// nullopt: the environment variable HMA_ALGORITHM (auto, flat or two_level), default auto.
   /// Levels within one node, or whose groups are not whole nodes, are always flat.
@@ -174,18 +181,40 @@ struct AveragerOptions {
   static constexpr std::size_t kDefaultStagingSlots = 3;
 };
 
+namespace detail {
+/// The options resolved against the environment on one rank (control/settings.cpp), then
+/// checked to agree across ranks.
+struct Settings {
+  bool check = true;
+  std::size_t chunk_bytes = AveragerOptions::kDefaultChunkBytes;
+  Reduction reduction = Reduction::automatic;
+  std::size_t ring_min_block_bytes = AveragerOptions::kDefaultRingMinBlockBytes;
+  double timeout_s = AveragerOptions::kDefaultTimeoutS;  // 0: no limit
+  NonFinite nonfinite = NonFinite::ignore;
+  Algorithm algorithm = Algorithm::automatic;
+  Progress progress = Progress::poll;
+  std::size_t staging_chunk_bytes = AveragerOptions::kDefaultStagingChunkBytes;
+  std::size_t staging_slots = AveragerOptions::kDefaultStagingSlots;
+  int ranks_per_node = 0;
+};
+}  // namespace detail
+
 /// Averages a ParamSet over the level its Schedule picks at each step, like torch's
 /// `average_parameters` (divide by the group size, then allreduce SUM, then unpack), and counts
 /// steps. Construction is collective over `comm`: it duplicates `comm`, builds the hierarchy
 /// (MPI_Comm_split per level) and checks that all ranks hold the same schedule and the same
 /// settings that decide which collectives an average issues (chunk sizes, reduction,
-/// algorithm, progress, non-finite guard, per-step check, device path), throwing
-/// hma::MismatchError on every rank if not. `step()` and `start()` are collective over the
-/// ranks of the chosen level's group; every rank of `comm` must call them in the same order
-/// and with ParamSets of the same layout (checked, see AveragerOptions).
-/// The caller owns MPI: MPI must be initialised before and finalised after the Averager's life.
+/// algorithm, progress, non-finite guard, check, timeout, ranks per node, device path),
+/// throwing hma::MismatchError on every rank if not. `step()` and `start()` are collective over
+/// the ranks of the chosen level's group; every rank of `comm` must call them in the same order
+/// and with sets of the same layout: the agreement check (AveragerOptions::check_every_average,
+/// on by default) verifies it before any data moves.
+/// The caller owns MPI: MPI must be initialised before and finalised after the Averager's life;
+/// any use after MPI_Finalize throws hma::Error (destructors then do nothing).
 /// Destroying (or assigning to) an averager first completes the averages it started that are
-/// still in flight: their collectives run on its communicators. Not thread safe.
+/// still in flight (their collectives run on its communicators), waiting at most one timeout;
+/// one that already timed out is only tested, and if still in flight its communicators are
+/// leaked rather than freed under MPI. Not thread safe.
 class Averager {
  public:
   /// `schedule.world_size()` must equal the size of `comm`.
@@ -260,33 +289,28 @@ class Averager {
   static Schedule agreed(MPI_Comm comm, const std::function<Schedule()>& make);
 
  private:
-  // An average of one set at `level`: blocking (out null) or started into *out. Returns whether
-  // this rank averaged. Blocking runs never come here with a timeout (see run_blocking()).
-  using RunFn = std::function<bool(std::size_t level, bool blocking, Request* out)>;
-  // step()/start() and average()/start_average() for either kind of set: `check` is the set's
-  // layout check, `run` its average.
-  bool scheduled(bool blocking, Request* out, const std::function<void()>& check, const RunFn& run);
-  bool at_level(std::size_t level, bool blocking, Request* out, const std::function<void()>& check,
-                const RunFn& run);
-  // A blocking average; with a timeout, a started one waited for up to the deadline.
-  bool run_blocking(std::size_t level, const RunFn& run);
-  bool run(ParamSet& params, std::size_t level, bool blocking, Request* out);
-  bool run_device(DeviceParamSet& params, std::size_t level, bool blocking, Stream stream,
-                  Request* out);
-  void check_layout(ParamSet& params);
-  void check_layout(DeviceParamSet& params);
-  void check_layout(std::uint64_t id, std::uint64_t version, std::vector<std::uint64_t> v,
-                    const std::function<std::string()>& describe);
-  bool nonfinite_agreed(bool bad_here, const Comm& comm, std::size_t level);
+  // What a set (host or device) hands the orchestrator for one average: the pending average
+  // with its data launch, the header its group must agree on, its non-finite vote, and how to
+  // hang the average on the set. See lib/averager.cpp.
+  using Prepare = std::function<detail::Prepared(std::size_t level, bool blocking, bool scheduled)>;
+  // step()/start() and average()/start_average() for either kind of set.
+  bool scheduled(bool blocking, Request* out, const Prepare& prepare);
+  bool at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare);
+  // The control stage, then the data stage: blocking (out null) or started into *out.
+  bool issue(detail::Prepared job, std::size_t level, bool blocking, Request* out);
+  detail::Prepared prepare_host(ParamSet& params, std::size_t level, bool blocking, bool scheduled);
+  detail::Prepared prepare_device(DeviceParamSet& params, std::size_t level, bool blocking,
+                                  bool scheduled, Stream stream);
   // MPI needs collectives on a communicator in the same order on every rank: before issuing
-  // any, make sure every average in flight that issues lazily (chained two-level stages, device
-  // paths) has issued all of its own.
+  // any, make sure every average in flight that issues lazily (after its check, chained
+  // two-level stages, device paths) has issued all of its own.
   void settle_issue();
-  // The shared state of a started average of `bytes` on `level` (group communicator `comm`).
-  // Registered in inflight_.
-  std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes,
-                                               const Comm& comm);
-  // Completes every average still in flight (destructor, move assignment).
+  // A new pending average of `bytes` at `level` (registered in inflight_).
+  std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes);
+  // Throws hma::Error naming `who` unless MPI is usable and this averager was not abandoned.
+  void require_usable(const char* who) const;
+  // Completes every average still in flight (destructor, move assignment); after a timeout it
+  // only tests, and leaks the communicators of what is still in flight.
   void finish_all() noexcept;
   bool use_two_level(std::size_t level, std::size_t bytes) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
@@ -295,20 +319,11 @@ class Averager {
   Schedule schedule_;
   Hierarchy hierarchy_;
   std::int64_t step_ = 0;
-  bool check_every_ = false;
-  std::size_t chunk_bytes_ = AveragerOptions::kDefaultChunkBytes;
-  Reduction reduction_ = Reduction::automatic;
-  double timeout_s_ = 0;
-  NonFinite nonfinite_ = NonFinite::ignore;
-  Algorithm algorithm_ = Algorithm::automatic;
-  std::size_t ring_min_block_bytes_ = AveragerOptions::kDefaultRingMinBlockBytes;
+  detail::Settings settings_;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::DevicePlan> device_plan_;
-  std::size_t staging_chunk_bytes_ = AveragerOptions::kDefaultStagingChunkBytes;
-  std::size_t staging_slots_ = AveragerOptions::kDefaultStagingSlots;
   std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
-  std::unordered_map<std::uint64_t, std::uint64_t> checked_;  // ParamSet id -> layout version
 };
 
 /// torch's PeriodicModelAverager: averages over all of `comm` every `period` steps after

@@ -33,6 +33,11 @@ class Comm {
   /// Collective: MPI_Comm_split_type(MPI_COMM_TYPE_SHARED): the ranks sharing this node's memory.
   [[nodiscard]] Comm split_shared() const;
 
+  /// Lets go of the communicator without freeing it (it may still have collectives in flight).
+  void release() noexcept {
+    comm_ = MPI_COMM_NULL;
+    owned_ = false;
+  }
   [[nodiscard]] MPI_Comm get() const noexcept { return comm_; }
   [[nodiscard]] bool is_null() const noexcept { return comm_ == MPI_COMM_NULL; }
   [[nodiscard]] bool owned() const noexcept { return owned_; }

@@ -25,7 +25,10 @@ struct HierarchyOptions {
 ///   with MPI_Comm_split (levels with equal group sizes share one; g == world size reuses world);
 /// - node: the ranks on this rank's node (MPI_Comm_split_type(SHARED) or emulated, see options);
 /// - inter_node: the ranks with the same node-local rank, one per node.
-/// Every communicator is freed exactly once, when the Hierarchy dies. Construction is collective
+/// - control(i): a duplicate of level(i) that carries only hma's agreement checks (control plane),
+///   so a check can never pair with a data collective of another rank.
+/// Ranks per node is agreed across ranks (hma::MismatchError on every rank) before any split
+/// depends on it. Every communicator is freed exactly once, when the Hierarchy dies. Construction is collective
 /// over `parent`; it throws hma::InvalidArgument for a group size that does not divide the world
 /// or a bad ranks-per-node. A null `parent` gives an empty hierarchy (this rank is not a member).
 class Hierarchy {
@@ -40,6 +43,13 @@ class Hierarchy {
   /// The communicator of level `i` that holds this rank. Throws hma::InvalidArgument if out of range.
   [[nodiscard]] const Comm& level(std::size_t i) const;
   [[nodiscard]] int level_group_size(std::size_t i) const;
+  /// The control communicator of level `i` (same ranks as level(i), another context).
+  [[nodiscard]] const Comm& control(std::size_t i) const;
+  /// MPI_COMM_WORLD ranks of this rank's group at level `i`, in group rank order.
+  [[nodiscard]] const std::vector<int>& world_ranks(std::size_t i) const;
+  /// Forgets every communicator without freeing it: for when collectives may still be in flight
+  /// on them (an average that timed out), where freeing would let MPI touch freed state.
+  void abandon() noexcept;
   [[nodiscard]] const Comm& node() const noexcept { return node_; }
   [[nodiscard]] const Comm& inter_node() const noexcept { return inter_node_; }
   [[nodiscard]] int world_rank() const noexcept { return world_rank_; }
@@ -69,6 +79,8 @@ class Hierarchy {
   std::vector<Comm> owned_levels_;   // one per distinct sub-world group size
   std::vector<int> level_sizes_;     // per level
   std::vector<int> level_slot_;      // per level: -1 = world, else index into owned_levels_
+  std::vector<Comm> control_;        // per distinct level communicator: [0] world, [1 + slot]
+  std::vector<std::vector<int>> world_ranks_;  // per level
   Comm node_, inter_node_;
   int world_rank_ = -1, world_size_ = 0, node_index_ = -1, num_nodes_ = 0, ranks_per_node_ = 0;
   bool emulated_ = false, contiguous_nodes_ = false;

@@ -62,6 +62,23 @@ int ranks_per_node_setting(int option) {
   return rpn;
 }
 
+int agreed_ranks_per_node(MPI_Comm comm, int option) {
+  int rpn = 0;
+  agree(comm, [&] { rpn = ranks_per_node_setting(option); });
+  const auto [lo, hi] = min_max(comm, rpn);
+  if (lo != hi) {
+    int mine = rpn == lo ? comm_size(comm) : comm_rank(comm), first = 0;
+    check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce(ranks per node)");
+    throw MismatchError("hma: ranks per node (HMA_RANKS_PER_NODE or HierarchyOptions::ranks_per_node) "
+                        "differs across ranks: values from " + std::to_string(lo) + " to " +
+                            std::to_string(hi) + " (0 = detect by shared memory); rank " +
+                            std::to_string(first) + " is the lowest without " + std::to_string(lo) +
+                            ". Set it alike on every rank",
+                        first);
+  }
+  return rpn;
+}
+
 void agree(MPI_Comm comm, const std::function<void()>& fn) {
   std::exception_ptr err;
   std::string msg;

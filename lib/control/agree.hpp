@@ -23,6 +23,11 @@ std::pair<int, int> min_max(MPI_Comm comm, int v);
 /// Throws hma::InvalidArgument unless it is 0 or divides the MPI_COMM_WORLD size. Local.
 int ranks_per_node_setting(int option);
 
+/// Collective over `comm`: ranks_per_node_setting(option) evaluated on every rank and checked to
+/// be the same everywhere (hma::MismatchError on every rank naming the values otherwise), BEFORE
+/// anything splits by it: ranks that disagree would call different splits and deadlock.
+int agreed_ranks_per_node(MPI_Comm comm, int option);
+
 /// Runs `fn` on every rank of `comm` (collective). If it throws on any rank, every rank throws:
 /// the failing rank rethrows its own exception, the others an exception of the same family
 /// (hma::InvalidArgument or hma::Error) saying "rank R: <its message>", R the lowest failing rank.

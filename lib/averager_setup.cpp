@@ -1,0 +1,192 @@
+// Averager set-up and lifetime: settings agreed across ranks, the hierarchy, moves, and the
+// destructor that never frees a communicator under a collective; torch-named averagers.
+#include <cstdio>
+
+#include "control/agree.hpp"
+#include "control/settings.hpp"
+#include "device/device_path.hpp"
+#include "hma/averager.hpp"
+#include "hma/error.hpp"
+#include "pending.hpp"
+#include "support/log.hpp"
+#include "support/worker.hpp"
+
+namespace hma {
+
+Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule()>& make) {
+  detail::require_mpi("averager");
+  if (comm == MPI_COMM_NULL) return make();
+  std::optional<Schedule> s;
+  detail::agree(comm, [&] { s.emplace(make()); });
+  return std::move(*s);
+}
+
+Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
+    : schedule_(std::move(schedule)), hierarchy_(MPI_COMM_NULL, {}) {
+  detail::require_mpi("averager");
+  if (comm == MPI_COMM_NULL) return;  // not a member: count steps only
+  std::vector<int> sizes;
+  detail::agree(comm, [&] {
+    int size = 0;
+    check(MPI_Comm_size(comm, &size), "MPI_Comm_size");
+    if (schedule_.world_size() != size)
+      throw InvalidArgument("hma: the schedule is for " + std::to_string(schedule_.world_size()) +
+                            " ranks but the communicator has " + std::to_string(size));
+    settings_ = detail::resolve_settings(options);
+    device_plan_ = std::make_unique<detail::DevicePlan>(detail::resolve_device_plan(options, settings_));
+    for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
+  });
+  const std::uint64_t fp[1] = {schedule_.fingerprint()};
+  detail::check_same(comm, fp, "the schedule", [this] { return schedule_.to_string(); });
+  // Settings that change which collectives an average issues, or how long ranks wait, must agree
+  // before the first collective that depends on them (ranks per node: before any split).
+  detail::check_settings(comm, settings_, *device_plan_);
+  hierarchy_ = Hierarchy(comm, sizes, HierarchyOptions{settings_.ranks_per_node});
+  if (settings_.progress == Progress::thread) worker_ = std::make_unique<detail::Worker>();
+  if (hierarchy_.world().rank() == 0) {
+    for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
+    detail::log(detail::LogLevel::info, describe());
+  }
+}
+
+Averager::Averager(Averager&&) noexcept = default;
+Averager& Averager::operator=(Averager&& o) noexcept {
+  if (this == &o) return *this;
+  finish_all();
+  worker_.reset();  // joined before the communicators it uses go
+  schedule_ = std::move(o.schedule_);
+  hierarchy_ = std::move(o.hierarchy_);
+  step_ = o.step_;
+  settings_ = o.settings_;
+  scratch_ = std::move(o.scratch_);
+  device_plan_ = std::move(o.device_plan_);
+  inflight_ = std::move(o.inflight_);
+  worker_ = std::move(o.worker_);
+  return *this;
+}
+
+Averager::~Averager() { finish_all(); }
+
+void Averager::finish_all() noexcept {
+  if (detail::mpi_finalized()) {
+    // Nothing can be completed or freed any more; the sets' averages can never complete.
+    for (auto& w : inflight_)
+      if (auto p = w.lock()) p->orphaned = true;
+    inflight_.clear();
+    hierarchy_.abandon();
+    return;
+  }
+  // Open MPI 4.1 crashes when a communicator is freed under a pending non-blocking collective
+  // (and lazily issued stages need it): complete this averager's averages first, waiting at
+  // most one timeout, and only testing those that already timed out.
+  bool leaked = false;
+  for (auto& w : inflight_) {
+    auto p = w.lock();
+    if (!p || p->done) continue;
+    try {
+      (void)detail::complete(*p, !p->timed_out);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "hma: destroying an averager: completing its in-flight average: %s\n",
+                   e.what());
+    }
+    if (!p->done) {
+      p->orphaned = true;
+      leaked = true;
+    }
+  }
+  inflight_.clear();
+  if (leaked) {
+    std::fprintf(stderr, "hma: destroying an averager with an average still in flight (a rank never "
+                 "arrived): its communicators are leaked, not freed under MPI\n");
+    worker_.reset();
+    hierarchy_.abandon();
+  }
+}
+
+std::string Averager::describe() const {
+  if (!member()) return "hma: this rank is outside the averaging group\n";
+  std::string s = "hma: model averaging " + schedule_.to_string() + "\n";
+  s += hierarchy_.describe();
+  const auto& lv = schedule_.levels();
+  if (schedule_.kind() == Schedule::Kind::periodic) {
+    s += "  all " + std::to_string(lv[0].group_size) + " ranks average parameters every " +
+         std::to_string(lv[0].period) + " steps from step " + std::to_string(schedule_.warmup()) +
+         "\n";
+  } else {
+    for (std::size_t i = 0; i < lv.size(); ++i) {
+      s += "  each group of " + std::to_string(lv[i].group_size) +
+           " ranks averages parameters every " + std::to_string(lv[i].period) + " steps" +
+           (i + 1 < lv.size() ? ", if no higher level averages" : "") + "\n";
+      if (hierarchy_.two_level(i) == nullptr) continue;
+      const Algorithm a = settings_.algorithm;
+      const bool at_all = a != Algorithm::flat && (a == Algorithm::two_level || !hierarchy_.emulated_nodes());
+      s += std::string("    algorithm: ") +
+           (!at_all ? "flat (HMA_ALGORITHM=flat, or auto on emulated nodes that share memory)"
+            : a == Algorithm::two_level ? "two-level (HMA_ALGORITHM=two_level)"
+                                        : "two-level from 64 KiB (auto), flat below") +
+           "\n";
+    }
+    if (schedule_.warmup() > 0)
+      s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";
+  }
+  char secs[32];
+  std::snprintf(secs, sizeof secs, "%g s", settings_.timeout_s);
+  s += std::string("  agreement check before each average: ") +
+       (settings_.check ? "on" : "OFF (HMA_CHECK=0: unsafe)") + "; timeout " +
+       (settings_.timeout_s > 0 && settings_.timeout_s <= 1e9 ? secs : "none") + "\n";
+  s += "  " + device_path() + "\n";
+  return s;
+}
+
+// ---------------------------------------------------------------- torch-named averagers
+
+namespace {
+int size_or_one(MPI_Comm comm) {
+  if (comm == MPI_COMM_NULL) return 1;
+  int s = 0;
+  check(MPI_Comm_size(comm, &s), "MPI_Comm_size");
+  return s;
+}
+
+// Ranks per node for the 'node' token of a schedule string: from options, HMA_RANKS_PER_NODE,
+// or the shared-memory split (0 when nodes differ in size). Collective over comm; the setting
+// is agreed before the split that depends on it.
+int node_size(MPI_Comm comm, const AveragerOptions& o) {
+  const int rpn = detail::agreed_ranks_per_node(comm, o.hierarchy.ranks_per_node);
+  if (rpn > 0) return rpn;
+  Comm shared = Comm::attach(comm).split_shared();
+  const auto [lo, hi] = detail::min_max(comm, shared.size());
+  return lo == hi ? lo : 0;
+}
+
+MPI_Comm require(MPI_Comm comm) {
+  if (comm == MPI_COMM_NULL)
+    throw InvalidArgument("hma: HierarchicalAverager: comm is MPI_COMM_NULL; every rank of the "
+                          "hierarchy must pass the same (non-null) communicator");
+  return comm;
+}
+}  // namespace
+
+PeriodicAverager::PeriodicAverager(MPI_Comm comm, std::int64_t period, std::int64_t warmup,
+                                   AveragerOptions options)
+    : Averager(comm,
+               agreed(comm, [&] { return Schedule::periodic(period, warmup, size_or_one(comm)); }),
+               options) {}
+
+HierarchicalAverager::HierarchicalAverager(MPI_Comm comm, std::vector<Level> levels,
+                                           std::int64_t warmup, AveragerOptions options)
+    : Averager(comm, agreed(comm, [&] {
+                 require(comm);
+                 return Schedule::hierarchical(std::move(levels), warmup, size_or_one(comm));
+               }),
+               options) {}
+
+HierarchicalAverager::HierarchicalAverager(MPI_Comm comm, std::string_view spec,
+                                           std::int64_t warmup, AveragerOptions options)
+    : Averager(comm, agreed(comm, [&] {
+                 require(comm);
+                 return Schedule::parse(spec, warmup, size_or_one(comm), node_size(comm, options));
+               }),
+               options) {}
+
+}  // namespace hma

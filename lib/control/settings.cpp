@@ -1,0 +1,134 @@
+#include "control/settings.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "control/agree.hpp"
+#include "hma/error.hpp"
+#include "support/env.hpp"
+#include "support/log.hpp"
+
+namespace hma::detail {
+
+namespace {
+
+std::size_t env_bytes(const char* name, std::size_t fallback, int lo = 0) {
+  return static_cast<std::size_t>(
+      env_int(name, static_cast<int>(fallback), lo, std::numeric_limits<int>::max()));
+}
+
+// HMA_TIMEOUT_S / AveragerOptions::timeout_s: seconds, "inf"; 0 and inf mean no limit.
+double resolve_timeout(const std::optional<double>& option) {
+  if (option) {
+    if (!(*option >= 0))
+      throw InvalidArgument("hma: AveragerOptions::timeout_s must be >= 0 seconds (0 or infinity: "
+                            "no limit), got " + std::to_string(*option));
+    return *option;
+  }
+  const std::string v = env_str("HMA_TIMEOUT_S", "");
+  if (v.empty()) return AveragerOptions::kDefaultTimeoutS;
+  char* end = nullptr;
+  const double t = std::strtod(v.c_str(), &end);
+  if (end == v.c_str() || *end != '\0' || !(t >= 0))
+    throw InvalidArgument("hma: environment variable HMA_TIMEOUT_S='" + v +
+                          "' must be a non-negative number of seconds or inf (0 or inf: no "
+                          "limit; default 1800)");
+  return t;
+}
+
+}  // namespace
+
+Settings resolve_settings(const AveragerOptions& o) {
+  Settings s;
+  s.check = o.check_every_average.value_or(env_bool("HMA_CHECK", true));
+  s.chunk_bytes = o.chunk_bytes.value_or(env_bytes("HMA_CHUNK_BYTES", AveragerOptions::kDefaultChunkBytes));
+  s.reduction = o.reduction ? *o.reduction
+                            : env_choice("HMA_REDUCTION", Reduction::automatic,
+                                         {{"auto", Reduction::automatic},
+                                          {"mpi", Reduction::mpi},
+                                          {"ring", Reduction::ring}});
+  s.ring_min_block_bytes =
+      env_bytes("HMA_RING_MIN_BLOCK_BYTES", AveragerOptions::kDefaultRingMinBlockBytes);
+  s.timeout_s = resolve_timeout(o.timeout_s);
+  s.nonfinite = o.nonfinite ? *o.nonfinite
+                            : env_choice("HMA_NONFINITE", NonFinite::ignore,
+                                         {{"off", NonFinite::ignore},
+                                          {"throw", NonFinite::error},
+                                          {"skip", NonFinite::skip}});
+  s.algorithm = o.algorithm ? *o.algorithm
+                            : env_choice("HMA_ALGORITHM", Algorithm::automatic,
+                                         {{"auto", Algorithm::automatic},
+                                          {"flat", Algorithm::flat},
+                                          {"two_level", Algorithm::two_level}});
+  s.progress = o.progress ? *o.progress
+                          : env_choice("HMA_PROGRESS", Progress::poll,
+                                       {{"poll", Progress::poll}, {"thread", Progress::thread}});
+  if (s.progress == Progress::thread) {
+    int provided = MPI_THREAD_SINGLE;
+    check(MPI_Query_thread(&provided), "MPI_Query_thread");
+    if (provided < MPI_THREAD_MULTIPLE)
+      throw InvalidArgument(
+          "hma: progress thread (HMA_PROGRESS=thread or AveragerOptions::progress) needs MPI "
+          "initialised with MPI_Init_thread(MPI_THREAD_MULTIPLE); this MPI provides level " +
+          std::to_string(provided));
+  }
+  s.staging_chunk_bytes = o.staging_chunk_bytes.value_or(
+      env_bytes("HMA_STAGING_CHUNK_BYTES", AveragerOptions::kDefaultStagingChunkBytes));
+  s.staging_slots = o.staging_slots.value_or(static_cast<std::size_t>(
+      env_int("HMA_STAGING_SLOTS", static_cast<int>(AveragerOptions::kDefaultStagingSlots), 1, 64)));
+  if (s.staging_slots < 1 || s.staging_slots > 64)
+    throw InvalidArgument("hma: AveragerOptions::staging_slots must be in [1, 64], got " +
+                          std::to_string(s.staging_slots));
+  s.ranks_per_node = ranks_per_node_setting(o.hierarchy.ranks_per_node);
+  (void)log_level();  // validates HMA_LOG on every rank
+  return s;
+}
+
+DevicePlan resolve_device_plan(const AveragerOptions& o, const Settings& s) {
+  DevicePathInputs in = detect_device_inputs();
+  in.requested = o.device_path ? *o.device_path
+                               : env_choice("HMA_DEVICE_PATH", DevicePath::automatic,
+                                            {{"auto", DevicePath::automatic},
+                                             {"staged", DevicePath::staged},
+                                             {"direct", DevicePath::direct}});
+  if (o.cuda_aware) in.cuda_aware_override = *o.cuda_aware ? 1 : 0;
+  else if (!env_str("HMA_CUDA_AWARE", "").empty())
+    in.cuda_aware_override = env_bool("HMA_CUDA_AWARE", false) ? 1 : 0;
+  in.thread_progress = s.progress == Progress::thread;
+  return choose_device_plan(in);
+}
+
+void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
+  std::uint64_t timeout_bits = 0;
+  const double t = std::isinf(s.timeout_s) ? 0.0 : s.timeout_s;  // inf and 0: both "no limit"
+  std::memcpy(&timeout_bits, &t, sizeof t);
+  const std::uint64_t v[] = {s.chunk_bytes,
+                             static_cast<std::uint64_t>(s.reduction),
+                             s.ring_min_block_bytes,
+                             static_cast<std::uint64_t>(s.algorithm),
+                             static_cast<std::uint64_t>(s.progress),
+                             static_cast<std::uint64_t>(s.nonfinite),
+                             s.check ? 1u : 0u,
+                             timeout_bits,
+                             static_cast<std::uint64_t>(s.ranks_per_node),
+                             plan.blocking_direct ? 1u : 0u,
+                             static_cast<std::uint64_t>(plan.nonblocking),
+                             s.staging_chunk_bytes};
+  check_same(comm, v, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
+    char secs[32];
+    std::snprintf(secs, sizeof secs, "%g", s.timeout_s);
+    return "chunk bytes " + std::to_string(s.chunk_bytes) + ", reduction " +
+           std::to_string(static_cast<int>(s.reduction)) + ", ring min block " +
+           std::to_string(s.ring_min_block_bytes) + ", algorithm " +
+           std::to_string(static_cast<int>(s.algorithm)) + ", progress " +
+           (s.progress == Progress::thread ? "thread" : "poll") + ", non-finite " +
+           std::to_string(static_cast<int>(s.nonfinite)) + ", check " + (s.check ? "on" : "off") +
+           ", timeout " + secs + " s, ranks per node " + std::to_string(s.ranks_per_node) + ", " +
+           plan.why + ", staging chunk bytes " + std::to_string(s.staging_chunk_bytes);
+  });
+}
+
+}  // namespace hma::detail

@@ -1,0 +1,136 @@
+#include "transport/device.hpp"
+
+#include <memory>
+#include <vector>
+
+#include "hma/error.hpp"
+#include "support/worker.hpp"
+#include "transport/elements.hpp"
+#include "transport/staged.hpp"
+
+namespace hma::detail {
+
+namespace {
+
+std::vector<StagedJob> jobs_of(DeviceState& s) {
+  std::vector<StagedJob> jobs;
+  for (DeviceBucket* b : {&s.f32, &s.f64})
+    if (b->size() > 0) jobs.push_back(StagedJob{b->storage, b->size(), b->dtype});
+  return jobs;
+}
+
+// Calls fn(device pointer, count, MPI type) for each piece of the set's buckets that one MPI
+// call can take: the staged chunks with no chunking (at most 2^30 elements each).
+template <class F>
+void each_piece(DeviceState& s, F&& fn) {
+  const auto jobs = jobs_of(s);
+  for (const auto& c : staged_chunks(jobs, 0)) {
+    const auto& j = jobs[c.job];
+    fn(static_cast<char*>(j.dev) + c.lo * dtype_size(j.dtype), static_cast<int>(c.n), mpi_type(j.dtype));
+  }
+}
+
+// Device pointers straight to a (CUDA-aware) blocking MPI_Allreduce, in place.
+void allreduce_direct(DeviceState& s, MPI_Comm comm) {
+  each_piece(s, [&](void* p, int n, MPI_Datatype t) {
+    check(MPI_Allreduce(MPI_IN_PLACE, p, n, t, MPI_SUM, comm), "MPI_Allreduce(device buffer)");
+  });
+}
+
+// The staged pipeline over the set's buckets, with its pinned slots ready.
+std::shared_ptr<StagedPipeline> staged(DeviceState& s, const DeviceRoute& r, bool blocking_mpi) {
+  auto jobs = jobs_of(s);
+  s.staging.ensure(s.be, r.staging_slots, staged_slot_bytes(jobs, r.staging_chunk_bytes));
+  return std::make_shared<StagedPipeline>(*s.be, s.staging, std::move(jobs), r.staging_chunk_bytes,
+                                          r.comm, s.stream, s.stream_back, blocking_mpi);
+}
+
+}  // namespace
+
+void average_device(DeviceState& s, const DeviceRoute& r) {
+  if (r.plan->blocking_direct) {
+    s.be->synchronize(s.packed);
+    allreduce_direct(s, r.comm);
+  } else {
+    staged(s, r, true)->drive(true);
+  }
+  s.unpack_and_record();
+  s.be->stream_wait(r.user, s.done);
+}
+
+void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* worker) {
+  DeviceState* sp = &s;  // heap-stable: the set may move while the average is in flight
+  const MPI_Comm c = r.comm;
+  p.finish = [sp, user = r.user] { sp->be->stream_wait(user, sp->done); };
+  switch (r.plan->nonblocking) {
+    case DeviceNonblocking::thread_direct:
+    case DeviceNonblocking::staged_thread: {
+      if (worker == nullptr) throw Error("hma: internal: a progress-thread device path without a worker");
+      const bool direct = r.plan->nonblocking == DeviceNonblocking::thread_direct;
+      std::shared_ptr<StagedPipeline> pipe;
+      if (!direct) pipe = staged(s, r, true);
+      p.threaded = true;
+      p.result = worker->submit([sp, c, direct, pipe] {
+        sp->be->set_device(sp->device);
+        if (direct) {
+          sp->be->synchronize(sp->packed);
+          allreduce_direct(*sp, c);
+        } else {
+          pipe->drive(true);
+        }
+        sp->unpack_and_record();
+      });
+      return;
+    }
+    case DeviceNonblocking::iallreduce: {
+      // Issued once the pack kernel is done (polled: start() does not block on the device).
+      struct State {
+        bool issued = false;
+        std::vector<MPI_Request> reqs;
+      };
+      auto st = std::make_shared<State>();
+      auto issue = [sp, c, st] {
+        each_piece(*sp, [&](void* ptr, int n, MPI_Datatype t) {
+          MPI_Request q = MPI_REQUEST_NULL;
+          check(MPI_Iallreduce(MPI_IN_PLACE, ptr, n, t, MPI_SUM, c, &q), "MPI_Iallreduce(device buffer)");
+          st->reqs.push_back(q);
+        });
+        st->issued = true;
+      };
+      p.issue_rest = [sp, st, issue] {
+        if (st->issued) return;
+        sp->be->synchronize(sp->packed);
+        issue();
+      };
+      p.drive = [sp, st, issue](bool block) {
+        sp->be->set_device(sp->device);
+        if (!st->issued) {
+          if (block) sp->be->synchronize(sp->packed);
+          else if (!sp->be->query(sp->packed)) return false;
+          issue();
+        }
+        const int n = static_cast<int>(st->reqs.size());
+        int flag = 1;
+        if (block) check(MPI_Waitall(n, st->reqs.data(), MPI_STATUSES_IGNORE), "MPI_Waitall(device buffer)");
+        else check(MPI_Testall(n, st->reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(device buffer)");
+        if (!flag) return false;
+        sp->unpack_and_record();
+        return true;
+      };
+      break;
+    }
+    case DeviceNonblocking::staged_poll: {
+      auto pipe = staged(s, r, false);
+      p.issue_rest = [pipe] { pipe->issue_all(); };
+      p.drive = [sp, pipe](bool block) {
+        sp->be->set_device(sp->device);
+        if (!pipe->drive(block)) return false;
+        sp->unpack_and_record();
+        return true;
+      };
+      break;
+    }
+  }
+}
+
+}  // namespace hma::detail

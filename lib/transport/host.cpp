@@ -1,0 +1,60 @@
+// The host transports behind one interface: which way a host average's bytes move.
+#include "transport/host.hpp"
+
+#include <algorithm>
+
+#include "support/timeline.hpp"
+#include "transport/allreduce.hpp"
+#include "transport/elements.hpp"
+#include "transport/ring.hpp"
+#include "transport/two_level.hpp"
+
+namespace hma::detail {
+
+namespace {
+
+// Blocking average of one bucket in pieces of route.chunk_bytes, each still in cache while it is
+// scaled, reduced and unpacked: through hma's ring (in place in the owned region and the user
+// arrays, scaling fused) or through divide + MPI_Allreduce, chosen per piece.
+template <Element T>
+void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
+  const std::size_t elems = route.chunk_bytes == 0 ? 0 : std::max<std::size_t>(1, route.chunk_bytes / sizeof(T));
+  const std::size_t piece = std::min(elems == 0 ? kMaxChunk : elems, kMaxChunk);
+  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
+    const std::size_t hi = std::min(lo + piece, b.size());
+    const std::size_t bytes = (hi - lo) * sizeof(T);
+    const bool ring = route.reduction == Reduction::ring ||
+                      (route.reduction == Reduction::automatic &&
+                       bytes / static_cast<std::size_t>(route.group) >= route.ring_min_block);
+    if (!ring) {
+      allreduce_piece(b, lo, hi, route);
+      continue;
+    }
+    TimelineScope t("ring allreduce (scaling fused)", route.level, route.step, bytes, route.group);
+    ring_average(Runs<T>::of(b, lo, hi), route.comm, route.rank, route.group, Scaler<T>(route.group),
+                 scratch);
+  }
+}
+
+}  // namespace
+
+void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scratch& scratch) {
+  if (route.two != nullptr) {
+    two_level_blocking(f, route);
+    two_level_blocking(d, route);
+  } else {
+    flat_blocking(f, route, scratch.f);
+    flat_blocking(d, route, scratch.d);
+  }
+}
+
+void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
+  if (route.two != nullptr) {
+    start_two_level(f, d, route, p);
+  } else {
+    start_allreduce(f, route, p.reqs);
+    start_allreduce(d, route, p.reqs);
+  }
+}
+
+}  // namespace hma::detail

@@ -1,0 +1,40 @@
+// Internal, data plane: how the bytes of a host ParamSet move. Every host transport sits behind
+// these two calls; only lib/transport/ calls MPI data collectives.
+//   divide + MPI_Allreduce ....... transport/allreduce.cpp  (torch's recipe)
+//   hma's ring, division fused ... transport/ring.hpp
+//   two-level across nodes ....... transport/two_level.cpp
+#pragma once
+
+#include <mpi.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "hma/averager.hpp"
+#include "pending.hpp"
+
+namespace hma::detail {
+
+/// Where and how one average moves: the group's data communicator and the chosen algorithm.
+struct Route {
+  MPI_Comm comm = MPI_COMM_NULL;  // the level's data communicator
+  int group = 1;                  // its size
+  int rank = 0;                   // this rank in it
+  std::size_t chunk_bytes = 0;    // blocking: pieces of this many bytes (0: one piece)
+  Reduction reduction = Reduction::mpi;  // automatic: ring where a piece's block >= ring_min_block
+  std::size_t ring_min_block = 0;
+  const Hierarchy::TwoLevel* two = nullptr;  // non-null: two-level over these
+  int per_node = 0;                          // two-level: ranks per node
+  int level = 0;                             // for the timeline
+  std::int64_t step = 0;
+};
+
+/// Blocking: averages both buckets over route.comm (on return the arrays hold the average).
+void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scratch& scratch);
+
+/// Non-blocking: issues the collectives of an average of both buckets into `p` (its requests,
+/// later stages and finishing step). Throws hma::InvalidArgument when a piece is too large for
+/// one non-blocking collective.
+void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p);
+
+}  // namespace hma::detail

@@ -1,0 +1,106 @@
+#include "transport/two_level.hpp"
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <string>
+
+#include "hma/error.hpp"
+#include "support/timeline.hpp"
+#include "transport/elements.hpp"
+
+namespace hma::detail {
+
+template <Element T>
+void two_level_blocking(Bucket<T>& b, const Route& route) {
+  const Scaler<T> s(route.group);
+  const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
+  const std::size_t L = static_cast<std::size_t>(route.per_node);
+  const std::size_t elems = route.chunk_bytes == 0 ? 0 : std::max<std::size_t>(1, route.chunk_bytes / sizeof(T));
+  const std::size_t piece = std::min(elems == 0 ? kMaxChunk : elems, kMaxChunk / 2);
+  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
+    const std::size_t hi = std::min(lo + piece, b.size()), N = hi - lo;
+    const std::size_t blk = (N + L - 1) / L;
+    TimelineScope t("two-level allreduce", route.level, route.step, N * sizeof(T), route.group);
+    b.send.resize(blk * L);
+    b.recv.resize(blk);
+    T* S = b.send.data();
+    scale_out(b, lo, hi, s, S);
+    std::fill(S + N, S + blk * L, T(0));
+    const int c = static_cast<int>(blk);
+    check(MPI_Reduce_scatter_block(S, b.recv.data(), c, mpi_type<T>(), MPI_SUM, intra),
+          "MPI_Reduce_scatter_block(two-level, within the node)");
+    check(MPI_Allreduce(MPI_IN_PLACE, b.recv.data(), c, mpi_type<T>(), MPI_SUM, inter),
+          "MPI_Allreduce(two-level, across nodes)");
+    check(MPI_Allgather(b.recv.data(), c, mpi_type<T>(), S, c, mpi_type<T>(), intra),
+          "MPI_Allgather(two-level, within the node)");
+    copy_back(b, lo, hi, S);
+  }
+}
+
+template void two_level_blocking(Bucket<float>&, const Route&);
+template void two_level_blocking(Bucket<double>&, const Route&);
+
+namespace {
+
+using Stage = std::function<void(std::vector<MPI_Request>&)>;
+
+// One bucket's stages: the first issued now into `reqs`, the next two returned in `later`.
+template <Element T>
+void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
+               std::vector<Stage>& later, std::vector<std::function<void()>>& finish) {
+  const std::size_t N = b.size(), L = static_cast<std::size_t>(route.per_node);
+  if (N == 0) return;
+  const std::size_t blk = (N + L - 1) / L;
+  if (blk > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+    throw InvalidArgument("hma: two-level average of " + std::to_string(N) +
+                          " elements: too large for one non-blocking collective; use "
+                          "HMA_ALGORITHM=flat or Progress::thread");
+  const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
+  const Scaler<T> s(route.group);
+  b.send.resize(blk * L);
+  b.recv.resize(blk);
+  T* S = b.send.data();
+  scale_out(b, 0, N, s, S);
+  std::fill(S + N, S + blk * L, T(0));
+  const int c = static_cast<int>(blk);
+  MPI_Request r = MPI_REQUEST_NULL;
+  check(MPI_Ireduce_scatter_block(S, b.recv.data(), c, mpi_type<T>(), MPI_SUM, intra, &r),
+        "MPI_Ireduce_scatter_block(two-level)");
+  reqs.push_back(r);
+  Bucket<T>* bp = &b;  // buckets live on the heap: stable while in flight
+  later.push_back([bp, c, inter](std::vector<MPI_Request>& q) {
+    MPI_Request x = MPI_REQUEST_NULL;
+    check(MPI_Iallreduce(MPI_IN_PLACE, bp->recv.data(), c, mpi_type<T>(), MPI_SUM, inter, &x),
+          "MPI_Iallreduce(two-level)");
+    q.push_back(x);
+  });
+  later.push_back([bp, c, intra](std::vector<MPI_Request>& q) {
+    MPI_Request x = MPI_REQUEST_NULL;
+    check(MPI_Iallgather(bp->recv.data(), c, mpi_type<T>(), bp->send.data(), c, mpi_type<T>(),
+                         intra, &x),
+          "MPI_Iallgather(two-level)");
+    q.push_back(x);
+  });
+  finish.push_back([bp, N] { copy_back(*bp, 0, N, bp->send.data()); });
+}
+
+}  // namespace
+
+void start_two_level(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
+  std::vector<Stage> lf, ld;
+  std::vector<std::function<void()>> fin;
+  stages_of(f, route, p.reqs, lf, fin);
+  stages_of(d, route, p.reqs, ld, fin);
+  for (std::size_t k = 0; k < std::max(lf.size(), ld.size()); ++k)
+    p.stages.push_back([a = k < lf.size() ? lf[k] : nullptr,
+                        b = k < ld.size() ? ld[k] : nullptr](std::vector<MPI_Request>& q) {
+      if (a) a(q);
+      if (b) b(q);
+    });
+  p.finish = [fin] {
+    for (const auto& fn : fin) fn();
+  };
+}
+
+}  // namespace hma::detail

@@ -1,0 +1,18 @@
+// Internal, data plane: the two-level average of a level whose groups are several whole nodes:
+// reduce-scatter within the node, allreduce across nodes between ranks of equal node-local rank,
+// allgather within the node. Only 1/L of the bytes cross the network from each rank.
+#pragma once
+
+#include "transport/host.hpp"
+
+namespace hma::detail {
+
+/// Blocking, in pieces of route.chunk_bytes.
+template <Element T>
+void two_level_blocking(Bucket<T>& b, const Route& route);
+
+/// Non-blocking: three chained stages per bucket; the first is issued now, the others by
+/// complete() as their predecessors finish (Pending::stages); the result is copied back last.
+void start_two_level(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p);
+
+}  // namespace hma::detail
