@@ -30,6 +30,8 @@ const char* kUsage =
     "                    device-emulated: a DeviceParamSet on hma's host emulation backend (device\n"
     "                    memory = host memory): the staged path's chunking and MPI calls plus two\n"
     "                    memcpy passes standing in for the PCIe copies; blocking and start/wait\n"
+    "                    unchecked: the contiguous average with the agreement check off\n"
+    "                    (HMA_CHECK=0, unsafe), so the check's cost is measured in the same run\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -61,7 +63,12 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
   hma::AveragerOptions opt_flat = opt, opt_two = opt;
   opt_flat.algorithm = hma::Algorithm::flat;
   opt_two.algorithm = hma::Algorithm::two_level;
-  std::unique_ptr<hma::HierarchicalAverager> avg_flat, avg_two;
+  std::unique_ptr<hma::HierarchicalAverager> avg_flat, avg_two, avg_unchecked;
+  if (on("unchecked")) {
+    hma::AveragerOptions o = opt;
+    o.check_every_average = false;
+    avg_unchecked = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, o);
+  }
   if (on("flat")) avg_flat = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_flat);
   if (on("two-level")) {
     avg_two = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_two);
@@ -118,6 +125,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     // flat and two-level back to back in the same run, next to the same floor.
     auto t_flat = !on("flat") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_flat->average(contig, 0); }));
     auto t_two = !on("two-level") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_two->average(contig, 0); }));
+    auto t_unchecked = !on("unchecked") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_unchecked->average(contig, 0); }));
     std::unique_ptr<hma::DeviceParamSet> dps;
     hma::DeviceArray<T> dw;
     if (on("device-emulated")) {
@@ -155,6 +163,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (on("memcpy")) add("memcpy", t_copy, base);
     if (on("flat")) add("hma_flat", t_flat, base);
     if (on("two-level")) add("hma_two_level", t_two, base);
+    if (on("unchecked")) add("hma_unchecked", t_unchecked, base);
     if (on("device-emulated")) add("emulated_device_staged", t_dev, base);
     if (on("device-emulated")) add("emulated_device_staged_start_wait", t_dev_nb, base);
     if (bench::rank() == 0)
@@ -166,6 +175,9 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (bench::rank() == 0 && (on("flat") || on("two-level")))
       std::printf("%10s   flat %10.1f µs (%.3f)   two-level %10.1f µs (%.3f)\n", "",
                   t_flat.median, t_flat.median / base, t_two.median, t_two.median / base);
+    if (bench::rank() == 0 && on("unchecked"))
+      std::printf("%10s   agreement check: checked %10.1f µs, unchecked %10.1f µs: %+.1f%%\n", "",
+                  t_hma.median, t_unchecked.median, 100.0 * (t_hma.median / t_unchecked.median - 1));
     if (bench::rank() == 0 && on("device-emulated"))
       std::printf("%10s   emulated device, staged: blocking %10.1f µs (%.3f)   start+wait %10.1f µs (%.3f)\n",
                   "", t_dev.median, t_dev.median / base, t_dev_nb.median, t_dev_nb.median / base);

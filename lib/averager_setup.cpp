@@ -71,7 +71,10 @@ void Averager::finish_all() noexcept {
   if (detail::mpi_finalized()) {
     // Nothing can be completed or freed any more; the sets' averages can never complete.
     for (auto& w : inflight_)
-      if (auto p = w.lock()) p->orphaned = true;
+      if (auto p = w.lock(); p && !p->done) {
+        p->orphaned = true;
+        detail::keep_forever(p);
+      }
     inflight_.clear();
     hierarchy_.abandon();
     return;
@@ -91,6 +94,7 @@ void Averager::finish_all() noexcept {
     }
     if (!p->done) {
       p->orphaned = true;
+      detail::keep_forever(p);
       leaked = true;
     }
   }

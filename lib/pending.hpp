@@ -81,6 +81,10 @@ void finish_issuing(Pending& p);
 /// flight: the buffers must then be leaked.
 bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept;
 
+/// Keeps `p` (and so its check and requests) alive for the rest of the process: for an average
+/// that may still be in flight when its owners die.
+void keep_forever(std::shared_ptr<Pending> p) noexcept;
+
 /// Copies the packed staging area back into the user arrays of `params`.
 void unpack(ParamSet& params);
 

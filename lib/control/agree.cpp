@@ -82,9 +82,13 @@ int agreed_ranks_per_node(MPI_Comm comm, int option) {
 void agree(MPI_Comm comm, const std::function<void()>& fn) {
   std::exception_ptr err;
   std::string msg;
-  int family = 0;  // 0 invalid argument, 1 runtime error
+  int family = 0;  // 0 invalid argument, 1 runtime error, 2 mismatch
   try {
     fn();
+  } catch (const MismatchError& e) {
+    err = std::current_exception();
+    msg = e.what();
+    family = 2;
   } catch (const std::invalid_argument& e) {
     err = std::current_exception();
     msg = e.what();
@@ -99,9 +103,10 @@ void agree(MPI_Comm comm, const std::function<void()>& fn) {
   if (first == size) return;
   check(MPI_Bcast(&family, 1, MPI_INT, first, comm), "MPI_Bcast(agreement)");
   msg = bcast_string(comm, msg, first);
-  if (rank == first) std::rethrow_exception(err);
+  if (err) std::rethrow_exception(err);  // a rank that failed itself reports its own error
   const std::string text = "hma: rank " + std::to_string(first) + " failed: " + msg;
   if (family == 0) throw InvalidArgument(text);
+  if (family == 2) throw MismatchError(text, first);
   throw Error(text);
 }
 

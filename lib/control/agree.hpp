@@ -29,8 +29,9 @@ int ranks_per_node_setting(int option);
 int agreed_ranks_per_node(MPI_Comm comm, int option);
 
 /// Runs `fn` on every rank of `comm` (collective). If it throws on any rank, every rank throws:
-/// the failing rank rethrows its own exception, the others an exception of the same family
-/// (hma::InvalidArgument or hma::Error) saying "rank R: <its message>", R the lowest failing rank.
+/// a rank that failed rethrows its own exception, the others an exception of the same family
+/// (hma::InvalidArgument, hma::MismatchError or hma::Error) saying "rank R failed: <its
+/// message>", R the lowest failing rank.
 void agree(MPI_Comm comm, const std::function<void()>& fn);
 
 /// Collective: checks that `values` (same length on all ranks) are identical on every rank of

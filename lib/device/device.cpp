@@ -85,7 +85,16 @@ DeviceParamSet::~DeviceParamSet() {
   if (!s_) return;
   auto& s = *s_;
   if (!detail::finish_quietly(s.pending)) {
-    (void)s_.release();  // MPI or a copy may still write into these buffers: leak them
+    // MPI or a copy may still write into these buffers: leak them. What is already queued on
+    // hma's stream up to the last completed average (its unpack into your arrays) still runs
+    // now, so that nothing writes into your arrays after this destructor.
+    try {
+      s.be->set_device(s.device);
+      s.be->synchronize(s.done);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
+    }
+    (void)s_.release();
     return;
   }
   try {

@@ -1,0 +1,375 @@
+// The divergence matrix: ranks that stop doing the same thing. For each way a rank can diverge
+// (a skipped, missing or extra step, a layout change on one rank, steps set apart, an exception
+// on one rank, a setting that differs on one rank), in every configuration (flat and
+// hierarchical schedule, poll and thread progress, host and emulated device sets, blocking
+// step() and start()/wait() alternating), EVERY rank must end with a clear hma error, within a
+// bounded time that is far below the test's own limit, never a hang, a crash or silent success.
+// Flat schedules average at every step, so the first differing average is a MismatchError on
+// every rank; hierarchical ones may leave ranks waiting for different groups, which the
+// (short) timeout turns into hma::Timeout.
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "device/device_backend.hpp"
+#include "hma/hma.hpp"
+#include "mpi_test.hpp"
+
+using hma_test::rank;
+using hma_test::size;
+
+namespace {
+
+bool thread_multiple() {
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  return provided >= MPI_THREAD_MULTIPLE;
+}
+
+struct Config {
+  bool hierarchical = false;
+  bool thread = false;
+  bool device = false;
+  [[nodiscard]] std::string name() const {
+    return std::string(hierarchical ? "hierarchical" : "flat") + (thread ? ", thread" : ", poll") +
+           (device ? ", device (emulated)" : ", host");
+  }
+};
+
+std::vector<Config> configs() {
+  std::vector<Config> out;
+  for (bool h : {false, true})
+    for (bool t : {false, true})
+      for (bool d : {false, true})
+        if (!t || thread_multiple()) out.push_back({h, t, d});
+  return out;
+}
+
+// ranks per "node" of the hierarchical schedule: 2 where the world splits in pairs, else 1.
+int node_size() { return size() % 2 == 0 ? 2 : 1; }
+
+// One averager and one set (host or emulated device) of 6 f32 + 3 f64 values, in a config.
+struct Rig {
+  static constexpr double kTimeout = 0.5;
+  Config cfg;
+  std::vector<float> f = std::vector<float>(6);  // registered arrays outlive the sets
+  std::vector<double> d = std::vector<double>(3);
+  std::unique_ptr<hma::Averager> avg;
+  std::unique_ptr<hma::ParamSet> host;
+  std::unique_ptr<hma::DeviceParamSet> dev;
+
+  explicit Rig(Config c, hma::AveragerOptions o = {}) : cfg(c) {
+    if (!o.timeout_s) o.timeout_s = kTimeout;
+    o.progress = c.thread ? hma::Progress::thread : hma::Progress::poll;
+    if (c.hierarchical)
+      avg = std::make_unique<hma::HierarchicalAverager>(
+          MPI_COMM_WORLD, std::vector<hma::Level>{{1, node_size()}, {2, size()}}, 0, o);
+    else
+      avg = std::make_unique<hma::PeriodicAverager>(MPI_COMM_WORLD, 1, 0, o);
+    if (c.device) {
+      hma::detail::set_device_backend_for_testing(hma::detail::host_emulation_backend());
+      dev = std::make_unique<hma::DeviceParamSet>();
+      hma::detail::set_device_backend_for_testing(nullptr);
+      dev->add(f.data(), f.size());
+      dev->add(d.data(), d.size());
+    } else {
+      host = std::make_unique<hma::ParamSet>();
+      host->add(f);
+      host->add(d);
+    }
+  }
+  // One scheduled step: blocking on even steps, start()+wait() on odd ones.
+  void step() {
+    const bool blocking = avg->step_count() % 2 == 0;
+    if (dev) {
+      if (blocking) avg->step(*dev);
+      else avg->start(*dev).wait();
+    } else {
+      if (blocking) avg->step(*host);
+      else avg->start(*host).wait();
+    }
+  }
+  void average_world() {
+    const std::size_t top = avg->schedule().levels().size() - 1;
+    if (dev) avg->average(*dev, top);
+    else avg->average(*host, top);
+  }
+  void add_array(std::vector<float>& extra) {
+    if (dev) dev->add(extra.data(), extra.size());
+    else host->add(extra);
+  }
+};
+
+struct Outcome {
+  std::string error = "none";  // the exception type, or "none"
+  std::string what;
+  double seconds = 0;
+};
+
+// Runs `body` on every rank, catching what it throws; then all ranks meet again (on the test's
+// own communicator) for the next case.
+Outcome run(const std::function<void()>& body) {
+  Outcome o;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    body();
+  } catch (const hma::MismatchError& e) {
+    o.error = "MismatchError";
+    o.what = e.what();
+  } catch (const hma::Timeout& e) {
+    o.error = "Timeout";
+    o.what = e.what();
+  } catch (const hma::Error& e) {
+    o.error = "Error";
+    o.what = e.what();
+  } catch (const std::exception& e) {
+    o.error = std::string("other: ") + e.what();
+    o.what = e.what();
+  }
+  o.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return o;
+}
+
+// Every rank ended with an hma error: MismatchError with `needle` in flat configurations,
+// MismatchError or Timeout in hierarchical ones (a rank may wait for another group); in bounded
+// time. `own` is the one rank allowed its own (non-hma) exception.
+void require_error_everywhere(const Config& c, const Outcome& o, const std::string& needle, int own = -1) {
+  INFO(c.name() << ": rank " << rank() << " got " << o.error << " after " << o.seconds << " s: " << o.what);
+  const bool mine = rank() == own && o.error.rfind("other: ", 0) == 0;
+  // Flat: the exact field that differs. Hierarchical: which difference a group sees first
+  // depends on the levels (a node level of one rank checks nothing), so any mismatch.
+  const bool mismatch =
+      o.error == "MismatchError" &&
+      o.what.find(c.hierarchical ? "the ranks of the group are not in the same average" : needle) !=
+          std::string::npos;
+  const bool timeout = o.error == "Timeout" && o.what.find("HMA_TIMEOUT_S") != std::string::npos;
+  REQUIRE_ALL_RANKS(mine || mismatch || ((c.hierarchical || own >= 0) && timeout));
+  REQUIRE_ALL_RANKS(o.seconds < 8 * Rig::kTimeout + 2);
+}
+
+constexpr int kIters = 8;
+
+}  // namespace
+
+TEST_CASE("divergence: a rank skips one step() mid-run") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    const int x = size() - 1;
+    Rig rig(c);
+    const Outcome o = run([&] {
+      for (int it = 0; it < kIters; ++it)
+        if (!(rank() == x && it == 3)) rig.step();
+      rig.average_world();  // where the lag shows: the step counters alone matched at every average
+    });
+    require_error_everywhere(c, o, "average()/start_average() on world rank " + std::to_string(x));
+  }
+}
+
+TEST_CASE("divergence: a rank skips its last step()") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    Rig rig(c);
+    const Outcome o = run([&] {
+      for (int it = 0; it < kIters; ++it)
+        if (!(rank() == 0 && it == kIters - 1)) rig.step();
+      rig.average_world();
+    });
+    require_error_everywhere(c, o, "average()/start_average() on world rank 0");
+  }
+}
+
+TEST_CASE("divergence: a rank calls step() once more") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    const int x = size() / 2;
+    Rig rig(c);
+    const Outcome o = run([&] {
+      for (int it = 0; it < kIters; ++it) {
+        rig.step();
+        if (rank() == x && it == 2) rig.step();
+      }
+      rig.average_world();
+    });
+    require_error_everywhere(c, o, "step()/start() on world rank " + std::to_string(x));
+  }
+}
+
+TEST_CASE("divergence: one rank changes its layout after the first average") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    const int x = size() - 1;
+    Rig rig(c);
+    std::vector<float> extra(5, 1.0f);
+    const Outcome o = run([&] {
+      rig.step();
+      rig.step();
+      if (rank() == x) rig.add_array(extra);
+      for (int it = 2; it < kIters; ++it) rig.step();
+      rig.average_world();
+    });
+    require_error_everywhere(c, o, "buffer layout: 2 arrays");
+  }
+}
+
+TEST_CASE("divergence: set_step() and restore() to different values") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    Rig rig(c);
+    const Outcome o = run([&] {
+      rig.step();
+      if (rank() == 1) rig.avg->set_step(3);
+      for (int it = 1; it < kIters; ++it) rig.step();
+      rig.average_world();
+    });
+    require_error_everywhere(c, o, "step counter: step ");
+  }
+  // restore() checks at once, on every rank: hma::MismatchError from restore() itself.
+  for (const Config& c : configs()) {
+    Rig rig(c);
+    rig.avg->set_step(rank() == 0 ? 10 : 12);
+    const std::string text = rig.avg->checkpoint();
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, rig.avg->restore(text), "the restored step differs across ranks");
+  }
+}
+
+TEST_CASE("divergence: an exception on one rank while the others average") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    const int x = size() - 1;
+    const Outcome o = run([&] {
+      Rig rig(c);  // unwound on rank x while the others wait for it
+      for (int it = 0; it < kIters; ++it) {
+        if (rank() == x && it == 3) throw std::runtime_error("the user's own failure on rank x");
+        rig.step();
+      }
+    });
+    require_error_everywhere(c, o, "no mismatch expected", x);
+  }
+}
+
+TEST_CASE("divergence: every setting that differs on one rank is refused at construction") {
+  if (size() < 2) return;
+  const int x = size() - 1;
+  using O = hma::AveragerOptions;
+  const std::vector<std::pair<const char*, std::function<void(O&)>>> settings = {
+      {"chunk bytes", [](O& o) { o.chunk_bytes = 4096; }},
+      {"reduction", [](O& o) { o.reduction = hma::Reduction::ring; }},
+      {"algorithm", [](O& o) { o.algorithm = hma::Algorithm::two_level; }},
+      {"progress", [](O& o) { o.progress = hma::Progress::thread; }},
+      {"non-finite", [](O& o) { o.nonfinite = hma::NonFinite::skip; }},
+      {"check", [](O& o) { o.check_every_average = false; }},
+      {"timeout", [](O& o) { o.timeout_s = 99; }},
+      {"timeout", [](O& o) { o.timeout_s = 0; }},
+      {"staging chunk bytes", [](O& o) { o.staging_chunk_bytes = 8192; }},
+      {"ranks per node", [](O& o) { o.hierarchy.ranks_per_node = 1; }},
+  };
+  for (const auto& [name, set] : settings) {
+    if (std::string(name) == "progress" && !thread_multiple()) continue;
+    CAPTURE(name);
+    O o;
+    if (rank() == x) set(o);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, o),
+                             "the averaging settings (HMA_* variables or AveragerOptions) differs "
+                             "across ranks: rank " + std::to_string(x));
+  }
+  // The environment too, and ranks per node before anything splits by it (the "node" token of a
+  // schedule string needs it first).
+  for (const char* var : {"HMA_TIMEOUT_S", "HMA_RANKS_PER_NODE", "HMA_CHECK"}) {
+    CAPTURE(var);
+    struct Unset {  // even when a REQUIRE fails
+      const char* v;
+      ~Unset() { unsetenv(v); }
+    } unset{var};
+    const std::string value = std::string(var) == "HMA_CHECK" ? "0" : "1";
+    if (rank() == x) setenv(var, value.c_str(), 1);
+    const std::string needle = std::string(var) == "HMA_RANKS_PER_NODE" ? "ranks per node" : "settings";
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError,
+                             hma::HierarchicalAverager(MPI_COMM_WORLD, "1:node,2:world", 0), needle);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0), needle);
+  }
+}
+
+TEST_CASE("timeouts: inf and huge mean no limit; tiny ones time out and resume; NaN is refused") {
+  for (double t : {std::numeric_limits<double>::infinity(), 1e10, 1e300}) {
+    for (const Config& c : configs()) {
+      CAPTURE(t, c.name());
+      hma::AveragerOptions o;
+      o.timeout_s = t;
+      Rig rig(c, o);
+      for (int it = 0; it < 4; ++it) {
+        std::fill(rig.f.begin(), rig.f.end(), static_cast<float>(2 * rank() + it));
+        std::fill(rig.d.begin(), rig.d.end(), 2.0 * rank() + it);
+        if (rig.dev) rig.avg->average(*rig.dev, rig.avg->schedule().levels().size() - 1);
+        else rig.avg->average(*rig.host, rig.avg->schedule().levels().size() - 1);
+        if (rig.dev) rig.dev->synchronize();
+        const double mean = size() - 1 + it;  // the mean of 2r + it, exact in binary
+        REQUIRE_ALL_RANKS(rig.f[5] == static_cast<float>(mean) && rig.d[2] == mean);
+      }
+    }
+  }
+  // 1e-9 s: a wait almost always times out; every Timeout leaves the average resumable.
+  for (const Config& c : configs()) {
+    CAPTURE(c.name());
+    hma::AveragerOptions o;
+    o.timeout_s = 1e-9;
+    Rig rig(c, o);
+    int timeouts = 0;
+    for (int it = 0; it < 4; ++it) {
+      std::fill(rig.f.begin(), rig.f.end(), static_cast<float>(2 * rank() + it));
+      std::fill(rig.d.begin(), rig.d.end(), 2.0 * rank() + it);
+      try {
+        if (rig.dev) rig.avg->average(*rig.dev, rig.avg->schedule().levels().size() - 1);
+        else rig.avg->average(*rig.host, rig.avg->schedule().levels().size() - 1);
+      } catch (const hma::Timeout&) {
+        ++timeouts;
+      }
+      if (rig.dev) timeouts += hma_test::wait_through_timeouts(*rig.dev);
+      else timeouts += hma_test::wait_through_timeouts(*rig.host);
+      if (rig.dev) rig.dev->synchronize();
+      const double mean = size() - 1 + it;
+      REQUIRE_ALL_RANKS(rig.f[5] == static_cast<float>(mean) && rig.d[2] == mean);
+    }
+    (void)timeouts;  // how many depends on timing; the values above are what must hold
+  }
+  hma::AveragerOptions o;
+  o.timeout_s = std::numeric_limits<double>::quiet_NaN();
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, o),
+                           "timeout_s must be >= 0 seconds");
+  setenv("HMA_TIMEOUT_S", "nan", 1);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0),
+                           "HMA_TIMEOUT_S='nan' must be a non-negative number of seconds or inf");
+  unsetenv("HMA_TIMEOUT_S");
+}
+
+TEST_CASE("after a timeout, destroying the averager and the set waits no second timeout") {
+  if (size() < 2) return;
+  for (const Config& c : configs()) {
+    CAPTURE(c.name());
+    hma::AveragerOptions o;
+    o.timeout_s = 1.0;
+    double destroy_s = 0;
+    const Outcome out = run([&] {
+      Rig rig(c, o);
+      rig.average_world();  // all present
+      if (rank() == 0) return;  // rank 0 never comes to the next average
+      try {
+        rig.average_world();
+      } catch (const hma::Timeout&) {
+        const auto t0 = std::chrono::steady_clock::now();
+        rig.avg.reset();
+        rig.host.reset();
+        rig.dev.reset();
+        destroy_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        throw;
+      }
+    });
+    INFO("rank " << rank() << ": " << out.error << " " << out.what);
+    REQUIRE_ALL_RANKS(rank() == 0 ? out.error == "none" : out.error == "Timeout");
+    REQUIRE_ALL_RANKS(destroy_s < 0.5);
+  }
+}
