@@ -24,6 +24,13 @@ inline int size() {
   return s;
 }
 
+/// True when MPI was initialised with MPI_THREAD_MULTIPLE (needed by Progress::thread).
+inline bool thread_multiple() {
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  return provided >= MPI_THREAD_MULTIPLE;
+}
+
 /// Collective: the lowest rank where `ok` is false, or -1 if it is true everywhere.
 inline int first_failing_rank(bool ok) {
   int mine = ok ? size() : rank(), first = 0;

@@ -22,14 +22,10 @@
 
 using hma_test::rank;
 using hma_test::size;
+using hma_test::thread_multiple;
 
 namespace {
 
-bool thread_multiple() {
-  int provided = 0;
-  MPI_Query_thread(&provided);
-  return provided >= MPI_THREAD_MULTIPLE;
-}
 
 struct Config {
   bool hierarchical = false;

@@ -13,14 +13,7 @@
 
 using hma_test::rank;
 using hma_test::size;
-
-namespace {
-bool thread_multiple() {
-  int provided = 0;
-  MPI_Query_thread(&provided);
-  return provided >= MPI_THREAD_MULTIPLE;
-}
-}  // namespace
+using hma_test::thread_multiple;
 
 TEST_CASE("a rank that joins late gives hma::Timeout naming the group, and the wait can resume") {
   if (size() < 2) return;
