@@ -85,11 +85,13 @@ enum class Reduction {
   /// kDefaultRingMinBlockBytes), else mpi. Measured on Open MPI 4.1: over shared memory the ring
   /// wins on large blocks and loses on small ones; across nodes (TCP) Open MPI's allreduce wins.
   automatic,
-  /// Divide by the group size in one pass, then MPI_Allreduce(SUM) in place: torch's recipe.
+  /// Divide by the group size in one pass, then MPI_Allreduce(SUM) in place: torch's recipe
+  /// (with chunk_bytes 0, bit for bit; in pieces, MPI may add in another order per piece).
   mpi,
   /// hma's ring allreduce over MPI_Sendrecv (reduce-scatter, then allgather) with the division
-  /// folded into its additions: the same values as torch's recipe (each element is a sum of
-  /// x / g), without the extra pass over the buffer.
+  /// folded into its additions: the same terms x / g as torch's recipe, added in the ring's
+  /// order (other bits than one MPI_Allreduce for some elements at 3+ ranks; see README
+  /// "Exactness"), without the extra pass over the buffer.
   ring,
 };
 
@@ -139,7 +141,8 @@ struct AveragerOptions {
   /// data of different steps. nullopt: the environment variable HMA_CHECK, default on.
   std::optional<bool> check_every_average;
   /// Blocking averages scale and reduce the buffer in pieces of this many bytes (0: one piece),
-  /// so that each piece is still in cache when MPI reads it. nullopt: the environment variable
+  /// so that each piece is still in cache when MPI reads it. MPI may add a piece in another
+  /// order than the whole buffer (README "Exactness"). nullopt: the environment variable
   /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes.
   std::optional<std::size_t> chunk_bytes;
   static constexpr std::size_t kDefaultChunkBytes = std::size_t{4} << 20;

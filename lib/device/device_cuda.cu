@@ -2,7 +2,7 @@
 // and hma's three kernels (scale+pack, unpack, non-finite scan), one launch each however many
 // arrays a bucket holds. Built with nvcc only when the CUDA Toolkit is found (meson -Dcuda).
 // Kernels use IEEE division (no fast math): x / g rounds exactly as on the host, so device and
-// host averages agree bit for bit.
+// host averages have the same terms (and the same bits where MPI adds them in the same order).
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -12,7 +12,7 @@ namespace hma::detail {
 
 /// Averages the logical range [0, N) of `x` over the ranks of `comm` with a ring (reduce-scatter,
 /// then allgather) over point-to-point messages, dividing by the group size inside the additions:
-/// each element ends as the sum of every rank's x / g, exactly torch's formula, with no separate
+/// each element ends as the sum of torch's terms x / g (in the ring's order), with no separate
 /// scaling, packing or unpacking pass. `x` holds this rank's UNSCALED values. `tmp` is scratch.
 /// Collective over `comm`.
 template <Element T>
