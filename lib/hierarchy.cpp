@@ -55,21 +55,16 @@ Hierarchy::Hierarchy(MPI_Comm parent, std::span<const int> group_sizes, Hierarch
   inter_node_ = world_.split(local_rank, world_rank_);
   // Nodes are numbered by the inter-node rank of their local rank 0, which we learn as the
   // position of this node among the nodes: rank of the node leader within the leaders' comm.
-  int leader_index = local_rank == 0 ? inter_node_.rank() : 0;
-  check(MPI_Bcast(&leader_index, 1, MPI_INT, 0, node_.get()), "MPI_Bcast(node index)");
-  node_index_ = leader_index;
-  int leaders = local_rank == 0 ? 1 : 0;
-  check(MPI_Allreduce(&leaders, &num_nodes_, 1, MPI_INT, MPI_SUM, world_.get()),
-        "MPI_Allreduce(node count)");
-  const auto [lo, hi] = detail::min_max(world_.get(), node_.size());
-  ranks_per_node_ = lo == hi ? lo : 0;
+  node_index_ = detail::bcast_int(node_.get(), local_rank == 0 ? inter_node_.rank() : 0, 0);
+  num_nodes_ = detail::min_max_sum(world_.get(), local_rank == 0 ? 1 : 0).sum;
+  const auto nodes = detail::min_max_sum(world_.get(), node_.size());
+  ranks_per_node_ = nodes.min == nodes.max ? nodes.min : 0;
 
   // Nodes in contiguous rank blocks? (node-local rank r sits at world rank first + r)
   const int first = world_rank_ - local_rank;
-  const auto [lo_first, hi_first] = detail::min_max(node_.get(), first);
-  int contiguous = lo_first == hi_first && ranks_per_node_ > 0 && first % ranks_per_node_ == 0 ? 1 : 0, all = 0;
-  check(MPI_Allreduce(&contiguous, &all, 1, MPI_INT, MPI_LAND, world_.get()), "MPI_Allreduce(node layout)");
-  contiguous_nodes_ = all != 0;
+  const auto firsts = detail::min_max_sum(node_.get(), first);
+  const bool contiguous = firsts.min == firsts.max && ranks_per_node_ > 0 && first % ranks_per_node_ == 0;
+  contiguous_nodes_ = detail::min_max_sum(world_.get(), contiguous ? 1 : 0).min == 1;
 
   // The control plane: one duplicate per distinct level communicator, and who is in each group.
   control_.push_back(world_.dup());

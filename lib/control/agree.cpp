@@ -50,6 +50,18 @@ std::pair<int, int> min_max(MPI_Comm comm, int v) {
   return {out[0], -out[1]};
 }
 
+MinMaxSum min_max_sum(MPI_Comm comm, int v) {
+  const auto [lo, hi] = min_max(comm, v);
+  int sum = 0;
+  check(MPI_Allreduce(&v, &sum, 1, MPI_INT, MPI_SUM, comm), "MPI_Allreduce(sum)");
+  return {lo, hi, sum};
+}
+
+int bcast_int(MPI_Comm comm, int v, int root) {
+  check(MPI_Bcast(&v, 1, MPI_INT, root, comm), "MPI_Bcast(int)");
+  return v;
+}
+
 int ranks_per_node_setting(int option) {
   int universe = 0;
   check(MPI_Comm_size(MPI_COMM_WORLD, &universe), "MPI_Comm_size(MPI_COMM_WORLD)");

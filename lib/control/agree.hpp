@@ -19,6 +19,15 @@ void require_mpi(const char* who);
 /// Collective: the minimum and maximum of `v` over `comm`, in one MPI_Allreduce.
 std::pair<int, int> min_max(MPI_Comm comm, int v);
 
+/// Collective: min, max and sum of `v` over `comm` (two small MPI_Allreduce calls).
+struct MinMaxSum {
+  int min = 0, max = 0, sum = 0;
+};
+MinMaxSum min_max_sum(MPI_Comm comm, int v);
+
+/// Collective: `v` of rank `root` of `comm`, on every rank.
+int bcast_int(MPI_Comm comm, int v, int root);
+
 /// Ranks per emulated node: `option` if non-zero, else HMA_RANKS_PER_NODE, else 0 (detect).
 /// Throws hma::InvalidArgument unless it is 0 or divides the MPI_COMM_WORLD size. Local.
 int ranks_per_node_setting(int option);

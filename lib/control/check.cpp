@@ -69,7 +69,7 @@ bool ControlCheck::wait_until(std::chrono::steady_clock::time_point deadline) {
   // A few fast polls first (the usual case: the group is there), then yield the core.
   for (int i = 0; !test(); ++i) {
     if (std::chrono::steady_clock::now() >= deadline) return false;
-    if (i > 64) std::this_thread::yield();
+    if (i > 1000) std::this_thread::yield();
   }
   return true;
 }
