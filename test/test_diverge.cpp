@@ -8,6 +8,7 @@
 // every rank; hierarchical ones may leave ranks waiting for different groups, which the
 // (short) timeout turns into hma::Timeout.
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -136,6 +137,9 @@ Outcome run(const std::function<void()>& body) {
 // time. `own` is the one rank allowed its own (non-hma) exception.
 void require_error_everywhere(const Config& c, const Outcome& o, const std::string& needle, int own = -1) {
   INFO(c.name() << ": rank " << rank() << " got " << o.error << " after " << o.seconds << " s: " << o.what);
+  if (std::getenv("HMA_DIVERGE_SHOW") != nullptr)  // the error texts, for the docs
+    std::printf("[%s] %s: rank %d: %s after %.2f s: %s\n", Catch::getResultCapture().getCurrentTestName().c_str(),
+                c.name().c_str(), rank(), o.error.c_str(), o.seconds, o.what.c_str());
   const bool mine = rank() == own && o.error.rfind("other: ", 0) == 0;
   // Flat: the exact field that differs. Hierarchical: which difference a group sees first
   // depends on the levels (a node level of one rank checks nothing), so any mismatch.
