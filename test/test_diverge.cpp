@@ -267,6 +267,7 @@ TEST_CASE("divergence: every setting that differs on one rank is refused at cons
       {"timeout", [](O& o) { o.timeout_s = 0; }},
       {"staging chunk bytes", [](O& o) { o.staging_chunk_bytes = 8192; }},
       {"ranks per node", [](O& o) { o.hierarchy.ranks_per_node = 1; }},
+      {"device path", [](O& o) { o.cuda_aware = true; }},  // direct instead of staged
   };
   for (const auto& [name, set] : settings) {
     if (std::string(name) == "progress" && !thread_multiple()) continue;
@@ -279,7 +280,7 @@ TEST_CASE("divergence: every setting that differs on one rank is refused at cons
   }
   // The environment too, and ranks per node before anything splits by it (the "node" token of a
   // schedule string needs it first).
-  for (const char* var : {"HMA_TIMEOUT_S", "HMA_RANKS_PER_NODE", "HMA_CHECK"}) {
+  for (const char* var : {"HMA_TIMEOUT_S", "HMA_RANKS_PER_NODE", "HMA_CHECK", "HMA_RING_MIN_BLOCK_BYTES"}) {
     CAPTURE(var);
     struct Unset {  // even when a REQUIRE fails
       const char* v;
