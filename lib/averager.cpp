@@ -96,6 +96,11 @@ bool Averager::issue(detail::Prepared job, std::size_t level, bool blocking, Req
   } catch (const Timeout&) {
     job.attach(job.p);  // still pending: the set's wait() resumes it
     throw;
+  } catch (...) {
+    // Something may be in flight (an MPI error after part of the data was issued): the set
+    // keeps the average, so its destructor leaks what MPI may still use instead of freeing it.
+    if (!p.done) job.attach(job.p);
+    throw;
   }
   job.attach(job.p);
   *out = Request(std::move(job.p), level);
@@ -167,7 +172,10 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   } else if (w) {
     job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w](detail::Pending& q) {
       q.threaded = true;
-      q.result = w->submit([fp, dp, r, sc] { detail::average_host(*fp, *dp, r, *sc); });
+      q.result = w->submit([fp, dp, r, sc] {
+        if (detail::mpi_finalized()) throw Error("hma: a queued average did not run: MPI is already finalised");
+        detail::average_host(*fp, *dp, r, *sc);
+      });
     };
   } else {
     job.p->launch = [fp = &f, dp = &d, r](detail::Pending& q) {

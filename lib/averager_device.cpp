@@ -52,7 +52,7 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
     throw Error("hma: step " + std::to_string(step_) +
                 ": this DeviceParamSet already has an average in flight; wait() on its Request first");
   detail::DeviceState& s = params.state();
-  s.be->set_device(s.device);
+  detail::DeviceGuard on_device(s.be, s.device);  // the caller's current device comes back
   const Comm& comm = hierarchy_.level(level);
   const int g = comm.size();
   detail::Prepared job;
@@ -68,7 +68,7 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   if (settings_.nonfinite != NonFinite::ignore)
     for (detail::DeviceBucket* b : {&s.f32, &s.f64})
       if (b->size() > 0)
-        job.nonfinite_here |= s.be->any_nonfinite(b->dtype, b->storage, b->table, b->segs, b->size(), s.stream);
+        job.nonfinite_here |= s.be->any_nonfinite(b->dtype, b->storage, b->table, b->segs, b->size(), s.stream, s.flag);
   if (g == 1) {  // the identity: nothing to move, the caller's stream is ordered already
     job.p->launch = [](detail::Pending& q) { q.finish = [] {}; };
     return job;
@@ -82,11 +82,13 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   const int lv = static_cast<int>(level);
   const std::int64_t st = step_;
   // The data stage: after the group agreed (maybe later, from the set's wait()).
-  job.p->launch = [sp = &s, r, g, lv, st, blocking, w = worker_.get()](detail::Pending& q) {
-    sp->be->set_device(sp->device);
+  const bool reciprocal = settings_.device_division == DeviceDivision::reciprocal;
+  job.p->launch = [sp = &s, r, g, lv, st, blocking, reciprocal, w = worker_.get()](detail::Pending& q) {
+    detail::DeviceGuard on_device(sp->be, sp->device);
     detail::TimelineScope whole(blocking ? "device average" : "device start", lv, st, q.who.bytes, g);
     for (detail::DeviceBucket* b : {&sp->f32, &sp->f64})
-      if (b->size() > 0) sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), g, sp->stream);
+      if (b->size() > 0)
+        sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), g, reciprocal, sp->stream);
     sp->be->record(sp->packed, sp->stream);
     if (!blocking) {
       detail::start_device(*sp, r, q, w);

@@ -82,12 +82,14 @@ void Averager::finish_all() noexcept {
   // Open MPI 4.1 crashes when a communicator is freed under a pending non-blocking collective
   // (and lazily issued stages need it): complete this averager's averages first, waiting at
   // most one timeout, and only testing those that already timed out.
-  bool leaked = false;
+  bool leaked = false, gave_up = false;
   for (auto& w : inflight_) {
     auto p = w.lock();
     if (!p || p->done) continue;
     try {
-      (void)detail::complete(*p, !p->timed_out);
+      // Never launch a data stage here (its set may be going too); wait for a launched one at
+      // most one timeout in all: after the first that does not finish, only test.
+      if (p->launched) (void)detail::complete(*p, !p->timed_out && !gave_up);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "hma: destroying an averager: completing its in-flight average: %s\n",
                    e.what());
@@ -95,7 +97,7 @@ void Averager::finish_all() noexcept {
     if (!p->done) {
       p->orphaned = true;
       detail::keep_forever(p);
-      leaked = true;
+      leaked = gave_up = true;
     }
   }
   inflight_.clear();

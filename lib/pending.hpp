@@ -47,9 +47,10 @@ struct Pending {
   // Device averages drive their own state machine instead of `reqs`/`stages`: drive(blocking)
   // advances it and returns true when the host side is complete; `finish` then runs (also after
   // a threaded average). Collectives issued lazily must be issued in the same order on every
-  // rank: issue_rest() blocks until all of them are (a no-op once they are).
+  // rank: issue_rest(deadline) blocks until all of them are (a no-op once they are), false when
+  // the deadline passed first.
   std::function<bool(bool)> drive;
-  std::function<void()> issue_rest;
+  std::function<bool(std::chrono::steady_clock::time_point)> issue_rest;
   double t_start = 0;  // for the timeline
 };
 

@@ -109,9 +109,9 @@ bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::tim
 
 void require_usable(const Pending& p) {
   if (p.orphaned)
-    throw Error("hma: step " + std::to_string(p.who.step) + ": the averager of this average (" +
-                p.who.describe() + ") was destroyed while it was still in flight after a "
-                "timeout; it can never complete");
+    throw Error("hma: step " + std::to_string(p.who.step) + ": the set or the averager of this "
+                "average (" + p.who.describe() + ") was destroyed while it was still in flight "
+                "(after a timeout or an error); it can never complete");
   if (mpi_finalized())
     throw Error("hma: step " + std::to_string(p.who.step) + ": waiting on an average (" +
                 p.who.describe() + ") after MPI_Finalize: it can never complete");
@@ -175,11 +175,11 @@ void finish_issuing(Pending& p) {
   require_usable(p);
   launch(p, true);
   if (p.done || p.threaded) return;
+  const auto deadline = deadline_after(p.timeout_s);
   if (p.drive) {
-    if (p.issue_rest) p.issue_rest();
+    if (p.issue_rest && !p.issue_rest(deadline)) throw_timeout(p);
     return;
   }
-  const auto deadline = deadline_after(p.timeout_s);
   while (p.next_stage < p.stages.size()) {
     complete_requests(p, true, deadline);
     p.reqs.clear();
@@ -204,17 +204,16 @@ bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept {
   if (!p || p->done) return true;
   if (mpi_finalized()) return true;  // MPI is gone: it can no longer write anywhere
   try {
-    // After a timeout (or with its averager gone) only look once: never wait a second timeout.
-    if (p->timed_out || p->orphaned) {
-      if (!p->orphaned) (void)complete(*p, false);
-    } else {
-      (void)complete(*p, true);
-    }
+    // Never launch the data stage of a dying set (it would read and write arrays that are about
+    // to go); finish one already launched, looking only once after a timeout (never a second
+    // timeout).
+    if (p->launched && !p->orphaned) (void)complete(*p, !p->timed_out);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: completing the in-flight average of a dying set: %s\n", e.what());
   }
   p->params = nullptr;
   if (!p->done) {
+    p->orphaned = true;  // a Request that outlives the set can no longer complete it
     std::fprintf(stderr, "hma: a dying set's average (step %lld, %s) is still in flight; its "
                  "buffers are leaked so MPI cannot write into freed memory\n",
                  static_cast<long long>(p->who.step), p->who.describe().c_str());
@@ -234,7 +233,7 @@ namespace hma {
 
 Request& Request::operator=(Request&& other) noexcept {
   if (this != &other) {
-    if (active()) {
+    if (active() && !pending_->timed_out && !pending_->orphaned && !detail::mpi_finalized()) {
       try {
         wait();
       } catch (const std::exception& e) {

@@ -34,8 +34,9 @@ enum class Progress {
   /// MPI_Iallreduce; it advances inside MPI calls only (Open MPI has no progress thread):
   /// call Request::test() from your compute loop, or it all happens in wait().
   poll,
-  /// A background thread of the averager runs the blocking, chunked MPI_Allreduce, so start()
-  /// returns at once and the reduction overlaps your work with no polling. Needs MPI initialised
+  /// A background thread of the averager runs the blocking, chunked MPI_Allreduce, so once
+  /// start() returns (after the group's agreement check) the reduction overlaps your work with
+  /// no polling. Needs MPI initialised
   /// with MPI_Init_thread(MPI_THREAD_MULTIPLE). Blocking step()/average() go through the same
   /// thread, in order.
   thread,
@@ -51,7 +52,9 @@ enum class Progress {
 class [[nodiscard]] Request {
  public:
   Request() noexcept = default;
-  Request(Request&&) noexcept = default;
+  Request(Request&& other) noexcept : pending_(std::move(other.pending_)), level_(other.level_) {
+    other.level_.reset();
+  }
   Request& operator=(Request&& other) noexcept;
   Request(const Request&) = delete;
   Request& operator=(const Request&) = delete;
@@ -129,6 +132,17 @@ enum class DevicePath {
   direct,
 };
 
+/// How a device set's pack kernel divides by the group size (host sets always divide: x / g).
+enum class DeviceDivision {
+  /// x / g in IEEE arithmetic, as torch does on the CPU and hma's host path: device and host
+  /// averages have the same terms. (For a power-of-two g computed as x * (1/g): the same bits.)
+  divide,
+  /// x * fl(1/g), as torch does for CUDA tensors (ATen's div_true_kernel_cuda multiplies by the
+  /// reciprocal computed on the host, "may lose one bit"): about a third of the elements differ
+  /// from x / g by one ulp for g = 3, 6, 12, 24. Choose it to match torch on GPUs bit for bit.
+  reciprocal,
+};
+
 struct AveragerOptions {
   HierarchyOptions hierarchy;
   /// The agreement check (default ON): before an average moves any data, every rank of its group
@@ -182,6 +196,8 @@ struct AveragerOptions {
   /// nullopt: HMA_STAGING_SLOTS, default kDefaultStagingSlots.
   std::optional<std::size_t> staging_slots;
   static constexpr std::size_t kDefaultStagingSlots = 3;
+  /// nullopt: the environment variable HMA_DEVICE_DIVISION (divide or reciprocal), default divide.
+  std::optional<DeviceDivision> device_division;
 };
 
 namespace detail {
@@ -199,6 +215,7 @@ struct Settings {
   std::size_t staging_chunk_bytes = AveragerOptions::kDefaultStagingChunkBytes;
   std::size_t staging_slots = AveragerOptions::kDefaultStagingSlots;
   int ranks_per_node = 0;
+  DeviceDivision device_division = DeviceDivision::divide;
 };
 }  // namespace detail
 
@@ -231,8 +248,10 @@ class Averager {
   /// except after hma::Timeout: the average was issued and is still in flight (the step counts),
   /// and `params.wait()` keeps waiting for it.
   bool step(ParamSet& params);
-  /// Non-blocking form of step(): starts the average and advances the step counter at once.
-  /// Do not touch `params` until the Request completes. With Progress::poll this is an
+  /// Non-blocking form of step(): waits until every rank of the group has reached this average
+  /// (the agreement check, up to the timeout; hma::Timeout or hma::MismatchError as for step()),
+  /// then starts moving the data and advances the step counter; the data movement overlaps your
+  /// work. Do not touch `params` until the Request completes. With Progress::poll this is an
   /// out-of-place MPI_Iallreduce from a scaled copy (faster than in place on Open MPI 4.1; the
   /// ParamSet keeps that copy, so it holds twice its bytes); with Progress::thread the worker
   /// thread runs the blocking path. Throws hma::Error if `params` already has an average in

@@ -83,6 +83,10 @@ Settings resolve_settings(const AveragerOptions& o) {
     throw InvalidArgument("hma: AveragerOptions::staging_slots must be in [1, 64], got " +
                           std::to_string(s.staging_slots));
   s.ranks_per_node = ranks_per_node_setting(o.hierarchy.ranks_per_node);
+  s.device_division = o.device_division ? *o.device_division
+                                        : env_choice("HMA_DEVICE_DIVISION", DeviceDivision::divide,
+                                                     {{"divide", DeviceDivision::divide},
+                                                      {"reciprocal", DeviceDivision::reciprocal}});
   (void)log_level();  // validates HMA_LOG on every rank
   return s;
 }
@@ -103,7 +107,8 @@ DevicePlan resolve_device_plan(const AveragerOptions& o, const Settings& s) {
 
 void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
   std::uint64_t timeout_bits = 0;
-  const double t = std::isinf(s.timeout_s) ? 0.0 : s.timeout_s;  // inf and 0: both "no limit"
+  // Every "no limit" (0, -0, inf, > 1e9 s: see deadline_after) compares as 0.
+  const double t = !(s.timeout_s > 0) || s.timeout_s > 1e9 ? 0.0 : s.timeout_s;
   std::memcpy(&timeout_bits, &t, sizeof t);
   const std::uint64_t v[] = {s.chunk_bytes,
                              static_cast<std::uint64_t>(s.reduction),
@@ -114,12 +119,13 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              s.check ? 1u : 0u,
                              timeout_bits,
                              static_cast<std::uint64_t>(s.ranks_per_node),
+                             static_cast<std::uint64_t>(s.device_division),
                              plan.blocking_direct ? 1u : 0u,
                              static_cast<std::uint64_t>(plan.nonblocking),
                              s.staging_chunk_bytes};
   check_same(comm, v, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
-    char secs[32];
-    std::snprintf(secs, sizeof secs, "%g", s.timeout_s);
+    char secs[40];
+    std::snprintf(secs, sizeof secs, "%.17g", t);
     return "chunk bytes " + std::to_string(s.chunk_bytes) + ", reduction " +
            std::to_string(static_cast<int>(s.reduction)) + ", ring min block " +
            std::to_string(s.ring_min_block_bytes) + ", algorithm " +
@@ -127,7 +133,8 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
            (s.progress == Progress::thread ? "thread" : "poll") + ", non-finite " +
            std::to_string(static_cast<int>(s.nonfinite)) + ", check " + (s.check ? "on" : "off") +
            ", timeout " + secs + " s, ranks per node " + std::to_string(s.ranks_per_node) + ", " +
-           plan.why + ", staging chunk bytes " + std::to_string(s.staging_chunk_bytes);
+           plan.why + ", staging chunk bytes " + std::to_string(s.staging_chunk_bytes) +
+           ", device division " + (s.device_division == DeviceDivision::divide ? "divide" : "reciprocal");
   });
 }
 

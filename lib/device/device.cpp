@@ -4,6 +4,8 @@
 #include <cstdio>
 
 #include "buffer_common.hpp"
+#include "control/agree.hpp"
+#include "hma/comm.hpp"
 #include "device/device_state.hpp"
 #include "hma/device.hpp"
 #include "hma/error.hpp"
@@ -18,7 +20,7 @@ void DeviceState::tables() {
   for (DeviceBucket* b : {&f32, &f64}) {
     if (!b->dirty) continue;
     if (b->table != nullptr) {
-      be->synchronize(done);  // the last average's kernels may still read the old table
+      sync_stream();  // the last average's kernels, and the old table's upload, are done
       be->release_segments(b->table);
       b->table = nullptr;
     }
@@ -30,7 +32,7 @@ void DeviceState::tables() {
       at += u.n;
       if (u.n > 0) b->segs.push_back(u);
     }
-    b->table = be->upload_segments(b->segs);
+    b->table = be->upload_segments(b->segs, stream);  // ordered before the kernels on `stream`
     b->dirty = false;
   }
 }
@@ -63,12 +65,13 @@ DeviceParamSet::DeviceParamSet(int device) : s_(std::make_unique<detail::DeviceS
   s.id = next_device_id++;
   s.f32.dtype = Dtype::f32;
   s.f64.dtype = Dtype::f64;
-  be->set_device(s.device);
+  detail::DeviceGuard on_device(be, s.device);  // the caller's current device comes back
   s.stream = be->create_stream();
   s.stream_back = be->create_stream();
   s.ready = be->create_event();
   s.packed = be->create_event();
   s.done = be->create_event();
+  s.flag = be->alloc_flag();
 }
 
 DeviceParamSet::DeviceParamSet(DeviceParamSet&&) noexcept = default;
@@ -89,7 +92,7 @@ DeviceParamSet::~DeviceParamSet() {
     // hma's stream up to the last completed average (its unpack into your arrays) still runs
     // now, so that nothing writes into your arrays after this destructor.
     try {
-      s.be->set_device(s.device);
+      detail::DeviceGuard on_device(s.be, s.device);
       s.be->synchronize(s.done);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
@@ -97,9 +100,10 @@ DeviceParamSet::~DeviceParamSet() {
     (void)s_.release();
     return;
   }
+  std::unique_ptr<detail::DeviceGuard> on_device;
   try {
-    s.be->set_device(s.device);
-    s.be->synchronize(s.done);
+    on_device = std::make_unique<detail::DeviceGuard>(s.be, s.device);
+    s.sync_stream();  // everything on hma's stream, the last table upload included, has run
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
   }
@@ -110,6 +114,7 @@ DeviceParamSet::~DeviceParamSet() {
   s.be->destroy_stream(s.stream);
   s.be->destroy_stream(s.stream_back);
   for (detail::Event e : {s.ready, s.packed, s.done}) s.be->destroy_event(e);
+  s.be->release_flag(s.flag);
 }
 
 detail::DeviceBucket* DeviceParamSet::bucket(Dtype d) noexcept { return &s_->bucket(d); }
@@ -142,7 +147,7 @@ std::size_t DeviceParamSet::allocate_bytes(Dtype d, std::size_t n, double init) 
   auto& s = *s_;
   auto& b = s.bucket(d);
   detail::check_buffer_size(n, b.size(), b.elem(), "DeviceParamSet::allocate");
-  s.be->set_device(s.device);
+  detail::DeviceGuard on_device(s.be, s.device);
   grow(s, b, b.size() + n);
   const std::size_t offset = b.owned;
   if (n > 0) {
@@ -163,10 +168,16 @@ void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {
   detail::check_buffer_size(n, b.size(), b.elem(), "DeviceParamSet::add");
   if (p == nullptr && n > 0)
     throw InvalidArgument("hma: DeviceParamSet::add: the array has a null data pointer but a non-zero size");
-  s.be->set_device(s.device);
+  detail::DeviceGuard on_device(s.be, s.device);
   if (n > 0 && !s.be->maybe_device_pointer(p))
     throw InvalidArgument("hma: DeviceParamSet::add: the pointer is host memory, not device memory "
                           "(use hma::ParamSet for host arrays)");
+  if (const int pd = n > 0 ? s.be->pointer_device(p) : -1;
+      pd >= 0 && pd != s.device && !s.be->can_access_peer(s.device, pd))
+    throw InvalidArgument("hma: DeviceParamSet::add: the array is memory of device " + std::to_string(pd) +
+                          ", this set's kernels run on device " + std::to_string(s.device) +
+                          ", and device " + std::to_string(s.device) + " has no peer access to device " +
+                          std::to_string(pd) + "; register it in a set on device " + std::to_string(pd));
   const std::size_t bytes = n * b.elem();
   for (std::size_t i = 0; i < b.user.size(); ++i)
     if (detail::overlaps(p, bytes, b.user[i].user, b.user[i].n * b.elem()))
@@ -196,7 +207,7 @@ void DeviceParamSet::wait() {
 
 void DeviceParamSet::synchronize() {
   wait();
-  s_->be->set_device(s_->device);
+  detail::DeviceGuard on_device(s_->be, s_->device);
   s_->be->synchronize(s_->done);
 }
 
@@ -214,6 +225,20 @@ std::string DeviceParamSet::describe() const {
          std::to_string(s_->device) + " (" + s_->be->name() + "): " +
          detail::describe_bucket("f32", s_->f32.owned, s_->f32.user_elems) + ", " +
          detail::describe_bucket("f64", s_->f64.owned, s_->f64.user_elems);
+}
+
+int use_local_device(MPI_Comm comm) {
+  detail::require_mpi("use_local_device");
+  // The split is collective: every rank does it before any rank can fail.
+  const int local = Comm::attach(comm).split_shared().rank();
+  detail::DeviceBackend* be = detail::device_backend();
+  if (be == nullptr) throw Error("hma: use_local_device: device buffers are unavailable: " + device_info().reason);
+  std::string why;
+  const int n = be->devices(why);
+  if (n <= 0) throw Error("hma: use_local_device: device buffers are unavailable: " + why);
+  const int d = local % n;
+  be->set_device(d);
+  return d;
 }
 
 }  // namespace hma

@@ -2,6 +2,7 @@
 // and device_info().
 #include "device/device_backend.hpp"
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -45,9 +46,10 @@ void each_element(const std::vector<Segment>& segs, std::uint64_t from, std::uin
 }
 
 template <class T>
-void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group) {
+void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group,
+                  bool reciprocal) {
   const T g = static_cast<T>(group), inv = T(1) / g;
-  const bool pow2 = (group & (group - 1)) == 0;
+  const bool pow2 = reciprocal || (group & (group - 1)) == 0;
   if (segs.empty()) return;
   each_element<T>(segs, 0, total, [&](const Segment& s, std::uint64_t e) {
     const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
@@ -75,20 +77,49 @@ bool nonfinite_t(const T* storage, const std::vector<Segment>& segs, std::size_t
   return bad;
 }
 
+// The calling thread's current device, as CUDA keeps it per thread.
+thread_local int emulated_current = 0;
+
 class HostEmulation final : public DeviceBackend {
  public:
+  static constexpr int kDevices = 2;  // so tests can see hma keep the caller's current device
   std::string name() const override { return "host emulation"; }
   int devices(std::string& reason) override {
     reason.clear();
-    return 1;
+    return kDevices;
   }
-  void set_device(int) override {}
-  int current_device() override { return 0; }
-  void* alloc(std::size_t bytes) override { return raw(bytes); }
-  void release(void* p) noexcept override { std::free(p); }
+  void set_device(int d) override {
+    if (d < 0 || d >= kDevices) throw Error("hma: host emulation: no device " + std::to_string(d));
+    emulated_current = d;
+  }
+  int current_device() override { return emulated_current; }
+  void* alloc(std::size_t bytes) override {
+    void* p = raw(bytes);
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    owner_[p] = {bytes == 0 ? 1 : bytes, emulated_current};
+    return p;
+  }
+  void release(void* p) noexcept override {
+    {
+      std::lock_guard<std::recursive_mutex> l(mu_);
+      owner_.erase(p);
+    }
+    std::free(p);
+  }
   void* alloc_pinned(std::size_t bytes) override { return raw(bytes); }
   void release_pinned(void* p) noexcept override { std::free(p); }
   bool maybe_device_pointer(const void*) override { return true; }
+  int pointer_device(const void* p) override {
+    std::lock_guard<std::recursive_mutex> l(mu_);
+    const auto* c = static_cast<const char*>(p);
+    for (const auto& [base, info] : owner_)
+      if (c >= static_cast<const char*>(base) && c < static_cast<const char*>(base) + info.first)
+        return info.second;
+    return -1;  // not allocated here (a test's host vector standing in for device memory)
+  }
+  bool can_access_peer(int device, int peer) override { return device == peer; }
+  int* alloc_flag() override { return new int(0); }
+  void release_flag(int* f) noexcept override { delete f; }
   Stream create_stream() override {
     std::lock_guard<std::recursive_mutex> l(mu_);
     auto st = std::make_shared<EStream>();
@@ -111,6 +142,10 @@ class HostEmulation final : public DeviceBackend {
   }
   bool query(Event e) override {
     std::lock_guard<std::recursive_mutex> l(mu_);
+    if (fail_queries_ > 0) {
+      --fail_queries_;
+      throw Error("hma: host emulation: injected failure of an event query (test)");
+    }
     auto* ev = static_cast<EEvent*>(e);
     auto st = ev->s.lock();
     if (st == nullptr || st->executed >= ev->seq) return true;
@@ -141,16 +176,19 @@ class HostEmulation final : public DeviceBackend {
       else std::fill_n(static_cast<double*>(storage), n, v);
     });
   }
-  void* upload_segments(const std::vector<Segment>& segs) override {
-    return new std::vector<Segment>(segs);
+  void* upload_segments(const std::vector<Segment>& segs, Stream s) override {
+    // Empty until `s` runs the copy: a kernel not ordered after it sees no segments.
+    auto* table = new std::vector<Segment>;
+    enqueue(s, [table, segs] { *table = segs; });
+    return table;
   }
   void release_segments(void* t) noexcept override { delete static_cast<std::vector<Segment>*>(t); }
   void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&,
-                  std::size_t total, int group, Stream s) override {
+                  std::size_t total, int group, bool reciprocal, Stream s) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);  // read at run time, like a kernel
     enqueue(s, [=] {
-      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, total, group);
-      else scale_pack_t(static_cast<double*>(storage), *segs, total, group);
+      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, total, group, reciprocal);
+      else scale_pack_t(static_cast<double*>(storage), *segs, total, group, reciprocal);
     });
   }
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
@@ -162,15 +200,16 @@ class HostEmulation final : public DeviceBackend {
     });
   }
   bool any_nonfinite(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
-                     std::size_t total, Stream s) override {
+                     std::size_t total, Stream s, int* flag) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);
-    auto bad = std::make_shared<bool>(false);
+    *flag = 0;
     enqueue(s, [=] {
-      *bad = d == Dtype::f32 ? nonfinite_t(static_cast<const float*>(storage), *segs, total)
-                             : nonfinite_t(static_cast<const double*>(storage), *segs, total);
+      const bool bad = d == Dtype::f32 ? nonfinite_t(static_cast<const float*>(storage), *segs, total)
+                                       : nonfinite_t(static_cast<const double*>(storage), *segs, total);
+      if (bad) *flag = 1;
     });
     run_all(s);
-    return *bad;
+    return *flag != 0;
   }
 
   void enqueue(Stream s, std::function<void()> fn) {
@@ -208,7 +247,11 @@ class HostEmulation final : public DeviceBackend {
     while (s.executed < seq && !s.q.empty()) run_one(s);
   }
   std::recursive_mutex mu_;
+  std::unordered_map<void*, std::pair<std::size_t, int>> owner_;  // alloc(): bytes, device
   std::shared_ptr<EStream> default_ = std::make_shared<EStream>();
+
+ public:
+  std::atomic<int> fail_queries_{0};  // tests: the next N query() calls throw
   std::unordered_map<EStream*, std::shared_ptr<EStream>> streams_;
 };
 
@@ -225,6 +268,7 @@ DeviceBackend* host_emulation_backend() { return &emulation(); }
 
 void emulation_enqueue(Stream s, std::function<void()> fn) { emulation().enqueue(s, std::move(fn)); }
 void emulation_run_all(Stream s) { emulation().run_all(s); }
+void emulation_fail_queries(int n) { emulation().fail_queries_ = n; }
 
 DeviceBackend* device_backend() { return chosen != nullptr ? chosen : cuda_backend(); }
 

@@ -43,6 +43,10 @@ class DeviceBackend {
   virtual void release_pinned(void* p) noexcept = 0;
   /// False when `p` is known to be host memory (used to refuse host pointers in add()).
   virtual bool maybe_device_pointer(const void* p) = 0;
+  /// The device whose memory `p` is, or -1 when it cannot tell (or it is not device memory).
+  virtual int pointer_device(const void* p) = 0;
+  /// True when kernels running on `device` may access memory of `peer` (peer access enabled).
+  virtual bool can_access_peer(int device, int peer) = 0;
   virtual Stream create_stream() = 0;
   virtual void destroy_stream(Stream s) noexcept = 0;
   virtual Event create_event() = 0;
@@ -58,21 +62,52 @@ class DeviceBackend {
   virtual void copy(void* dst, const void* src, std::size_t bytes, Stream s) = 0;
   /// storage[0, n) = value, on `s`.
   virtual void fill(Dtype d, void* storage, std::size_t n, double value, Stream s) = 0;
-  /// The segment table of a bucket, uploaded once per layout (device memory for CUDA).
-  virtual void* upload_segments(const std::vector<Segment>& segs) = 0;
+  /// The segment table of a bucket, uploaded once per layout (device memory for CUDA), ON `s`:
+  /// ordered before the kernels later queued on `s` that read it (for CUDA: from pinned staging
+  /// with cudaMemcpyAsync; the emulation fills the table only when `s` runs that far, so a
+  /// kernel on another stream reads an empty table). Release only once `s` has passed it.
+  virtual void* upload_segments(const std::vector<Segment>& segs, Stream s) = 0;
   virtual void release_segments(void* table) noexcept = 0;
   /// ONE launch on `s`: for every segment, storage[at + i] = src[i] / group (src = the user array,
-  /// or storage itself for the owned region), with torch's rounding: x / g, or x * (1 / g) when g
-  /// is a power of two (the same bits).
+  /// or storage itself for the owned region). `reciprocal` false: x / g (torch on the CPU; for a
+  /// power-of-two g computed as x * (1 / g), the same bits); true: x * fl(1 / g) for every g
+  /// (torch on CUDA: ATen multiplies by the reciprocal computed on the host).
   virtual void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>& segs,
-                          std::size_t total, int group, Stream s) = 0;
+                          std::size_t total, int group, bool reciprocal, Stream s) = 0;
   /// ONE launch on `s`: for every user segment, user[i] = storage[at + i].
   virtual void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
                       std::size_t total, Stream s) = 0;
-  /// Non-finite scan of the segments' source values (user arrays, owned region), on `s`; the
-  /// host waits for the answer (an event wait).
+  /// Non-finite scan of the segments' source values (user arrays, owned region), on `s`, into
+  /// `flag` (the set's own, from alloc_flag()); the host waits for the answer (an event wait).
   virtual bool any_nonfinite(Dtype d, const void* storage, void* table,
-                             const std::vector<Segment>& segs, std::size_t total, Stream s) = 0;
+                             const std::vector<Segment>& segs, std::size_t total, Stream s,
+                             int* flag) = 0;
+  /// A host flag kernels of any device can set (mapped pinned memory for CUDA); one per set.
+  virtual int* alloc_flag() = 0;
+  virtual void release_flag(int* flag) noexcept = 0;
+};
+
+/// Makes `device` current for the calling thread for its lifetime and restores the device that
+/// was current before (hma never leaves the caller on another device).
+class DeviceGuard {
+ public:
+  DeviceGuard(DeviceBackend* be, int device) : be_(be), prev_(be->current_device()) {
+    if (prev_ != device) be_->set_device(device);
+    else be_ = nullptr;  // nothing to restore
+  }
+  ~DeviceGuard() {
+    if (be_ == nullptr) return;
+    try {
+      be_->set_device(prev_);
+    } catch (...) {  // a destructor must not throw; the device stays as it is
+    }
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  DeviceBackend* be_;
+  int prev_;
 };
 
 /// The CUDA backend, or nullptr when hma was built without CUDA.

@@ -78,8 +78,20 @@ unsigned blocks_for(std::uint64_t n) {
   return static_cast<unsigned>(b < 1 ? 1 : b > 65535 * 8 ? 65535 * 8 : b);
 }
 
+// Launches `kernel` with `args` (pointers to arguments of exactly the kernel's parameter types)
+// and reports THIS launch's error only: cudaLaunchKernel returns its own status, where
+// cudaGetLastError() after a <<<>>> launch would also return the caller's earlier errors.
+void launch(const void* kernel, unsigned blocks, void** args, cudaStream_t s, const char* what) {
+  const cudaError_t rc = cudaLaunchKernel(kernel, dim3(blocks), dim3(kThreads), args, 0, s);
+  if (rc != cudaSuccess) {
+    (void)cudaGetLastError();  // the error is hma's own: do not leave it for the caller
+    cu(rc, what);
+  }
+}
+
 struct Table {
-  DevSeg* dev = nullptr;
+  DevSeg* dev = nullptr;     // device copy, read by the kernels
+  DevSeg* pinned = nullptr;  // host staging of the upload (freed with the table)
   int n = 0;
 };
 
@@ -124,6 +136,39 @@ class Cuda final : public DeviceBackend {
     }
     return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
   }
+  int pointer_device(const void* p) override {
+    cudaPointerAttributes a{};
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return -1;
+    }
+    return a.type == cudaMemoryTypeDevice ? a.device : -1;  // managed memory: any device
+  }
+  bool can_access_peer(int device, int peer) override {
+    if (device == peer) return true;
+    int can = 0;
+    cu(cudaDeviceCanAccessPeer(&can, device, peer), "cudaDeviceCanAccessPeer");
+    if (!can) return false;
+    // Kernels on `device` read the array: peer access must be enabled there (once per context).
+    DeviceGuard g(this, device);
+    const cudaError_t rc = cudaDeviceEnablePeerAccess(peer, 0);
+    if (rc == cudaErrorPeerAccessAlreadyEnabled) {
+      (void)cudaGetLastError();  // hma's own, harmless
+      return true;
+    }
+    cu(rc, "cudaDeviceEnablePeerAccess");
+    return true;
+  }
+  int* alloc_flag() override {
+    int* f = nullptr;  // mapped, portable pinned memory: written by kernels on any device
+    cu(cudaHostAlloc(reinterpret_cast<void**>(&f), sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable),
+       "cudaHostAlloc(non-finite flag)");
+    *f = 0;
+    return f;
+  }
+  void release_flag(int* f) noexcept override {
+    if (f != nullptr) (void)cudaFreeHost(f);
+  }
   Stream create_stream() override {
     cudaStream_t s = nullptr;
     cu(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
@@ -156,27 +201,36 @@ class Cuda final : public DeviceBackend {
   }
   void fill(Dtype d, void* p, std::size_t n, double v, Stream s) override {
     if (n == 0) return;
-    if (d == Dtype::f32)
-      fill_kernel<float><<<blocks_for(n), kThreads, 0, s>>>(static_cast<float*>(p), n, static_cast<float>(v));
-    else
-      fill_kernel<double><<<blocks_for(n), kThreads, 0, s>>>(static_cast<double*>(p), n, v);
-    cu(cudaGetLastError(), "fill kernel launch");
+    std::uint64_t count = n;
+    if (d == Dtype::f32) {
+      float* ptr = static_cast<float*>(p);
+      float value = static_cast<float>(v);
+      void* args[] = {&ptr, &count, &value};
+      launch(reinterpret_cast<const void*>(&fill_kernel<float>), blocks_for(n), args, s, "fill kernel launch");
+    } else {
+      double* ptr = static_cast<double*>(p);
+      double value = v;
+      void* args[] = {&ptr, &count, &value};
+      launch(reinterpret_cast<const void*>(&fill_kernel<double>), blocks_for(n), args, s, "fill kernel launch");
+    }
   }
-  void* upload_segments(const std::vector<Segment>& segs) override {
-    std::vector<DevSeg> h;
-    h.reserve(segs.size());
-    for (const auto& s : segs) h.push_back(DevSeg{s.user, s.at, s.n});
+  void* upload_segments(const std::vector<Segment>& segs, Stream s) override {
     auto* t = new Table;
-    t->n = static_cast<int>(h.size());
-    if (!h.empty()) {
-      try {
-        cu(cudaMalloc(&t->dev, h.size() * sizeof(DevSeg)), "cudaMalloc(segment table)");
-        cu(cudaMemcpy(t->dev, h.data(), h.size() * sizeof(DevSeg), cudaMemcpyHostToDevice),
-           "cudaMemcpy(segment table)");
-      } catch (...) {
-        release_segments(t);
-        throw;
-      }
+    t->n = static_cast<int>(segs.size());
+    if (segs.empty()) return t;
+    const std::size_t bytes = segs.size() * sizeof(DevSeg);
+    try {
+      // Pinned staging + an async copy ON hma's stream: ordered before the kernels queued there
+      // after it (a pageable cudaMemcpy on the legacy stream may return before the DMA lands
+      // and does not order against non-blocking streams).
+      cu(cudaMallocHost(reinterpret_cast<void**>(&t->pinned), bytes), "cudaMallocHost(segment table)");
+      for (std::size_t i = 0; i < segs.size(); ++i) t->pinned[i] = DevSeg{segs[i].user, segs[i].at, segs[i].n};
+      cu(cudaMalloc(reinterpret_cast<void**>(&t->dev), bytes), "cudaMalloc(segment table)");
+      cu(cudaMemcpyAsync(t->dev, t->pinned, bytes, cudaMemcpyHostToDevice, static_cast<cudaStream_t>(s)),
+         "cudaMemcpyAsync(segment table)");
+    } catch (...) {
+      release_segments(t);
+      throw;
     }
     return t;
   }
@@ -184,61 +238,67 @@ class Cuda final : public DeviceBackend {
     auto* t = static_cast<Table*>(table);
     if (t == nullptr) return;
     if (t->dev != nullptr) (void)cudaFree(t->dev);
+    if (t->pinned != nullptr) (void)cudaFreeHost(t->pinned);
     delete t;
   }
   void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&, std::size_t total,
-                  int group, Stream s) override {
+                  int group, bool reciprocal, Stream s) override {
     const auto* t = static_cast<Table*>(table);
     if (total == 0 || t->n == 0) return;
-    const bool pow2 = (group & (group - 1)) == 0;
-    const unsigned b = blocks_for(total);
-    if (d == Dtype::f32) {
-      const float g = static_cast<float>(group), inv = 1.0f / g;
-      if (pow2) scale_pack_kernel<float, true><<<b, kThreads, 0, s>>>(static_cast<float*>(storage), t->dev, t->n, total, g, inv);
-      else scale_pack_kernel<float, false><<<b, kThreads, 0, s>>>(static_cast<float*>(storage), t->dev, t->n, total, g, inv);
-    } else {
-      const double g = static_cast<double>(group), inv = 1.0 / g;
-      if (pow2) scale_pack_kernel<double, true><<<b, kThreads, 0, s>>>(static_cast<double*>(storage), t->dev, t->n, total, g, inv);
-      else scale_pack_kernel<double, false><<<b, kThreads, 0, s>>>(static_cast<double*>(storage), t->dev, t->n, total, g, inv);
-    }
-    cu(cudaGetLastError(), "scale+pack kernel launch");
+    // x * fl(1/g): for a power-of-two g the same bits as x / g; always, when asked (torch on CUDA).
+    const bool mul = reciprocal || (group & (group - 1)) == 0;
+    if (d == Dtype::f32) scale_pack_as<float>(storage, t, total, group, mul, s);
+    else scale_pack_as<double>(storage, t, total, group, mul, s);
   }
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
               std::size_t total, Stream s) override {
     const auto* t = static_cast<Table*>(table);
-    const std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
+    std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
     if (total <= from || t->n == 0) return;
-    if (d == Dtype::f32)
-      unpack_kernel<float><<<blocks_for(total - from), kThreads, 0, s>>>(static_cast<const float*>(storage), t->dev, t->n, from, total);
-    else
-      unpack_kernel<double><<<blocks_for(total - from), kThreads, 0, s>>>(static_cast<const double*>(storage), t->dev, t->n, from, total);
-    cu(cudaGetLastError(), "unpack kernel launch");
+    const DevSeg* dev = t->dev;
+    int n = t->n;
+    std::uint64_t end = total;
+    const void* src = storage;
+    void* args[] = {&src, &dev, &n, &from, &end};
+    const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&unpack_kernel<float>)
+                                    : reinterpret_cast<const void*>(&unpack_kernel<double>);
+    launch(k, blocks_for(total - from), args, s, "unpack kernel launch");
   }
   bool any_nonfinite(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
-                     std::size_t total, Stream s) override {
+                     std::size_t total, Stream s, int* flag) override {
     const auto* t = static_cast<Table*>(table);
     if (total == 0 || t->n == 0) return false;
-    if (host_flag_ == nullptr)  // mapped, portable pinned memory: written by kernels on any device
-      cu(cudaHostAlloc(reinterpret_cast<void**>(&host_flag_), sizeof(int),
-                       cudaHostAllocMapped | cudaHostAllocPortable),
-         "cudaHostAlloc(non-finite flag)");
-    *host_flag_ = 0;
-    if (d == Dtype::f32)
-      nonfinite_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const float*>(storage), t->dev, t->n, total, host_flag_);
-    else
-      nonfinite_kernel<double><<<blocks_for(total), kThreads, 0, s>>>(static_cast<const double*>(storage), t->dev, t->n, total, host_flag_);
-    cu(cudaGetLastError(), "non-finite kernel launch");
+    *flag = 0;  // the set's own flag: no other set or thread writes it
+    const DevSeg* dev = t->dev;
+    int n = t->n;
+    std::uint64_t count = total;
+    const void* src = storage;
+    void* args[] = {&src, &dev, &n, &count, &flag};
+    const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&nonfinite_kernel<float>)
+                                    : reinterpret_cast<const void*>(&nonfinite_kernel<double>);
+    launch(k, blocks_for(total), args, s, "non-finite kernel launch");
     cudaEvent_t e = nullptr;
     cu(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     cudaError_t rc = cudaEventRecord(e, s);
     if (rc == cudaSuccess) rc = cudaEventSynchronize(e);
     (void)cudaEventDestroy(e);
     cu(rc, "cudaEventSynchronize(non-finite scan)");
-    return *static_cast<volatile int*>(host_flag_) != 0;
+    return *static_cast<volatile int*>(flag) != 0;
   }
 
  private:
-  int* host_flag_ = nullptr;  // one per process: used by the calling thread of an average only
+  template <class T>
+  void scale_pack_as(void* storage, const Table* t, std::size_t total, int group, bool mul, Stream s) {
+    T* dst = static_cast<T*>(storage);
+    const DevSeg* dev = t->dev;
+    int n = t->n;
+    std::uint64_t count = total;
+    T g = static_cast<T>(group), inv = T(1) / g;
+    void* args[] = {&dst, &dev, &n, &count, &g, &inv};
+    const void* k = mul ? reinterpret_cast<const void*>(&scale_pack_kernel<T, true>)
+                        : reinterpret_cast<const void*>(&scale_pack_kernel<T, false>);
+    launch(k, blocks_for(total), args, s, "scale+pack kernel launch");
+  }
 };
 
 }  // namespace

@@ -35,6 +35,7 @@ struct DeviceState {
   Event packed = nullptr;        // scale+pack done: MPI may read the buffer
   Event done = nullptr;          // unpack done: the average is in the arrays (a wait on it
                                  // before its first record returns at once, in CUDA as in emulation)
+  int* flag = nullptr;           // the non-finite scan's answer: one per set (mapped host memory)
   DeviceBucket f32, f64;
   StagingArea staging;
   std::vector<LayoutEntry> layout;

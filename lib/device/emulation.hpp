@@ -11,5 +11,8 @@ namespace hma::detail {
 void emulation_enqueue(Stream s, std::function<void()> fn);
 /// Runs everything queued on emulated stream `s` (like cudaStreamSynchronize).
 void emulation_run_all(Stream s);
+/// Fault injection: the next `n` event queries throw hma::Error (an error in the middle of a
+/// device average, with MPI work possibly in flight).
+void emulation_fail_queries(int n);
 
 }  // namespace hma::detail

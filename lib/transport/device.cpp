@@ -71,7 +71,8 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
       if (!direct) pipe = staged(s, r, true);
       p.threaded = true;
       p.result = worker->submit([sp, c, direct, pipe] {
-        sp->be->set_device(sp->device);
+        if (mpi_finalized()) throw Error("hma: a queued device average did not run: MPI is already finalised");
+        DeviceGuard on_device(sp->be, sp->device);
         if (direct) {
           sp->be->synchronize(sp->packed);
           allreduce_direct(*sp, c);
@@ -97,13 +98,14 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
         });
         st->issued = true;
       };
-      p.issue_rest = [sp, st, issue] {
-        if (st->issued) return;
-        sp->be->synchronize(sp->packed);
+      p.issue_rest = [sp, st, issue](std::chrono::steady_clock::time_point) {
+        if (st->issued) return true;
+        sp->be->synchronize(sp->packed);  // the device's own work: bounded
         issue();
+        return true;
       };
       p.drive = [sp, st, issue](bool block) {
-        sp->be->set_device(sp->device);
+        DeviceGuard on_device(sp->be, sp->device);
         if (!st->issued) {
           if (block) sp->be->synchronize(sp->packed);
           else if (!sp->be->query(sp->packed)) return false;
@@ -121,9 +123,9 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
     }
     case DeviceNonblocking::staged_poll: {
       auto pipe = staged(s, r, false);
-      p.issue_rest = [pipe] { pipe->issue_all(); };
+      p.issue_rest = [pipe](std::chrono::steady_clock::time_point deadline) { return pipe->issue_all(deadline); };
       p.drive = [sp, pipe](bool block) {
-        sp->be->set_device(sp->device);
+        DeviceGuard on_device(sp->be, sp->device);
         if (!pipe->drive(block)) return false;
         sp->unpack_and_record();
         return true;

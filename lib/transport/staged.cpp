@@ -1,5 +1,8 @@
 #include "transport/staged.hpp"
 
+#include <chrono>
+#include <thread>
+
 #include <algorithm>
 
 #include "hma/error.hpp"
@@ -143,9 +146,18 @@ bool StagedPipeline::drive(bool block) {
   }
 }
 
-void StagedPipeline::issue_all() {
-  while (!issued_all())
-    if (!step(true)) wait_oldest();
+bool StagedPipeline::issue_all(std::chrono::steady_clock::time_point deadline) {
+  const bool forever = deadline == std::chrono::steady_clock::time_point::max();
+  while (!issued_all()) {
+    if (step(true)) continue;
+    if (forever) {
+      wait_oldest();
+    } else {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::yield();
+    }
+  }
+  return true;
 }
 
 }  // namespace hma::detail

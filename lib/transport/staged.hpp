@@ -7,6 +7,7 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <cstddef>
 #include <vector>
 
@@ -60,8 +61,9 @@ class StagedPipeline {
   /// complete (the host->device copies have completed).
   bool drive(bool block);
   /// Blocks until every chunk's reduction has been issued (not completed): what MPI's ordering
-  /// of collectives needs before another collective may be issued on the communicator.
-  void issue_all();
+  /// of collectives needs before another collective may be issued on the communicator. False
+  /// when `deadline` passed first (max(): no limit).
+  bool issue_all(std::chrono::steady_clock::time_point deadline);
   [[nodiscard]] bool issued_all() const noexcept { return c_mpi_ == chunks_.size(); }
   [[nodiscard]] std::size_t chunks() const noexcept { return chunks_.size(); }
   /// The most chunks that were between their device->host copy and their slot's release at once.
