@@ -49,6 +49,9 @@ int main(int argc, char** argv) {
     return 77;
   }
   try {
+    // One GPU per rank: node-local rank modulo the devices this rank sees.
+    const int device = hma::use_local_device(MPI_COMM_WORLD);
+    if (bench::rank() == 0) std::printf("# rank 0 uses device %d (node-local rank modulo devices)\n", device);
     const int world = bench::size();
     const std::string path = hma::PeriodicAverager(MPI_COMM_WORLD, 1).device_path();
     const bool direct = path.find("step()/average(): device pointers") != std::string::npos;

@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
       MPI_Finalize();
       return 77;
     }
+    // One GPU per rank on multi-GPU nodes: node-local rank modulo the devices it sees.
+    (void)hma::use_local_device(MPI_COMM_WORLD);
   }
 #endif
   std::vector<std::string> args(argv, argv + argc);

@@ -11,6 +11,9 @@
 //      dtype): bit for bit what torch's recipe gives with the same MPI, i.e. the test's own
 //      divide + MPI_Allreduce on a copy.
 //   3. A group of 2: every mode gives exactly fl(x_0/2 + x_1/2) (two terms have one order).
+//   4. Device sets with DeviceDivision::reciprocal: the same with torch-on-CUDA's terms
+//      x_r * fl(1/g) (which differ from x_r / g in about a third of the elements at g = 3, 6):
+//      each division rule passes only against its own terms.
 // Run at np 2, 3, 4, 5, 6 (test/meson.build).
 #include <algorithm>
 #include <cmath>
@@ -79,7 +82,7 @@ const std::vector<T>& every_order(const T* terms, int g) {
 // and the bound (g - 1) u sum |terms|.
 template <class T>
 void reference(const std::vector<T>& mine, int g, std::vector<long double>& sum, std::vector<long double>& bound,
-               std::vector<T>& terms) {
+               std::vector<T>& terms, bool reciprocal) {
   const std::size_t n = mine.size();
   std::vector<T> all(n * static_cast<std::size_t>(size()));
   MPI_Allgather(mine.data(), static_cast<int>(n), type_of<T>(), all.data(), static_cast<int>(n), type_of<T>(),
@@ -92,7 +95,9 @@ void reference(const std::vector<T>& mine, int g, std::vector<long double>& sum,
   for (std::size_t i = 0; i < n; ++i) {
     long double abs = 0;
     for (int r = first; r < first + g; ++r) {
-      const T term = all[static_cast<std::size_t>(r) * n + i] / static_cast<T>(g);  // torch: divide first
+      // torch divides first: x / g on the CPU, x * fl(1/g) for CUDA tensors
+      const T x = all[static_cast<std::size_t>(r) * n + i];
+      const T term = reciprocal ? x * (T(1) / static_cast<T>(g)) : x / static_cast<T>(g);
       terms[i * static_cast<std::size_t>(g) + static_cast<std::size_t>(r - first)] = term;
       sum[i] += term;
       abs += std::fabs(static_cast<long double>(term));
@@ -146,6 +151,7 @@ struct Mode {
   bool device = false;        // emulated device set
   int node = 0;               // emulated ranks per node for two-level (0: flat)
   bool bitwise_mpi = false;   // promise 2
+  bool reciprocal = false;    // device division x * fl(1/g) (torch on CUDA) instead of x / g
 };
 
 std::vector<Mode> modes() {
@@ -173,6 +179,10 @@ std::vector<Mode> modes() {
   staged.staging_chunk_bytes = 4096;
   m.push_back({"device (emulated), staged 4 KiB chunks", staged, false, false, true});
   m.push_back({"device (emulated), staged, start/wait", staged, true, false, true});
+  hma::AveragerOptions recip = staged;
+  recip.device_division = hma::DeviceDivision::reciprocal;
+  m.push_back({"device (emulated), reciprocal division (torch on CUDA)", recip, false, false, true, 0, false, true});
+  m.push_back({"device (emulated), reciprocal division, start/wait", recip, true, false, true, 0, false, true});
   for (int node : {2, 3}) {
     if (size() % node != 0 || size() / node < 2) continue;
     hma::AveragerOptions two;
@@ -229,8 +239,8 @@ TEST_CASE("random values: every mode within its bound of torch's terms, the same
     std::vector<long double> sf, bf, sd, bd;
     std::vector<float> tf_terms;
     std::vector<double> td_terms;
-    reference(f0, g, sf, bf, tf_terms);
-    reference(d0, g, sd, bd, td_terms);
+    reference(f0, g, sf, bf, tf_terms, mode.reciprocal);
+    reference(d0, g, sd, bd, td_terms, mode.reciprocal);
     std::string why_f, why_d;
     const bool ok_f = some_order_and_same_everywhere(f, sf, bf, tf_terms, g, why_f);
     const bool ok_d = some_order_and_same_everywhere(d, sd, bd, td_terms, g, why_d);
