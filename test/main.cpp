@@ -17,6 +17,7 @@
 
 #ifdef HMA_TEST_NEEDS_GPU
 #include "hma/device.hpp"
+#include "hma/local_device.hpp"
 #endif
 
 int main(int argc, char** argv) {

@@ -271,7 +271,9 @@ class Averager {
   /// the blocking call returns, or the Request's wait()/test() completes, `stream` is ordered
   /// after the result (cudaStreamWaitEvent): later work on it sees the average without any
   /// host synchronisation; host code that reads the arrays calls params.synchronize() first.
-  /// The path through MPI (direct or staged) is this averager's DevicePath choice.
+  /// The path through MPI (direct or staged) is this averager's DevicePath choice. `stream` must
+  /// belong to the set's device (nullptr: that device's legacy stream); hma makes the set's
+  /// device current inside the call and restores the caller's current device before returning.
   bool step(DeviceParamSet& params, Stream stream = nullptr);
   [[nodiscard]] Request start(DeviceParamSet& params, Stream stream = nullptr);
   void average(DeviceParamSet& params, std::size_t level, Stream stream = nullptr);

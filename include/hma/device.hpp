@@ -14,8 +14,6 @@
 // device_info() says why.
 #pragma once
 
-#include <mpi.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -39,13 +37,6 @@ struct DeviceInfo {
   [[nodiscard]] bool available() const noexcept { return built_with_cuda && devices > 0; }
 };
 [[nodiscard]] DeviceInfo device_info();
-
-/// One GPU per rank on multi-GPU nodes: makes device (this rank's node-local rank in `comm`)
-/// modulo (the devices it sees) current in the calling thread, and returns it. Without this,
-/// every rank of a node would use device 0. Collective over `comm` (it splits by shared memory).
-/// Call it after MPI_Init, before any DeviceParamSet or CUDA work of the rank. Throws hma::Error
-/// saying why when device buffers are unavailable.
-int use_local_device(MPI_Comm comm);
 
 namespace detail {
 struct DeviceBucket;

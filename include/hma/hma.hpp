@@ -12,5 +12,6 @@
 #include "hma/device.hpp"
 #include "hma/error.hpp"
 #include "hma/hierarchy.hpp"
+#include "hma/local_device.hpp"
 #include "hma/schedule.hpp"
 #include "hma/version.hpp"

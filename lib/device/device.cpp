@@ -6,6 +6,7 @@
 #include "buffer_common.hpp"
 #include "control/agree.hpp"
 #include "hma/comm.hpp"
+#include "hma/local_device.hpp"
 #include "device/device_state.hpp"
 #include "hma/device.hpp"
 #include "hma/error.hpp"
@@ -103,6 +104,10 @@ DeviceParamSet::~DeviceParamSet() {
   std::unique_ptr<detail::DeviceGuard> on_device;
   try {
     on_device = std::make_unique<detail::DeviceGuard>(s.be, s.device);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
+  }
+  try {
     s.sync_stream();  // everything on hma's stream, the last table upload included, has run
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());

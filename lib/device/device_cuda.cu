@@ -18,9 +18,11 @@ namespace hma::detail {
 namespace {
 
 void cu(cudaError_t rc, const char* what) {
-  if (rc != cudaSuccess)
+  if (rc != cudaSuccess) {
+    (void)cudaGetLastError();  // hma's own error: not left for the caller's next check
     throw Error(std::string("hma: CUDA: ") + what + ": " + cudaGetErrorName(rc) + ": " +
                 cudaGetErrorString(rc));
+  }
 }
 
 struct DevSeg {
@@ -156,6 +158,10 @@ class Cuda final : public DeviceBackend {
       (void)cudaGetLastError();  // hma's own, harmless
       return true;
     }
+    if (rc == cudaErrorTooManyPeers) {
+      (void)cudaGetLastError();
+      return false;
+    }
     cu(rc, "cudaDeviceEnablePeerAccess");
     return true;
   }
@@ -186,7 +192,10 @@ class Cuda final : public DeviceBackend {
   void record(Event e, Stream s) override { cu(cudaEventRecord(static_cast<cudaEvent_t>(e), s), "cudaEventRecord"); }
   bool query(Event e) override {
     const cudaError_t rc = cudaEventQuery(static_cast<cudaEvent_t>(e));
-    if (rc == cudaErrorNotReady) return false;
+    if (rc == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // polling is hma's business, not an error for the caller
+      return false;
+    }
     cu(rc, "cudaEventQuery");
     return true;
   }

@@ -61,7 +61,10 @@ void average_device(DeviceState& s, const DeviceRoute& r) {
 void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* worker) {
   DeviceState* sp = &s;  // heap-stable: the set may move while the average is in flight
   const MPI_Comm c = r.comm;
-  p.finish = [sp, user = r.user] { sp->be->stream_wait(user, sp->done); };
+  p.finish = [sp, user = r.user] {
+    DeviceGuard on_device(sp->be, sp->device);  // a null `user` means this device's stream
+    sp->be->stream_wait(user, sp->done);
+  };
   switch (r.plan->nonblocking) {
     case DeviceNonblocking::thread_direct:
     case DeviceNonblocking::staged_thread: {
@@ -72,7 +75,9 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
       p.threaded = true;
       p.result = worker->submit([sp, c, direct, pipe] {
         if (mpi_finalized()) throw Error("hma: a queued device average did not run: MPI is already finalised");
-        DeviceGuard on_device(sp->be, sp->device);
+        // hma's own thread: set the device, never restore (a restore to device 0 would create
+        // a context there for nothing).
+        sp->be->set_device(sp->device);
         if (direct) {
           sp->be->synchronize(sp->packed);
           allreduce_direct(*sp, c);
@@ -100,6 +105,7 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
       };
       p.issue_rest = [sp, st, issue](std::chrono::steady_clock::time_point) {
         if (st->issued) return true;
+        DeviceGuard on_device(sp->be, sp->device);  // a CUDA-aware MPI may use the current device
         sp->be->synchronize(sp->packed);  // the device's own work: bounded
         issue();
         return true;
@@ -123,7 +129,10 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
     }
     case DeviceNonblocking::staged_poll: {
       auto pipe = staged(s, r, false);
-      p.issue_rest = [pipe](std::chrono::steady_clock::time_point deadline) { return pipe->issue_all(deadline); };
+      p.issue_rest = [sp, pipe](std::chrono::steady_clock::time_point deadline) {
+        DeviceGuard on_device(sp->be, sp->device);
+        return pipe->issue_all(deadline);
+      };
       p.drive = [sp, pipe](bool block) {
         DeviceGuard on_device(sp->be, sp->device);
         if (!pipe->drive(block)) return false;

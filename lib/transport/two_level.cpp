@@ -52,10 +52,6 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
   const std::size_t N = b.size(), L = static_cast<std::size_t>(route.per_node);
   if (N == 0) return;
   const std::size_t blk = (N + L - 1) / L;
-  if (blk > static_cast<std::size_t>(std::numeric_limits<int>::max()))
-    throw InvalidArgument("hma: two-level average of " + std::to_string(N) +
-                          " elements: too large for one non-blocking collective; use "
-                          "HMA_ALGORITHM=flat or Progress::thread");
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const Scaler<T> s(route.group);
   b.send.resize(blk * L);
@@ -88,6 +84,14 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
 }  // namespace
 
 void start_two_level(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
+  // Both buckets are checked before anything is issued: a refusal after the f32 stage went out
+  // would leave a collective in flight that no one completes.
+  const std::size_t L = static_cast<std::size_t>(route.per_node);
+  for (const std::size_t N : {f.size(), d.size()})
+    if ((N + L - 1) / L > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+      throw InvalidArgument("hma: two-level average of " + std::to_string(N) +
+                            " elements: too large for one non-blocking collective; use "
+                            "HMA_ALGORITHM=flat or Progress::thread");
   std::vector<Stage> lf, ld;
   std::vector<std::function<void()>> fin;
   stages_of(f, route, p.reqs, lf, fin);
