@@ -104,7 +104,9 @@ void Averager::finish_all() noexcept {
   if (leaked) {
     std::fprintf(stderr, "hma: destroying an averager with an average still in flight (a rank never "
                  "arrived): its communicators are leaked, not freed under MPI\n");
-    worker_.reset();
+    // Its worker thread may be blocked for good in that average's MPI call: joining it would
+    // hang this destructor. Leaked on purpose, like the communicators it uses.
+    (void)worker_.release();
     hierarchy_.abandon();
   }
 }

@@ -6,7 +6,7 @@
 // bounded time that is far below the test's own limit, never a hang, a crash or silent success.
 // Flat schedules average at every step, so the first differing average is a MismatchError on
 // every rank; hierarchical ones may leave ranks waiting for different groups, which the
-// (short) timeout turns into hma::Timeout.
+// (short) timeout turns into hma::Timeout. Needs 2+ ranks: test/meson.build runs it at 2, 3, 4.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +15,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "device/device_backend.hpp"
@@ -157,7 +158,6 @@ constexpr int kIters = 8;
 }  // namespace
 
 TEST_CASE("divergence: a rank skips one step() mid-run") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     const int x = size() - 1;
     Rig rig(c);
@@ -171,7 +171,6 @@ TEST_CASE("divergence: a rank skips one step() mid-run") {
 }
 
 TEST_CASE("divergence: a rank skips its last step()") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     Rig rig(c);
     const Outcome o = run([&] {
@@ -184,7 +183,6 @@ TEST_CASE("divergence: a rank skips its last step()") {
 }
 
 TEST_CASE("divergence: a rank calls step() once more") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     const int x = size() / 2;
     Rig rig(c);
@@ -200,7 +198,6 @@ TEST_CASE("divergence: a rank calls step() once more") {
 }
 
 TEST_CASE("divergence: one rank changes its layout after the first average") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     const int x = size() - 1;
     Rig rig(c);
@@ -217,7 +214,6 @@ TEST_CASE("divergence: one rank changes its layout after the first average") {
 }
 
 TEST_CASE("divergence: set_step() and restore() to different values") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     Rig rig(c);
     const Outcome o = run([&] {
@@ -238,7 +234,6 @@ TEST_CASE("divergence: set_step() and restore() to different values") {
 }
 
 TEST_CASE("divergence: an exception on one rank while the others average") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     const int x = size() - 1;
     const Outcome o = run([&] {
@@ -253,7 +248,6 @@ TEST_CASE("divergence: an exception on one rank while the others average") {
 }
 
 TEST_CASE("divergence: every setting that differs on one rank is refused at construction") {
-  if (size() < 2) return;
   const int x = size() - 1;
   using O = hma::AveragerOptions;
   const std::vector<std::pair<const char*, std::function<void(O&)>>> settings = {
@@ -348,7 +342,6 @@ TEST_CASE("timeouts: inf and huge mean no limit; tiny ones time out and resume; 
 }
 
 TEST_CASE("after a timeout, destroying the averager and the set waits no second timeout") {
-  if (size() < 2) return;
   for (const Config& c : configs()) {
     CAPTURE(c.name());
     hma::AveragerOptions o;
@@ -372,5 +365,65 @@ TEST_CASE("after a timeout, destroying the averager and the set waits no second 
     INFO("rank " << rank() << ": " << out.error << " " << out.what);
     REQUIRE_ALL_RANKS(rank() == 0 ? out.error == "none" : out.error == "Timeout");
     REQUIRE_ALL_RANKS(destroy_s < 0.5);
+  }
+}
+
+TEST_CASE("a set destroyed after a timeout never starts its data stage, even once its peers arrive",
+          "[np>=2]") {
+  // Rank 0 times out waiting for the late others, gives up and destroys its set only after they
+  // arrived (so rank 0's check is complete by then). Starting the data stage from a dying
+  // set would touch arrays that are going away; instead rank 1's started average must time out
+  // in its wait, never silently complete with rank 0's data. Poll progress only: with a
+  // progress thread the peers' worker would stay blocked in the data collective for good (the
+  // case README "Reliability" says no library can bound: end such a job with MPI_Abort).
+  for (bool thread : {false}) {
+    CAPTURE(thread);
+    hma::AveragerOptions o;
+    o.timeout_s = 0.4;
+    o.progress = thread ? hma::Progress::thread : hma::Progress::poll;
+    Outcome out;
+    {
+      hma::HierarchicalAverager avg(MPI_COMM_WORLD, std::vector<hma::Level>{{1, size()}}, 0, o);
+      std::vector<float> v(64, static_cast<float>(rank()));
+      auto ps = std::make_unique<hma::ParamSet>();
+      ps->add(v);
+      MPI_Barrier(MPI_COMM_WORLD);
+      out = run([&] {
+        if (rank() == 0) {
+          try {
+            (void)avg.start(*ps);
+          } catch (const hma::Timeout&) {
+            // The others arrive meanwhile; rank 0 keeps making MPI calls (as a program that
+            // moves on does), which completes its side of the check in the background.
+            const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1500);
+            while (std::chrono::steady_clock::now() < until) {
+              int flag = 0;
+              MPI_Iprobe(MPI_ANY_SOURCE, 4242, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
+              std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            }
+            ps.reset();  // gives up: must not start the data stage now that the check completed
+            throw;
+          }
+        } else {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+          auto r = avg.start(*ps);  // rank 0's check contribution is there: passes
+          // Keep waiting past the moment rank 0 destroys its set (1.9 s): rank 0 must never
+          // join the data, so this ends in Timeout, not in an average with a dying set.
+          const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2500);
+          while (true) {
+            try {
+              r.wait();
+              break;
+            } catch (const hma::Timeout&) {
+              if (std::chrono::steady_clock::now() > until) throw;
+            }
+          }
+        }
+      });
+      MPI_Barrier(MPI_COMM_WORLD);
+    }
+    INFO("rank " << rank() << ": " << out.error << ": " << out.what);
+    REQUIRE_ALL_RANKS(out.error == "Timeout");
+    REQUIRE_ALL_RANKS(rank() == 0 || out.what.find("did not complete within 0.4 s") != std::string::npos);
   }
 }
