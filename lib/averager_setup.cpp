@@ -13,11 +13,12 @@
 
 namespace hma {
 
-Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule()>& make) {
+Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule(MPI_Comm)>& make) {
   detail::require_mpi("averager");
-  if (comm == MPI_COMM_NULL) return make();
+  if (comm == MPI_COMM_NULL) return make(comm);
+  const Comm ctrl = Comm::attach(comm).dup();  // the only collective on the caller's comm
   std::optional<Schedule> s;
-  detail::agree(comm, [&] { s.emplace(make()); });
+  detail::agree(ctrl.get(), [&] { s.emplace(make(ctrl.get())); });
   return std::move(*s);
 }
 
@@ -25,8 +26,10 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     : schedule_(std::move(schedule)), hierarchy_(MPI_COMM_NULL, {}) {
   detail::require_mpi("averager");
   if (comm == MPI_COMM_NULL) return;  // not a member: count steps only
+  // Construction's agreement runs on a duplicate: the caller's communicator sees only the dups.
+  const Comm ctrl = Comm::attach(comm).dup();
   std::vector<int> sizes;
-  detail::agree(comm, [&] {
+  detail::agree(ctrl.get(), [&] {
     int size = 0;
     check(MPI_Comm_size(comm, &size), "MPI_Comm_size");
     if (schedule_.world_size() != size)
@@ -37,10 +40,10 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
   });
   const std::uint64_t fp[1] = {schedule_.fingerprint()};
-  detail::check_same(comm, fp, "the schedule", [this] { return schedule_.to_string(); });
+  detail::check_same(ctrl.get(), fp, "the schedule", [this] { return schedule_.to_string(); });
   // Settings that change which collectives an average issues, or how long ranks wait, must agree
   // before the first collective that depends on them (ranks per node: before any split).
-  detail::check_settings(comm, settings_, *device_plan_);
+  detail::check_settings(ctrl.get(), settings_, *device_plan_);
   hierarchy_ = Hierarchy(comm, sizes, HierarchyOptions{settings_.ranks_per_node});
   if (settings_.progress == Progress::thread) worker_ = std::make_unique<detail::Worker>();
   if (hierarchy_.world().rank() == 0) {
@@ -178,22 +181,22 @@ MPI_Comm require(MPI_Comm comm) {
 PeriodicAverager::PeriodicAverager(MPI_Comm comm, std::int64_t period, std::int64_t warmup,
                                    AveragerOptions options)
     : Averager(comm,
-               agreed(comm, [&] { return Schedule::periodic(period, warmup, size_or_one(comm)); }),
+               agreed(comm, [&](MPI_Comm c) { return Schedule::periodic(period, warmup, size_or_one(c)); }),
                options) {}
 
 HierarchicalAverager::HierarchicalAverager(MPI_Comm comm, std::vector<Level> levels,
                                            std::int64_t warmup, AveragerOptions options)
-    : Averager(comm, agreed(comm, [&] {
-                 require(comm);
-                 return Schedule::hierarchical(std::move(levels), warmup, size_or_one(comm));
+    : Averager(comm, agreed(comm, [&](MPI_Comm c) {
+                 require(c);
+                 return Schedule::hierarchical(std::move(levels), warmup, size_or_one(c));
                }),
                options) {}
 
 HierarchicalAverager::HierarchicalAverager(MPI_Comm comm, std::string_view spec,
                                            std::int64_t warmup, AveragerOptions options)
-    : Averager(comm, agreed(comm, [&] {
-                 require(comm);
-                 return Schedule::parse(spec, warmup, size_or_one(comm), node_size(comm, options));
+    : Averager(comm, agreed(comm, [&](MPI_Comm c) {
+                 require(c);
+                 return Schedule::parse(spec, warmup, size_or_one(c), node_size(c, options));
                }),
                options) {}
 

@@ -309,8 +309,9 @@ class Averager {
 
  protected:
   // Builds the schedule with `make` on every rank of comm; if it throws anywhere, throws
-  // everywhere (no rank is left waiting in a collective).
-  static Schedule agreed(MPI_Comm comm, const std::function<Schedule()>& make);
+  // everywhere (no rank is left waiting in a collective). `make` gets a duplicate of comm for
+  // any collective it needs: hma's agreement never runs on the caller's communicator.
+  static Schedule agreed(MPI_Comm comm, const std::function<Schedule(MPI_Comm ctrl)>& make);
 
  private:
   // What a set (host or device) hands the orchestrator for one average: the pending average
