@@ -4,7 +4,7 @@
 // a device transport (lib/transport/device.cpp). Every path starts by recording an event on the
 // caller's stream and making hma's stream wait for it, and ends by making the caller's stream
 // wait for `done`: no host synchronisation of the caller's stream, never cudaDeviceSynchronize.
-#include "device/device_path.hpp"
+#include "control/device_path.hpp"
 #include "device/device_state.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"

@@ -4,7 +4,7 @@
 
 #include "control/agree.hpp"
 #include "control/settings.hpp"
-#include "device/device_path.hpp"
+#include "control/device_path.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
 #include "pending.hpp"

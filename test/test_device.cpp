@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "device/device_backend.hpp"
-#include "device/device_path.hpp"
+#include "control/device_path.hpp"
 #include "device/emulation.hpp"
 #include "device/segments.hpp"
 #include "hma/hma.hpp"

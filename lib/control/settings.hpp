@@ -5,7 +5,7 @@
 
 #include <mpi.h>
 
-#include "device/device_path.hpp"
+#include "control/device_path.hpp"
 #include "hma/averager.hpp"
 
 namespace hma::detail {

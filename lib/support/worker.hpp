@@ -1,5 +1,5 @@
 // Internal: one background thread that runs an averager's reductions in submission order, so
-// that start() returns at once and the (faster) blocking MPI_Allreduce overlaps the caller's work.
+// that once start() returns the (faster) blocking reduction overlaps the caller's work.
 #pragma once
 
 #include <condition_variable>

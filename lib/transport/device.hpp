@@ -8,7 +8,7 @@
 
 #include <cstddef>
 
-#include "device/device_path.hpp"
+#include "control/device_path.hpp"
 #include "device/device_state.hpp"
 #include "pending.hpp"
 

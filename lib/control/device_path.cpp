@@ -1,4 +1,4 @@
-#include "device/device_path.hpp"
+#include "control/device_path.hpp"
 
 #include <mpi.h>
 #if __has_include(<mpi-ext.h>)

@@ -1,4 +1,5 @@
-// Internal: which path device buffers take through MPI, and why (see hma::DevicePath).
+// Internal, control plane: which path device buffers take through MPI, and why (see
+// hma::DevicePath); decided once per averager and agreed across ranks with the settings.
 #pragma once
 
 #include <cstddef>
