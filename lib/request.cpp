@@ -55,11 +55,11 @@ bool proceed_after(const Verdict& v, const Pending& p) {
 
 // Stage 1 -> stage 2: completes the agreement check and launches the data. False while the check
 // is still open (non-blocking). A failed check or launch ends the average (done).
-bool launch(Pending& p, bool blocking) {
+bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
   if (p.launched) return true;
   if (p.control.started()) {
     if (blocking) {
-      if (!p.control.wait_until(deadline_after(p.timeout_s))) throw_timeout(p);
+      if (!p.control.wait_until(deadline)) throw_timeout(p);
     } else if (!p.control.test()) {
       return false;
     }
@@ -122,17 +122,18 @@ void require_usable(const Pending& p) {
 void launch_data(Pending& p) {
   if (p.done) return;
   require_usable(p);
-  (void)launch(p, true);
+  (void)launch(p, true, deadline_after(p.timeout_s));
 }
 
 bool complete(Pending& p, bool blocking) {
   if (p.done) return true;
   require_usable(p);
-  if (!launch(p, blocking)) return false;
+  // One deadline for the whole wait: the check and the data share it.
+  const auto deadline = deadline_after(p.timeout_s);
+  if (!launch(p, blocking, deadline)) return false;
   if (p.done) return true;  // skipped, or run to the end by a blocking launch
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.who.level), p.who.step,
                   p.who.bytes, static_cast<int>(p.who.world_ranks.size()));
-  const auto deadline = deadline_after(p.timeout_s);
   if (p.threaded) {
     if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
       return false;
@@ -173,9 +174,9 @@ bool complete(Pending& p, bool blocking) {
 void finish_issuing(Pending& p) {
   if (p.done) return;
   require_usable(p);
-  launch(p, true);
-  if (p.done || p.threaded) return;
   const auto deadline = deadline_after(p.timeout_s);
+  launch(p, true, deadline);
+  if (p.done || p.threaded) return;
   if (p.drive) {
     if (p.issue_rest && !p.issue_rest(deadline)) throw_timeout(p);
     return;

@@ -49,7 +49,8 @@ struct Verdict {
   std::vector<int> nonfinite_ranks;  // world ranks that voted non-finite (empty: none)
 };
 
-/// One agreement check. Move-only while idle; must not move while in flight.
+/// One agreement check. Neither copied nor moved: MPI writes into it while in flight (it lives
+/// inside a heap-allocated Pending).
 class ControlCheck {
  public:
   ControlCheck() = default;
