@@ -114,6 +114,28 @@ void Averager::finish_all() noexcept {
   }
 }
 
+// Which algorithm level i's groups use, and why two-level is impossible where it was asked for.
+std::string Averager::algorithm_line(std::size_t i) const {
+  const Algorithm a = settings_.algorithm;
+  const int g = schedule_.levels()[i].group_size, L = hierarchy_.ranks_per_node();
+  if (hierarchy_.two_level(i) == nullptr) {
+    if (a != Algorithm::two_level || g <= 1) return "";
+    if (L > 0 && hierarchy_.contiguous_nodes() && g <= L) return "";  // within a node: flat is the way
+    const std::string why = L == 0 ? "the nodes have unequal numbers of ranks"
+                            : !hierarchy_.contiguous_nodes() ? "the nodes are not contiguous blocks of ranks"
+                                                             : "a group of " + std::to_string(g) + " is not a whole number of nodes of " +
+                                           std::to_string(L);
+    return "    algorithm: flat: HMA_ALGORITHM=two_level needs groups of several whole nodes of equal "
+           "size in contiguous rank blocks, but " + why + "\n";
+  }
+  const bool at_all = a != Algorithm::flat && (a == Algorithm::two_level || !hierarchy_.emulated_nodes());
+  return std::string("    algorithm: ") +
+         (!at_all ? "flat (HMA_ALGORITHM=flat, or auto on emulated nodes that share memory)"
+          : a == Algorithm::two_level ? "two-level (HMA_ALGORITHM=two_level)"
+                                      : "two-level from 64 KiB (auto), flat below") +
+         "\n";
+}
+
 std::string Averager::describe() const {
   if (!member()) return "hma: this rank is outside the averaging group\n";
   std::string s = "hma: model averaging " + schedule_.to_string() + "\n";
@@ -123,19 +145,13 @@ std::string Averager::describe() const {
     s += "  all " + std::to_string(lv[0].group_size) + " ranks average parameters every " +
          std::to_string(lv[0].period) + " steps from step " + std::to_string(schedule_.warmup()) +
          "\n";
+    s += algorithm_line(0);
   } else {
     for (std::size_t i = 0; i < lv.size(); ++i) {
       s += "  each group of " + std::to_string(lv[i].group_size) +
            " ranks averages parameters every " + std::to_string(lv[i].period) + " steps" +
            (i + 1 < lv.size() ? ", if no higher level averages" : "") + "\n";
-      if (hierarchy_.two_level(i) == nullptr) continue;
-      const Algorithm a = settings_.algorithm;
-      const bool at_all = a != Algorithm::flat && (a == Algorithm::two_level || !hierarchy_.emulated_nodes());
-      s += std::string("    algorithm: ") +
-           (!at_all ? "flat (HMA_ALGORITHM=flat, or auto on emulated nodes that share memory)"
-            : a == Algorithm::two_level ? "two-level (HMA_ALGORITHM=two_level)"
-                                        : "two-level from 64 KiB (auto), flat below") +
-           "\n";
+      s += algorithm_line(i);
     }
     if (schedule_.warmup() > 0)
       s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";

@@ -2,6 +2,9 @@
 // the console; the other ranks write a compact report that is printed only if that rank failed.
 // MPI is initialised with MPI_THREAD_MULTIPLE (for HMA_PROGRESS=thread) unless
 // HMA_TEST_THREAD_LEVEL=single asks for plain MPI_Init.
+// A failure that the ranks did not agree on (a plain REQUIRE or an exception on some ranks, not
+// REQUIRE_ALL_RANKS) would leave the other ranks waiting in their next collective: such a
+// failure is printed at once, naming the rank, and the job is ended with MPI_Abort.
 #define CATCH_CONFIG_RUNNER
 #include <mpi.h>
 
@@ -10,10 +13,46 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include <unistd.h>
+
+namespace {
+
+// Ends the job at the first failure only this rank may have seen. REQUIRE_ALL_RANKS fails on
+// every rank together (its final check is `hma_bad_ == -1`): those failures run on normally.
+struct AbortOnLoneFailure : Catch::TestEventListenerBase {
+  using TestEventListenerBase::TestEventListenerBase;
+  std::string test_case;
+  void testCaseStarting(Catch::TestCaseInfo const& info) override { test_case = info.name; }
+  bool assertionEnded(Catch::AssertionStats const& s) override {
+    const Catch::AssertionResult& r = s.assertionResult;
+    if (r.isOk() || r.getExpression() == "hma_bad_ == -1") return true;
+    // A signal (mpirun's SIGTERM after another rank aborted): this process is ending anyway.
+    if (r.getResultType() == Catch::ResultWas::FatalErrorCondition) return true;
+    int rank = 0, size = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    std::ostringstream out;
+    out << "\n==== rank " << rank << " of " << size << ": a failure the other ranks did not agree on; "
+        << "ending the job (MPI_Abort) instead of leaving them waiting ====\n"
+        << "test case: " << test_case << "\n"
+        << r.getSourceInfo().file << ":" << r.getSourceInfo().line << ": ";
+    if (r.hasExpression())
+      out << r.getExpressionInMacro() << " with expansion " << r.getExpandedExpression();
+    if (r.hasMessage()) out << " " << r.getMessage();
+    out << "\n";
+    for (const auto& m : s.infoMessages) out << "  with: " << m.message << "\n";
+    std::cerr << out.str() << std::flush;
+    MPI_Abort(MPI_COMM_WORLD, 3);
+    return true;
+  }
+};
+CATCH_REGISTER_LISTENER(AbortOnLoneFailure)
+
+}  // namespace
 
 #ifdef HMA_TEST_NEEDS_GPU
 #include "hma/device.hpp"

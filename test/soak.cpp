@@ -15,6 +15,7 @@
 
 #include "device/device_backend.hpp"
 #include "hma/hma.hpp"
+#include "torch_schedule.hpp"
 
 namespace {
 
@@ -84,15 +85,22 @@ int main(int argc, char** argv) {
       ++epochs;
       // A random schedule: a random subset of the divisors (ending with the world), random
       // strictly increasing periods, random warmup; sometimes periodic.
-      hma::Schedule sched = hma::Schedule::periodic(1 + static_cast<std::int64_t>(pick(5)), static_cast<std::int64_t>(pick(6)), np);
-      if (pick(4) != 0) {
-        std::vector<hma::Level> levels;
+      // The expected levels come from torch's rule (torch_schedule.hpp), not from hma::Schedule.
+      std::vector<hma::Level> levels = {{1 + static_cast<std::int64_t>(pick(5)), np}};
+      std::int64_t warmup = static_cast<std::int64_t>(pick(6));
+      hma::Schedule sched = hma::Schedule::periodic(levels[0].period, warmup, np);
+      const bool periodic = pick(4) == 0;
+      if (!periodic) {
+        levels.clear();
         std::int64_t period = 0;
         for (int g : divisors)
           if (g != np && pick(2) == 0) levels.push_back({period += 1 + static_cast<std::int64_t>(pick(4)), g});
         levels.push_back({period + 1 + static_cast<std::int64_t>(pick(8)), np});
-        sched = hma::Schedule::hierarchical(levels, static_cast<std::int64_t>(pick(10)), np);
+        warmup = static_cast<std::int64_t>(pick(10));
+        sched = hma::Schedule::hierarchical(levels, warmup, np);
       }
+      std::vector<std::int64_t> periods;
+      for (const auto& l : levels) periods.push_back(l.period);
       hma::AveragerOptions o;
       o.reduction = std::vector<hma::Reduction>{hma::Reduction::automatic, hma::Reduction::mpi, hma::Reduction::ring}[pick(3)];
       o.chunk_bytes = std::vector<std::size_t>{0, 12, 4096, std::size_t{4} << 20}[pick(4)];
@@ -111,7 +119,10 @@ int main(int argc, char** argv) {
         o.staging_slots = 1 + pick(4);
       }
       hma::Averager avg(MPI_COMM_WORLD, sched, o);
-      avg.set_step(static_cast<std::int64_t>(pick(50)));
+      const std::int64_t first_step = static_cast<std::int64_t>(pick(50));
+      avg.set_step(first_step);
+      hma_test::TorchPeriodic torch_p{levels[0].period, warmup, first_step};
+      hma_test::TorchHierarchical torch_h{periods, warmup, first_step};
       // A random layout. User arrays are declared before the sets that register them.
       std::vector<Arr> arrs(1 + pick(5));
       hma::ParamSet ps;
@@ -158,20 +169,21 @@ int main(int argc, char** argv) {
           for (std::size_t i = 0; i < a.n; ++i) a.set(i, value(rank, t, idx + i, salt));
           idx += a.n;
         }
-        const auto lvl = sched.level_at(t);
+        const auto lvl = periodic ? torch_p.average_parameters() : torch_h.average_parameters();
         const int mode = static_cast<int>(pick(3));
         if (mode == 0) {
-          if (device) avg.step(dps);
-          else avg.step(ps);
+          const bool did = device ? avg.step(dps) : avg.step(ps);
+          mismatches += did != lvl.has_value();
         } else {
           auto r = device ? avg.start(dps) : avg.start(ps);
+          mismatches += r.level() != lvl;
           if (mode == 1) r.wait();
           else
             while (!r.test()) std::this_thread::yield();
         }
         if (device) dps.synchronize();  // the host reads the "device" arrays next
         averages += lvl.has_value();
-        const int g = lvl ? sched.levels()[*lvl].group_size : 1;
+        const int g = lvl ? levels[*lvl].group_size : 1;
         const int first = rank / g * g;
         idx = 0;
         for (auto& a : arrs) {

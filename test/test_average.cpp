@@ -1,12 +1,18 @@
 // Averaging: exact values for every level, blocking and non-blocking, zero-copy and packed,
-// float and double, at whatever rank count mpirun gives (1, 2, 4, 8; nodes emulated with
-// HMA_RANKS_PER_NODE). Expected values are computed from the communicator size.
+// float and double, at whatever rank count mpirun gives (1, 2, 3, 4, 6, 8; nodes emulated with
+// HMA_RANKS_PER_NODE). Expected values are computed from the communicator size; the expected
+// level of each step from torch's rule transcribed in torch_schedule.hpp, never from
+// hma::Schedule. Tests that need a rank count or a setup say so in a tag, and test/meson.build
+// runs them only there: [np>=2], [np=3], [nodes] (HMA_RANKS_PER_NODE giving >= 2 emulated nodes),
+// [cluster] (under tools/cluster). Run elsewhere they fail; they never pass without checking.
 #include <cstdlib>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
+#include "torch_schedule.hpp"
 
 using hma_test::rank;
 using hma_test::size;
@@ -38,6 +44,26 @@ std::vector<int> group_sizes() {
 }
 
 enum class Mode { blocking, start_wait, start_test };
+
+// What the test configured: the schedule's kind, levels and warmup, as the test wrote them.
+struct Plan {
+  bool periodic;
+  std::vector<hma::Level> levels;
+  std::int64_t warmup;
+  std::vector<std::optional<std::size_t>> torch(std::int64_t steps) const {
+    std::vector<std::int64_t> periods;
+    for (const auto& l : levels) periods.push_back(l.period);
+    return hma_test::torch_levels(periodic, periods, warmup, steps);
+  }
+};
+
+// The emulated ranks per node of this run (HMA_RANKS_PER_NODE), for the [nodes] tests.
+int ranks_per_node() {
+  const int rpn = std::getenv("HMA_RANKS_PER_NODE") ? std::atoi(std::getenv("HMA_RANKS_PER_NODE")) : 0;
+  INFO("a [nodes] test needs HMA_RANKS_PER_NODE giving at least two emulated nodes (test/meson.build)");
+  REQUIRE_ALL_RANKS(rpn > 0 && rpn < size() && size() % rpn == 0);
+  return rpn;
+}
 
 // Arrays of several kinds and both dtypes in one ParamSet.
 struct Model {
@@ -84,29 +110,29 @@ struct Model {
   }
 };
 
-void run_schedule(hma::Averager& avg, Model& m, Mode mode, std::int64_t steps, int& averaged) {
-  for (std::int64_t t = 0; t < steps; ++t) {
+void run_schedule(hma::Averager& avg, const Plan& plan, Model& m, Mode mode, std::int64_t steps, int& averaged) {
+  const auto want = plan.torch(avg.step_count() + steps);
+  for (std::int64_t k = 0; k < steps; ++k) {
+    const std::int64_t t = avg.step_count();
     m.fill(rank(), t);
-    const auto lvl = avg.schedule().level_at(t);
-    REQUIRE(avg.level_now() == lvl);
-    REQUIRE(avg.step_count() == t);
+    const std::optional<std::size_t> lvl = want[static_cast<std::size_t>(t)];
+    const std::optional<int> g = lvl ? std::optional<int>(plan.levels[*lvl].group_size) : std::nullopt;
+    CAPTURE(t, lvl, static_cast<int>(mode));
+    REQUIRE_ALL_RANKS(avg.level_now() == lvl);
     if (mode == Mode::blocking) {
-      REQUIRE(avg.step(m.ps) == lvl.has_value());
+      REQUIRE_ALL_RANKS(avg.step(m.ps) == lvl.has_value());
     } else {
       auto req = avg.start(m.ps);
-      REQUIRE(req.active() == (lvl.has_value() && avg.schedule().levels()[*lvl].group_size > 1));
-      REQUIRE(req.level() == lvl);
+      const bool active = req.active(), right_level = req.level() == lvl;
       if (mode == Mode::start_wait) {
         req.wait();
       } else {
         while (!req.test()) {
         }
       }
-      REQUIRE(!req.active());
-      REQUIRE(!m.ps.in_flight());
+      REQUIRE_ALL_RANKS(active == (g.has_value() && *g > 1) && right_level && !req.active() && !m.ps.in_flight());
     }
-    std::optional<int> g;
-    if (lvl) g = avg.schedule().levels()[*lvl].group_size;
+    REQUIRE_ALL_RANKS(avg.step_count() == t + 1);
     averaged += lvl.has_value();
     REQUIRE_ALL_RANKS(m.mismatches(rank(), t, g) == 0);
   }
@@ -129,9 +155,9 @@ TEST_CASE("hierarchical averaging is exact on every level, every mode and buffer
         hma::HierarchicalAverager avg(MPI_COMM_WORLD, levels, warmup);
         Model m(zero_copy, packed);
         int averaged = 0;
-        run_schedule(avg, m, mode, 30, averaged);
-        REQUIRE(averaged > 0);
-        REQUIRE(avg.step_count() == 30);
+        run_schedule(avg, {false, levels, warmup}, m, mode, 30, averaged);
+        // periods 1, 3, 9, 27 from step 0 (or 4): every step averages at some level
+        REQUIRE_ALL_RANKS(averaged == 30 - static_cast<int>(warmup));
       }
     }
   }
@@ -156,8 +182,8 @@ TEST_CASE("chunked blocking averages are exact for any chunk size and reduction,
         hma::HierarchicalAverager avg(MPI_COMM_WORLD, levels, 0, o);
         Model m(zero_copy, packed);
         int averaged = 0;
-        run_schedule(avg, m, Mode::blocking, 9, averaged);
-        REQUIRE(averaged == 9);
+        run_schedule(avg, {false, levels, 0}, m, Mode::blocking, 9, averaged);
+        REQUIRE_ALL_RANKS(averaged == 9);
       }
     }
   }
@@ -177,7 +203,7 @@ TEST_CASE("average() and start_average() average a level now, outside the schedu
     }
     REQUIRE_ALL_RANKS(m.mismatches(rank(), t, size()) == 0);
   }
-  REQUIRE(avg.step_count() == 0);
+  REQUIRE_ALL_RANKS(avg.step_count() == 0);
   REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, avg.average(m.ps, 5), "level 5 out of range");
 }
 
@@ -186,28 +212,23 @@ TEST_CASE("periodic averaging with warmup is exact") {
     hma::PeriodicAverager avg(MPI_COMM_WORLD, 3, 2);
     Model m(true, true);
     int averaged = 0;
-    run_schedule(avg, m, mode, 20, averaged);
-    REQUIRE(averaged == 6);  // steps 2, 5, 8, 11, 14, 17
+    run_schedule(avg, {true, {{3, size()}}, 2}, m, mode, 20, averaged);
+    REQUIRE_ALL_RANKS(averaged == 6);  // steps 2, 5, 8, 11, 14, 17
   }
 }
 
-TEST_CASE("a schedule string with node and world levels follows the emulated nodes") {
-  const int rpn = std::getenv("HMA_RANKS_PER_NODE") ? std::atoi(std::getenv("HMA_RANKS_PER_NODE")) : 0;
-  if (rpn == 0) return;  // needs emulated nodes; registered with HMA_RANKS_PER_NODE set
+TEST_CASE("a schedule string with node and world levels follows the emulated nodes", "[nodes]") {
+  const int rpn = ranks_per_node();
   hma::HierarchicalAverager avg(MPI_COMM_WORLD, "2:node,4:world", 0);
-  REQUIRE(avg.schedule().levels()[0].group_size == rpn);
-  REQUIRE(avg.hierarchy().emulated_nodes());
-  REQUIRE(avg.hierarchy().ranks_per_node() == rpn);
-  REQUIRE(avg.hierarchy().num_nodes() == size() / rpn);
-  REQUIRE(avg.hierarchy().node_index() == rank() / rpn);
-  REQUIRE(avg.hierarchy().node().size() == rpn);
-  REQUIRE(avg.hierarchy().node().rank() == rank() % rpn);
-  REQUIRE(avg.hierarchy().inter_node().size() == size() / rpn);
-  REQUIRE(avg.hierarchy().inter_node().rank() == rank() / rpn);
+  const auto& h = avg.hierarchy();
+  REQUIRE_ALL_RANKS(avg.schedule().levels()[0].group_size == rpn && h.emulated_nodes() &&
+                    h.ranks_per_node() == rpn && h.num_nodes() == size() / rpn &&
+                    h.node_index() == rank() / rpn && h.node().size() == rpn && h.node().rank() == rank() % rpn &&
+                    h.inter_node().size() == size() / rpn && h.inter_node().rank() == rank() / rpn);
   Model m(true, false);
   int averaged = 0;
-  run_schedule(avg, m, Mode::blocking, 9, averaged);
-  REQUIRE(averaged == 5);  // steps 0, 2, 4, 6, 8
+  run_schedule(avg, {false, {{2, rpn}, {4, size()}}, 0}, m, Mode::blocking, 9, averaged);
+  REQUIRE_ALL_RANKS(averaged == 5);  // steps 0, 2, 4, 6, 8
 }
 
 TEST_CASE("hierarchy: contiguous blocks per level, shared communicators, world duplicated") {
@@ -215,19 +236,17 @@ TEST_CASE("hierarchy: contiguous blocks per level, shared communicators, world d
   std::vector<int> with_dup = sizes;
   with_dup.push_back(sizes.front());
   hma::Hierarchy h(MPI_COMM_WORLD, with_dup);
-  REQUIRE(h.member());
-  REQUIRE(h.world().size() == size());
-  REQUIRE(h.world().get() != MPI_COMM_WORLD);
-  REQUIRE(h.num_levels() == with_dup.size());
+  REQUIRE_ALL_RANKS(h.member() && h.world().size() == size() && h.world().get() != MPI_COMM_WORLD &&
+                    h.num_levels() == with_dup.size());
   for (std::size_t i = 0; i < with_dup.size(); ++i) {
     const int g = with_dup[i];
-    REQUIRE(h.level(i).size() == g);
-    REQUIRE(h.level(i).rank() == rank() % g);
+    CAPTURE(i, g);
+    REQUIRE_ALL_RANKS(h.level(i).size() == g && h.level(i).rank() == rank() % g);
     // The block really holds ranks [k*g, (k+1)*g): the sum of world ranks over the level.
     int r = rank(), sum = 0;
     MPI_Allreduce(&r, &sum, 1, MPI_INT, MPI_SUM, h.level(i).get());
     const int first = rank() / g * g;
-    REQUIRE(sum == g * first + g * (g - 1) / 2);
+    REQUIRE_ALL_RANKS(sum == g * first + g * (g - 1) / 2);
   }
   REQUIRE(&h.level(0) == &h.level(with_dup.size() - 1));  // equal sizes share one communicator
   REQUIRE(&h.level(sizes.size() - 1) == &h.world());
@@ -235,19 +254,19 @@ TEST_CASE("hierarchy: contiguous blocks per level, shared communicators, world d
   REQUIRE_THAT(h.describe(), Catch::Contains("level 0: "));
 }
 
-TEST_CASE("ranks outside a periodic averager's group are untouched") {
-  if (size() < 2) return;
+TEST_CASE("ranks outside a periodic averager's group are untouched", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   MPI_Comm evens = MPI_COMM_NULL;
   MPI_Comm_split(MPI_COMM_WORLD, rank() % 2 == 0 ? 0 : MPI_UNDEFINED, rank(), &evens);
   {
     hma::PeriodicAverager avg(evens, 2, 0);
-    REQUIRE(avg.member() == (rank() % 2 == 0));
+    REQUIRE_ALL_RANKS(avg.member() == (rank() % 2 == 0));
     hma::ParamSet ps;
     auto w = ps.allocate<double>(4);
     for (int t = 0; t < 4; ++t) {
       for (std::size_t i = 0; i < 4; ++i) w[i] = value(rank(), t, i);
       const bool did = avg.step(ps);
-      REQUIRE(did == (rank() % 2 == 0 && t % 2 == 0));
+      REQUIRE_ALL_RANKS(did == (rank() % 2 == 0 && t % 2 == 0));
       const int members = (size() + 1) / 2;
       bool ok = true;
       for (std::size_t i = 0; i < 4; ++i) {
@@ -261,7 +280,7 @@ TEST_CASE("ranks outside a periodic averager's group are untouched") {
       }
       REQUIRE_ALL_RANKS(ok);
     }
-    REQUIRE(avg.step_count() == 4);
+    REQUIRE_ALL_RANKS(avg.step_count() == 4);
   }
   if (evens != MPI_COMM_NULL) MPI_Comm_free(&evens);
 }
@@ -281,12 +300,12 @@ TEST_CASE("set_step restarts the schedule; describe reads like torch's log") {
 TEST_CASE("an empty ParamSet and a Request moved around still complete") {
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
   hma::ParamSet empty;
-  REQUIRE(avg.step(empty));
+  REQUIRE_ALL_RANKS(avg.step(empty));
   hma::ParamSet ps;
   auto w = ps.allocate<float>(8, 2.0f * static_cast<float>(rank()));
   hma::Request r = avg.start(ps);
   hma::Request moved = std::move(r);
-  REQUIRE(!r.active());
+  REQUIRE_ALL_RANKS(!r.active());
   moved.wait();
   moved.wait();  // a second wait is a no-op
   const float want = static_cast<float>(size() - 1);  // mean of 2r over r = 0..n-1
@@ -294,19 +313,26 @@ TEST_CASE("an empty ParamSet and a Request moved around still complete") {
   {
     auto dropped = avg.start(ps);  // destructor waits
   }
-  REQUIRE(!ps.in_flight());
+  REQUIRE_ALL_RANKS(!ps.in_flight());
   REQUIRE_ALL_RANKS(std::all_of(w.begin(), w.end(), [&](float x) { return x == want; }));
-  // A ParamSet moved while in flight is completed in its new place.
-  if (size() == 1) return;  // one rank: nothing is ever in flight
-  auto r2 = avg.start(ps);
-  hma::ParamSet ps2 = std::move(ps);
-  REQUIRE(ps2.in_flight());
-  r2.wait();
-  REQUIRE(!ps2.in_flight());
 }
 
-TEST_CASE("a group of 3 divides by 3 before summing, bit for bit as torch does") {
-  if (size() != 3) return;  // registered at np 3
+TEST_CASE("a ParamSet moved while in flight is completed in its new place", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);  // one rank: nothing is ever in flight
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  hma::ParamSet ps;
+  auto w = ps.allocate<float>(8, 2.0f * static_cast<float>(rank()));
+  auto r2 = avg.start(ps);
+  hma::ParamSet ps2 = std::move(ps);
+  const bool was_in_flight = ps2.in_flight();
+  r2.wait();
+  REQUIRE_ALL_RANKS(was_in_flight && !ps2.in_flight());
+  const float want = static_cast<float>(size() - 1);
+  REQUIRE_ALL_RANKS(std::all_of(w.begin(), w.end(), [&](float x) { return x == want; }));
+}
+
+TEST_CASE("a group of 3 divides by 3 before summing, bit for bit as torch does", "[np=3]") {
+  REQUIRE_ALL_RANKS(size() == 3);
   // Every rank holds the same values, so any summation order gives the same bits: the result
   // must be fl(fl(x/3) + fl(x/3)) + fl(x/3), which differs from using fl(1/3) * x for many x.
   for (auto reduction : {hma::Reduction::mpi, hma::Reduction::ring}) {
@@ -323,7 +349,7 @@ TEST_CASE("a group of 3 divides by 3 before summing, bit for bit as torch does")
     }
     std::vector<float> xf(f.begin(), f.end());
     std::vector<double> xd(d.begin(), d.end());
-    REQUIRE(avg.step(ps));
+    REQUIRE_ALL_RANKS(avg.step(ps));
     int bad = 0, discriminating = 0;
     for (std::size_t i = 0; i < n; ++i) {
       const float qf = xf[i] / 3.0f;
@@ -338,9 +364,8 @@ TEST_CASE("a group of 3 divides by 3 before summing, bit for bit as torch does")
   }
 }
 
-TEST_CASE("two-level averaging across emulated nodes equals the flat result exactly") {
-  const int rpn = std::getenv("HMA_RANKS_PER_NODE") ? std::atoi(std::getenv("HMA_RANKS_PER_NODE")) : 0;
-  if (rpn == 0 || rpn >= size()) return;  // needs at least two emulated nodes
+TEST_CASE("two-level averaging across emulated nodes equals the flat result exactly", "[nodes]") {
+  const int rpn = ranks_per_node();
   for (auto alg : {hma::Algorithm::two_level, hma::Algorithm::flat, hma::Algorithm::automatic}) {
     for (std::size_t chunk : {std::size_t{0}, std::size_t{40}}) {
       CAPTURE(static_cast<int>(alg), chunk);
@@ -348,11 +373,10 @@ TEST_CASE("two-level averaging across emulated nodes equals the flat result exac
       o.algorithm = alg;
       o.chunk_bytes = chunk;
       hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{1, rpn}, {2, size()}}, 0, o);
-      REQUIRE(avg.hierarchy().contiguous_nodes());
-      REQUIRE(avg.hierarchy().two_level(0) == nullptr);  // within a node: always flat
-      REQUIRE(avg.hierarchy().two_level(1) != nullptr);  // the world spans whole nodes
-      REQUIRE(avg.hierarchy().two_level(1)->intra.size() == rpn);
-      REQUIRE(avg.hierarchy().two_level(1)->inter.size() == size() / rpn);
+      const auto& h = avg.hierarchy();
+      REQUIRE_ALL_RANKS(h.contiguous_nodes() && h.two_level(0) == nullptr &&  // within a node: always flat
+                        h.two_level(1) != nullptr &&  // the world spans whole nodes
+                        h.two_level(1)->intra.size() == rpn && h.two_level(1)->inter.size() == size() / rpn);
       const std::string d = avg.describe();
       REQUIRE_THAT(d, Catch::Contains(alg == hma::Algorithm::two_level ? "algorithm: two-level (HMA_ALGORITHM=two_level)"
                                                                        : "algorithm: flat"));
@@ -360,24 +384,23 @@ TEST_CASE("two-level averaging across emulated nodes equals the flat result exac
         Model m(true, true);
         int averaged = 0;
         avg.set_step(0);
-        run_schedule(avg, m, mode, 6, averaged);
-        REQUIRE(averaged == 6);
+        run_schedule(avg, {false, {{1, rpn}, {2, size()}}, 0}, m, mode, 6, averaged);
+        REQUIRE_ALL_RANKS(averaged == 6);
       }
     }
   }
 }
 
-TEST_CASE("on an emulated cluster (tools/cluster) the node level is the namespace") {
+TEST_CASE("on an emulated cluster (tools/cluster) the node level is the namespace", "[cluster]") {
   const char* expect = std::getenv("HMA_EXPECT_NODES");
-  if (expect == nullptr) return;  // set by the cluster test only
+  INFO("a [cluster] test runs under tools/cluster with HMA_EXPECT_NODES set (test/meson.build)");
+  REQUIRE_ALL_RANKS(expect != nullptr);
   const int nodes = std::atoi(expect), rpn = size() / nodes;
   hma::HierarchicalAverager avg(MPI_COMM_WORLD, "1:node,2:world", 0);
   const auto& h = avg.hierarchy();
   REQUIRE_FALSE(h.emulated_nodes());  // detected through shared memory, not HMA_RANKS_PER_NODE
-  REQUIRE(h.num_nodes() == nodes);
-  REQUIRE(h.ranks_per_node() == rpn);
-  REQUIRE(h.node_index() == rank() / rpn);
-  REQUIRE(h.contiguous_nodes());
+  REQUIRE_ALL_RANKS(h.num_nodes() == nodes && h.ranks_per_node() == rpn && h.node_index() == rank() / rpn &&
+                    h.contiguous_nodes());
   // The ranks of my node are exactly those whose host is mine.
   char host[MPI_MAX_PROCESSOR_NAME] = {};
   int len = 0;
@@ -386,14 +409,16 @@ TEST_CASE("on an emulated cluster (tools/cluster) the node level is the namespac
   REQUIRE_THAT(mine, Catch::EndsWith("-n" + std::to_string(rank() / rpn)));
   std::vector<char> all(static_cast<std::size_t>(MPI_MAX_PROCESSOR_NAME) * static_cast<std::size_t>(h.node().size()));
   MPI_Allgather(host, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, all.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR, h.node().get());
-  for (int r = 0; r < h.node().size(); ++r) REQUIRE(std::string(all.data() + r * MPI_MAX_PROCESSOR_NAME) == mine);
-  REQUIRE(avg.hierarchy().two_level(1) != nullptr);
+  bool same_host = true;
+  for (int r = 0; r < h.node().size(); ++r) same_host &= std::string(all.data() + r * MPI_MAX_PROCESSOR_NAME) == mine;
+  REQUIRE_ALL_RANKS(same_host && avg.hierarchy().two_level(1) != nullptr);
   Model m(true, true);
   int averaged = 0;
-  run_schedule(avg, m, Mode::blocking, 4, averaged);
+  const Plan plan{false, {{1, rpn}, {2, size()}}, 0};
+  run_schedule(avg, plan, m, Mode::blocking, 4, averaged);
   avg.set_step(0);
-  run_schedule(avg, m, Mode::start_wait, 4, averaged);
-  REQUIRE(averaged == 8);
+  run_schedule(avg, plan, m, Mode::start_wait, 4, averaged);
+  REQUIRE_ALL_RANKS(averaged == 8);
 }
 
 // MPI needs the collectives of a communicator issued in the same order on every rank. The
@@ -438,7 +463,7 @@ TEST_CASE("an averager destroyed with averages in flight completes them first") 
     hma::PeriodicAverager avg(MPI_COMM_WORLD, 1);
     r = avg.start_average(ps, 0);
   }
-  REQUIRE(!r.active());
+  REQUIRE_ALL_RANKS(!r.active());
   r.wait();
   bool ok = true;
   for (std::size_t i = 0; i < w.size(); ++i) ok &= w[i] == static_cast<float>(block_mean(rank(), size(), 4, i));
@@ -447,6 +472,6 @@ TEST_CASE("an averager destroyed with averages in flight completes them first") 
   hma::PeriodicAverager a(MPI_COMM_WORLD, 1), b(MPI_COMM_WORLD, 1);
   r = a.start_average(ps, 0);
   a = std::move(b);
-  REQUIRE(!r.active());
-  REQUIRE(a.step(ps) == true);
+  REQUIRE_ALL_RANKS(!r.active());
+  REQUIRE_ALL_RANKS(a.step(ps) == true);
 }

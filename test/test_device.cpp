@@ -322,9 +322,9 @@ TEST_CASE("device averages: every call form with exact values", "[device]") {
   }
 }
 
-TEST_CASE("device averages: hierarchical levels", "[device]") {
+TEST_CASE("device averages: hierarchical levels", "[device][np_even>=4]") {
   Emulated emu;
-  if (size() < 4 || size() % 2 != 0) return;
+  REQUIRE_ALL_RANKS(size() >= 4 && size() % 2 == 0);
   hma::HierarchicalAverager avg(MPI_COMM_WORLD, std::vector<hma::Level>{{1, 2}, {3, size()}});
   DeviceModel m;
   for (std::int64_t t = 0; t < 7; ++t) {
@@ -401,9 +401,9 @@ TEST_CASE("device averages: several sets in flight completed in different orders
   REQUIRE_ALL_RANKS(hok);
 }
 
-TEST_CASE("device averages: non-finite guard", "[device]") {
+TEST_CASE("device averages: non-finite guard", "[device][np>=2]") {
   Emulated emu;
-  if (size() < 2) return;
+  REQUIRE_ALL_RANKS(size() >= 2);
   hma::AveragerOptions o;
   o.nonfinite = hma::NonFinite::error;
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
@@ -433,9 +433,9 @@ TEST_CASE("device buffers: bad input", "[device][errors]") {
   r.wait();
 }
 
-TEST_CASE("device buffers: layouts that differ across ranks are detected", "[device][errors]") {
+TEST_CASE("device buffers: layouts that differ across ranks are detected", "[device][errors][np>=2]") {
   Emulated emu;
-  if (size() < 2) return;
+  REQUIRE_ALL_RANKS(size() >= 2);
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1);
   hma::DeviceParamSet ps;
   (void)ps.allocate<float>(rank() == size() - 1 ? 9 : 10);
@@ -467,7 +467,11 @@ TEST_CASE("device options: bad values and settings that differ between ranks", "
   o.cuda_aware = false;
   REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, o),
                            "device path 'direct'");
-  if (size() < 2) return;
+}
+
+TEST_CASE("device settings that differ across ranks are refused at construction", "[device][errors][np>=2]") {
+  Emulated emu;
+  REQUIRE_ALL_RANKS(size() >= 2);
   // One rank with another staging chunk would pair different chunks: refused at construction.
   hma::AveragerOptions d;
   if (rank() == 1) d.staging_chunk_bytes = 1024;
@@ -475,10 +479,10 @@ TEST_CASE("device options: bad values and settings that differ between ranks", "
                            "averaging settings");
 }
 
-TEST_CASE("device averages: a late rank gives hma::Timeout and the wait resumes", "[device]") {
+TEST_CASE("device averages: a late rank gives hma::Timeout and the wait resumes", "[device][np>=2]") {
   Emulated emu;
   // (HMA_CHECK=0, the unsafe variant, bounds no blocking wait: test/meson.build excludes this.)
-  if (size() < 2) return;
+  REQUIRE_ALL_RANKS(size() >= 2);
   hma::AveragerOptions o;
   o.timeout_s = 0.3;
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);

@@ -1,5 +1,5 @@
 // Bad input and cross-rank disagreement: a clear exception on EVERY rank, never a hang.
-// Run at np >= 2 (sections needing two ranks return early at np 1).
+// Run at np 1, 2, 4, 8; tests tagged [np>=2] are filtered out at np 1 (test/meson.build).
 #include <cstdlib>
 #include <vector>
 
@@ -9,8 +9,8 @@
 using hma_test::rank;
 using hma_test::size;
 
-TEST_CASE("a bad argument on one rank throws on every rank, naming that rank") {
-  if (size() < 2) return;
+TEST_CASE("a bad argument on one rank throws on every rank, naming that rank", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   const std::int64_t period = rank() == 1 ? 0 : 2;
   try {
     hma::PeriodicAverager avg(MPI_COMM_WORLD, period, 0);
@@ -23,8 +23,8 @@ TEST_CASE("a bad argument on one rank throws on every rank, naming that rank") {
   }
 }
 
-TEST_CASE("different schedules on different ranks are detected, not deadlocked") {
-  if (size() < 2) return;
+TEST_CASE("different schedules on different ranks are detected, not deadlocked", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   const std::int64_t period = rank() == size() - 1 ? 5 : 4;
   try {
     hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{period, size()}}, 0);
@@ -44,8 +44,8 @@ TEST_CASE("different schedules on different ranks are detected, not deadlocked")
                            "rank 1 has periodic 2 warmup 1");
 }
 
-TEST_CASE("buffer layouts that differ across ranks are detected at the first average") {
-  if (size() < 2) return;
+TEST_CASE("buffer layouts that differ across ranks are detected at the first average", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
   SECTION("size") {
     hma::ParamSet ps;
@@ -95,8 +95,8 @@ TEST_CASE("buffer layouts that differ across ranks are detected at the first ave
   }
 }
 
-TEST_CASE("the agreement check (on by default) catches step counters that drift apart") {
-  if (size() < 2) return;
+TEST_CASE("the agreement check (on by default) catches step counters that drift apart", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   hma::HierarchicalAverager avg(MPI_COMM_WORLD, {{1, size()}}, 0);
   hma::ParamSet ps;
   (void)ps.allocate<float>(4);
@@ -148,7 +148,11 @@ TEST_CASE("wrong world size, null communicator, bad environment") {
                            "HMA_RANKS_PER_NODE='abc' must be an integer");
   if (size() % 3 != 0) {
     setenv("HMA_RANKS_PER_NODE", "3", 1);
-    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0), "HMA_RANKS_PER_NODE");
+    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 2, 0),
+                             (size() > 3 ? "must be between 1 and the MPI_COMM_WORLD size " + std::to_string(size()) +
+                                               " and divide it"
+                                         : "HMA_RANKS_PER_NODE='3' must be an integer in [0, " +
+                                               std::to_string(size()) + "]"));
   }
   if (rank() == 0) setenv("HMA_CHECK", "maybe", 1);
   unsetenv("HMA_RANKS_PER_NODE");
@@ -196,8 +200,8 @@ TEST_CASE("overlapping or duplicate arrays are refused when registered") {
 
 // A rank with another chunk size would reduce different pieces than the others (wrong data or a
 // deadlock); another non-finite setting would leave it out of the guard's collective.
-TEST_CASE("averaging settings that differ across ranks are detected at construction") {
-  if (size() < 2) return;
+TEST_CASE("averaging settings that differ across ranks are detected at construction", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   hma::AveragerOptions chunk;
   if (rank() == size() - 1) chunk.chunk_bytes = 12345;
   REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, chunk),
@@ -209,4 +213,12 @@ TEST_CASE("averaging settings that differ across ranks are detected at construct
   setenv("HMA_REDUCTION", rank() == 0 ? "ring" : "mpi", 1);
   REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, hma::PeriodicAverager(MPI_COMM_WORLD, 1), "rank 1");
   unsetenv("HMA_REDUCTION");
+}
+
+// Hidden (run only by test/check_lone_failure.sh): a plain REQUIRE that fails on one rank only,
+// before a collective the other ranks enter. The test main must end the job, not hang.
+TEST_CASE("a failure on one rank ends the job", "[.lone_failure]") {
+  INFO("the last rank fails alone");
+  REQUIRE(rank() != size() - 1);
+  MPI_Barrier(MPI_COMM_WORLD);
 }

@@ -17,14 +17,19 @@
 // Run at np 2, 3, 4, 5, 6 (test/meson.build).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "device/device_backend.hpp"
+#include "transport/elements.hpp"
+#include "transport/uses.hpp"
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
 
@@ -118,9 +123,10 @@ bool some_order_and_same_everywhere(const std::vector<T>& got, const std::vector
             std::to_string(static_cast<double>(bound[i]));
       return false;
     }
-    // The orders on a sample (every tree is enumerated: 945 at g = 6): the first and last 64
-    // elements and every 16th (every 4th up to g = 3); the bound above holds on every element.
-    if (i % (g <= 3 ? 4 : 16) != 0 && i >= 64 && i + 64 < got.size()) continue;
+    // The orders on a sample (every tree is enumerated: 945 at g = 6, 135135 at g = 8): the
+    // first and last `ends` elements and every `every`th; the bound above holds on every element.
+    const std::size_t every = g <= 3 ? 4 : g <= 6 ? 16 : 256, ends = g <= 6 ? 64 : 16;
+    if (i % every != 0 && i >= ends && i + ends < got.size()) continue;
     const std::vector<T>& ok = every_order(terms.data() + i * static_cast<std::size_t>(g), g);
     if (!std::binary_search(ok.begin(), ok.end(), got[i])) {
       char buf[160];
@@ -143,16 +149,26 @@ bool some_order_and_same_everywhere(const std::vector<T>& got, const std::vector
   return true;
 }
 
+using hma::detail::Use;
+
 struct Mode {
-  const char* name;
+  std::string name;
   hma::AveragerOptions options;
   bool start = false;         // start()/wait() instead of blocking
   bool scattered = false;     // packed user arrays instead of zero-copy ones
   bool device = false;        // emulated device set
-  int node = 0;               // emulated ranks per node for two-level (0: flat)
+  int group = 0;              // 0: the world (PeriodicAverager); else level 0 of a hierarchy
+  std::size_t max_count = 0;  // a lowered MPI count limit: the 2^30-element split on small buffers
   bool bitwise_mpi = false;   // promise 2
   bool reciprocal = false;    // device division x * fl(1/g) (torch on CUDA) instead of x / g
+  std::optional<Use> path;    // the transport the mode must take (unset: left to auto)
+  std::int64_t calls = 1;     // how many times (per process), where the path is set
+  std::string describe;       // a text describe() must hold
 };
+
+std::int64_t pieces(std::size_t n, std::size_t per) { return static_cast<std::int64_t>((n + per - 1) / per); }
+// Pieces of both buckets for a piece size in bytes.
+std::int64_t pieces_bytes(std::size_t bytes) { return pieces(kF, bytes / 4) + pieces(kD, bytes / 8); }
 
 std::vector<Mode> modes() {
   std::vector<Mode> m;
@@ -162,49 +178,187 @@ std::vector<Mode> modes() {
     o.chunk_bytes = chunk;
     return o;
   };
-  m.push_back({"mpi, one piece (torch's recipe)", opt(hma::Reduction::mpi, 0), false, false, false, 0, true});
-  m.push_back({"mpi, one piece, packed arrays", opt(hma::Reduction::mpi, 0), false, true, false, 0, true});
-  m.push_back({"mpi, 4 KiB pieces", opt(hma::Reduction::mpi, 4096)});
-  m.push_back({"ring", opt(hma::Reduction::ring, 0)});
-  m.push_back({"ring, 8 KiB pieces, packed arrays", opt(hma::Reduction::ring, 8192), false, true});
-  m.push_back({"auto (default)", hma::AveragerOptions{}});
-  m.push_back({"start/wait (MPI_Iallreduce)", hma::AveragerOptions{}, true});
-  m.push_back({"start/wait, packed arrays", hma::AveragerOptions{}, true, true});
+  auto add = [&](Mode x) { m.push_back(std::move(x)); };
+  const auto mpi0 = opt(hma::Reduction::mpi, 0), ring0 = opt(hma::Reduction::ring, 0);
+  add({.name = "mpi, one piece (torch's recipe)", .options = mpi0, .bitwise_mpi = true,
+       .path = Use::allreduce_piece, .calls = 2});
+  add({.name = "mpi, one piece, packed arrays", .options = mpi0, .scattered = true, .bitwise_mpi = true,
+       .path = Use::allreduce_piece, .calls = 2});
+  add({.name = "mpi, 4 KiB pieces", .options = opt(hma::Reduction::mpi, 4096), .path = Use::allreduce_piece,
+       .calls = pieces_bytes(4096)});
+  add({.name = "mpi, 4 KiB pieces, packed arrays", .options = opt(hma::Reduction::mpi, 4096), .scattered = true,
+       .path = Use::allreduce_piece, .calls = pieces_bytes(4096)});
+  add({.name = "mpi, count limit 1000 (the 2^30 split)", .options = mpi0, .max_count = 1000,
+       .path = Use::allreduce_piece, .calls = pieces(kF, 1000) + pieces(kD, 1000)});
+  add({.name = "ring", .options = ring0, .path = Use::ring_piece, .calls = 2});
+  add({.name = "ring, packed arrays", .options = ring0, .scattered = true, .path = Use::ring_piece, .calls = 2});
+  add({.name = "ring, 8 KiB pieces, packed arrays", .options = opt(hma::Reduction::ring, 8192), .scattered = true,
+       .path = Use::ring_piece, .calls = pieces_bytes(8192)});
+  add({.name = "ring, count limit 1000", .options = ring0, .max_count = 1000, .path = Use::ring_piece,
+       .calls = pieces(kF, 1000) + pieces(kD, 1000)});
+  add({.name = "auto (default)", .options = {}});
+  add({.name = "start/wait (MPI_Iallreduce)", .options = {}, .start = true, .path = Use::iallreduce, .calls = 2});
+  add({.name = "start/wait, packed arrays", .options = {}, .start = true, .scattered = true, .path = Use::iallreduce,
+       .calls = 2});
+  add({.name = "start/wait, count limit 1000", .options = {}, .start = true, .max_count = 1000,
+       .path = Use::iallreduce, .calls = pieces(kF, 1000) + pieces(kD, 1000)});
   if (thread_multiple()) {
-    hma::AveragerOptions t;
+    hma::AveragerOptions t = mpi0;
     t.progress = hma::Progress::thread;
-    m.push_back({"progress thread, start/wait", t, true});
+    add({.name = "progress thread, blocking", .options = t, .path = Use::allreduce_piece, .calls = 2});
+    add({.name = "progress thread, start/wait", .options = t, .start = true, .path = Use::allreduce_piece,
+         .calls = 2});
+    hma::AveragerOptions tr = ring0;
+    tr.progress = hma::Progress::thread;
+    add({.name = "progress thread, ring, start/wait, packed", .options = tr, .start = true, .scattered = true,
+         .path = Use::ring_piece, .calls = 2});
   }
   hma::AveragerOptions staged;
   staged.staging_chunk_bytes = 4096;
-  m.push_back({"device (emulated), staged 4 KiB chunks", staged, false, false, true});
-  m.push_back({"device (emulated), staged, start/wait", staged, true, false, true});
+  add({.name = "device (emulated), staged 4 KiB chunks", .options = staged, .device = true,
+       .path = Use::device_staged});
+  add({.name = "device (emulated), staged, start/wait", .options = staged, .start = true, .device = true,
+       .path = Use::device_staged});
+  hma::AveragerOptions whole;
+  whole.staging_chunk_bytes = 0;
+  add({.name = "device (emulated), staged whole buckets, count limit 1000", .options = whole, .device = true,
+       .max_count = 1000, .path = Use::device_staged});
+  hma::AveragerOptions direct;
+  direct.cuda_aware = true;
+  direct.device_path = hma::DevicePath::direct;
+  add({.name = "device (emulated), direct (CUDA-aware MPI_Allreduce), count limit 1000", .options = direct,
+       .device = true, .max_count = 1000, .path = Use::device_direct,
+       .calls = pieces(kF, 1000) + pieces(kD, 1000)});
+  add({.name = "device (emulated), direct MPI_Iallreduce, start/wait", .options = direct, .start = true,
+       .device = true, .path = Use::device_iallreduce, .calls = 2});
   hma::AveragerOptions recip = staged;
   recip.device_division = hma::DeviceDivision::reciprocal;
-  m.push_back({"device (emulated), reciprocal division (torch on CUDA)", recip, false, false, true, 0, false, true});
-  m.push_back({"device (emulated), reciprocal division, start/wait", recip, true, false, true, 0, false, true});
-  for (int node : {2, 3}) {
+  add({.name = "device (emulated), reciprocal division (torch on CUDA)", .options = recip, .device = true,
+       .reciprocal = true, .path = Use::device_staged});
+  add({.name = "device (emulated), reciprocal division, start/wait", .options = recip, .start = true,
+       .device = true, .reciprocal = true, .path = Use::device_staged});
+
+  // Two-level over emulated nodes of 2, 3 and 4 ranks: groups of several whole nodes.
+  for (int node : {2, 3, 4}) {
     if (size() % node != 0 || size() / node < 2) continue;
+    const std::string of = ", nodes of " + std::to_string(node);
     hma::AveragerOptions two;
     two.algorithm = hma::Algorithm::two_level;
     two.hierarchy.ranks_per_node = node;
-    m.push_back({node == 2 ? "two-level, nodes of 2" : "two-level, nodes of 3", two, false, false, false, node});
-    m.push_back({node == 2 ? "two-level start/wait, nodes of 2" : "two-level start/wait, nodes of 3", two, true,
-                 false, false, node});
+    two.chunk_bytes = 0;
+    const std::string says = "algorithm: two-level (HMA_ALGORITHM=two_level)";
+    add({.name = "two-level" + of, .options = two, .path = Use::two_level_piece, .calls = 2, .describe = says});
+    add({.name = "two-level, packed arrays" + of, .options = two, .scattered = true, .path = Use::two_level_piece,
+         .calls = 2, .describe = says});
+    add({.name = "two-level start/wait" + of, .options = two, .start = true, .path = Use::two_level_start,
+         .describe = says});
+    add({.name = "two-level start/wait, packed arrays" + of, .options = two, .start = true, .scattered = true,
+         .path = Use::two_level_start, .describe = says});
+    hma::AveragerOptions chunked = two;
+    chunked.chunk_bytes = 8192;
+    add({.name = "two-level, 8 KiB pieces" + of, .options = chunked, .path = Use::two_level_piece,
+         .calls = pieces_bytes(8192), .describe = says});
+    add({.name = "two-level, count limit 1000" + of, .options = two, .max_count = 1000,
+         .path = Use::two_level_piece, .calls = pieces(kF, 500) + pieces(kD, 500), .describe = says});
+    if (thread_multiple()) {
+      hma::AveragerOptions t = two;
+      t.progress = hma::Progress::thread;
+      add({.name = "two-level, progress thread, start/wait" + of, .options = t, .start = true,
+           .path = Use::two_level_piece, .calls = 2, .describe = says});
+    }
+    // The automatic choice: flat on emulated nodes (they share one machine's memory).
+    hma::AveragerOptions au;
+    au.hierarchy.ranks_per_node = node;
+    au.reduction = hma::Reduction::mpi;
+    au.chunk_bytes = 0;
+    add({.name = "auto algorithm on emulated nodes: flat" + of, .options = au, .path = Use::allreduce_piece,
+         .calls = 2, .describe = "algorithm: flat (HMA_ALGORITHM=flat, or auto on emulated nodes"});
+  }
+  // Two-level asked for where a group is not a whole number of nodes (groups of 3 on nodes of
+  // 2 at 6 ranks): flat, and describe() says why.
+  if (size() == 6) {
+    hma::AveragerOptions two;
+    two.algorithm = hma::Algorithm::two_level;
+    two.hierarchy.ranks_per_node = 2;
+    two.reduction = hma::Reduction::mpi;
+    two.chunk_bytes = 0;
+    add({.name = "two-level asked, groups of 3 on nodes of 2: flat", .options = two, .group = 3,
+         .path = Use::allreduce_piece, .calls = 2,
+         .describe = "but a group of 3 is not a whole number of nodes of 2"});
+  }
+
+  // Real nodes (tools/cluster: one network namespace per node, TCP between them), found through
+  // shared memory, not emulated: the automatic choice takes two-level from 64 KiB.
+  if (const char* nodes = std::getenv("HMA_EXPECT_NODES")) {
+    INFO("HMA_EXPECT_NODES=" << nodes);
+    REQUIRE_ALL_RANKS(std::atoi(nodes) >= 2 && size() % std::atoi(nodes) == 0);
+    const std::string auto_two = "algorithm: two-level from 64 KiB (auto), flat below";
+    add({.name = "real nodes, auto: two-level", .options = {}, .path = Use::two_level_piece, .calls = 2,
+         .describe = auto_two});
+    add({.name = "real nodes, auto, start/wait: two-level", .options = {}, .start = true,
+         .path = Use::two_level_start, .describe = auto_two});
+    add({.name = "real nodes, auto, packed arrays: two-level", .options = {}, .scattered = true,
+         .path = Use::two_level_piece, .calls = 2, .describe = auto_two});
+    hma::AveragerOptions flat;
+    flat.algorithm = hma::Algorithm::flat;
+    add({.name = "real nodes, flat (auto reduction across nodes: MPI's own)", .options = flat,
+         .path = Use::allreduce_piece, .calls = 2, .describe = "algorithm: flat"});
+    hma::AveragerOptions fring = ring0;
+    fring.algorithm = hma::Algorithm::flat;
+    add({.name = "real nodes, flat ring", .options = fring, .path = Use::ring_piece, .calls = 2});
+    // The other modes name flat paths: keep them flat across the real nodes too.
+    for (Mode& x : m)
+      if (!x.options.algorithm && x.name.rfind("real nodes", 0) != 0) x.options.algorithm = hma::Algorithm::flat;
+  }
+
+  // Groups below the world: level 0 of a hierarchy in contiguous blocks of 2 and 3 ranks (and
+  // of two nodes of 2, two-level, at 8 ranks).
+  for (int g : {2, 3}) {
+    if (size() % g != 0 || g >= size()) continue;
+    const std::string of = ", groups of " + std::to_string(g);
+    add({.name = "mpi" + of, .options = mpi0, .group = g, .path = Use::allreduce_piece, .calls = 2});
+    add({.name = "ring, packed arrays" + of, .options = ring0, .scattered = true, .group = g,
+         .path = Use::ring_piece, .calls = 2});
+    add({.name = "start/wait" + of, .options = {}, .start = true, .group = g, .path = Use::iallreduce, .calls = 2});
+    add({.name = "device (emulated), staged" + of, .options = staged, .device = true, .group = g,
+         .path = Use::device_staged});
+  }
+  if (size() % 4 == 0 && size() > 4) {
+    hma::AveragerOptions two;
+    two.algorithm = hma::Algorithm::two_level;
+    two.hierarchy.ranks_per_node = 2;
+    add({.name = "two-level, groups of 4 (two nodes of 2)", .options = two, .group = 4,
+         .path = Use::two_level_piece, .calls = 2});
+    add({.name = "two-level start/wait, groups of 4 (two nodes of 2)", .options = two, .start = true, .group = 4,
+         .path = Use::two_level_start});
   }
   return m;
 }
 
+std::vector<std::uint64_t> use_counts() {
+  std::vector<std::uint64_t> c;
+  for (int u = 0; u < static_cast<int>(Use::count_); ++u) c.push_back(hma::detail::uses(static_cast<Use>(u)));
+  return c;
+}
+
 }  // namespace
 
-TEST_CASE("random values: every mode within its bound of torch's terms, the same on every rank; "
+TEST_CASE("random values: every path within its bound of torch's terms, the same on every rank; "
           "torch's recipe bit for bit") {
-  const int g = size();
   for (const Mode& mode : modes()) {
+    const int g = mode.group ? mode.group : size();
     CAPTURE(mode.name, g);
     const std::vector<float> f0 = random_values<float>(kF, 1);
     const std::vector<double> d0 = random_values<double>(kD, 2);
-    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, mode.options);
+    std::unique_ptr<hma::Averager> avg;
+    if (mode.group) avg = std::make_unique<hma::HierarchicalAverager>(
+                        MPI_COMM_WORLD, std::vector<hma::Level>{{1, g}, {2, size()}}, 0, mode.options);
+    else avg = std::make_unique<hma::PeriodicAverager>(MPI_COMM_WORLD, 1, 0, mode.options);
+    const std::string said = avg->describe();
+    INFO(said);
+    REQUIRE_ALL_RANKS(said.find(mode.describe) != std::string::npos);
+    hma::detail::set_max_count_for_testing(mode.max_count);
+    const std::vector<std::uint64_t> before = use_counts();
     std::vector<float> f = f0;
     std::vector<double> d = d0;
     if (mode.device) {
@@ -213,8 +367,8 @@ TEST_CASE("random values: every mode within its bound of torch's terms, the same
       hma::detail::set_device_backend_for_testing(nullptr);
       ps.add(f.data(), f.size());
       ps.add(d.data(), d.size());
-      if (mode.start) avg.start_average(ps, 0).wait();
-      else avg.average(ps, 0);
+      if (mode.start) avg->start_average(ps, 0).wait();
+      else avg->average(ps, 0);
       ps.synchronize();
     } else {
       hma::ParamSet ps;
@@ -229,12 +383,21 @@ TEST_CASE("random values: every mode within its bound of torch's terms, the same
         std::copy(f0.begin(), f0.end(), wf.begin());
         std::copy(d0.begin(), d0.end(), wd.begin());
       }
-      if (mode.start) avg.start_average(ps, 0).wait();
-      else avg.average(ps, 0);
+      if (mode.start) avg->start_average(ps, 0).wait();
+      else avg->average(ps, 0);
       if (!mode.scattered) {
         std::copy(wf.begin(), wf.end(), f.begin());
         std::copy(wd.begin(), wd.end(), d.begin());
       }
+    }
+    hma::detail::set_max_count_for_testing(0);
+    // The mode really took its path, split into the expected number of MPI calls.
+    if (mode.path) {
+      const std::vector<std::uint64_t> after = use_counts();
+      const auto took = static_cast<std::int64_t>(after[static_cast<std::size_t>(*mode.path)] -
+                                                  before[static_cast<std::size_t>(*mode.path)]);
+      INFO("path " << static_cast<int>(*mode.path) << " ran " << took << " times, expected " << mode.calls);
+      REQUIRE_ALL_RANKS(took == mode.calls);
     }
     std::vector<long double> sf, bf, sd, bd;
     std::vector<float> tf_terms;

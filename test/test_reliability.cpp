@@ -15,8 +15,8 @@ using hma_test::rank;
 using hma_test::size;
 using hma_test::thread_multiple;
 
-TEST_CASE("a rank that joins late gives hma::Timeout naming the group, and the wait can resume") {
-  if (size() < 2) return;
+TEST_CASE("a rank that joins late gives hma::Timeout naming the group, and the wait can resume", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
   std::vector<hma::Progress> modes = {hma::Progress::poll};
   if (thread_multiple()) modes.push_back(hma::Progress::thread);
   for (auto progress : modes) {

@@ -340,6 +340,7 @@ class Averager {
   bool use_two_level(std::size_t level, std::size_t bytes) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;
+  std::string algorithm_line(std::size_t level) const;
 
   Schedule schedule_;
   Hierarchy hierarchy_;

@@ -1,11 +1,26 @@
 #include "transport/allreduce.hpp"
 
 #include <algorithm>
+#include <atomic>
 
 #include "support/timeline.hpp"
 #include "transport/elements.hpp"
+#include "transport/uses.hpp"
 
 namespace hma::detail {
+
+namespace {
+std::atomic<std::size_t> g_max_count{kMaxCount};
+std::atomic<std::uint64_t> g_uses[static_cast<int>(Use::count_)];
+}  // namespace
+
+void count_use(Use u) noexcept { g_uses[static_cast<int>(u)].fetch_add(1, std::memory_order_relaxed); }
+std::uint64_t uses(Use u) noexcept { return g_uses[static_cast<int>(u)].load(std::memory_order_relaxed); }
+
+std::size_t max_count() { return g_max_count.load(std::memory_order_relaxed); }
+void set_max_count_for_testing(std::size_t n) {
+  g_max_count.store(n == 0 ? kMaxCount : std::min(n, kMaxCount), std::memory_order_relaxed);
+}
 
 template <Element T>
 void allreduce_piece(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& route) {
@@ -16,6 +31,7 @@ void allreduce_piece(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& 
     scale_pack(b, lo, hi, s);
   }
   {
+    count_use(Use::allreduce_piece);
     TimelineScope t("MPI_Allreduce", route.level, route.step, bytes, route.group);
     check(MPI_Allreduce(MPI_IN_PLACE, b.storage.data() + lo, static_cast<int>(hi - lo),
                         mpi_type<T>(), MPI_SUM, route.comm),
@@ -34,9 +50,11 @@ void start_allreduce(Bucket<T>& b, const Route& route, std::vector<MPI_Request>&
   T* send = b.send.data();
   T* data = b.storage.data();
   scale_out(b, 0, b.size(), s, send);
-  for (std::size_t lo = 0; lo < b.size(); lo += kMaxChunk) {
-    const int n = static_cast<int>(std::min(kMaxChunk, b.size() - lo));
+  const std::size_t most = max_count();
+  for (std::size_t lo = 0; lo < b.size(); lo += most) {
+    const int n = static_cast<int>(std::min(most, b.size() - lo));
     MPI_Request r = MPI_REQUEST_NULL;
+    count_use(Use::iallreduce);
     check(MPI_Iallreduce(send + lo, data + lo, n, mpi_type<T>(), MPI_SUM, route.comm, &r),
           "MPI_Iallreduce(average)");
     reqs.push_back(r);

@@ -7,6 +7,7 @@
 #include "support/worker.hpp"
 #include "transport/elements.hpp"
 #include "transport/staged.hpp"
+#include "transport/uses.hpp"
 
 namespace hma::detail {
 
@@ -33,12 +34,14 @@ void each_piece(DeviceState& s, F&& fn) {
 // Device pointers straight to a (CUDA-aware) blocking MPI_Allreduce, in place.
 void allreduce_direct(DeviceState& s, MPI_Comm comm) {
   each_piece(s, [&](void* p, int n, MPI_Datatype t) {
+    count_use(Use::device_direct);
     check(MPI_Allreduce(MPI_IN_PLACE, p, n, t, MPI_SUM, comm), "MPI_Allreduce(device buffer)");
   });
 }
 
 // The staged pipeline over the set's buckets, with its pinned slots ready.
 std::shared_ptr<StagedPipeline> staged(DeviceState& s, const DeviceRoute& r, bool blocking_mpi) {
+  count_use(Use::device_staged);
   auto jobs = jobs_of(s);
   s.staging.ensure(s.be, r.staging_slots, staged_slot_bytes(jobs, r.staging_chunk_bytes));
   return std::make_shared<StagedPipeline>(*s.be, s.staging, std::move(jobs), r.staging_chunk_bytes,
@@ -98,6 +101,7 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
       auto issue = [sp, c, st] {
         each_piece(*sp, [&](void* ptr, int n, MPI_Datatype t) {
           MPI_Request q = MPI_REQUEST_NULL;
+          count_use(Use::device_iallreduce);
           check(MPI_Iallreduce(MPI_IN_PLACE, ptr, n, t, MPI_SUM, c, &q), "MPI_Iallreduce(device buffer)");
           st->reqs.push_back(q);
         });

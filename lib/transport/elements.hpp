@@ -13,8 +13,13 @@
 
 namespace hma::detail {
 
-// MPI counts are int: reduce buffers larger than this in pieces.
-constexpr std::size_t kMaxChunk = std::size_t{1} << 30;
+// MPI counts are int: every transport reduces buffers of more than max_count() elements in
+// pieces of at most that many (2^30). Tests lower it (set_max_count_for_testing, the same value
+// on every rank, between averages) to run that splitting on small buffers.
+constexpr std::size_t kMaxCount = std::size_t{1} << 30;
+std::size_t max_count();
+/// 0 restores 2^30.
+void set_max_count_for_testing(std::size_t n);
 
 template <Element T>
 MPI_Datatype mpi_type() {

@@ -8,6 +8,7 @@
 #include "transport/elements.hpp"
 #include "transport/ring.hpp"
 #include "transport/two_level.hpp"
+#include "transport/uses.hpp"
 
 namespace hma::detail {
 
@@ -19,7 +20,7 @@ namespace {
 template <Element T>
 void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
   const std::size_t elems = route.chunk_bytes == 0 ? 0 : std::max<std::size_t>(1, route.chunk_bytes / sizeof(T));
-  const std::size_t piece = std::min(elems == 0 ? kMaxChunk : elems, kMaxChunk);
+  const std::size_t piece = std::min(elems == 0 ? max_count() : elems, max_count());
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size());
     const std::size_t bytes = (hi - lo) * sizeof(T);
@@ -30,6 +31,7 @@ void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
       allreduce_piece(b, lo, hi, route);
       continue;
     }
+    count_use(Use::ring_piece);
     TimelineScope t("ring allreduce (scaling fused)", route.level, route.step, bytes, route.group);
     ring_average(Runs<T>::of(b, lo, hi), route.comm, route.rank, route.group, Scaler<T>(route.group),
                  scratch);

@@ -8,6 +8,7 @@
 #include "hma/error.hpp"
 #include "support/timeline.hpp"
 #include "transport/elements.hpp"
+#include "transport/uses.hpp"
 
 namespace hma::detail {
 
@@ -17,10 +18,11 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const std::size_t L = static_cast<std::size_t>(route.per_node);
   const std::size_t elems = route.chunk_bytes == 0 ? 0 : std::max<std::size_t>(1, route.chunk_bytes / sizeof(T));
-  const std::size_t piece = std::min(elems == 0 ? kMaxChunk : elems, kMaxChunk / 2);
+  const std::size_t piece = std::max<std::size_t>(1, std::min(elems == 0 ? max_count() : elems, max_count() / 2));
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size()), N = hi - lo;
     const std::size_t blk = (N + L - 1) / L;
+    count_use(Use::two_level_piece);
     TimelineScope t("two-level allreduce", route.level, route.step, N * sizeof(T), route.group);
     b.send.resize(blk * L);
     b.recv.resize(blk);
@@ -92,6 +94,7 @@ void start_two_level(Bucket<float>& f, Bucket<double>& d, const Route& route, Pe
       throw InvalidArgument("hma: two-level average of " + std::to_string(N) +
                             " elements: too large for one non-blocking collective; use "
                             "HMA_ALGORITHM=flat or Progress::thread");
+  count_use(Use::two_level_start);
   std::vector<Stage> lf, ld;
   std::vector<std::function<void()>> fin;
   stages_of(f, route, p.reqs, lf, fin);

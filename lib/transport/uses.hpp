@@ -1,0 +1,25 @@
+// Internal, data plane: how often each way of moving bytes ran in this process, so tests can
+// assert that a mode really took the path it names (and how many MPI calls it split into), not
+// just that the values came out right. Relaxed atomic counters: free next to an MPI call.
+#pragma once
+
+#include <cstdint>
+
+namespace hma::detail {
+
+enum class Use : int {
+  allreduce_piece,    // divide + blocking MPI_Allreduce, per call
+  ring_piece,         // hma's ring (blocking), per piece
+  two_level_piece,    // two-level blocking (reduce-scatter, allreduce, allgather), per piece
+  iallreduce,         // non-blocking flat MPI_Iallreduce, per call
+  two_level_start,    // non-blocking two-level, per average
+  device_direct,      // device pointers to MPI (blocking or on the worker), per call
+  device_iallreduce,  // device pointers to MPI_Iallreduce, per call
+  device_staged,      // the staged pipeline, per average
+  count_
+};
+
+void count_use(Use u) noexcept;
+std::uint64_t uses(Use u) noexcept;
+
+}  // namespace hma::detail
