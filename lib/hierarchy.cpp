@@ -140,7 +140,9 @@ std::string Hierarchy::describe() const {
   if (!member()) return "hma hierarchy: this rank is not a member\n";
   std::string s = "hma hierarchy: " + std::to_string(world_size_) + " ranks on " +
                   std::to_string(num_nodes_) + (emulated_ ? " emulated" : "") + " node(s)";
-  s += ranks_per_node_ ? " of " + std::to_string(ranks_per_node_) + " ranks\n" : " of unequal sizes\n";
+  s += ranks_per_node_ ? " of " + std::to_string(ranks_per_node_) + " ranks" +
+                            (contiguous_nodes_ ? "\n" : ", not in contiguous rank blocks\n")
+                      : " of unequal sizes\n";
   for (std::size_t i = 0; i < level_sizes_.size(); ++i) {
     const int g = level_sizes_[i];
     s += "  level " + std::to_string(i) + ": " + std::to_string(world_size_ / g) + " group(s) of " +

@@ -170,6 +170,13 @@ std::int64_t pieces(std::size_t n, std::size_t per) { return static_cast<std::in
 // Pieces of both buckets for a piece size in bytes.
 std::int64_t pieces_bytes(std::size_t bytes) { return pieces(kF, bytes / 4) + pieces(kD, bytes / 8); }
 
+// On tools/cluster: how the ranks were placed (HMA_EXPECT_LAYOUT: blocks, the default; scattered,
+// round-robin over the nodes; unequal, nodes with different numbers of ranks).
+std::string cluster_layout() {
+  const char* l = std::getenv("HMA_EXPECT_LAYOUT");
+  return l == nullptr ? "blocks" : l;
+}
+
 std::vector<Mode> modes() {
   std::vector<Mode> m;
   auto opt = [](hma::Reduction r, std::size_t chunk) {
@@ -288,27 +295,41 @@ std::vector<Mode> modes() {
   }
 
   // Real nodes (tools/cluster: one network namespace per node, TCP between them), found through
-  // shared memory, not emulated: the automatic choice takes two-level from 64 KiB.
-  if (const char* nodes = std::getenv("HMA_EXPECT_NODES")) {
-    INFO("HMA_EXPECT_NODES=" << nodes);
-    REQUIRE_ALL_RANKS(std::atoi(nodes) >= 2 && size() % std::atoi(nodes) == 0);
-    const std::string auto_two = "algorithm: two-level from 64 KiB (auto), flat below";
-    add({.name = "real nodes, auto: two-level", .options = {}, .path = Use::two_level_piece, .calls = 2,
-         .describe = auto_two});
-    add({.name = "real nodes, auto, start/wait: two-level", .options = {}, .start = true,
-         .path = Use::two_level_start, .describe = auto_two});
-    add({.name = "real nodes, auto, packed arrays: two-level", .options = {}, .scattered = true,
-         .path = Use::two_level_piece, .calls = 2, .describe = auto_two});
+  // shared memory, not emulated. In contiguous blocks of equal nodes the automatic choice takes
+  // two-level from 64 KiB; on unequal or round-robin nodes (HMA_EXPECT_LAYOUT) two-level is
+  // impossible: flat, and describe() says why where two-level was asked for.
+  if (std::getenv("HMA_EXPECT_NODES") != nullptr) {
+    const std::string layout = cluster_layout();
+    if (layout == "blocks") {
+      const std::string auto_two = "algorithm: two-level from 64 KiB (auto), flat below";
+      add({.name = "real nodes, auto: two-level", .options = {}, .path = Use::two_level_piece, .calls = 2,
+           .describe = auto_two});
+      add({.name = "real nodes, auto, start/wait: two-level", .options = {}, .start = true,
+           .path = Use::two_level_start, .describe = auto_two});
+      add({.name = "real nodes, auto, packed arrays: two-level", .options = {}, .scattered = true,
+           .path = Use::two_level_piece, .calls = 2, .describe = auto_two});
+    } else {
+      hma::AveragerOptions two = mpi0;
+      two.algorithm = hma::Algorithm::two_level;
+      const std::string why = layout == "unequal" ? "but the nodes have unequal numbers of ranks"
+                                                  : "but the nodes are not contiguous blocks of ranks";
+      add({.name = "real " + layout + " nodes, two-level asked: flat", .options = two,
+           .path = Use::allreduce_piece, .calls = 2, .describe = why});
+      add({.name = "real " + layout + " nodes, two-level asked, start/wait: flat", .options = two, .start = true,
+           .path = Use::iallreduce, .calls = 2, .describe = why});
+      add({.name = "real " + layout + " nodes, auto: flat", .options = mpi0, .path = Use::allreduce_piece,
+           .calls = 2});
+    }
     hma::AveragerOptions flat;
     flat.algorithm = hma::Algorithm::flat;
     add({.name = "real nodes, flat (auto reduction across nodes: MPI's own)", .options = flat,
-         .path = Use::allreduce_piece, .calls = 2, .describe = "algorithm: flat"});
+         .path = Use::allreduce_piece, .calls = 2, .describe = layout == "blocks" ? "algorithm: flat" : ""});
     hma::AveragerOptions fring = ring0;
     fring.algorithm = hma::Algorithm::flat;
     add({.name = "real nodes, flat ring", .options = fring, .path = Use::ring_piece, .calls = 2});
     // The other modes name flat paths: keep them flat across the real nodes too.
     for (Mode& x : m)
-      if (!x.options.algorithm && x.name.rfind("real nodes", 0) != 0) x.options.algorithm = hma::Algorithm::flat;
+      if (!x.options.algorithm && x.name.rfind("real ", 0) != 0) x.options.algorithm = hma::Algorithm::flat;
   }
 
   // Groups below the world: level 0 of a hierarchy in contiguous blocks of 2 and 3 ranks (and
@@ -427,5 +448,30 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
       REQUIRE_ALL_RANKS(std::memcmp(tf.data(), f.data(), kF * sizeof(float)) == 0 &&
                         std::memcmp(td.data(), d.data(), kD * sizeof(double)) == 0);
     }
+  }
+}
+
+TEST_CASE("on the emulated cluster the hierarchy sees the nodes as the ranks were placed", "[cluster]") {
+  const char* expect = std::getenv("HMA_EXPECT_NODES");
+  INFO("a [cluster] test runs under tools/cluster with HMA_EXPECT_NODES set (test/meson.build)");
+  REQUIRE_ALL_RANKS(expect != nullptr);
+  const int nodes = std::atoi(expect);
+  const std::string layout = cluster_layout();
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  const auto& h = avg.hierarchy();
+  INFO("layout " << layout << ": " << h.describe());
+  REQUIRE_ALL_RANKS(!h.emulated_nodes() && h.num_nodes() == nodes);
+  if (layout == "blocks") {
+    const int rpn = size() / nodes;
+    REQUIRE_ALL_RANKS(h.ranks_per_node() == rpn && h.contiguous_nodes() && h.node_index() == rank() / rpn &&
+                      h.two_level(0) != nullptr);
+  } else if (layout == "scattered") {  // node k holds ranks k, k + nodes, ...
+    REQUIRE_ALL_RANKS(h.ranks_per_node() == size() / nodes && !h.contiguous_nodes() &&
+                      h.node_index() == rank() % nodes && h.two_level(0) == nullptr);
+    REQUIRE_THAT(h.describe(), Catch::Contains("ranks, not in contiguous rank blocks"));
+  } else {
+    REQUIRE_ALL_RANKS(layout == "unequal");
+    REQUIRE_ALL_RANKS(h.ranks_per_node() == 0 && !h.contiguous_nodes() && h.two_level(0) == nullptr);
+    REQUIRE_THAT(h.describe(), Catch::Contains("node(s) of unequal sizes"));
   }
 }

@@ -200,13 +200,17 @@ TEST_CASE("gpu: ordered after a slow producer kernel and before the consumer", "
   ok(cudaStreamDestroy(s));
 }
 
-TEST_CASE("gpu: bad input and non-finite values", "[gpu][errors]") {
-  DeviceVec<double> d(1000);
+TEST_CASE("gpu: bad input", "[gpu][errors]") {
   hma::DeviceParamSet ps;
   std::vector<float> host(16);
   REQUIRE_THROWS_WITH(ps.add(host.data(), host.size()), Catch::Contains("host memory"));
   REQUIRE_THAT(ps.describe(), Catch::Contains("(CUDA)"));
-  if (size() < 2) return;
+}
+
+TEST_CASE("gpu: non-finite values name the rank", "[gpu][errors][np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
+  DeviceVec<double> d(1000);
+  hma::DeviceParamSet ps;
   hma::AveragerOptions o;
   o.nonfinite = hma::NonFinite::error;
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
