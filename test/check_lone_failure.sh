@@ -2,8 +2,10 @@
 # A failure that only one rank sees must end the whole job at once, naming that rank, never leave
 # the other ranks waiting in their next collective (test/main.cpp's listener). Runs the hidden
 # test "[.lone_failure]" (fails on the last rank only, then the others enter MPI_Barrier) at np 3.
-# Usage: check_lone_failure.sh MPIRUN_FLAGS... -- TEST_BINARY
+# Usage: check_lone_failure.sh MPIRUN MPIRUN_FLAGS... -- TEST_BINARY
 set -uo pipefail
+mpirun=$1
+shift
 flags=()
 while [ "$1" != "--" ]; do flags+=("$1"); shift; done
 shift
@@ -11,7 +13,7 @@ exe=$1
 out=$(mktemp /tmp/hma-lone.XXXXXX)
 trap 'rm -f "$out"' EXIT
 start=$(date +%s)
-timeout 60 mpirun "${flags[@]}" -np 3 "$exe" '[.lone_failure]' >"$out" 2>&1
+timeout 60 "$mpirun" "${flags[@]}" -np 3 "$exe" '[.lone_failure]' >"$out" 2>&1
 rc=$?
 took=$(( $(date +%s) - start ))
 cat "$out"

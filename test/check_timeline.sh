@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Runs the demo at np 2 with HMA_TIMELINE set, merges the per-rank traces and checks them:
 # valid Chrome-trace JSON, one process per rank, averaging events with level, step and bytes.
-# Usage: check_timeline.sh MPIRUN_FLAGS... -- DEMO MERGE
+# Usage: check_timeline.sh MPIRUN MPIRUN_FLAGS... -- DEMO MERGE
 set -euo pipefail
+mpirun=$1
+shift
 flags=()
 while [ "$1" != "--" ]; do flags+=("$1"); shift; done
 shift
 demo=$1 merge=$2
 dir=$(mktemp -d /tmp/hma-timeline.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
-HMA_TIMELINE="$dir/trace.json" HMA_RANKS_PER_NODE=1 mpirun "${flags[@]}" -np 2 "$demo" \
+HMA_TIMELINE="$dir/trace.json" HMA_RANKS_PER_NODE=1 "$mpirun" "${flags[@]}" -np 2 "$demo" \
   --steps 8 --schedule 2:1,4:2 --nonblocking >/dev/null
 ls "$dir"
 "$merge" "$dir/all.json" "$dir/trace.rank0.json" "$dir/trace.rank1.json"

@@ -1,0 +1,184 @@
+/* The C API (hma/hma.h) from C: values after blocking, non-blocking and level averages (exact:
+ * order-proof data), zero-copy and packed arrays, every error kind as a status with its message
+ * on every rank, the text protocol, checkpoints, options. Every check is agreed across ranks
+ * (check()); a failure names the rank, the line and hma_last_error(), then ends the job.
+ * Run at np 1, 2, 3 and 4 (test/meson.build). */
+#include <hma/hma.h>
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int rank_, size_;
+
+static void check_at(int ok, const char* what, int line) {
+  int all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (all) return;
+  if (!ok) fprintf(stderr, "test_capi.c:%d: rank %d: FAILED: %s (last error: %s)\n", line, rank_, what, hma_last_error());
+  fflush(stderr);
+  MPI_Barrier(MPI_COMM_WORLD);
+  MPI_Abort(MPI_COMM_WORLD, 1);
+}
+#define check(cond) check_at((cond) ? 1 : 0, #cond, __LINE__)
+
+/* A multiple of 6 in [-48, 48]: x / g exact for g in 1..4 and 6, every partial sum exact. */
+static double value(int r, int t, int i) { return 6.0 * ((r * 7 + i * 3 + t * 5) % 17 - 8); }
+static double mean(int g, int t, int i) {
+  const int first = rank_ / g * g;
+  double s = 0;
+  for (int m = first; m < first + g; ++m) s += value(m, t, i);
+  return s / g;
+}
+
+enum { N = 37, M = 11 };
+
+static void values_and_modes(void) {
+  hma_paramset ps = NULL;
+  double user[N];
+  float* owned = NULL;
+  size_t index = 99, n = 0;
+  check(hma_paramset_create(&ps) == HMA_OK && ps != NULL);
+  check(hma_paramset_add_double(ps, user, N) == HMA_OK);
+  check(hma_paramset_allocate_float(ps, M, &owned, &index) == HMA_OK && owned != NULL && index == 0);
+  float* again = NULL;
+  check(hma_paramset_array_float(ps, 0, &again, &n) == HMA_OK && again == owned && n == M);
+  check(hma_paramset_array_double(ps, 0, NULL, NULL) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "is not a double array") != NULL);
+
+  /* Hierarchical: groups of 1 every 2 steps, the world every 4 (torch: the largest period wins). */
+  hma_averager avg = NULL;
+  hma_options o;
+  hma_options_init(&o);
+  o.reduction = HMA_REDUCTION_MPI;
+  check(hma_averager_create(MPI_COMM_WORLD, "2:1,4:world", 0, &o, &avg) == HMA_OK && avg != NULL);
+  for (int t = 0; t < 9; ++t) {
+    for (int i = 0; i < N; ++i) user[i] = value(rank_, t, i);
+    for (int i = 0; i < M; ++i) owned[i] = (float)value(rank_, t, N + i);
+    int level = -2, averaged = -1;
+    check(hma_level_now(avg, &level) == HMA_OK);
+    const int want_level = t % 4 == 0 ? 1 : t % 2 == 0 ? 0 : -1;
+    check(level == want_level);
+    if (t % 3 == 1) { /* non-blocking */
+      hma_request req = NULL;
+      int done = 0, lvl = -2;
+      check(hma_start(avg, ps, &req) == HMA_OK && req != NULL);
+      check(hma_request_level(req, &lvl) == HMA_OK && lvl == want_level);
+      while (!done) check(hma_request_test(req, &done) == HMA_OK);
+      check(hma_request_wait(req) == HMA_OK); /* again: a no-op */
+      check(hma_request_free(&req) == HMA_OK && req == NULL);
+      averaged = want_level >= 0;
+    } else {
+      check(hma_step(avg, ps, &averaged) == HMA_OK);
+    }
+    check(averaged == (want_level >= 0));
+    const int g = want_level == 1 ? size_ : 1;
+    int bad = 0;
+    for (int i = 0; i < N; ++i) bad += user[i] != mean(g, t, i);
+    for (int i = 0; i < M; ++i) bad += owned[i] != (float)mean(g, t, N + i);
+    check(bad == 0);
+  }
+  int64_t step = -1;
+  check(hma_step_count(avg, &step) == HMA_OK && step == 9);
+
+  /* A level now, outside the schedule, blocking and started. */
+  for (int i = 0; i < N; ++i) user[i] = value(rank_, 20, i);
+  check(hma_average(avg, ps, 1) == HMA_OK);
+  int bad = 0;
+  for (int i = 0; i < N; ++i) bad += user[i] != mean(size_, 20, i);
+  check(bad == 0);
+  hma_request req = NULL;
+  for (int i = 0; i < N; ++i) user[i] = value(rank_, 21, i);
+  check(hma_start_average(avg, ps, 1, &req) == HMA_OK);
+  check(hma_request_free(&req) == HMA_OK); /* free waits */
+  for (int i = 0; i < N; ++i) bad += user[i] != mean(size_, 21, i);
+  check(bad == 0);
+  check(hma_average(avg, ps, 7) == HMA_ERR_INVALID_ARGUMENT && strstr(hma_last_error(), "level 7 out of range"));
+
+  /* Text: size query, too small, exact. */
+  size_t need = 0;
+  check(hma_describe(avg, NULL, 0, &need) == HMA_OK && need > 20);
+  char small[8];
+  check(hma_describe(avg, small, sizeof small, NULL) == HMA_ERR && strlen(small) == 7);
+  char* text = malloc(need);
+  check(hma_describe(avg, text, need, NULL) == HMA_OK && strstr(text, "every 4 steps") != NULL);
+  free(text);
+
+  /* Checkpoint and restore the step. */
+  char cp[512];
+  check(hma_checkpoint(avg, cp, sizeof cp, NULL) == HMA_OK);
+  check(hma_set_step(avg, 3) == HMA_OK);
+  check(hma_restore(avg, cp) == HMA_OK && hma_step_count(avg, &step) == HMA_OK && step == 9);
+  check(hma_restore(avg, "garbage") == HMA_ERR_INVALID_ARGUMENT && strstr(hma_last_error(), "not an hma checkpoint"));
+
+  check(hma_averager_free(&avg) == HMA_OK && avg == NULL);
+  check(hma_averager_free(&avg) == HMA_OK); /* NULL: nothing to do */
+  check(hma_paramset_free(&ps) == HMA_OK && ps == NULL);
+}
+
+static void periodic_and_options(void) {
+  hma_paramset ps = NULL;
+  float x[5];
+  check(hma_paramset_create(&ps) == HMA_OK && hma_paramset_add_float(ps, x, 5) == HMA_OK);
+  hma_averager avg = NULL;
+  hma_options o;
+  hma_options_init(&o);
+  o.progress = HMA_PROGRESS_POLL;
+  o.timeout_s = 60;
+  o.chunk_bytes = 8;
+  o.nonfinite = HMA_NONFINITE_ERROR;
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 3, 2, &o, &avg) == HMA_OK);
+  for (int t = 0; t < 6; ++t) {
+    for (int i = 0; i < 5; ++i) x[i] = (float)value(rank_, t, i);
+    int averaged = -1;
+    check(hma_step(avg, ps, &averaged) == HMA_OK && averaged == (t == 2 || t == 5));
+    int bad = 0;
+    for (int i = 0; i < 5; ++i) bad += x[i] != (float)(averaged ? mean(size_, t, i) : value(rank_, t, i));
+    check(bad == 0);
+  }
+  /* A NaN on the last rank: HMA_ERR_NONFINITE on every rank, naming it (step 8 averages). */
+  check(hma_set_step(avg, 8) == HMA_OK);
+  for (int i = 0; i < 5; ++i) x[i] = 1.0f;
+  if (rank_ == size_ - 1) x[3] = NAN;
+  check(hma_step(avg, ps, NULL) == HMA_ERR_NONFINITE && strstr(hma_last_error(), "world rank(s)") != NULL);
+  check(hma_averager_free(&avg) == HMA_OK && hma_paramset_free(&ps) == HMA_OK);
+
+  /* Bad options and arguments: a status and a message naming them, on every rank. */
+  hma_options_init(&o);
+  o.algorithm = 7;
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 2, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "options.algorithm") != NULL && avg == NULL);
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 0, 0, NULL, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "period must be a positive value, got 0") != NULL);
+  check(hma_averager_create(MPI_COMM_WORLD, "4:1,2:world", 0, NULL, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "periods must strictly increase") != NULL);
+  check(hma_averager_create(MPI_COMM_WORLD, NULL, 0, NULL, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "schedule is NULL") != NULL);
+  check(hma_step(NULL, NULL, NULL) == HMA_ERR_INVALID_ARGUMENT && strstr(hma_last_error(), "avg is NULL") != NULL);
+  check(hma_paramset_create(NULL) == HMA_ERR_INVALID_ARGUMENT);
+  check(hma_averager_create(MPI_COMM_NULL, "2:1", 0, NULL, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "comm is MPI_COMM_NULL") != NULL && avg == NULL);
+  if (size_ >= 2) { /* a schedule that differs on one rank: HMA_ERR_MISMATCH everywhere */
+    check(hma_averager_create_periodic(MPI_COMM_WORLD, rank_ == 1 ? 5 : 4, 0, NULL, &avg) == HMA_ERR_MISMATCH &&
+          strstr(hma_last_error(), "rank 1") != NULL);
+  }
+  /* Device sets: a clear error where this build or machine has no GPU, else a set. */
+  hma_device_paramset dps = NULL;
+  const hma_status st = hma_device_paramset_create(-1, &dps);
+  check(st == HMA_OK || (st == HMA_ERR && dps == NULL && strlen(hma_last_error()) > 10));
+  check(hma_device_paramset_free(&dps) == HMA_OK && dps == NULL);
+}
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  check(strcmp(hma_version(), HMA_EXPECTED_VERSION) == 0);
+  check(strcmp(hma_last_error(), "") == 0);
+  values_and_modes();
+  periodic_and_options();
+  if (rank_ == 0) printf("test_capi: np %d: all checks passed on every rank\n", size_);
+  MPI_Finalize();
+  return 0;
+}
