@@ -130,7 +130,11 @@ void run_schedule(hma::Averager& avg, const Plan& plan, Model& m, Mode mode, std
         while (!req.test()) {
         }
       }
-      REQUIRE_ALL_RANKS(active == (g.has_value() && *g > 1) && right_level && !req.active() && !m.ps.in_flight());
+      INFO("active at start " << active << ", right level " << right_level << ", active after " << req.active()
+                               << ", in flight after " << m.ps.in_flight());
+      // A step without an average (or over one rank) gives an empty request; one with an average
+      // may already be complete when start() returns (MPICH often finishes small ones there).
+      REQUIRE_ALL_RANKS((!active || (g.has_value() && *g > 1)) && right_level && !req.active() && !m.ps.in_flight());
     }
     REQUIRE_ALL_RANKS(avg.step_count() == t + 1);
     averaged += lvl.has_value();

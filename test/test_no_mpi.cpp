@@ -4,6 +4,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <string>
+
 #include "hma/hma.hpp"
 
 TEST_CASE("creating an averager or a hierarchy before MPI_Init throws a clear hma::Error") {
@@ -21,4 +23,9 @@ TEST_CASE("creating an averager or a hierarchy before MPI_Init throws a clear hm
   REQUIRE(hma::Schedule::parse("2:2,4:4", 0, 4).level_at(4) == 1u);
   hma::ParamSet ps;
   REQUIRE(ps.allocate<float>(3).size() == 3);
+}
+
+TEST_CASE("the library's version is the headers' and the project's") {
+  REQUIRE(std::string(hma::version()) == HMA_VERSION_STRING);
+  REQUIRE(std::string(hma::version()) == HMA_PROJECT_VERSION);
 }

@@ -159,6 +159,8 @@ hma_request new_request(hma::Request r) { return new hma_request_s{std::move(r)}
 
 }  // namespace
 
+const char* hma::version() noexcept { return HMA_VERSION_STRING; }
+
 extern "C" {
 
 void hma_options_init(hma_options* o) {
@@ -168,7 +170,7 @@ void hma_options_init(hma_options* o) {
   o->progress = o->reduction = o->algorithm = o->nonfinite = o->check = o->ranks_per_node = HMA_DEFAULT;
 }
 
-const char* hma_version(void) { return HMA_VERSION_STRING; }
+const char* hma_version(void) { return hma::version(); }
 const char* hma_last_error(void) { return g_last_error.c_str(); }
 
 hma_status hma_paramset_create(hma_paramset* out) {
