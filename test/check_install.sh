@@ -45,13 +45,23 @@ for x in "$work"/pc/heat_*; do run "pkg-config $(basename "$x")" "$x"; done
 
 # CMake find_package
 if command -v cmake >/dev/null; then
-  say cmake -S examples/cmake -B B -DCMAKE_PREFIX_PATH=PREFIX "&&" cmake --build B
-  cmake -S "$src/examples/cmake" -B "$work/cmake" -DCMAKE_PREFIX_PATH="$root" >"$work/cmake.log" 2>&1 &&
+  say cmake -G Ninja -S examples/cmake -B B -DCMAKE_PREFIX_PATH=PREFIX "&&" cmake --build B
+  cmake -G Ninja -S "$src/examples/cmake" -B "$work/cmake" -DCMAKE_PREFIX_PATH="$root" >"$work/cmake.log" 2>&1 &&
     cmake --build "$work/cmake" >>"$work/cmake.log" 2>&1 || { cat "$work/cmake.log"; exit 1; }
   ls "$work/cmake" | grep '^heat_'
   for x in "$work"/cmake/heat_*; do run "cmake $(basename "$x")" "$x"; done
+  # A project with C++ only (FindMPI must not be asked for a language it has not enabled).
+  mkdir -p "$work/cxxonly"
+  cp "$src/examples/cpp/heat.cpp" "$work/cxxonly/"
+  printf '%s\n' 'cmake_minimum_required(VERSION 3.18)' 'project(cxx_only LANGUAGES CXX)' \
+    'find_package(hma 0.1 REQUIRED)' 'add_executable(heat_cpp_only heat.cpp)' \
+    'target_link_libraries(heat_cpp_only PRIVATE hma::hma)' >"$work/cxxonly/CMakeLists.txt"
+  say cmake "(a C++-only project)"
+  cmake -G Ninja -S "$work/cxxonly" -B "$work/cxxonly/b" -DCMAKE_PREFIX_PATH="$root" >"$work/cmake2.log" 2>&1 &&
+    cmake --build "$work/cxxonly/b" >>"$work/cmake2.log" 2>&1 || { cat "$work/cmake2.log"; exit 1; }
+  run "cmake C++-only heat_cpp_only" "$work/cxxonly/b/heat_cpp_only"
 else
-  echo "SKIP-PART: cmake is not installed (tools/bootstrap installs it)"; exit 1
+  echo "FAIL: cmake is not installed (tools/bootstrap installs it)"; exit 1
 fi
 
 # meson subproject: hma builds its library only

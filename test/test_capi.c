@@ -65,7 +65,9 @@ static void values_and_modes(void) {
       int done = 0, lvl = -2;
       check(hma_start(avg, ps, &req) == HMA_OK && req != NULL);
       check(hma_request_level(req, &lvl) == HMA_OK && lvl == want_level);
-      while (!done) check(hma_request_test(req, &done) == HMA_OK);
+      int tested = HMA_OK; /* ranks loop different numbers of times: check once after */
+      while (!done && tested == HMA_OK) tested = hma_request_test(req, &done);
+      check(tested == HMA_OK);
       check(hma_request_wait(req) == HMA_OK); /* again: a no-op */
       check(hma_request_free(&req) == HMA_OK && req == NULL);
       averaged = want_level >= 0;

@@ -68,7 +68,8 @@ typedef struct hma_options {
   int algorithm;              /* HMA_ALGORITHM_* or HMA_DEFAULT */
   int nonfinite;              /* HMA_NONFINITE_* or HMA_DEFAULT */
   int check;                  /* 1 on, 0 off (unsafe), HMA_DEFAULT: HMA_CHECK, else on */
-  int ranks_per_node;         /* > 0: emulate nodes of this many ranks; 0: detect; HMA_DEFAULT */
+  int ranks_per_node;         /* > 0: emulate nodes of this many ranks; 0 or HMA_DEFAULT:
+                                 HMA_RANKS_PER_NODE if set, else detect (shared memory) */
 } hma_options;
 
 /* Every field HMA_DEFAULT (timeout and chunk -1). NULL options in a create call mean the same. */
@@ -106,7 +107,8 @@ hma_status hma_device_paramset_free(hma_device_paramset* ps);
 hma_status hma_device_paramset_add_float(hma_device_paramset ps, float* device_data, size_t n);
 hma_status hma_device_paramset_add_double(hma_device_paramset ps, double* device_data, size_t n);
 
-/* ---- averagers (collective over comm; comm is duplicated, yours stays yours) */
+/* ---- averagers (collective over comm; comm is duplicated, yours stays yours). *out is NULL
+ * unless HMA_OK. A bad argument on one rank is an error on every rank. */
 /* torch's PeriodicModelAverager: every `period` steps from `warmup`, over all of comm. */
 hma_status hma_averager_create_periodic(MPI_Comm comm, int64_t period, int64_t warmup,
                                         const hma_options* options, hma_averager* out);
@@ -134,7 +136,9 @@ hma_status hma_request_wait(hma_request request);
 hma_status hma_request_test(hma_request request, int* done);
 /* The level being averaged, -1 for an empty request. */
 hma_status hma_request_level(hma_request request, int* level);
-/* Waits for the average if it is still in flight (MPI forbids dropping it); sets *request NULL. */
+/* Waits for the average if it is still in flight (MPI forbids dropping it; after a timeout it
+ * waits at most one more, then leaks what MPI may still write into); sets *request NULL. Errors
+ * of that wait are not reported: call hma_request_wait first to see them. */
 hma_status hma_request_free(hma_request* request);
 
 /* ---- the step counter, checkpoints, description */

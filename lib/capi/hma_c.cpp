@@ -3,6 +3,7 @@
 // message for hma_last_error(). Nothing throws across the C boundary.
 #include "hma/hma.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -15,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "control/agree.hpp"
 #include "hma/hma.hpp"
 
 struct hma_paramset_s {
@@ -106,6 +108,9 @@ hma::AveragerOptions to_options(const hma_options* o) {
 void put_text(const std::string& s, char* buf, std::size_t capacity, std::size_t* needed) {
   if (needed != nullptr) *needed = s.size() + 1;
   if (buf == nullptr && capacity == 0) return;
+  if (buf == nullptr)
+    throw hma::InvalidArgument("hma: buf is NULL with capacity " + std::to_string(capacity) +
+                               " (pass capacity 0 to ask for the size only)");
   if (buf != nullptr && capacity > 0) {
     const std::size_t n = std::min(capacity - 1, s.size());
     std::memcpy(buf, s.data(), n);
@@ -150,8 +155,23 @@ void add(hma_paramset ps, T* data, std::size_t n) {
   need(ps, "ps").ps.add(std::span<T>(data, n));
 }
 
-void create(hma_averager* out, const std::function<hma::Averager()>& make) {
-  need(out, "out") = nullptr;
+// A collective create: the arguments are checked on every rank together (on a duplicate of
+// comm), so a bad argument on one rank is an error on every rank, never a rank that returns
+// early while the others wait in the constructor's collectives.
+void create(MPI_Comm comm, hma_averager* out, const std::function<void()>& check,
+            const std::function<hma::Averager()>& make) {
+  if (out != nullptr) *out = nullptr;
+  if (comm != MPI_COMM_NULL) {
+    hma::detail::require_mpi("averager");
+    const hma::Comm ctrl = hma::Comm::attach(comm).dup();
+    hma::detail::agree(ctrl.get(), [&] {
+      need(out, "out");
+      check();
+    });
+  } else {
+    need(out, "out");
+    check();
+  }
   *out = new hma_averager_s{make()};
 }
 
@@ -224,16 +244,21 @@ hma_status hma_device_paramset_add_double(hma_device_paramset ps, double* device
 hma_status hma_averager_create_periodic(MPI_Comm comm, int64_t period, int64_t warmup, const hma_options* options,
                                         hma_averager* out) {
   return guard([&] {
-    const hma::AveragerOptions o = to_options(options);
-    create(out, [&] { return hma::Averager(hma::PeriodicAverager(comm, period, warmup, o)); });
+    hma::AveragerOptions o;
+    create(comm, out, [&] { o = to_options(options); },
+           [&] { return hma::Averager(hma::PeriodicAverager(comm, period, warmup, o)); });
   });
 }
 hma_status hma_averager_create(MPI_Comm comm, const char* schedule, int64_t warmup, const hma_options* options,
                                hma_averager* out) {
   return guard([&] {
-    const hma::AveragerOptions o = to_options(options);
-    const char* spec = &need(schedule, "schedule");
-    create(out, [&] { return hma::Averager(hma::HierarchicalAverager(comm, std::string_view(spec), warmup, o)); });
+    hma::AveragerOptions o;
+    create(comm, out,
+           [&] {
+             o = to_options(options);
+             (void)need(schedule, "schedule");
+           },
+           [&] { return hma::Averager(hma::HierarchicalAverager(comm, std::string_view(schedule), warmup, o)); });
   });
 }
 hma_status hma_averager_create_periodic_f(MPI_Fint comm, int64_t period, int64_t warmup, const hma_options* options,
@@ -301,10 +326,7 @@ hma_status hma_request_level(hma_request request, int* level) {
 hma_status hma_request_free(hma_request* request) {
   return guard([&] {
     if (request == nullptr || *request == nullptr) return;
-    hma_request r = *request;
-    r->req.wait();  // may throw Timeout: the handle stays valid and can be freed again
-    *request = nullptr;
-    delete r;
+    delete std::exchange(*request, nullptr);  // ~Request: waits if in flight (at most one timeout)
   });
 }
 
@@ -325,13 +347,14 @@ hma_status hma_checkpoint(hma_averager avg, char* buf, size_t capacity, size_t* 
   return guard([&] { put_text(need(avg, "avg").avg.checkpoint(), buf, capacity, needed); });
 }
 hma_status hma_restore(hma_averager avg, const char* checkpoint) {
-  return guard([&] { need(avg, "avg").avg.restore(&need(checkpoint, "checkpoint")); });
+  // A NULL text still joins the collective restore, which then fails on every rank.
+  return guard([&] { need(avg, "avg").avg.restore(checkpoint != nullptr ? checkpoint : "(NULL checkpoint)"); });
 }
 hma_status hma_save_checkpoint(hma_averager avg, const char* path) {
   return guard([&] { need(avg, "avg").avg.save_checkpoint(&need(path, "path")); });
 }
 hma_status hma_load_checkpoint(hma_averager avg, const char* path) {
-  return guard([&] { need(avg, "avg").avg.load_checkpoint(&need(path, "path")); });
+  return guard([&] { need(avg, "avg").avg.load_checkpoint(path != nullptr ? path : ""); });
 }
 
 }  // extern "C"

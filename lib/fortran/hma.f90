@@ -107,6 +107,7 @@ contains
     procedure(c_handle_out) :: fn
     integer(c_intptr_t), intent(inout) :: h
     type(c_ptr) :: p
+    p = c_null_ptr
     p = ptr(h)
     status = ret(fn(p))
     h = handle(p)
@@ -114,12 +115,12 @@ contains
   integer function add(ps, contiguous, n, data, fn) result(status)
     integer(c_intptr_t), intent(in) :: ps
     logical, intent(in) :: contiguous
-    integer, intent(in) :: n
+    integer(c_size_t), intent(in) :: n
     type(c_ptr), intent(in) :: data
     procedure(c_paramset_add) :: fn
     character(20) :: elements
     if (contiguous) then
-      status = ret(fn(ptr(ps), data, int(n, c_size_t)))
+      status = ret(fn(ptr(ps), data, n))
     else
       write (elements, '(i0)') n
       fortran_error = 'hma: hma_paramset_add: x (' // trim(elements) // ' elements) is not ' // &
@@ -181,7 +182,7 @@ contains
     type(c_ptr) :: data
     data = c_null_ptr
     if (size(x) > 0) data = c_loc(x(1))
-    status = add(ps, is_contiguous(x), size(x), data, c_add_float)
+    status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_float)
   end function
   integer function paramset_add_double(ps, x) result(status)
     integer(c_intptr_t), intent(in) :: ps
@@ -189,7 +190,7 @@ contains
     type(c_ptr) :: data
     data = c_null_ptr
     if (size(x) > 0) data = c_loc(x(1))
-    status = add(ps, is_contiguous(x), size(x), data, c_add_double)
+    status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_double)
   end function
   integer function hma_paramset_wait(ps) result(status)  ! waits for its average in flight
     integer(c_intptr_t), intent(in) :: ps
@@ -204,6 +205,7 @@ contains
     integer(c_intptr_t), intent(out) :: avg
     type(hma_options), intent(in), optional, target :: options
     type(c_ptr) :: p
+    p = c_null_ptr
     status = ret(c_create_periodic(int(comm%MPI_VAL, c_int), int(period, c_int64_t), &
                                    int(warmup, c_int64_t), options_ptr(options), p))
     avg = handle(p)
@@ -216,6 +218,7 @@ contains
     integer(c_intptr_t), intent(out) :: avg
     type(hma_options), intent(in), optional, target :: options
     type(c_ptr) :: p
+    p = c_null_ptr
     status = ret(c_create(int(comm%MPI_VAL, c_int), trim(schedule) // c_null_char, &
                           int(warmup, c_int64_t), options_ptr(options), p))
     avg = handle(p)
@@ -239,6 +242,7 @@ contains
     integer(c_intptr_t), intent(in) :: avg, ps
     integer(c_intptr_t), intent(out) :: request
     type(c_ptr) :: p
+    p = c_null_ptr
     status = ret(c_start(ptr(avg), ptr(ps), p))
     request = handle(p)
   end function
@@ -253,6 +257,7 @@ contains
     integer, intent(in) :: level
     integer(c_intptr_t), intent(out) :: request
     type(c_ptr) :: p
+    p = c_null_ptr
     status = ret(c_start_average(ptr(avg), ptr(ps), int(level, c_size_t), p))
     request = handle(p)
   end function
