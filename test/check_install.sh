@@ -21,8 +21,8 @@ prefix=$(meson introspect --buildoptions "$build" | python3 -c \
 IFS=$'\t' read -r pfx libdir incdir <<<"$prefix"
 root=$work/dest$pfx
 lib=$root/$libdir
-for f in "$incdir/hma/hma.hpp" "$incdir/hma/hma.h" "$libdir/pkgconfig/hma.pc" "$libdir/cmake/hma/hmaConfig.cmake" \
-         "$libdir/cmake/hma/hmaConfigVersion.cmake"; do
+for f in "$incdir/hma/hma.hpp" "$incdir/hma/hma.h" "$libdir/pkgconfig/hma.pc" "share/cmake/hma/hmaConfig.cmake" \
+         "share/cmake/hma/hmaConfigVersion.cmake"; do
   [ -f "$root/$f" ] || { echo "FAIL: $f was not installed"; exit 1; }
 done
 echo "installed under $root: headers, libhma, hma.pc, the CMake package$([ -f "$root/$incdir/hma/hma.mod" ] && echo ", hma.mod")"
