@@ -325,7 +325,9 @@ TEST_CASE("a ParamSet moved while in flight is completed in its new place", "[np
   REQUIRE_ALL_RANKS(size() >= 2);  // one rank: nothing is ever in flight
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
   hma::ParamSet ps;
-  auto w = ps.allocate<float>(8, 2.0f * static_cast<float>(rank()));
+  // 4 MiB: large enough that start() cannot already have completed it (MPICH completes small
+  // averages inside start()), so the move really happens in flight.
+  auto w = ps.allocate<float>(std::size_t{1} << 20, 2.0f * static_cast<float>(rank()));
   auto r2 = avg.start(ps);
   hma::ParamSet ps2 = std::move(ps);
   const bool was_in_flight = ps2.in_flight();
