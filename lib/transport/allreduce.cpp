@@ -1,26 +1,12 @@
 #include "transport/allreduce.hpp"
 
 #include <algorithm>
-#include <atomic>
 
 #include "support/timeline.hpp"
 #include "transport/elements.hpp"
 #include "transport/uses.hpp"
 
 namespace hma::detail {
-
-namespace {
-std::atomic<std::size_t> g_max_count{kMaxCount};
-std::atomic<std::uint64_t> g_uses[static_cast<int>(Use::count_)];
-}  // namespace
-
-void count_use(Use u) noexcept { g_uses[static_cast<int>(u)].fetch_add(1, std::memory_order_relaxed); }
-std::uint64_t uses(Use u) noexcept { return g_uses[static_cast<int>(u)].load(std::memory_order_relaxed); }
-
-std::size_t max_count() { return g_max_count.load(std::memory_order_relaxed); }
-void set_max_count_for_testing(std::size_t n) {
-  g_max_count.store(n == 0 ? kMaxCount : std::min(n, kMaxCount), std::memory_order_relaxed);
-}
 
 template <Element T>
 void allreduce_piece(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& route) {

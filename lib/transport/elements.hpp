@@ -21,6 +21,13 @@ std::size_t max_count();
 /// 0 restores 2^30.
 void set_max_count_for_testing(std::size_t n);
 
+// Elements per piece for pieces of `chunk_bytes` (0: one piece) of `elem_size`-byte elements:
+// at least one, at most `most` (the count limit, or less).
+inline std::size_t piece_elems(std::size_t chunk_bytes, std::size_t elem_size, std::size_t most) {
+  const std::size_t want = chunk_bytes == 0 ? most : std::max<std::size_t>(1, chunk_bytes / elem_size);
+  return std::max<std::size_t>(1, std::min(want, most));
+}
+
 template <Element T>
 MPI_Datatype mpi_type() {
   return std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE;

@@ -19,8 +19,7 @@ namespace {
 // arrays, scaling fused) or through divide + MPI_Allreduce, chosen per piece.
 template <Element T>
 void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
-  const std::size_t elems = route.chunk_bytes == 0 ? 0 : std::max<std::size_t>(1, route.chunk_bytes / sizeof(T));
-  const std::size_t piece = std::min(elems == 0 ? max_count() : elems, max_count());
+  const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(T), max_count());
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size());
     const std::size_t bytes = (hi - lo) * sizeof(T);

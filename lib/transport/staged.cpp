@@ -39,8 +39,7 @@ std::vector<Chunk> staged_chunks(const std::vector<StagedJob>& jobs, std::size_t
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     const std::size_t n = jobs[j].n;
     if (n == 0) continue;
-    std::size_t per = chunk_bytes == 0 ? n : std::max<std::size_t>(1, chunk_bytes / dtype_size(jobs[j].dtype));
-    per = std::min(per, max_count());
+    const std::size_t per = piece_elems(chunk_bytes, dtype_size(jobs[j].dtype), max_count());
     for (std::size_t lo = 0; lo < n; lo += per) out.push_back(Chunk{j, lo, std::min(per, n - lo)});
   }
   return out;

@@ -17,8 +17,7 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
   const Scaler<T> s(route.group);
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const std::size_t L = static_cast<std::size_t>(route.per_node);
-  const std::size_t elems = route.chunk_bytes == 0 ? 0 : std::max<std::size_t>(1, route.chunk_bytes / sizeof(T));
-  const std::size_t piece = std::max<std::size_t>(1, std::min(elems == 0 ? max_count() : elems, max_count() / 2));
+  const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(T), max_count() / 2);
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size()), N = hi - lo;
     const std::size_t blk = (N + L - 1) / L;
