@@ -14,11 +14,8 @@
 namespace hma {
 
 Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule(MPI_Comm)>& make) {
-  detail::require_mpi("averager");
-  if (comm == MPI_COMM_NULL) return make(comm);
-  const Comm ctrl = Comm::attach(comm).dup();  // the only collective on the caller's comm
   std::optional<Schedule> s;
-  detail::agree(ctrl.get(), [&] { s.emplace(make(ctrl.get())); });
+  detail::agree_on_duplicate(comm, [&](MPI_Comm ctrl) { s.emplace(make(ctrl)); });
   return std::move(*s);
 }
 

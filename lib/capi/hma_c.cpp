@@ -4,16 +4,15 @@
 #include "hma/hma.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <exception>
 #include <functional>
-#include <span>
-#include <type_traits>
-#include <limits>
 #include <new>
+#include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "control/agree.hpp"
@@ -21,9 +20,7 @@
 
 struct hma_paramset_s {
   hma::ParamSet ps;
-  std::vector<hma::Array<float>> f32;  // zero-copy arrays by index (index into `kinds`)
-  std::vector<hma::Array<double>> f64;
-  std::vector<std::pair<bool, std::size_t>> kinds;  // (is double, position in f32/f64)
+  std::vector<std::variant<hma::Array<float>, hma::Array<double>>> owned;  // zero-copy, by index
 };
 struct hma_device_paramset_s {
   hma::DeviceParamSet ps;
@@ -111,7 +108,7 @@ void put_text(const std::string& s, char* buf, std::size_t capacity, std::size_t
   if (buf == nullptr)
     throw hma::InvalidArgument("hma: buf is NULL with capacity " + std::to_string(capacity) +
                                " (pass capacity 0 to ask for the size only)");
-  if (buf != nullptr && capacity > 0) {
+  if (capacity > 0) {
     const std::size_t n = std::min(capacity - 1, s.size());
     std::memcpy(buf, s.data(), n);
     buf[n] = '\0';
@@ -125,29 +122,21 @@ template <class T>
 void allocate(hma_paramset ps, std::size_t n, T** data, std::size_t* index) {
   auto& p = need(ps, "ps");
   hma::Array<T> a = p.ps.allocate<T>(n);
-  auto& list = [&]() -> std::vector<hma::Array<T>>& {
-    if constexpr (std::is_same_v<T, float>) return p.f32;
-    else return p.f64;
-  }();
-  list.push_back(a);
-  p.kinds.emplace_back(std::is_same_v<T, double>, list.size() - 1);
+  p.owned.emplace_back(a);
   if (data != nullptr) *data = a.data();
-  if (index != nullptr) *index = p.kinds.size() - 1;
+  if (index != nullptr) *index = p.owned.size() - 1;
 }
 
 template <class T>
 void array(hma_paramset ps, std::size_t index, T** data, std::size_t* n) {
   auto& p = need(ps, "ps");
-  if (index >= p.kinds.size() || p.kinds[index].first != std::is_same_v<T, double>)
+  const auto* a = index < p.owned.size() ? std::get_if<hma::Array<T>>(&p.owned[index]) : nullptr;
+  if (a == nullptr)
     throw hma::InvalidArgument("hma: zero-copy array " + std::to_string(index) + " is not a " +
                                (std::is_same_v<T, double> ? "double" : "float") + " array of this set (it has " +
-                               std::to_string(p.kinds.size()) + " zero-copy arrays)");
-  const hma::Array<T>& a = [&]() -> const hma::Array<T>& {
-    if constexpr (std::is_same_v<T, float>) return p.f32[p.kinds[index].second];
-    else return p.f64[p.kinds[index].second];
-  }();
-  if (data != nullptr) *data = a.data();
-  if (n != nullptr) *n = a.size();
+                               std::to_string(p.owned.size()) + " zero-copy arrays)");
+  if (data != nullptr) *data = a->data();
+  if (n != nullptr) *n = a->size();
 }
 
 template <class T>
@@ -161,17 +150,10 @@ void add(hma_paramset ps, T* data, std::size_t n) {
 void create(MPI_Comm comm, hma_averager* out, const std::function<void()>& check,
             const std::function<hma::Averager()>& make) {
   if (out != nullptr) *out = nullptr;
-  if (comm != MPI_COMM_NULL) {
-    hma::detail::require_mpi("averager");
-    const hma::Comm ctrl = hma::Comm::attach(comm).dup();
-    hma::detail::agree(ctrl.get(), [&] {
-      need(out, "out");
-      check();
-    });
-  } else {
+  hma::detail::agree_on_duplicate(comm, [&](MPI_Comm) {
     need(out, "out");
     check();
-  }
+  });
   *out = new hma_averager_s{make()};
 }
 

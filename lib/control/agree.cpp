@@ -4,8 +4,9 @@
 #include <stdexcept>
 #include <vector>
 
-#include "support/env.hpp"
+#include "hma/comm.hpp"
 #include "hma/error.hpp"
+#include "support/env.hpp"
 
 namespace hma::detail {
 
@@ -138,6 +139,13 @@ void check_same(MPI_Comm comm, std::span<const std::uint64_t> values, const std:
   throw MismatchError("hma: " + what + " differs across ranks: rank " + std::to_string(first) +
                           " has " + theirs + ", rank 0 has " + zeros,
                       first);
+}
+
+void agree_on_duplicate(MPI_Comm comm, const std::function<void(MPI_Comm ctrl)>& fn) {
+  require_mpi("averager");
+  if (comm == MPI_COMM_NULL) return fn(comm);
+  const Comm ctrl = Comm::attach(comm).dup();  // the only collective on the caller's comm
+  agree(ctrl.get(), [&] { fn(ctrl.get()); });
 }
 
 }  // namespace hma::detail

@@ -43,6 +43,11 @@ int agreed_ranks_per_node(MPI_Comm comm, int option);
 /// message>", R the lowest failing rank.
 void agree(MPI_Comm comm, const std::function<void()>& fn);
 
+/// Collective: agree() on a duplicate of `comm`, passed to `fn` for any collective it needs (the
+/// caller's communicator sees only the duplication). Throws hma::Error unless MPI is usable. With
+/// MPI_COMM_NULL, runs `fn(MPI_COMM_NULL)` locally.
+void agree_on_duplicate(MPI_Comm comm, const std::function<void(MPI_Comm ctrl)>& fn);
+
 /// Collective: checks that `values` (same length on all ranks) are identical on every rank of
 /// `comm`. If not, every rank throws hma::MismatchError naming the lowest rank that differs from
 /// rank 0, with both ranks' `describe()` text.
