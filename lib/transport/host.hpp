@@ -25,6 +25,9 @@ struct Route {
   std::size_t ring_min_block = 0;
   const Hierarchy::TwoLevel* two = nullptr;  // non-null: two-level over these
   int per_node = 0;                          // two-level: ranks per node
+  // two-level across two nodes: blocks of at least this many bytes take the direction-split
+  // exchange, smaller ones MPI_Allreduce (one message each way, latency-bound)
+  std::size_t split_min_block = std::size_t{64} << 10;
   int level = 0;                             // for the timeline
   std::int64_t step = 0;
 };

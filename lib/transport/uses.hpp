@@ -11,6 +11,7 @@ enum class Use : int {
   allreduce_piece,    // divide + blocking MPI_Allreduce, per call
   ring_piece,         // hma's ring (blocking), per piece
   two_level_piece,    // two-level blocking (reduce-scatter, allreduce, allgather), per piece
+  two_level_split,    // ... whose across-nodes stage was the direction-split exchange, per piece
   iallreduce,         // non-blocking flat MPI_Iallreduce, per call
   two_level_start,    // non-blocking two-level, per average
   device_direct,      // device pointers to MPI (blocking or on the worker), per call
