@@ -65,6 +65,8 @@ struct Mode {
   std::optional<Use> path;    // the transport the mode must take (unset: left to auto)
   std::int64_t calls = 1;     // how many times (per process), where the path is set
   std::string describe;       // a text describe() must hold
+  std::size_t split_min = 0;  // two-level: a lowered direction-split threshold (0: the default)
+  std::int64_t splits = -1;   // two-level: pieces that must take the direction split (-1: unchecked)
 };
 
 std::int64_t pieces(std::size_t n, std::size_t per) { return static_cast<std::int64_t>((n + per - 1) / per); }
@@ -155,7 +157,11 @@ std::vector<Mode> modes() {
     two.hierarchy.ranks_per_node = node;
     two.chunk_bytes = 0;
     const std::string says = "algorithm: two-level (HMA_ALGORITHM=two_level)";
-    add({.name = "two-level" + of, .options = two, .path = Use::two_level_piece, .calls = 2, .describe = says});
+    // Across two nodes, blocks >= 64 KiB take the direction-split exchange: at nodes of 2 both
+    // buckets' blocks (80 KiB) do; smaller ones go to MPI_Allreduce.
+    const bool two_nodes = size() / node == 2;
+    add({.name = "two-level" + of, .options = two, .path = Use::two_level_piece, .calls = 2, .describe = says,
+         .splits = two_nodes && node == 2 ? 2 : 0});
     add({.name = "two-level, packed arrays" + of, .options = two, .scattered = true, .path = Use::two_level_piece,
          .calls = 2, .describe = says});
     add({.name = "two-level start/wait" + of, .options = two, .start = true, .path = Use::two_level_start,
@@ -165,7 +171,11 @@ std::vector<Mode> modes() {
     hma::AveragerOptions chunked = two;
     chunked.chunk_bytes = 8192;
     add({.name = "two-level, 8 KiB pieces" + of, .options = chunked, .path = Use::two_level_piece,
-         .calls = pieces_bytes(8192), .describe = says});
+         .calls = pieces_bytes(8192), .describe = says, .splits = 0});
+    // The pipeline with every piece's across-nodes stage direction-split (threshold lowered).
+    add({.name = "two-level, 8 KiB pieces, direction split" + of, .options = chunked, .path = Use::two_level_piece,
+         .calls = pieces_bytes(8192), .describe = says, .split_min = 1,
+         .splits = two_nodes ? pieces_bytes(8192) : 0});
     add({.name = "two-level, count limit 1000" + of, .options = two, .max_count = 1000,
          .path = Use::two_level_piece, .calls = pieces(kF, 500) + pieces(kD, 500), .describe = says});
     if (thread_multiple()) {
@@ -280,6 +290,7 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
     INFO(said);
     REQUIRE_ALL_RANKS(said.find(mode.describe) != std::string::npos);
     hma::detail::set_max_count_for_testing(mode.max_count);
+    hma::detail::set_split_min_block_for_testing(mode.split_min);
     const std::vector<std::uint64_t> before = use_counts();
     std::vector<float> f = f0;
     std::vector<double> d = d0;
@@ -313,9 +324,16 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
       }
     }
     hma::detail::set_max_count_for_testing(0);
+    hma::detail::set_split_min_block_for_testing(0);
+    const std::vector<std::uint64_t> after = use_counts();
+    if (mode.splits >= 0) {
+      const auto split = static_cast<std::int64_t>(after[static_cast<std::size_t>(Use::two_level_split)] -
+                                                   before[static_cast<std::size_t>(Use::two_level_split)]);
+      INFO("direction-split exchange ran " << split << " times, expected " << mode.splits);
+      REQUIRE_ALL_RANKS(split == mode.splits);
+    }
     // The mode really took its path, split into the expected number of MPI calls.
     if (mode.path) {
-      const std::vector<std::uint64_t> after = use_counts();
       const auto took = static_cast<std::int64_t>(after[static_cast<std::size_t>(*mode.path)] -
                                                   before[static_cast<std::size_t>(*mode.path)]);
       INFO("path " << static_cast<int>(*mode.path) << " ran " << took << " times, expected " << mode.calls);

@@ -25,9 +25,9 @@ struct Route {
   std::size_t ring_min_block = 0;
   const Hierarchy::TwoLevel* two = nullptr;  // non-null: two-level over these
   int per_node = 0;                          // two-level: ranks per node
-  // two-level across two nodes: blocks of at least this many bytes take the direction-split
-  // exchange, smaller ones MPI_Allreduce (one message each way, latency-bound)
-  std::size_t split_min_block = std::size_t{64} << 10;
+  // two-level blocking: pieces of at most this many bytes, pipelined (the network works on one
+  // while the node reduces the next and gathers the previous)
+  std::size_t two_level_piece_bytes = std::size_t{1} << 20;
   int level = 0;                             // for the timeline
   std::int64_t step = 0;
 };

@@ -44,46 +44,86 @@ void sum_across_two_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
 
 }  // namespace
 
+// Blocking, pipelined over pieces: while piece p crosses the network (blocking point-to-point
+// or MPI_Allreduce, whose progress also drives the non-blocking collectives in flight), the
+// reduce-scatter of piece p+1 and the allgather of piece p-1 run within the node. Three slots
+// of scratch rotate; the collectives on the node's communicator are issued in the same order on
+// every rank (RS 0, RS 1, AG 0, RS 2, AG 1, ...).
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Route& route) {
   const Scaler<T> s(route.group);
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const std::size_t L = static_cast<std::size_t>(route.per_node);
-  const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(T), max_count() / 2);
+  const std::size_t total = b.size();
+  if (total == 0) return;
+  // At least four pieces where that keeps them >= 256 KiB, so that small averages pipeline too.
+  const std::size_t quarter = std::max(total * sizeof(T) / 4, std::size_t{256} << 10);
+  const std::size_t piece = piece_elems(std::min({route.chunk_bytes == 0 ? quarter : route.chunk_bytes,
+                                                  route.two_level_piece_bytes, quarter}),
+                                        sizeof(T), max_count() / 2);
   const bool two_nodes = route.two->inter.size() == 2;
-  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
-    const std::size_t hi = std::min(lo + piece, b.size()), N = hi - lo;
-    const std::size_t blk = (N + L - 1) / L;
+  const std::size_t P = (total + piece - 1) / piece;
+  const std::size_t bmax = (std::min(piece, total) + L - 1) / L;  // the largest block
+  constexpr std::size_t kSlots = 3;
+  const std::size_t sstride = bmax * (L + 1);  // a slot: L blocks + what the node across sends
+  b.send.resize(sstride * std::min(P, kSlots));
+  b.recv.resize(bmax * std::min(P, kSlots));
+  struct Slot {
+    std::size_t lo = 0, hi = 0, blk = 0;
+    MPI_Request rs = MPI_REQUEST_NULL, ag = MPI_REQUEST_NULL;
+  };
+  Slot slot[kSlots];
+  auto S = [&](std::size_t p) { return b.send.data() + (p % kSlots) * sstride; };
+  auto R = [&](std::size_t p) { return b.recv.data() + (p % kSlots) * bmax; };
+  auto start_rs = [&](std::size_t p) {
+    Slot& q = slot[p % kSlots];
+    q.lo = p * piece;
+    q.hi = std::min(q.lo + piece, total);
+    q.blk = (q.hi - q.lo + L - 1) / L;
     count_use(Use::two_level_piece);
-    TimelineScope t("two-level allreduce", route.level, route.step, N * sizeof(T), route.group);
-    b.send.resize(blk * (L + 1));  // the last block: what the node across sends
-    b.recv.resize(blk);
-    T* S = b.send.data();
-    scale_out(b, lo, hi, s, S);
-    std::fill(S + N, S + blk * L, T(0));
-    const int c = static_cast<int>(blk);
+    scale_out(b, q.lo, q.hi, s, S(p));
+    std::fill(S(p) + (q.hi - q.lo), S(p) + q.blk * L, T(0));
+    check(MPI_Ireduce_scatter_block(S(p), R(p), static_cast<int>(q.blk), mpi_type<T>(), MPI_SUM,
+                                    intra, &q.rs),
+          "MPI_Ireduce_scatter_block(two-level, within the node)");
+  };
+  auto finish_ag = [&](std::size_t p) {
+    Slot& q = slot[p % kSlots];
     {
-      TimelineScope st("reduce-scatter within the node", route.level, route.step, N * sizeof(T), route.group);
-      check(MPI_Reduce_scatter_block(S, b.recv.data(), c, mpi_type<T>(), MPI_SUM, intra),
-            "MPI_Reduce_scatter_block(two-level, within the node)");
+      TimelineScope st("allgather within the node (wait)", route.level, route.step,
+                       (q.hi - q.lo) * sizeof(T), route.group);
+      check(MPI_Wait(&q.ag, MPI_STATUS_IGNORE), "MPI_Iallgather(two-level, within the node)");
+    }
+    copy_back(b, q.lo, q.hi, S(p));
+  };
+  TimelineScope t("two-level allreduce", route.level, route.step, total * sizeof(T), route.group);
+  start_rs(0);
+  for (std::size_t p = 0; p < P; ++p) {
+    Slot& q = slot[p % kSlots];
+    if (p + 1 < P) {
+      if (p + 1 >= kSlots) finish_ag(p + 1 - kSlots);  // the slot piece p+1 reuses
+      start_rs(p + 1);
     }
     {
-      TimelineScope st("sum across nodes", route.level, route.step, blk * sizeof(T), route.group);
-      if (two_nodes && blk * sizeof(T) >= route.split_min_block) {
+      TimelineScope st("reduce-scatter within the node (wait)", route.level, route.step,
+                       (q.hi - q.lo) * sizeof(T), route.group);
+      check(MPI_Wait(&q.rs, MPI_STATUS_IGNORE), "MPI_Ireduce_scatter_block(two-level, within the node)");
+    }
+    {
+      TimelineScope st("sum across nodes", route.level, route.step, q.blk * sizeof(T), route.group);
+      if (two_nodes && q.blk * sizeof(T) >= split_min_block()) {
         count_use(Use::two_level_split);
-        sum_across_two_nodes(b.recv.data(), blk, route, S + blk * L);
+        sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L);
       } else {
-        check(MPI_Allreduce(MPI_IN_PLACE, b.recv.data(), c, mpi_type<T>(), MPI_SUM, inter),
+        check(MPI_Allreduce(MPI_IN_PLACE, R(p), static_cast<int>(q.blk), mpi_type<T>(), MPI_SUM, inter),
               "MPI_Allreduce(two-level, across nodes)");
       }
     }
-    {
-      TimelineScope st("allgather within the node", route.level, route.step, N * sizeof(T), route.group);
-      check(MPI_Allgather(b.recv.data(), c, mpi_type<T>(), S, c, mpi_type<T>(), intra),
-            "MPI_Allgather(two-level, within the node)");
-    }
-    copy_back(b, lo, hi, S);
+    check(MPI_Iallgather(R(p), static_cast<int>(q.blk), mpi_type<T>(), S(p), static_cast<int>(q.blk),
+                         mpi_type<T>(), intra, &q.ag),
+          "MPI_Iallgather(two-level, within the node)");
   }
+  for (std::size_t p = P > kSlots ? P - kSlots : 0; p < P; ++p) finish_ag(p);
 }
 
 template void two_level_blocking(Bucket<float>&, const Route&);

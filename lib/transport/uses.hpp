@@ -3,6 +3,7 @@
 // just that the values came out right. Relaxed atomic counters: free next to an MPI call.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace hma::detail {
@@ -21,6 +22,12 @@ enum class Use : int {
 };
 
 void count_use(Use u) noexcept;
+
+/// Two-level across two nodes: blocks of at least this many bytes take the direction-split
+/// exchange, smaller ones MPI_Allreduce (one message each way: latency-bound). 64 KiB.
+std::size_t split_min_block() noexcept;
+/// Tests: lowers or raises that threshold (0 restores the default).
+void set_split_min_block_for_testing(std::size_t bytes) noexcept;
 std::uint64_t uses(Use u) noexcept;
 
 }  // namespace hma::detail
