@@ -157,11 +157,12 @@ std::vector<Mode> modes() {
     two.hierarchy.ranks_per_node = node;
     two.chunk_bytes = 0;
     const std::string says = "algorithm: two-level (HMA_ALGORITHM=two_level)";
-    // Across two nodes, blocks >= 64 KiB take the direction-split exchange: at nodes of 2 both
-    // buckets' blocks (80 KiB) do; smaller ones go to MPI_Allreduce.
-    const bool two_nodes = size() / node == 2;
+    // Across an even number of nodes, blocks >= 64 KiB are summed direction-split (an exchange
+    // at 2 nodes, a ring at 4): at nodes of 2 both buckets' blocks (80 KiB) are; smaller ones,
+    // and odd numbers of nodes, go to MPI_Allreduce.
+    const bool even_nodes = (size() / node) % 2 == 0;
     add({.name = "two-level" + of, .options = two, .path = Use::two_level_piece, .calls = 2, .describe = says,
-         .splits = two_nodes && node == 2 ? 2 : 0});
+         .splits = even_nodes && node == 2 ? 2 : 0});
     add({.name = "two-level, packed arrays" + of, .options = two, .scattered = true, .path = Use::two_level_piece,
          .calls = 2, .describe = says});
     add({.name = "two-level start/wait" + of, .options = two, .start = true, .path = Use::two_level_start,
@@ -175,7 +176,7 @@ std::vector<Mode> modes() {
     // The pipeline with every piece's across-nodes stage direction-split (threshold lowered).
     add({.name = "two-level, 8 KiB pieces, direction split" + of, .options = chunked, .path = Use::two_level_piece,
          .calls = pieces_bytes(8192), .describe = says, .split_min = 1,
-         .splits = two_nodes ? pieces_bytes(8192) : 0});
+         .splits = even_nodes ? pieces_bytes(8192) : 0});
     add({.name = "two-level, count limit 1000" + of, .options = two, .max_count = 1000,
          .path = Use::two_level_piece, .calls = pieces(kF, 500) + pieces(kD, 500), .describe = says});
     if (thread_multiple()) {

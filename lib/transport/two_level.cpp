@@ -42,6 +42,54 @@ void sum_across_two_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
   }
 }
 
+// The same idea across an even number N >= 4 of nodes: a ring over the ranks of equal node-local
+// rank (reduce-scatter, then allgather, N - 1 steps each), every step in two phases. A rank on
+// an even node sends first and then receives, one on an odd node the other way round, swapped
+// for odd node-local ranks: in each phase every process only sends or only receives, and half
+// the processes of every node send while the other half receive. Each node's link carries
+// 2 (N - 1) / N of the bytes each way, the bound for an allreduce across N nodes. Every block is
+// summed in ring order once and then passed around: all ranks hold the same bits.
+template <Element T>
+void sum_across_even_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
+  const MPI_Comm inter = route.two->inter.get();
+  const int N = route.two->inter.size(), me = route.two->inter.rank();
+  const int right = (me + 1) % N, left = (me + N - 1) % N;
+  const bool sends_first = (me % 2 == 0) == (route.two->intra.rank() % 2 == 0);
+  constexpr int kTag = 0x686f;
+  auto blk = [&](int i) {
+    i = ((i % N) + N) % N;
+    return std::pair<std::size_t, std::size_t>(block_start(n, N, i), block_start(n, N, i + 1));
+  };
+  auto step = [&](const T* out, std::size_t out_n, T* in, std::size_t in_n) {
+    auto snd = [&] {
+      check(MPI_Send(out, static_cast<int>(out_n), mpi_type<T>(), right, kTag, inter),
+            "MPI_Send(two-level ring, across nodes)");
+    };
+    auto rcv = [&] {
+      check(MPI_Recv(in, static_cast<int>(in_n), mpi_type<T>(), left, kTag, inter, MPI_STATUS_IGNORE),
+            "MPI_Recv(two-level ring, across nodes)");
+    };
+    if (sends_first) {
+      snd();
+      rcv();
+    } else {
+      rcv();
+      snd();
+    }
+  };
+  for (int k = 0; k < N - 1; ++k) {  // reduce-scatter: send block me-k, add block me-k-1
+    const auto [s0, s1] = blk(me - k);
+    const auto [r0, r1] = blk(me - k - 1);
+    step(x + s0, s1 - s0, tmp, r1 - r0);
+    for (std::size_t i = r0; i < r1; ++i) x[i] = tmp[i - r0] + x[i];
+  }
+  for (int k = 0; k < N - 1; ++k) {  // allgather: this rank owns block me+1
+    const auto [s0, s1] = blk(me + 1 - k);
+    const auto [r0, r1] = blk(me - k);
+    step(x + s0, s1 - s0, x + r0, r1 - r0);
+  }
+}
+
 }  // namespace
 
 // Blocking, pipelined over pieces: while piece p crosses the network (blocking point-to-point
@@ -61,7 +109,7 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
   const std::size_t piece = piece_elems(std::min({route.chunk_bytes == 0 ? quarter : route.chunk_bytes,
                                                   route.two_level_piece_bytes, quarter}),
                                         sizeof(T), max_count() / 2);
-  const bool two_nodes = route.two->inter.size() == 2;
+  const int nodes = route.two->inter.size();
   const std::size_t P = (total + piece - 1) / piece;
   const std::size_t bmax = (std::min(piece, total) + L - 1) / L;  // the largest block
   constexpr std::size_t kSlots = 3;
@@ -111,9 +159,10 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
     }
     {
       TimelineScope st("sum across nodes", route.level, route.step, q.blk * sizeof(T), route.group);
-      if (two_nodes && q.blk * sizeof(T) >= split_min_block()) {
+      if (nodes % 2 == 0 && q.blk * sizeof(T) >= split_min_block()) {
         count_use(Use::two_level_split);
-        sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L);
+        if (nodes == 2) sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L);
+        else sum_across_even_nodes(R(p), q.blk, route, S(p) + q.blk * L);
       } else {
         check(MPI_Allreduce(MPI_IN_PLACE, R(p), static_cast<int>(q.blk), mpi_type<T>(), MPI_SUM, inter),
               "MPI_Allreduce(two-level, across nodes)");

@@ -12,7 +12,7 @@ enum class Use : int {
   allreduce_piece,    // divide + blocking MPI_Allreduce, per call
   ring_piece,         // hma's ring (blocking), per piece
   two_level_piece,    // two-level blocking (reduce-scatter, allreduce, allgather), per piece
-  two_level_split,    // ... whose across-nodes stage was the direction-split exchange, per piece
+  two_level_split,    // ... whose across-nodes stage was direction-split (exchange or ring), per piece
   iallreduce,         // non-blocking flat MPI_Iallreduce, per call
   two_level_start,    // non-blocking two-level, per average
   device_direct,      // device pointers to MPI (blocking or on the worker), per call
@@ -23,8 +23,8 @@ enum class Use : int {
 
 void count_use(Use u) noexcept;
 
-/// Two-level across two nodes: blocks of at least this many bytes take the direction-split
-/// exchange, smaller ones MPI_Allreduce (one message each way: latency-bound). 64 KiB.
+/// Two-level across an even number of nodes: blocks of at least this many bytes take the
+/// direction-split exchange (2 nodes) or ring (4, 6, ...), smaller ones MPI_Allreduce. 64 KiB.
 std::size_t split_min_block() noexcept;
 /// Tests: lowers or raises that threshold (0 restores the default).
 void set_split_min_block_for_testing(std::size_t bytes) noexcept;
