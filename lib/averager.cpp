@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "control/agree.hpp"
+#include "control/model.hpp"
 #include "hma/error.hpp"
 #include "pending.hpp"
 #include "support/log.hpp"
@@ -151,6 +152,8 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   r.ring_min_block = settings_.ring_min_block_bytes;
   r.two = use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
   r.per_node = hierarchy_.ranks_per_node();
+  if (r.two != nullptr)
+    r.split_min_piece = detail::split_min_piece(settings_.model, {r.group / r.per_node, r.per_node});
   r.level = static_cast<int>(level);
   r.step = step_;
   if (detail::log_enabled(detail::LogLevel::debug))
@@ -224,7 +227,24 @@ bool Averager::use_two_level(std::size_t level, std::size_t bytes) const {
       break;
   }
   // Emulated nodes share one machine's memory: splitting the reduction buys nothing there.
-  return !hierarchy_.emulated_nodes() && bytes >= AveragerOptions::kTwoLevelMinBytes;
+  return !hierarchy_.emulated_nodes() && bytes >= two_level_from(level);
+}
+
+std::size_t Averager::two_level_from(std::size_t level) const {
+  const int L = hierarchy_.ranks_per_node();
+  if (L <= 0) return SIZE_MAX;
+  const detail::Shape shape{schedule_.levels()[level].group_size / L, L};
+  // The smallest power of two from which two-level stays predicted faster up to 1 GiB.
+  std::size_t from = SIZE_MAX;
+  for (std::size_t b = std::size_t{1} << 30; b >= 1024; b /= 2) {
+    const double x = static_cast<double>(b);
+    if (detail::predict_two_level_us(settings_.model, shape, x, settings_.chunk_bytes) <
+        detail::predict_flat_us(settings_.model, shape, x))
+      from = b;
+    else
+      break;
+  }
+  return from == 1024 ? 0 : from;
 }
 
 }  // namespace hma

@@ -3,8 +3,9 @@
 #include <cstdio>
 
 #include "control/agree.hpp"
-#include "control/settings.hpp"
 #include "control/device_path.hpp"
+#include "control/model.hpp"
+#include "control/settings.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
 #include "pending.hpp"
@@ -126,11 +127,19 @@ std::string Averager::algorithm_line(std::size_t i) const {
            "size in contiguous rank blocks, but " + why + "\n";
   }
   const bool at_all = a != Algorithm::flat && (a == Algorithm::two_level || !hierarchy_.emulated_nodes());
-  return std::string("    algorithm: ") +
-         (!at_all ? "flat (HMA_ALGORITHM=flat, or auto on emulated nodes that share memory)"
-          : a == Algorithm::two_level ? "two-level (HMA_ALGORITHM=two_level)"
-                                      : "two-level from 64 KiB (auto), flat below") +
-         "\n";
+  std::string chosen;
+  if (!at_all) {
+    chosen = "flat (HMA_ALGORITHM=flat, or auto on emulated nodes that share memory)";
+  } else if (a == Algorithm::two_level) {
+    chosen = "two-level (HMA_ALGORITHM=two_level)";
+  } else {
+    const std::size_t from = two_level_from(i);
+    chosen = from == SIZE_MAX ? "flat at every size (auto"
+             : from == 0      ? "two-level at every size (auto"
+                              : "two-level from " + detail::format_bytes(from) + " (auto";
+    chosen += ", cost model: " + settings_.model_source + ")" + (from != SIZE_MAX && from != 0 ? ", flat below" : "");
+  }
+  return "    algorithm: " + chosen + "\n";
 }
 
 std::string Averager::describe() const {

@@ -208,12 +208,20 @@ std::vector<Mode> modes() {
 
   // Real nodes (tools/cluster: one network namespace per node, TCP between them), found through
   // shared memory, not emulated. In contiguous blocks of equal nodes the automatic choice takes
-  // two-level from 64 KiB; on unequal or round-robin nodes (HMA_EXPECT_LAYOUT) two-level is
+  // two-level (the cost model's choice); on unequal or round-robin nodes (HMA_EXPECT_LAYOUT) two-level is
   // impossible: flat, and describe() says why where two-level was asked for.
   if (std::getenv("HMA_EXPECT_NODES") != nullptr) {
     const std::string layout = cluster_layout();
-    if (layout == "blocks") {
-      const std::string auto_two = "algorithm: two-level from 64 KiB (auto), flat below";
+    const char* model = std::getenv("HMA_MODEL");
+    if (layout == "blocks" && model != nullptr) {
+      // A calibration where MPI_Allreduce moves bytes 1000x faster than the link: auto follows
+      // the model and stays flat (the `two-level` modes above force it and still run).
+      const std::string flat = std::string("algorithm: flat at every size (auto, cost model: ") + model + ")";
+      add({.name = "real nodes, auto under a calibration that favours flat", .options = mpi0,
+           .path = Use::allreduce_piece, .calls = 2, .describe = flat});
+    } else if (layout == "blocks") {
+      // The cost model's defaults predict two-level faster at every size across 2 nodes.
+      const std::string auto_two = "algorithm: two-level at every size (auto, cost model: defaults)";
       add({.name = "real nodes, auto: two-level", .options = {}, .path = Use::two_level_piece, .calls = 2,
            .describe = auto_two});
       add({.name = "real nodes, auto, start/wait: two-level", .options = {}, .start = true,

@@ -107,8 +107,10 @@ enum class NonFinite {
 
 /// How a level whose groups span several whole nodes reduces.
 enum class Algorithm {
-  /// two_level for buffers of at least kTwoLevelMinBytes on real (detected) nodes; flat on
-  /// emulated nodes (HMA_RANKS_PER_NODE), which share one machine's memory.
+  /// On real (detected) nodes: two_level for the sizes where hma's cost model predicts it faster
+  /// than flat (HMA_MODEL names a calibration from `hma-model calibrate`; else defaults for a
+  /// 10 Gbit/s TCP network); describe() says from which size. Flat on emulated nodes
+  /// (HMA_RANKS_PER_NODE), which share one machine's memory.
   automatic,
   /// One allreduce over the whole group.
   flat,
@@ -178,7 +180,6 @@ struct AveragerOptions {
   /// nullopt: the environment variable HMA_ALGORITHM (auto, flat or two_level), default auto.
   /// Levels within one node, or whose groups are not whole nodes, are always flat.
   std::optional<Algorithm> algorithm;
-  static constexpr std::size_t kTwoLevelMinBytes = std::size_t{64} << 10;
   /// nullopt: the environment variable HMA_REDUCTION (auto, mpi or ring), default auto.
   std::optional<Reduction> reduction;
   static constexpr std::size_t kDefaultRingMinBlockBytes = std::size_t{64} << 10;
@@ -201,6 +202,17 @@ struct AveragerOptions {
 };
 
 namespace detail {
+/// The cost model's link parameters (control/model.hpp): defaults, or a calibration file named
+/// by HMA_MODEL (written by `hma-model calibrate`).
+struct LinkModel {
+  double inter_alpha_us = 20;        // across nodes: per message
+  double inter_bytes_per_s = 1.25e9;  // across nodes: one way, one process (10 Gbit/s)
+  double inter_duplex = 0.5;         // rate each way when one process sends and receives at once
+  double intra_alpha_us = 5;         // within a node: a reduce-scatter + allgather pair
+  double intra_bytes_per_s = 2e9;    // ... bytes of the buffer per second
+  double flat_bytes_per_s = 0.625e9; // MPI_Allreduce over the group: bytes per node across
+};
+
 /// The options resolved against the environment on one rank (control/settings.cpp), then
 /// checked to agree across ranks.
 struct Settings {
@@ -216,6 +228,8 @@ struct Settings {
   std::size_t staging_slots = AveragerOptions::kDefaultStagingSlots;
   int ranks_per_node = 0;
   DeviceDivision device_division = DeviceDivision::divide;
+  LinkModel model;
+  std::string model_source = "defaults";  // "defaults" or the HMA_MODEL file
 };
 }  // namespace detail
 
@@ -338,6 +352,9 @@ class Averager {
   // only tests, and leaks the communicators of what is still in flight.
   void finish_all() noexcept;
   bool use_two_level(std::size_t level, std::size_t bytes) const;
+  // auto: the smallest size from which the cost model predicts two-level faster than flat at
+  // `level` (SIZE_MAX: never), for groups of whole nodes.
+  std::size_t two_level_from(std::size_t level) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;
   std::string algorithm_line(std::size_t level) const;

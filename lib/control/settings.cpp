@@ -2,11 +2,13 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
 
 #include "control/agree.hpp"
+#include "control/model.hpp"
 #include "hma/error.hpp"
 #include "support/env.hpp"
 #include "support/log.hpp"
@@ -53,6 +55,10 @@ Settings resolve_settings(const AveragerOptions& o) {
   s.ring_min_block_bytes =
       env_bytes("HMA_RING_MIN_BLOCK_BYTES", AveragerOptions::kDefaultRingMinBlockBytes);
   s.timeout_s = resolve_timeout(o.timeout_s);
+  if (const char* m = std::getenv("HMA_MODEL"); m != nullptr && *m != 0) {
+    s.model = read_link_model(m);
+    s.model_source = m;
+  }
   s.nonfinite = o.nonfinite ? *o.nonfinite
                             : env_choice("HMA_NONFINITE", NonFinite::ignore,
                                          {{"off", NonFinite::ignore},
@@ -105,6 +111,14 @@ DevicePlan resolve_device_plan(const AveragerOptions& o, const Settings& s) {
   return choose_device_plan(in);
 }
 
+namespace {
+std::uint64_t bits(double x) {
+  std::uint64_t b = 0;
+  std::memcpy(&b, &x, sizeof x);
+  return b;
+}
+}  // namespace
+
 void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
   std::uint64_t timeout_bits = 0;
   // Every "no limit" (0, -0, inf, > 1e9 s: see deadline_after) compares as 0.
@@ -122,7 +136,13 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              static_cast<std::uint64_t>(s.device_division),
                              plan.blocking_direct ? 1u : 0u,
                              static_cast<std::uint64_t>(plan.nonblocking),
-                             s.staging_chunk_bytes};
+                             s.staging_chunk_bytes,
+                             bits(s.model.inter_alpha_us),
+                             bits(s.model.inter_bytes_per_s),
+                             bits(s.model.inter_duplex),
+                             bits(s.model.intra_alpha_us),
+                             bits(s.model.intra_bytes_per_s),
+                             bits(s.model.flat_bytes_per_s)};
   check_same(comm, v, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
     char secs[40];
     std::snprintf(secs, sizeof secs, "%.17g", t);
@@ -134,7 +154,8 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
            std::to_string(static_cast<int>(s.nonfinite)) + ", check " + (s.check ? "on" : "off") +
            ", timeout " + secs + " s, ranks per node " + std::to_string(s.ranks_per_node) + ", " +
            plan.why + ", staging chunk bytes " + std::to_string(s.staging_chunk_bytes) +
-           ", device division " + (s.device_division == DeviceDivision::divide ? "divide" : "reciprocal");
+           ", device division " + (s.device_division == DeviceDivision::divide ? "divide" : "reciprocal") +
+           ", cost model " + s.model_source + " (" + format_link_model(s.model) + ")";
   });
 }
 

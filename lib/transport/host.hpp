@@ -25,9 +25,9 @@ struct Route {
   std::size_t ring_min_block = 0;
   const Hierarchy::TwoLevel* two = nullptr;  // non-null: two-level over these
   int per_node = 0;                          // two-level: ranks per node
-  // two-level blocking: pieces of at most this many bytes, pipelined (the network works on one
-  // while the node reduces the next and gathers the previous)
-  std::size_t two_level_piece_bytes = std::size_t{1} << 20;
+  // two-level across an even number of nodes: pieces of at least this many bytes are summed
+  // direction-split, smaller ones with MPI_Allreduce (the cost model's choice)
+  std::size_t split_min_piece = SIZE_MAX;
   int level = 0;                             // for the timeline
   std::int64_t step = 0;
 };

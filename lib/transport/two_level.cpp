@@ -97,6 +97,12 @@ void sum_across_even_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
 // reduce-scatter of piece p+1 and the allgather of piece p-1 run within the node. Three slots
 // of scratch rotate; the collectives on the node's communicator are issued in the same order on
 // every rank (RS 0, RS 1, AG 0, RS 2, AG 1, ...).
+std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes) {
+  // At least four pieces where that keeps them >= 256 KiB, so that small averages pipeline too.
+  const std::size_t quarter = std::max(bytes / 4, std::size_t{256} << 10);
+  return std::min({chunk_bytes == 0 ? quarter : chunk_bytes, std::size_t{1} << 20, quarter});
+}
+
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Route& route) {
   const Scaler<T> s(route.group);
@@ -104,11 +110,8 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
   const std::size_t L = static_cast<std::size_t>(route.per_node);
   const std::size_t total = b.size();
   if (total == 0) return;
-  // At least four pieces where that keeps them >= 256 KiB, so that small averages pipeline too.
-  const std::size_t quarter = std::max(total * sizeof(T) / 4, std::size_t{256} << 10);
-  const std::size_t piece = piece_elems(std::min({route.chunk_bytes == 0 ? quarter : route.chunk_bytes,
-                                                  route.two_level_piece_bytes, quarter}),
-                                        sizeof(T), max_count() / 2);
+  const std::size_t piece =
+      piece_elems(two_level_piece_bytes(total * sizeof(T), route.chunk_bytes), sizeof(T), max_count() / 2);
   const int nodes = route.two->inter.size();
   const std::size_t P = (total + piece - 1) / piece;
   const std::size_t bmax = (std::min(piece, total) + L - 1) / L;  // the largest block
@@ -159,7 +162,9 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
     }
     {
       TimelineScope st("sum across nodes", route.level, route.step, q.blk * sizeof(T), route.group);
-      if (nodes % 2 == 0 && q.blk * sizeof(T) >= split_min_block()) {
+      const std::size_t forced = split_min_block_override();
+      if (nodes % 2 == 0 && (forced != 0 ? q.blk * sizeof(T) >= forced
+                                         : (q.hi - q.lo) * sizeof(T) >= route.split_min_piece)) {
         count_use(Use::two_level_split);
         if (nodes == 2) sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L);
         else sum_across_even_nodes(R(p), q.blk, route, S(p) + q.blk * L);

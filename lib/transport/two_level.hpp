@@ -3,11 +3,18 @@
 // allgather within the node. Only 1/L of the bytes cross the network from each rank.
 #pragma once
 
+#include <cstddef>
+
 #include "transport/host.hpp"
 
 namespace hma::detail {
 
-/// Blocking, in pieces of route.chunk_bytes.
+/// The piece size (bytes) of the blocking two-level pipeline for a bucket of `bytes`: at most
+/// 1 MiB, at least four pieces where that keeps them >= 256 KiB, at most `chunk_bytes` when
+/// non-zero. The cost model (control/model.hpp) cuts its predictions the same way.
+std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes);
+
+/// Blocking, pipelined in pieces of two_level_piece_bytes().
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Route& route);
 

@@ -12,16 +12,15 @@ namespace hma::detail {
 namespace {
 std::atomic<std::size_t> g_max_count{kMaxCount};
 std::atomic<std::uint64_t> g_uses[static_cast<int>(Use::count_)];
-constexpr std::size_t kSplitMinBlock = std::size_t{64} << 10;
-std::atomic<std::size_t> g_split_min{kSplitMinBlock};
+std::atomic<std::size_t> g_split_min{0};
 }  // namespace
 
 void count_use(Use u) noexcept { g_uses[static_cast<int>(u)].fetch_add(1, std::memory_order_relaxed); }
 std::uint64_t uses(Use u) noexcept { return g_uses[static_cast<int>(u)].load(std::memory_order_relaxed); }
 
-std::size_t split_min_block() noexcept { return g_split_min.load(std::memory_order_relaxed); }
+std::size_t split_min_block_override() noexcept { return g_split_min.load(std::memory_order_relaxed); }
 void set_split_min_block_for_testing(std::size_t bytes) noexcept {
-  g_split_min.store(bytes == 0 ? kSplitMinBlock : bytes, std::memory_order_relaxed);
+  g_split_min.store(bytes, std::memory_order_relaxed);
 }
 
 std::size_t max_count() { return g_max_count.load(std::memory_order_relaxed); }

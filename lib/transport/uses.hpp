@@ -23,10 +23,9 @@ enum class Use : int {
 
 void count_use(Use u) noexcept;
 
-/// Two-level across an even number of nodes: blocks of at least this many bytes take the
-/// direction-split exchange (2 nodes) or ring (4, 6, ...), smaller ones MPI_Allreduce. 64 KiB.
-std::size_t split_min_block() noexcept;
-/// Tests: lowers or raises that threshold (0 restores the default).
+/// Tests: a block size (bytes per rank) from which two-level across an even number of nodes
+/// sums direction-split, instead of the cost model's choice (0: the model decides).
+std::size_t split_min_block_override() noexcept;
 void set_split_min_block_for_testing(std::size_t bytes) noexcept;
 std::uint64_t uses(Use u) noexcept;
 
