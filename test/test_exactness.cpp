@@ -166,9 +166,12 @@ std::vector<Mode> modes() {
     add({.name = "two-level, packed arrays" + of, .options = two, .scattered = true, .path = Use::two_level_piece,
          .calls = 2, .describe = says});
     add({.name = "two-level start/wait" + of, .options = two, .start = true, .path = Use::two_level_start,
-         .describe = says});
+         .describe = says, .splits = even_nodes && node == 2 ? 2 : 0});
     add({.name = "two-level start/wait, packed arrays" + of, .options = two, .start = true, .scattered = true,
-         .path = Use::two_level_start, .describe = says});
+         .path = Use::two_level_start, .describe = says, .splits = even_nodes && node == 2 ? 2 : 0});
+    // The non-blocking direction split (exchange at 2 nodes, ring at 4) for every bucket.
+    add({.name = "two-level start/wait, direction split" + of, .options = two, .start = true,
+         .path = Use::two_level_start, .describe = says, .split_min = 1, .splits = even_nodes ? 2 : 0});
     hma::AveragerOptions chunked = two;
     chunked.chunk_bytes = 8192;
     add({.name = "two-level, 8 KiB pieces" + of, .options = chunked, .path = Use::two_level_piece,

@@ -60,6 +60,78 @@ def plot_average(rows, out, title):
     print("wrote", out)
 
 
+def shape_of(path):
+    """(nodes, ranks per node) from a name like cluster_4x2.csv, else None."""
+    import re
+    m = re.search(r"(\d+)x(\d+)", os.path.basename(path))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def plot_cluster(rows, out, title, shape, link):
+    """Flat, two-level and bare MPI_Allreduce against the wire bound: the bytes each node must
+    send across once, 2 (N-1)/N S (S for 2 nodes), at the link rate."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    nodes = shape[0] if shape else 2
+    fig, ax = plt.subplots(figsize=(6, 4))
+    styles = {"bare_allreduce": ("k", "--", "bare MPI_Allreduce"),
+              "hma_flat": ("tab:orange", "-", "hma flat"),
+              "hma_two_level": ("tab:blue", "-", "hma two-level")}
+    xs = sorted({float(r["bytes"]) for r in rows})
+    for variant, (color, ls, label) in styles.items():
+        if variant in by:
+            pts = sorted((float(r["bytes"]), float(r["median_us"]) / 1e3) for r in by[variant])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, ls=ls, marker="o", label=label)
+    ax.plot(xs, [2 * (nodes - 1) / nodes * x / link * 1e3 for x in xs], color="tab:green", ls=":",
+            label=f"wire bound ({link * 8 / 1e9:g} Gbit/s)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([human(x) for x in xs], fontsize=8)
+    ax.set_xlabel("buffer size")
+    ax.set_ylabel("ms per average (median, slowest rank)")
+    where = f"{shape[0]} nodes x {shape[1]} ranks" if shape else "cluster"
+    ax.set_title(f"emulated cluster, {where}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print("wrote", out)
+
+
+def plot_model(rows, out, title):
+    """Predicted against measured (tools/model-check), the +-20 % band around equality."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    marks = {"flat": "s", "two-level": "o"}
+    colors = {}
+    for r in rows:
+        key = (r["rate"], r["shape"])
+        colors.setdefault(key, f"C{len(colors)}")
+    for (rate, shape), color in colors.items():
+        for alg, mk in marks.items():
+            sel = [r for r in rows if r["rate"] == rate and r["shape"] == shape and r["algorithm"] == alg]
+            if sel:
+                ax.scatter([float(r["measured_us"]) / 1e3 for r in sel], [float(r["predicted_us"]) / 1e3 for r in sel],
+                           color=color, marker=mk, label=f"{rate} {shape} {alg}", s=25)
+    lo = min(min(float(r["measured_us"]), float(r["predicted_us"])) for r in rows) / 1e3 / 1.5
+    hi = max(max(float(r["measured_us"]), float(r["predicted_us"])) for r in rows) / 1e3 * 1.5
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.fill_between([lo, hi], [lo * 0.8, hi * 0.8], [lo * 1.2, hi * 1.2], color="k", alpha=0.08, label="+-20 %")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured ms")
+    ax.set_ylabel("predicted ms (calibrated once on 2 x 2)")
+    ax.set_title("cost model against the emulated cluster")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print("wrote", out)
+
+
 def plot_schedule(rows, out, title):
     labels = sorted({r["schedule"] for r in rows}, key=lambda s: [r["schedule"] for r in rows].index(s))
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -87,6 +159,8 @@ def main():
     ap.add_argument("csv", nargs="+", help="CSV files from hma-bench-average / hma-bench-schedule")
     ap.add_argument("-o", "--outdir", default=".")
     ap.add_argument("--title", default="")
+    ap.add_argument("--link-bytes-per-s", type=float, default=125e6,
+                    help="cluster files (two-level variants): the link rate of the wire bound")
     a = ap.parse_args()
     os.makedirs(a.outdir, exist_ok=True)
     for path in a.csv:
@@ -94,7 +168,11 @@ def main():
         if not rows:
             sys.exit(f"plot: {path} has no rows")
         base = os.path.join(a.outdir, os.path.splitext(os.path.basename(path))[0])
-        if "variant" in rows[0]:
+        if "predicted_us" in rows[0]:
+            plot_model(rows, base + ".png", a.title)
+        elif "variant" in rows[0] and any(r["variant"] == "hma_two_level" for r in rows):
+            plot_cluster(rows, base + ".png", a.title, shape_of(path), a.link_bytes_per_s)
+        elif "variant" in rows[0]:
             plot_average(rows, base + ".png", a.title)
         elif "schedule" in rows[0]:
             plot_schedule(rows, base + ".png", a.title)

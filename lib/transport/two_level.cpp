@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "hma/error.hpp"
 #include "support/timeline.hpp"
@@ -196,7 +198,10 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
   const std::size_t blk = (N + L - 1) / L;
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const Scaler<T> s(route.group);
-  b.send.resize(blk * L);
+  const int nodes = route.two->inter.size();
+  const std::size_t forced = split_min_block_override();
+  const bool split = nodes % 2 == 0 && (forced != 0 ? blk * sizeof(T) >= forced : N * sizeof(T) >= route.split_min_piece);
+  b.send.resize(blk * (split ? L + 1 : L));  // split: the last block holds what arrives from across
   b.recv.resize(blk);
   T* S = b.send.data();
   scale_out(b, 0, N, s, S);
@@ -207,13 +212,77 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
         "MPI_Ireduce_scatter_block(two-level)");
   reqs.push_back(r);
   Bucket<T>* bp = &b;  // buckets live on the heap: stable while in flight
-  later.push_back([bp, c, inter](std::vector<MPI_Request>& q) {
-    MPI_Request x = MPI_REQUEST_NULL;
-    check(MPI_Iallreduce(MPI_IN_PLACE, bp->recv.data(), c, mpi_type<T>(), MPI_SUM, inter, &x),
-          "MPI_Iallreduce(two-level)");
-    q.push_back(x);
-  });
-  later.push_back([bp, c, intra](std::vector<MPI_Request>& q) {
+  auto pending = std::make_shared<std::function<void()>>();  // an addition owed before the next stage
+  if (!split) {
+    later.push_back([bp, c, inter](std::vector<MPI_Request>& q) {
+      MPI_Request x = MPI_REQUEST_NULL;
+      check(MPI_Iallreduce(MPI_IN_PLACE, bp->recv.data(), c, mpi_type<T>(), MPI_SUM, inter, &x),
+            "MPI_Iallreduce(two-level)");
+      q.push_back(x);
+    });
+  } else {
+    // The direction split of the blocking path (sum_across_two_nodes, sum_across_even_nodes)
+    // as a chain of stages: one Isend or Irecv each, the additions run when the next stage is
+    // issued (after the receive completed).
+    count_use(Use::two_level_split);
+    const int me = route.two->inter.rank();
+    const bool sends_first = (me % 2 == 0) == (route.two->intra.rank() % 2 == 0);
+    const int right = (me + 1) % nodes, left = (me + nodes - 1) % nodes;
+    constexpr int kTag = 0x6870;
+    auto send = [bp, inter, pending](std::size_t at, std::size_t n, int to) {
+      return [=](std::vector<MPI_Request>& q) {
+        if (*pending) std::exchange(*pending, nullptr)();
+        MPI_Request x = MPI_REQUEST_NULL;
+        check(MPI_Isend(bp->recv.data() + at, static_cast<int>(n), mpi_type<T>(), to, kTag, inter, &x),
+              "MPI_Isend(two-level, across nodes)");
+        q.push_back(x);
+      };
+    };
+    // Receives n elements from `from` into the scratch block (add: then adds them into
+    // recv[at, at+n) before the next stage) or straight into recv[at, at+n).
+    auto recv = [bp, inter, pending, blk, L](std::size_t at, std::size_t n, int from, bool add) {
+      return [=](std::vector<MPI_Request>& q) {
+        if (*pending) std::exchange(*pending, nullptr)();
+        T* tmp = bp->send.data() + blk * L;
+        T* into = add ? tmp : bp->recv.data() + at;
+        MPI_Request x = MPI_REQUEST_NULL;
+        check(MPI_Irecv(into, static_cast<int>(n), mpi_type<T>(), from, kTag, inter, &x),
+              "MPI_Irecv(two-level, across nodes)");
+        q.push_back(x);
+        if (add)
+          *pending = [bp, tmp, at, n] {
+            T* y = bp->recv.data() + at;
+            for (std::size_t i = 0; i < n; ++i) y[i] = tmp[i] + y[i];
+          };
+      };
+    };
+    auto step = [&](Stage out, Stage in) {
+      later.push_back(sends_first ? out : in);
+      later.push_back(sends_first ? in : out);
+    };
+    if (nodes == 2) {
+      // The receiving side adds and sends the sum back; the sending side receives it in place.
+      if (sends_first) step(send(0, blk, 1 - me), recv(0, blk, 1 - me, false));
+      else step(send(0, blk, 1 - me), recv(0, blk, 1 - me, true));
+    } else {
+      auto sub = [&](int i) {
+        i = ((i % nodes) + nodes) % nodes;
+        return std::pair<std::size_t, std::size_t>(block_start(blk, nodes, i), block_start(blk, nodes, i + 1));
+      };
+      for (int k = 0; k < nodes - 1; ++k) {  // reduce-scatter
+        const auto [s0, s1] = sub(me - k);
+        const auto [r0, r1] = sub(me - k - 1);
+        step(send(s0, s1 - s0, right), recv(r0, r1 - r0, left, true));
+      }
+      for (int k = 0; k < nodes - 1; ++k) {  // allgather
+        const auto [s0, s1] = sub(me + 1 - k);
+        const auto [r0, r1] = sub(me - k);
+        step(send(s0, s1 - s0, right), recv(r0, r1 - r0, left, false));
+      }
+    }
+  }
+  later.push_back([bp, c, intra, pending](std::vector<MPI_Request>& q) {
+    if (*pending) std::exchange(*pending, nullptr)();
     MPI_Request x = MPI_REQUEST_NULL;
     check(MPI_Iallgather(bp->recv.data(), c, mpi_type<T>(), bp->send.data(), c, mpi_type<T>(),
                          intra, &x),
