@@ -223,8 +223,9 @@ std::vector<Mode> modes() {
       add({.name = "real nodes, auto under a calibration that favours flat", .options = mpi0,
            .path = Use::allreduce_piece, .calls = 2, .describe = flat});
     } else if (layout == "blocks") {
-      // The cost model's defaults predict two-level faster at every size across 2 nodes.
-      const std::string auto_two = "algorithm: two-level at every size (auto, cost model: defaults)";
+      // The cost model's defaults predict two-level faster across 2 nodes of 2 from 128 KiB (the
+      // direction split's floor, 64 KiB per rank); this average is 320 KiB.
+      const std::string auto_two = "algorithm: two-level from 128 KiB (auto, cost model: defaults), flat below";
       add({.name = "real nodes, auto: two-level", .options = {}, .path = Use::two_level_piece, .calls = 2,
            .describe = auto_two});
       add({.name = "real nodes, auto, start/wait: two-level", .options = {}, .start = true,

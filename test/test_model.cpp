@@ -56,9 +56,15 @@ TEST_CASE("the model's terms, computed by hand") {
   // Two-level, 4 MiB over 2 x 2: four pieces of 1 MiB, each max(across, node), plus one node term.
   const double node = 2 + MiB / 4e9 * 1e6, across = 20 + MiB / 1e9 * 1e6;
   CHECK(hma::detail::predict_two_level_us(m, {2, 2}, 4 * MiB, 4 << 20) == Approx(node + 4 * across));
-  // A buffer smaller than a piece is one piece of its own size.
+  // A buffer smaller than a piece is one piece of its own size; at 64 KiB over nodes of 2 it is
+  // under the split's 64 KiB-per-rank floor (128 KiB), so MPI_Allreduce's term, as the
+  // transport does.
   CHECK(hma::detail::predict_two_level_us(m, {2, 2}, 64 << 10, 4 << 20) ==
-        Approx(2 + 65536 / 4e9 * 1e6 + 20 + 65536 / 1e9 * 1e6));
+        Approx(2 + 65536 / 4e9 * 1e6 + 20 + 65536 / 5e8 * 1e6));
+  // 16 ranks per node: the floor is 16 x 64 KiB = 1 MiB; 2 MiB goes in 4 pieces of 512 KiB, none
+  // split.
+  const double node16 = 2 + 512 * 1024 / 4e9 * 1e6, mpi16 = 20 + 512 * 1024 / 5e8 * 1e6;
+  CHECK(hma::detail::predict_two_level_us(m, {2, 16}, 2 * MiB, 4 << 20) == Approx(node16 + 4 * mpi16));
 }
 
 TEST_CASE("the direction split where its fewer bytes outweigh its messages") {
@@ -90,6 +96,12 @@ TEST_CASE("calibration files: written, read back, and errors that name the file 
                     Catch::Matchers::Contains("line 2: unknown key `speed`"));
   CHECK_THROWS_WITH(hma::detail::read_link_model(temp_file("inter_duplex = -1\n")),
                     Catch::Matchers::Contains("line 1: expected `key = positive number`"));
+  CHECK_THROWS_WITH(hma::detail::read_link_model(temp_file("inter_bytes_per_s = 1e9 2e9\n")),
+                    Catch::Matchers::Contains("line 1: expected `key = positive number`"));
+  CHECK_THROWS_WITH(hma::detail::read_link_model(temp_file("intra_alpha_us = 1\nintra_alpha_us = 2\n")),
+                    Catch::Matchers::Contains("line 2: `intra_alpha_us` given twice"));
+  CHECK_THROWS_WITH(hma::detail::read_link_model(temp_file("inter_duplex = 1.5\n")),
+                    Catch::Matchers::Contains("inter_duplex is a fraction of the one-way rate"));
   CHECK_THROWS_WITH(hma::detail::read_link_model("/nonexistent/hma-model.txt"),
                     Catch::Matchers::Contains("cannot read the calibration file /nonexistent/hma-model.txt"));
   std::remove(path.c_str());

@@ -32,7 +32,13 @@ int main(int argc, char** argv) {
   double expect = 0;  // bits per second, 0: no expectation
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--expect-bits") == 0 && i + 1 < argc) {
-      expect = std::atof(argv[++i]);
+      char* end = nullptr;
+      expect = std::strtod(argv[++i], &end);
+      if (end == argv[i] || *end != 0 || !(expect > 0)) {
+        if (rank == 0) std::fprintf(stderr, "hma-linkcheck: --expect-bits needs a positive number, got %s\n", argv[i]);
+        MPI_Finalize();
+        return 2;
+      }
     } else {
       if (rank == 0) std::fprintf(stderr, "hma-linkcheck: unknown argument %s (usage: [--expect-bits B])\n", argv[i]);
       MPI_Finalize();

@@ -61,14 +61,6 @@ std::vector<double> parse_list(const std::string& s) {
   return v;
 }
 
-std::string label(double b) {
-  char buf[32];
-  if (b >= 1 << 30) std::snprintf(buf, sizeof buf, "%g GiB", b / (1 << 30));
-  else if (b >= 1 << 20) std::snprintf(buf, sizeof buf, "%g MiB", b / (1 << 20));
-  else std::snprintf(buf, sizeof buf, "%g KiB", b / 1024);
-  return buf;
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -101,8 +93,20 @@ int calibrate(const std::string& out) {
   MPI_Allreduce(&L, &lmin, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
   MPI_Allreduce(&L, &lmax, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   const int N = size / L;
-  if (lmin != lmax || N < 2 || (rank / L != 0 && rank / L != 1 && false)) {
-    if (rank == 0) std::fprintf(stderr, "hma-model calibrate: needs >= 2 nodes of equal size, got %d ranks, %d-%d per node\n", size, lmin, lmax);
+  // Nodes must be contiguous blocks of ranks (rank r on the node of rank r - r % L): the figures
+  // across nodes come from world ranks 0 and L, and flat's from MPI_Allreduce in that layout.
+  int leader = rank;
+  MPI_Bcast(&leader, 1, MPI_INT, 0, node);
+  const int blocks_here = leader == rank - rank % L ? 1 : 0;
+  int blocks = 0;
+  MPI_Allreduce(&blocks_here, &blocks, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (lmin != lmax || N < 2 || blocks == 0) {
+    if (rank == 0)
+      std::fprintf(stderr,
+                   "hma-model calibrate: needs >= 2 nodes of equal size in contiguous blocks of ranks "
+                   "(--map-by ppr:L:node, or tools/cluster --map slot); got %d ranks, %d-%d per node%s\n",
+                   size, lmin, lmax, blocks == 0 ? ", not in blocks" : "");
+    MPI_Comm_free(&node);
     return 2;
   }
   LinkModel m;
@@ -236,8 +240,9 @@ int main(int argc, char** argv) {
     for (double b : parse_list(bytes_list.empty() ? "64K,256K,1M,4M,16M" : bytes_list)) {
       const double f = hma::detail::predict_flat_us(m, s, b);
       const double t = hma::detail::predict_two_level_us(m, s, b, 4 << 20);
-      const double c = static_cast<double>(hma::detail::two_level_piece_bytes(static_cast<std::size_t>(b), 4 << 20));
-      const bool split = hma::detail::best_across(m, s, c) == hma::detail::Across::split;
+      const double c =
+          std::min(b, static_cast<double>(hma::detail::two_level_piece_bytes(static_cast<std::size_t>(b), 4 << 20)));
+      const bool split = c >= static_cast<double>(hma::detail::split_min_piece(m, s));
       std::printf("%.0f,%.1f,%.1f,%s,%s\n", b, f, t, split ? "split" : "mpi", t < f ? "two-level" : "flat");
     }
     return 0;

@@ -158,8 +158,9 @@ struct AveragerOptions {
   std::optional<bool> check_every_average;
   /// Blocking averages scale and reduce the buffer in pieces of this many bytes (0: one piece),
   /// so that each piece is still in cache when MPI reads it. MPI may add a piece in another
-  /// order than the whole buffer (README "Exactness"). nullopt: the environment variable
-  /// HMA_CHUNK_BYTES, else the default kDefaultChunkBytes.
+  /// order than the whole buffer (README "Exactness"). The blocking two-level average pipelines
+  /// its own pieces, at most 1 MiB and at most this size (0 sets no cap there). nullopt: the
+  /// environment variable HMA_CHUNK_BYTES, else the default kDefaultChunkBytes.
   std::optional<std::size_t> chunk_bytes;
   static constexpr std::size_t kDefaultChunkBytes = std::size_t{4} << 20;
   /// nullopt: the environment variable HMA_PROGRESS (poll or thread), default poll.

@@ -62,7 +62,8 @@ enum {
 
 typedef struct hma_options {
   double timeout_s;           /* < 0: default (HMA_TIMEOUT_S, else 1800); 0 or inf: no limit */
-  long long chunk_bytes;      /* < 0: default (HMA_CHUNK_BYTES, else 4 MiB); 0: one piece */
+  long long chunk_bytes;      /* < 0: default (HMA_CHUNK_BYTES, else 4 MiB); 0: one piece (two-level:
+                                 pieces of at most 1 MiB regardless) */
   int progress;               /* HMA_PROGRESS_* or HMA_DEFAULT */
   int reduction;              /* HMA_REDUCTION_* or HMA_DEFAULT */
   int algorithm;              /* HMA_ALGORITHM_* or HMA_DEFAULT */

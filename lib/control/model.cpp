@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "hma/error.hpp"
@@ -58,7 +59,10 @@ double predict_two_level_us(const LinkModel& m, Shape s, double bytes, std::size
   if (bytes <= 0) return 0;
   const double c = std::min(bytes, static_cast<double>(two_level_piece_bytes(static_cast<std::size_t>(bytes), chunk_bytes)));
   const double pieces = std::ceil(bytes / c);
-  const double across = predict_across_us(m, s, c, best_across(m, s, c));
+  // The transport's rule (two_level.cpp): the split from split_min_piece() on, which keeps the
+  // 64 KiB-per-rank floor.
+  const Across way = c >= static_cast<double>(split_min_piece(m, s)) ? Across::split : Across::mpi;
+  const double across = predict_across_us(m, s, c, way);
   const double node = predict_node_us(m, s.per_node, c);
   return node + pieces * std::max(across, node);
 }
@@ -78,6 +82,7 @@ LinkModel read_link_model(const std::string& path) {
   if (!in) throw InvalidArgument("hma: HMA_MODEL: cannot read the calibration file " + path);
   LinkModel m;
   std::string line;
+  std::set<std::string> seen;
   int no = 0;
   while (std::getline(in, line)) {
     ++no;
@@ -87,12 +92,19 @@ LinkModel read_link_model(const std::string& path) {
     std::istringstream ls(line);
     std::string key, eq;
     double v = 0;
-    if (!(ls >> key >> eq >> v) || eq != "=" || !(v > 0) || !std::isfinite(v))
+    std::string rest;
+    if (!(ls >> key >> eq >> v) || eq != "=" || !(v > 0) || !std::isfinite(v) || (ls >> rest))
       throw InvalidArgument("hma: HMA_MODEL " + path + " line " + std::to_string(no) +
                             ": expected `key = positive number`, got `" + line + "`");
+    if (!seen.insert(key).second)
+      throw InvalidArgument("hma: HMA_MODEL " + path + " line " + std::to_string(no) + ": `" + key +
+                            "` given twice");
+    if (key == "inter_duplex" && v > 1)
+      throw InvalidArgument("hma: HMA_MODEL " + path + " line " + std::to_string(no) +
+                            ": inter_duplex is a fraction of the one-way rate (0 < d <= 1), got `" + line + "`");
     if (key == "inter_alpha_us") m.inter_alpha_us = v;
     else if (key == "inter_bytes_per_s") m.inter_bytes_per_s = v;
-    else if (key == "inter_duplex") m.inter_duplex = std::min(v, 1.0);
+    else if (key == "inter_duplex") m.inter_duplex = v;
     else if (key == "intra_alpha_us") m.intra_alpha_us = v;
     else if (key == "intra_bytes_per_s") m.intra_bytes_per_s = v;
     else if (key == "flat_bytes_per_s") m.flat_bytes_per_s = v;
