@@ -92,19 +92,27 @@ void sum_across_even_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
   }
 }
 
+// Whether a piece of `piece_bytes` (blocks of `block_bytes` per rank) sums across nodes
+// direction-split: an even number of nodes, and the cost model's threshold (or the tests').
+bool split_across(const Route& route, std::size_t piece_bytes, std::size_t block_bytes) {
+  const std::size_t forced = split_min_block_override();
+  return route.two->inter.size() % 2 == 0 &&
+         (forced != 0 ? block_bytes >= forced : piece_bytes >= route.split_min_piece);
+}
+
 }  // namespace
 
-// Blocking, pipelined over pieces: while piece p crosses the network (blocking point-to-point
-// or MPI_Allreduce, whose progress also drives the non-blocking collectives in flight), the
-// reduce-scatter of piece p+1 and the allgather of piece p-1 run within the node. Three slots
-// of scratch rotate; the collectives on the node's communicator are issued in the same order on
-// every rank (RS 0, RS 1, AG 0, RS 2, AG 1, ...).
 std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes) {
   // At least four pieces where that keeps them >= 256 KiB, so that small averages pipeline too.
   const std::size_t quarter = std::max(bytes / 4, std::size_t{256} << 10);
   return std::min({chunk_bytes == 0 ? quarter : chunk_bytes, std::size_t{1} << 20, quarter});
 }
 
+// Blocking, pipelined over pieces: while piece p crosses the network (blocking point-to-point
+// or MPI_Allreduce, whose progress also drives the non-blocking collectives in flight), the
+// reduce-scatter of piece p+1 and the allgather of piece p-1 run within the node. Three slots
+// of scratch rotate; the collectives on the node's communicator are issued in the same order on
+// every rank (RS 0, RS 1, AG 0, RS 2, AG 1, ...).
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Route& route) {
   const Scaler<T> s(route.group);
@@ -164,9 +172,7 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
     }
     {
       TimelineScope st("sum across nodes", route.level, route.step, q.blk * sizeof(T), route.group);
-      const std::size_t forced = split_min_block_override();
-      if (nodes % 2 == 0 && (forced != 0 ? q.blk * sizeof(T) >= forced
-                                         : (q.hi - q.lo) * sizeof(T) >= route.split_min_piece)) {
+      if (split_across(route, (q.hi - q.lo) * sizeof(T), q.blk * sizeof(T))) {
         count_use(Use::two_level_split);
         if (nodes == 2) sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L);
         else sum_across_even_nodes(R(p), q.blk, route, S(p) + q.blk * L);
@@ -199,8 +205,7 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const Scaler<T> s(route.group);
   const int nodes = route.two->inter.size();
-  const std::size_t forced = split_min_block_override();
-  const bool split = nodes % 2 == 0 && (forced != 0 ? blk * sizeof(T) >= forced : N * sizeof(T) >= route.split_min_piece);
+  const bool split = split_across(route, N * sizeof(T), blk * sizeof(T));
   b.send.resize(blk * (split ? L + 1 : L));  // split: the last block holds what arrives from across
   b.recv.resize(blk);
   T* S = b.send.data();
