@@ -8,21 +8,13 @@
 // is more than 10 % away from it.
 #include <mpi.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <vector>
 
-namespace {
+#include "link_measure.hpp"
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
@@ -55,49 +47,10 @@ int main(int argc, char** argv) {
   MPI_Get_processor_name(name, &len);
   MPI_Sendrecv(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, 1 - rank, 0, other, MPI_MAX_PROCESSOR_NAME,
                MPI_CHAR, 1 - rank, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-  const int peer = 1 - rank;
-  constexpr std::size_t kSmall = 1024, kBig = std::size_t{4} << 20;
-  std::vector<char> a(kBig, 1), b(kBig, 2);
-  // Latency: ping-pong of 1 KiB, half the round trip.
-  std::vector<double> lat;
-  for (int i = 0; i < 60; ++i) {
-    const double t0 = MPI_Wtime();
-    if (rank == 0) {
-      MPI_Send(a.data(), kSmall, MPI_CHAR, peer, 1, MPI_COMM_WORLD);
-      MPI_Recv(b.data(), kSmall, MPI_CHAR, peer, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    } else {
-      MPI_Recv(b.data(), kSmall, MPI_CHAR, peer, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-      MPI_Send(a.data(), kSmall, MPI_CHAR, peer, 1, MPI_COMM_WORLD);
-    }
-    if (i >= 10) lat.push_back((MPI_Wtime() - t0) / 2);
-  }
-  // One way: rank 0 sends 4 MiB, rank 1 answers with 1 byte once it has it.
-  std::vector<double> one, both;
-  for (int i = 0; i < 7; ++i) {
-    MPI_Barrier(MPI_COMM_WORLD);
-    const double t0 = MPI_Wtime();
-    if (rank == 0) {
-      MPI_Send(a.data(), kBig, MPI_CHAR, peer, 2, MPI_COMM_WORLD);
-      MPI_Recv(b.data(), 1, MPI_CHAR, peer, 3, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    } else {
-      MPI_Recv(b.data(), kBig, MPI_CHAR, peer, 2, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-      MPI_Send(a.data(), 1, MPI_CHAR, peer, 3, MPI_COMM_WORLD);
-    }
-    if (i >= 2) one.push_back(MPI_Wtime() - t0);
-  }
-  // Both ways at once from one process.
-  for (int i = 0; i < 7; ++i) {
-    MPI_Barrier(MPI_COMM_WORLD);
-    const double t0 = MPI_Wtime();
-    MPI_Sendrecv(a.data(), kBig, MPI_CHAR, peer, 4, b.data(), kBig, MPI_CHAR, peer, 4, MPI_COMM_WORLD,
-                 MPI_STATUS_IGNORE);
-    double t = MPI_Wtime() - t0, tmax = 0;
-    MPI_Allreduce(&t, &tmax, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    if (i >= 2) both.push_back(tmax);
-  }
+  const hma_tools::LinkFigures link = hma_tools::measure_link(MPI_COMM_WORLD, 0, 1);
   int rc = 0;
   if (rank == 0) {
-    const double l = median(lat) * 1e6, bw = kBig / median(one), bw2 = kBig / median(both);
+    const double l = link.latency_s * 1e6, bw = link.one_way_Bps, bw2 = link.two_way_Bps;
     std::string verdict;
     if (expect > 0) {
       const double ratio = bw * 8 / expect;

@@ -24,6 +24,7 @@
 
 #include "control/model.hpp"
 #include "hma/schedule.hpp"
+#include "link_measure.hpp"
 
 namespace {
 
@@ -61,26 +62,6 @@ std::vector<double> parse_list(const std::string& s) {
   return v;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// Median over `reps` of the slowest rank's time of fn().
-template <class F>
-double timed(MPI_Comm comm, int reps, F fn) {
-  std::vector<double> t;
-  for (int i = 0; i < reps + 2; ++i) {
-    MPI_Barrier(comm);
-    const double t0 = MPI_Wtime();
-    fn();
-    double d = MPI_Wtime() - t0, mx = 0;
-    MPI_Allreduce(&d, &mx, 1, MPI_DOUBLE, MPI_MAX, comm);
-    if (i >= 2) t.push_back(mx);
-  }
-  return median(t);
-}
-
 int calibrate(const std::string& out) {
   int rank = 0, size = 0, L = 0, lr = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -110,39 +91,11 @@ int calibrate(const std::string& out) {
     return 2;
   }
   LinkModel m;
-  const std::size_t big = std::size_t{4} << 20, small = 1024;
-  std::vector<char> a(big, 1), b(big, 2);
   // Across nodes: world rank 0 and rank L (the first rank of the next node, ranks in blocks).
-  const bool pair = rank == 0 || rank == L;
-  const int peer = rank == 0 ? L : 0;
-  auto pingpong = [&](std::size_t n) {
-    if (!pair) return;
-    if (rank == 0) {
-      MPI_Send(a.data(), static_cast<int>(n), MPI_CHAR, peer, 1, MPI_COMM_WORLD);
-      MPI_Recv(b.data(), static_cast<int>(n), MPI_CHAR, peer, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    } else {
-      MPI_Recv(b.data(), static_cast<int>(n), MPI_CHAR, peer, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-      MPI_Send(a.data(), static_cast<int>(n), MPI_CHAR, peer, 1, MPI_COMM_WORLD);
-    }
-  };
-  m.inter_alpha_us = timed(MPI_COMM_WORLD, 30, [&] { pingpong(small); }) / 2 * 1e6;
-  const double one = timed(MPI_COMM_WORLD, 5, [&] {
-    if (!pair) return;
-    if (rank == 0) {
-      MPI_Send(a.data(), static_cast<int>(big), MPI_CHAR, peer, 2, MPI_COMM_WORLD);
-      MPI_Recv(b.data(), 1, MPI_CHAR, peer, 3, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-    } else {
-      MPI_Recv(b.data(), static_cast<int>(big), MPI_CHAR, peer, 2, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-      MPI_Send(a.data(), 1, MPI_CHAR, peer, 3, MPI_COMM_WORLD);
-    }
-  });
-  m.inter_bytes_per_s = big / one;
-  const double two = timed(MPI_COMM_WORLD, 5, [&] {
-    if (pair)
-      MPI_Sendrecv(a.data(), static_cast<int>(big), MPI_CHAR, peer, 4, b.data(), static_cast<int>(big), MPI_CHAR,
-                   peer, 4, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-  });
-  m.inter_duplex = std::min(1.0, one / two);
+  const hma_tools::LinkFigures link = hma_tools::measure_link(MPI_COMM_WORLD, 0, L);
+  m.inter_alpha_us = link.latency_s * 1e6;
+  m.inter_bytes_per_s = link.one_way_Bps;
+  m.inter_duplex = std::min(1.0, link.two_way_Bps / link.one_way_Bps);
   // Within a node: reduce-scatter + allgather of c bytes (f32), at two sizes.
   std::vector<float> x(std::size_t{2} << 20), y(std::size_t{2} << 20);
   auto node_pair = [&](std::size_t bytes) {
@@ -151,15 +104,15 @@ int calibrate(const std::string& out) {
     MPI_Allgather(y.data(), blk, MPI_FLOAT, x.data(), blk, MPI_FLOAT, node);
   };
   const double c1 = 256 << 10, c2 = 4 << 20;
-  const double t1 = timed(MPI_COMM_WORLD, 10, [&] { node_pair(static_cast<std::size_t>(c1)); });
-  const double t2 = timed(MPI_COMM_WORLD, 10, [&] { node_pair(static_cast<std::size_t>(c2)); });
+  const double t1 = hma_tools::timed(MPI_COMM_WORLD, 10, [&] { node_pair(static_cast<std::size_t>(c1)); });
+  const double t2 = hma_tools::timed(MPI_COMM_WORLD, 10, [&] { node_pair(static_cast<std::size_t>(c2)); });
   m.intra_bytes_per_s = (c2 - c1) / std::max(t2 - t1, 1e-9);
   m.intra_alpha_us = std::max(1.0, (t1 - c1 / m.intra_bytes_per_s) * 1e6);
   // MPI_Allreduce over all ranks at 1 and 4 MiB: the rate a node's bytes cross at.
   std::vector<float> w(std::size_t{1} << 20);
   const double s1 = 1 << 20, s2 = 4 << 20;
-  const double f1 = timed(MPI_COMM_WORLD, 6, [&] { MPI_Allreduce(MPI_IN_PLACE, w.data(), 1 << 18, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD); });
-  const double f2 = timed(MPI_COMM_WORLD, 6, [&] { MPI_Allreduce(MPI_IN_PLACE, w.data(), 1 << 20, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD); });
+  const double f1 = hma_tools::timed(MPI_COMM_WORLD, 6, [&] { MPI_Allreduce(MPI_IN_PLACE, w.data(), 1 << 18, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD); });
+  const double f2 = hma_tools::timed(MPI_COMM_WORLD, 6, [&] { MPI_Allreduce(MPI_IN_PLACE, w.data(), 1 << 20, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD); });
   const double node_d = (s2 - s1) / m.intra_bytes_per_s;
   m.flat_bytes_per_s = 2.0 * (N - 1) / N * (s2 - s1) / std::max(f2 - f1 - node_d, 1e-9);
   if (rank == 0) {
