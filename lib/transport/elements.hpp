@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <utility>
 #include <vector>
 
 #include "hma/buffer.hpp"
@@ -125,6 +126,13 @@ inline std::size_t block_start(std::size_t N, int n, int i) {
   const std::size_t q = N / static_cast<std::size_t>(n), r = N % static_cast<std::size_t>(n);
   const std::size_t k = static_cast<std::size_t>(i);
   return q * k + std::min(k, r);
+}
+
+/// A ring's block i of [0, N) split into n blocks, i taken modulo n (a ring step's r - k may be
+/// negative): [begin, end).
+inline std::pair<std::size_t, std::size_t> ring_block(std::size_t N, int n, int i) {
+  i = ((i % n) + n) % n;
+  return {block_start(N, n, i), block_start(N, n, i + 1)};
 }
 
 /// The memory of a logical range [0, N) of a bucket as an ordered list of contiguous runs: the

@@ -22,10 +22,7 @@ void ring_average(const Runs<T>& x, MPI_Comm comm, int rank, int n, const Scaler
   const int right = (rank + 1) % n, left = (rank - 1 + n) % n;
   constexpr int kTag = 0x686d;  // hma's communicators carry only hma's traffic
   tmp.resize(N / static_cast<std::size_t>(n) + 1);
-  auto blk = [&](int i) {
-    i = ((i % n) + n) % n;
-    return std::pair<std::size_t, std::size_t>(block_start(N, n, i), block_start(N, n, i + 1));
-  };
+  auto blk = [&](int i) { return ring_block(N, n, i); };
   // Reduce-scatter: at step k send block r-k, receive block r-k-1 and add this rank's share.
   for (int k = 0; k < n - 1; ++k) {
     const auto [s0, s1] = blk(rank - k);

@@ -58,10 +58,7 @@ void sum_across_even_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
   const int right = (me + 1) % N, left = (me + N - 1) % N;
   const bool sends_first = (me % 2 == 0) == (route.two->intra.rank() % 2 == 0);
   constexpr int kTag = 0x686f;
-  auto blk = [&](int i) {
-    i = ((i % N) + N) % N;
-    return std::pair<std::size_t, std::size_t>(block_start(n, N, i), block_start(n, N, i + 1));
-  };
+  auto blk = [&](int i) { return ring_block(n, N, i); };
   auto step = [&](const T* out, std::size_t out_n, T* in, std::size_t in_n) {
     auto snd = [&] {
       check(MPI_Send(out, static_cast<int>(out_n), mpi_type<T>(), right, kTag, inter),
@@ -270,10 +267,7 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
       if (sends_first) step(send(0, blk, 1 - me), recv(0, blk, 1 - me, false));
       else step(send(0, blk, 1 - me), recv(0, blk, 1 - me, true));
     } else {
-      auto sub = [&](int i) {
-        i = ((i % nodes) + nodes) % nodes;
-        return std::pair<std::size_t, std::size_t>(block_start(blk, nodes, i), block_start(blk, nodes, i + 1));
-      };
+      auto sub = [&](int i) { return ring_block(blk, nodes, i); };
       for (int k = 0; k < nodes - 1; ++k) {  // reduce-scatter
         const auto [s0, s1] = sub(me - k);
         const auto [r0, r1] = sub(me - k - 1);
