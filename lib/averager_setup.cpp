@@ -162,6 +162,10 @@ std::string Averager::describe() const {
     if (schedule_.warmup() > 0)
       s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";
   }
+  if (schedule_.post_local_switch() > 0)
+    s += "  post-local SGD: all " + std::to_string(schedule_.world_size()) +
+         " ranks average at every step before step " +
+         std::to_string(schedule_.post_local_switch()) + ", the levels above from then on\n";
   char secs[32];
   std::snprintf(secs, sizeof secs, "%g s", settings_.timeout_s);
   s += std::string("  agreement check before each average: ") +

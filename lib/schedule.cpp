@@ -91,10 +91,34 @@ Schedule Schedule::hierarchical(std::vector<Level> levels, std::int64_t warmup, 
   return s;
 }
 
+Schedule Schedule::post_local(Schedule local, std::int64_t switch_step) {
+  if (switch_step < 0)
+    bad("post-local switch step must be non-negative, got " + std::to_string(switch_step));
+  local.switch_ = switch_step;
+  if (switch_step > 0 && local.warmup_ > switch_step)
+    local.warnings_.push_back("post-local: no averaging from the switch at step " +
+                              std::to_string(switch_step) + " until the warmup ends at step " +
+                              std::to_string(local.warmup_));
+  return local;
+}
+
 Schedule Schedule::parse(std::string_view spec, std::int64_t warmup, int world_size,
                          int node_size) {
   const std::string quoted = "schedule \"" + std::string(spec) + "\": ";
   std::string_view rest = trim(spec);
+  if (rest.starts_with("post")) {
+    const std::size_t comma = rest.find(',');
+    const std::string_view tok = trim(rest.substr(0, comma));
+    const std::size_t colon = tok.find(':');
+    std::int64_t s = 0;
+    if (colon == std::string_view::npos || trim(tok.substr(0, colon)) != "post" ||
+        !parse_int(trim(tok.substr(colon + 1)), s))
+      bad(quoted + "token '" + std::string(tok) + "': expected post:S, S the switch step");
+    if (comma == std::string_view::npos)
+      bad(quoted + "post:S must be followed by the schedule after the switch, e.g. \"post:" +
+          std::to_string(s) + ",8\"");
+    return post_local(parse(rest.substr(comma + 1), warmup, world_size, node_size), s);
+  }
   if (rest.empty()) bad(quoted + "is empty; write \"P\" (periodic) or \"P1:G1,...,Pn:Gn\"");
   if (rest.find(':') == std::string_view::npos && rest.find(',') == std::string_view::npos) {
     std::int64_t p = 0;
@@ -130,7 +154,9 @@ Schedule Schedule::parse(std::string_view spec, std::int64_t warmup, int world_s
 }
 
 std::optional<std::size_t> Schedule::level_at(std::int64_t step) const noexcept {
-  if (step < warmup_ || levels_.empty()) return std::nullopt;
+  if (levels_.empty()) return std::nullopt;
+  if (step >= 0 && step < switch_) return levels_.size() - 1;
+  if (step < warmup_) return std::nullopt;
   if (kind_ == Kind::periodic) {
     if ((step - warmup_) % levels_[0].period == 0) return 0;
     return std::nullopt;
@@ -148,6 +174,7 @@ std::uint64_t Schedule::fingerprint() const noexcept {
     h = mix(h, static_cast<std::uint64_t>(l.period));
     h = mix(h, static_cast<std::uint64_t>(l.group_size));
   }
+  if (switch_ > 0) h = mix(h, 0x706f7374u + static_cast<std::uint64_t>(switch_));  // "post"
   return h;
 }
 
@@ -162,6 +189,7 @@ std::string Schedule::to_string() const {
     }
   }
   s += " warmup " + std::to_string(warmup_) + " world " + std::to_string(world_size_);
+  if (switch_ > 0) s += " post " + std::to_string(switch_);
   return s;
 }
 

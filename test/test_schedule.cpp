@@ -143,6 +143,38 @@ TEST_CASE("parse: periodic, hierarchical, node and world tokens, spaces") {
   REQUIRE(Schedule::periodic(3, 0, 2).to_string() == "periodic 3 warmup 0 world 2");
 }
 
+TEST_CASE("post-local SGD: world every step before the switch, then torch's averager") {
+  using hma_test::TorchPostLocal;
+  for (std::int64_t sw : {0, 1, 5, 16, 100})
+    for (std::int64_t warmup : {std::int64_t{0}, sw, sw + 3}) {
+      const Schedule p = Schedule::post_local(Schedule::periodic(4, warmup, 8), sw);
+      const Schedule h = Schedule::post_local(Schedule::hierarchical({{2, 4}, {8, 8}}, warmup, 8), sw);
+      REQUIRE(p.post_local_switch() == sw);
+      TorchPostLocal<TorchPeriodic> tp{sw, TorchPeriodic{4, warmup}, 0};
+      TorchPostLocal<TorchHierarchical> th{sw, TorchHierarchical{{2, 8}, warmup}, 1};
+      for (std::int64_t step = 0; step <= 300; ++step) {
+        INFO("switch " << sw << " warmup " << warmup << " step " << step);
+        REQUIRE(p.level_at(step) == tp.step());
+        REQUIRE(h.level_at(step) == th.step());
+      }
+    }
+  // Parsed, printed, fingerprinted (so checkpoints carry the switch).
+  const auto s = Schedule::parse("post:100, 2:node,8:world", 100, 8, 4);
+  REQUIRE(s == Schedule::post_local(Schedule::hierarchical({{2, 4}, {8, 8}}, 100, 8), 100));
+  REQUIRE(s.to_string() == "hierarchical 2:4,8:8 warmup 100 world 8 post 100");
+  REQUIRE(Schedule::parse("post:3,8", 3, 4) == Schedule::post_local(Schedule::periodic(8, 3, 4), 3));
+  REQUIRE(s.fingerprint() != Schedule::parse("2:node,8:world", 100, 8, 4).fingerprint());
+  REQUIRE(s.fingerprint() != Schedule::parse("post:99,2:node,8:world", 100, 8, 4).fingerprint());
+  // switch 0 is no post-local phase at all: the plain schedule, fingerprint included.
+  REQUIRE(Schedule::post_local(Schedule::periodic(8, 0, 4), 0).fingerprint() ==
+          Schedule::periodic(8, 0, 4).fingerprint());
+  // A warmup past the switch leaves a gap: warned.
+  REQUIRE(Schedule::post_local(Schedule::periodic(8, 20, 4), 10).warnings().size() == 1);
+  REQUIRE_THAT(Schedule::post_local(Schedule::periodic(8, 20, 4), 10).warnings()[0],
+               Catch::Contains("no averaging from the switch at step 10 until the warmup ends at step 20"));
+  REQUIRE(Schedule::post_local(Schedule::periodic(8, 10, 4), 10).warnings().empty());
+}
+
 TEST_CASE("fingerprints differ when anything differs") {
   const auto a = Schedule::parse("2:4,8:8", 0, 8);
   REQUIRE(a.fingerprint() == Schedule::parse("2:4,8:8", 0, 8).fingerprint());
@@ -172,6 +204,13 @@ TEST_CASE("validation errors name the level, the value and the rule") {
     }
     return "no error";
   };
+  REQUIRE_THAT(msg([] { Schedule::post_local(Schedule::periodic(2, 0, 4), -1); }),
+               Contains("post-local switch step must be non-negative, got -1"));
+  REQUIRE_THAT(msg([] { Schedule::parse("post:x,8", 0, 4); }),
+               Contains("token 'post:x': expected post:S, S the switch step"));
+  REQUIRE_THAT(msg([] { Schedule::parse("post:5", 0, 4); }),
+               Contains("post:S must be followed by the schedule after the switch, e.g. \"post:5,8\""));
+  REQUIRE_THAT(msg([] { Schedule::parse("postal:5,8", 0, 4); }), Contains("expected post:S"));
   // torch's checks
   REQUIRE_THAT(msg([] { Schedule::periodic(0, 0, 4); }), Contains("period must be a positive value, got 0"));
   REQUIRE_THAT(msg([] { Schedule::periodic(-3, 0, 4); }), Contains("got -3"));

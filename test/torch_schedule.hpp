@@ -47,6 +47,24 @@ struct TorchHierarchical {
   }
 };
 
+// torch's post-local SGD: PostLocalSGDState(start_localSGD_iter=S) with post_localSGD_hook
+// allreduces the gradients over the world at every iteration before S ("world" here: the last
+// level), and PostLocalSGDOptimizer calls the averager (warmup_steps = S) at every step; from
+// S on only the averager communicates. `world` is the averager's last level.
+template <class Averager>
+struct TorchPostLocal {
+  std::int64_t start_localSGD_iter;
+  Averager averager;
+  std::size_t world;
+  std::int64_t iter = 0;
+  std::optional<std::size_t> step() {
+    std::optional<std::size_t> used = averager.average_parameters();
+    if (iter < start_localSGD_iter) used = world;  // the hook's global allreduce
+    iter += 1;
+    return used;
+  }
+};
+
 /// The levels torch averages at over steps 0..steps-1 (periodic: one period).
 inline std::vector<std::optional<std::size_t>> torch_levels(bool periodic, const std::vector<std::int64_t>& periods,
                                                            std::int64_t warmup, std::int64_t steps) {

@@ -44,8 +44,19 @@ class Schedule {
   ///   "P1:G1,P2:G2,...,Pn:Gn"  hierarchical levels, periods ascending, Gn = world size.
   /// A group size may be written `node` (the ranks per node, `node_size`, must then be > 0) or
   /// `world`. Spaces around tokens are ignored. Errors quote the offending token.
+  ///   "post:S,<schedule>"     post-local SGD: the world averages at every step before step S,
+  ///                            then <schedule> (either form above) takes over; see post_local().
   static Schedule parse(std::string_view spec, std::int64_t warmup, int world_size,
                         int node_size = 0);
+  /// Post-local SGD (torch's post_localSGD_hook + averager): `local` with a first phase in which
+  /// the world (the last level) averages at EVERY step s < `switch_step`; from `switch_step` on,
+  /// `local`'s own rule. torch allreduces gradients in that phase, hma averages the parameters
+  /// after each step (the same model for plain SGD from one start, up to rounding). Pass a warmup
+  /// of `switch_step` to `local` as torch does (a smaller one changes nothing before the switch;
+  /// a larger one leaves steps without averaging after it, with a warning). switch_step 0: no
+  /// first phase. The switch is part of to_string(), fingerprint() and so of checkpoints.
+  /// Throws hma::InvalidArgument for a negative switch_step.
+  static Schedule post_local(Schedule local, std::int64_t switch_step);
 
   /// The level that averages at `step`, or nullopt when no averaging happens. Never throws.
   [[nodiscard]] std::optional<std::size_t> level_at(std::int64_t step) const noexcept;
@@ -54,12 +65,14 @@ class Schedule {
   [[nodiscard]] const std::vector<Level>& levels() const noexcept { return levels_; }
   [[nodiscard]] std::int64_t warmup() const noexcept { return warmup_; }
   [[nodiscard]] int world_size() const noexcept { return world_size_; }
+  /// The post-local switch step (0: none): before it the world averages at every step.
+  [[nodiscard]] std::int64_t post_local_switch() const noexcept { return switch_; }
   /// Non-fatal remarks made at validation (e.g. "largest period is 1"), torch's warnings.
   [[nodiscard]] const std::vector<std::string>& warnings() const noexcept { return warnings_; }
   /// A 64-bit hash of kind, warmup, world size and levels: equal schedules, equal fingerprints.
   [[nodiscard]] std::uint64_t fingerprint() const noexcept;
-  /// Canonical text, e.g. "hierarchical 2:4,8:8 warmup 0 world 8"; parse() of the levels part
-  /// gives the schedule back.
+  /// Canonical text, e.g. "hierarchical 2:4,8:8 warmup 0 world 8" (post-local: "... post 100"
+  /// at the end); parse() of the levels part gives the schedule back.
   [[nodiscard]] std::string to_string() const;
 
   friend bool operator==(const Schedule&, const Schedule&) = default;
@@ -70,6 +83,7 @@ class Schedule {
   std::vector<Level> levels_;
   std::int64_t warmup_ = 0;
   int world_size_ = 0;
+  std::int64_t switch_ = 0;  // post-local: the world averages at every step before it
   std::vector<std::string> warnings_;
 };
 
