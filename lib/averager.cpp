@@ -25,6 +25,19 @@ void Averager::require_usable(const char* who) const {
 
 std::optional<std::size_t> Averager::level_now() const noexcept { return schedule_.level_at(step_); }
 
+void Averager::set_weight(double weight) {
+  if (!(weight >= 0 && weight < detail::kWeightLimit))
+    throw InvalidArgument("hma: set_weight: the weight must be finite, >= 0 and < 2^31, got " +
+                          std::to_string(weight));
+  if (!settings_.check)
+    throw InvalidArgument("hma: set_weight: weighted averaging needs the agreement check, which "
+                          "carries the weights (HMA_CHECK=0 or check_every_average = false turned "
+                          "it off)");
+  weight_ = static_cast<detail::Weight>(std::llround(weight * detail::kWeightUnit));
+}
+
+double Averager::weight() const noexcept { return static_cast<double>(weight_) / detail::kWeightUnit; }
+
 void Averager::set_step(std::int64_t step) {
   if (step < 0) throw InvalidArgument("hma: set_step: step must be >= 0, got " + std::to_string(step));
   step_ = step;
@@ -43,6 +56,7 @@ std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::s
   p->who.world_ranks = hierarchy_.world_ranks(level);
   p->timeout_s = settings_.timeout_s;
   p->nonfinite = settings_.nonfinite;
+  p->weight = weight_;
   p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
   return p;
 }
@@ -84,7 +98,7 @@ bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Pr
 bool Averager::issue(detail::Prepared job, std::size_t level, bool blocking, Request* out) {
   detail::Pending& p = *job.p;
   if (settings_.check || settings_.nonfinite != NonFinite::ignore)
-    p.control.start(hierarchy_.control(level).get(), job.header, job.nonfinite_here);
+    p.control.start(hierarchy_.control(level).get(), job.header, job.nonfinite_here, p.weight);
   try {
     if (blocking) {
       detail::complete(p, true);
@@ -169,13 +183,13 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
     job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w](detail::Pending& q) {
       if (w) w->drain();  // what the worker queued runs first: collectives stay in order
       detail::TimelineScope t("average", r.level, r.step, q.who.bytes, r.group);
-      detail::average_host(*fp, *dp, r, *sc);
+      detail::average_host(*fp, *dp, r.weighted(q.weight_factor), *sc);
       q.finish = [] {};  // in place already
     };
   } else if (w) {
     job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w](detail::Pending& q) {
       q.threaded = true;
-      q.result = w->submit([fp, dp, r, sc] {
+      q.result = w->submit([fp, dp, r = r.weighted(q.weight_factor), sc] {
         if (detail::mpi_finalized()) throw Error("hma: a queued average did not run: MPI is already finalised");
         detail::average_host(*fp, *dp, r, *sc);
       });
@@ -183,7 +197,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   } else {
     job.p->launch = [fp = &f, dp = &d, r](detail::Pending& q) {
       detail::TimelineScope t("start", r.level, r.step, q.who.bytes, r.group);
-      detail::start_host(*fp, *dp, r, q);
+      detail::start_host(*fp, *dp, r.weighted(q.weight_factor), q);
     };
   }
   return job;

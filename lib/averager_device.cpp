@@ -57,6 +57,7 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   const int g = comm.size();
   detail::Prepared job;
   job.p = new_pending(level, params.bytes());
+  job.p->weighted_ok = false;  // the device transports divide by g: weights are host-only
   job.header.v = {static_cast<std::uint64_t>(step_), scheduled ? 0u : 1u, level, 1,
                   params.layout_fingerprint(), params.arrays(), s.f32.owned, s.f32.user_elems,
                   s.f64.owned, s.f64.user_elems};

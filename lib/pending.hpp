@@ -34,6 +34,11 @@ struct Pending {
   NonFinite nonfinite = NonFinite::ignore;
   bool launched = false;
   bool skipped = false;                  // the group voted non-finite with NonFinite::skip
+  Weight weight = Weight{1} << 32;       // this rank's weight (quantised, see control/check.hpp)
+  bool weighted_ok = true;               // false: the set's transport cannot weigh (device sets)
+  // Set from the check before the data stage: < 0 the plain average (x / g; also when every
+  // weight is equal), else this rank's factor w_i / sum(w) (Route::weight).
+  double weight_factor = -1;
   std::function<void(Pending&)> launch;  // the data stage: issues it, or runs it (blocking)
 
   std::vector<MPI_Request> reqs;

@@ -53,6 +53,22 @@ bool proceed_after(const Verdict& v, const Pending& p) {
   return false;
 }
 
+// The factor this rank's data is scaled by (see Pending::weight_factor); every rank of the group
+// sees the same weights, so every rank decides alike.
+double weight_factor(const Verdict& v, const Pending& p) {
+  if (v.weight_min == v.weight_max && v.weight_min != 0) return -1;  // equal weights: plain
+  const std::string at = "hma: step " + std::to_string(p.who.step) + ": the average over " +
+                         p.who.describe();
+  if (v.weight_sum == 0)
+    throw InvalidArgument(at + ": the weights of the group sum to zero (set_weight); nothing "
+                          "was averaged");
+  if (!p.weighted_ok)
+    throw InvalidArgument(at + ": the ranks' weights differ (set_weight), and weighted averaging "
+                          "is for host ParamSets only: a DeviceParamSet averages unweighted; "
+                          "nothing was averaged");
+  return static_cast<double>(p.weight) / static_cast<double>(v.weight_sum);
+}
+
 // Stage 1 -> stage 2: completes the agreement check and launches the data. False while the check
 // is still open (non-blocking). A failed check or launch ends the average (done).
 bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
@@ -65,7 +81,12 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
     }
   }
   try {
-    const bool go = !p.control.started() || proceed_after(p.control.resolve(p.who), p);
+    bool go = true;
+    if (p.control.started()) {
+      const Verdict v = p.control.resolve(p.who);
+      go = proceed_after(v, p);
+      if (go) p.weight_factor = weight_factor(v, p);
+    }
     p.launched = true;
     if (!go) {
       p.done = p.skipped = true;

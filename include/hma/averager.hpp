@@ -297,6 +297,21 @@ class Averager {
   /// The path device buffers take through MPI and why, one line (also in describe()).
   [[nodiscard]] std::string device_path() const;
 
+  /// Weighted averaging: this rank's weight in the averages that follow (default 1; local, not
+  /// collective; keep it until you change it). Each average then gives
+  /// sum_i(w_i x_i) / sum_i(w_i) over its group, in the same single reduction of the data: the
+  /// weights travel in the agreement check, summed exactly (as multiples of 2^-32, so weights are
+  /// rounded to those). Each rank scales its terms by w_i / sum(w) in double, rounded once to the
+  /// element type; when all weights of the group are equal the average is the plain one, bit for
+  /// bit. A group whose weights sum to zero throws hma::InvalidArgument on every rank of it and
+  /// averages nothing. Host ParamSets only: a DeviceParamSet average whose group has unequal
+  /// weights throws hma::InvalidArgument on every rank of the group. Throws
+  /// hma::InvalidArgument for a weight that is not finite, negative or >= 2^31, and when the
+  /// agreement check is off (it carries the weights).
+  void set_weight(double weight);
+  /// This rank's weight (as rounded to a multiple of 2^-32).
+  [[nodiscard]] double weight() const noexcept;
+
   /// The level that averages at the current step (nullopt: none).
   [[nodiscard]] std::optional<std::size_t> level_now() const noexcept;
   [[nodiscard]] std::int64_t step_count() const noexcept { return step_; }
@@ -363,6 +378,7 @@ class Averager {
   Schedule schedule_;
   Hierarchy hierarchy_;
   std::int64_t step_ = 0;
+  std::uint64_t weight_ = std::uint64_t{1} << 32;  // set_weight(): in 2^-32 units
   detail::Settings settings_;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::DevicePlan> device_plan_;

@@ -1,5 +1,6 @@
 #include "control/check.hpp"
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <limits>
@@ -37,7 +38,52 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
          std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
 }
 
-void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here) {
+namespace {
+
+// The check's record as one MPI datatype and its reduction: min over the first `kMin` words,
+// a 128-bit sum over the last two. Created on first use, freed when MPI_Finalize deletes the
+// attribute hung on MPI_COMM_SELF (MPI calls those deletions first).
+template <std::size_t kMin, std::size_t kAll>
+struct CheckOp {
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  MPI_Op op = MPI_OP_NULL;
+
+  static void reduce(void* in, void* inout, int* len, MPI_Datatype*) {
+    const auto* a = static_cast<const std::uint64_t*>(in);
+    auto* b = static_cast<std::uint64_t*>(inout);
+    for (int r = 0; r < *len; ++r, a += kAll, b += kAll) {
+      for (std::size_t i = 0; i < kMin; ++i) b[i] = std::min(a[i], b[i]);
+      const WeightSum s = ((WeightSum{a[kMin + 1]} << 64) | a[kMin]) + ((WeightSum{b[kMin + 1]} << 64) | b[kMin]);
+      b[kMin] = static_cast<std::uint64_t>(s);
+      b[kMin + 1] = static_cast<std::uint64_t>(s >> 64);
+    }
+  }
+  static int release(MPI_Comm, int, void* attr, void*) {
+    auto* c = static_cast<CheckOp*>(attr);
+    MPI_Op_free(&c->op);
+    MPI_Type_free(&c->type);
+    delete c;
+    return MPI_SUCCESS;
+  }
+  static CheckOp& get() {
+    static CheckOp* made = [] {
+      auto* c = new CheckOp;
+      check(MPI_Type_contiguous(static_cast<int>(kAll), MPI_UINT64_T, &c->type), "MPI_Type_contiguous(check)");
+      check(MPI_Type_commit(&c->type), "MPI_Type_commit(check)");
+      check(MPI_Op_create(&CheckOp::reduce, 1, &c->op), "MPI_Op_create(check)");
+      int key = MPI_KEYVAL_INVALID;
+      check(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, &CheckOp::release, &key, nullptr),
+            "MPI_Comm_create_keyval(check)");
+      check(MPI_Comm_set_attr(MPI_COMM_SELF, key, c), "MPI_Comm_set_attr(check)");
+      return c;
+    }();
+    return *made;
+  }
+};
+
+}  // namespace
+
+void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight) {
   ctrl_ = ctrl;
   mine_ = h;
   bad_ = nonfinite_here ? 1 : 0;
@@ -46,8 +92,12 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here) {
     in_[K + i] = ~h.v[i];
   }
   in_[2 * K] = ~bad_;
-  check(MPI_Iallreduce(in_.data(), out_.data(), static_cast<int>(in_.size()), MPI_UINT64_T,
-                       MPI_MIN, ctrl_, &req_),
+  in_[2 * K + 1] = weight;
+  in_[2 * K + 2] = ~weight;
+  in_[kMin] = weight;
+  in_[kMin + 1] = 0;
+  const auto& c = CheckOp<kMin, kAll>::get();
+  check(MPI_Iallreduce(in_.data(), out_.data(), 1, c.type, c.op, ctrl_, &req_),
         "MPI_Iallreduce(agreement check)");
 }
 
@@ -114,6 +164,9 @@ Verdict ControlCheck::resolve(const GroupInfo& who) {
   for (std::size_t i = 0; i < K; ++i) same = same && out_[i] == ~out_[K + i];
   const bool any_bad = ~out_[2 * K] != 0;
   Verdict verdict;
+  verdict.weight_min = out_[2 * K + 1];
+  verdict.weight_max = ~out_[2 * K + 2];
+  verdict.weight_sum = (static_cast<WeightSum>(out_[kMin + 1]) << 64) | out_[kMin];
   if (same && !any_bad) return verdict;
   // Every rank of the group saw the same reduction, so all of them are here.
   const std::size_t n = who.world_ranks.size();

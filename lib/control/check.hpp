@@ -44,9 +44,19 @@ std::string rank_ranges(const std::vector<int>& ranks);
 /// saturating (never overflows) for huge values.
 std::chrono::steady_clock::time_point deadline_after(double seconds);
 
+/// Weighted averaging: a rank's weight as carried by the check, a multiple of 2^-32 in
+/// [0, 2^31) held as an integer (the group's sum is then exact and the same on every rank,
+/// whatever order MPI adds in).
+using Weight = std::uint64_t;
+__extension__ typedef unsigned __int128 WeightSum;
+constexpr double kWeightUnit = 4294967296.0;  // 2^32 quanta per unit of weight
+constexpr double kWeightLimit = 2147483648.0;  // weights must be below 2^31
+
 /// The outcome of a completed check.
 struct Verdict {
   std::vector<int> nonfinite_ranks;  // world ranks that voted non-finite (empty: none)
+  Weight weight_min = 0, weight_max = 0;  // over the group
+  WeightSum weight_sum = 0;       // exact
 };
 
 /// One agreement check. Neither copied nor moved: MPI writes into it while in flight (it lives
@@ -58,7 +68,8 @@ class ControlCheck {
   ControlCheck& operator=(const ControlCheck&) = delete;
 
   /// Non-blocking, collective over `ctrl` (the group's control communicator): issues the check.
-  void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here);
+  /// `weight`: this rank's weight in the group's sum (weighted averaging; 2^32 = weight 1).
+  void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight);
   [[nodiscard]] bool started() const noexcept { return ctrl_ != MPI_COMM_NULL; }
   /// True once every rank of the group has contributed (drives MPI progress).
   bool test();
@@ -74,8 +85,11 @@ class ControlCheck {
   MPI_Comm ctrl_ = MPI_COMM_NULL;
   Header mine_;
   std::uint64_t bad_ = 0;
-  // [v..., ~v..., ~bad] reduced with MPI_MIN: minimum, bitwise-not of maximum, any bad vote.
-  std::array<std::uint64_t, 2 * K + 1> in_{}, out_{};
+  // [v..., ~v..., ~bad, w, ~w, sum lo, sum hi]: the first 2K + 3 reduced with min (minimum,
+  // bitwise-not of maximum, any bad vote, weight range), the last two as one 128-bit sum of the
+  // weights, in one MPI_Iallreduce with hma's own op (check.cpp).
+  static constexpr std::size_t kMin = 2 * K + 3, kAll = kMin + 2;
+  std::array<std::uint64_t, kAll> in_{}, out_{};
   MPI_Request req_ = MPI_REQUEST_NULL;
   bool complete_ = false;
 };

@@ -10,7 +10,7 @@ namespace hma::detail {
 
 template <Element T>
 void allreduce_piece(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& route) {
-  const Scaler<T> s(route.group);
+  const Scaler<T> s(route.group, route.weight);
   const std::size_t bytes = (hi - lo) * sizeof(T);
   {
     TimelineScope t("scale+pack", route.level, route.step, bytes, route.group);
@@ -31,7 +31,7 @@ void allreduce_piece(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& 
 
 template <Element T>
 void start_allreduce(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs) {
-  const Scaler<T> s(route.group);
+  const Scaler<T> s(route.group, route.weight);
   b.send.resize(b.size());
   T* send = b.send.data();
   T* data = b.storage.data();

@@ -37,23 +37,31 @@ inline MPI_Datatype mpi_type(Dtype d) { return d == Dtype::f32 ? mpi_type<float>
 
 // torch: flat_params /= group_size before the allreduce. For a power-of-two group size the
 // reciprocal is exact, and x * (1/g) == x / g bit for bit, so the cheaper multiply is used.
+// Weighted averaging (weight >= 0): x * (w_i / sum w) instead, multiplied in double and rounded
+// once to T.
 template <Element T>
 struct Scaler {
   T g, inv;
   bool pow2;
-  explicit Scaler(int group_size)
+  double weight = -1;
+  explicit Scaler(int group_size, double weight_factor = -1)
       : g(static_cast<T>(group_size)),
         inv(T(1) / static_cast<T>(group_size)),
-        pow2((group_size & (group_size - 1)) == 0) {}
+        pow2((group_size & (group_size - 1)) == 0),
+        weight(weight_factor) {}
   void in_place(T* x, std::size_t n) const {
-    if (pow2) {
+    if (weight >= 0) {
+      for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<double>(x[i]) * weight);
+    } else if (pow2) {
       for (std::size_t i = 0; i < n; ++i) x[i] *= inv;
     } else {
       for (std::size_t i = 0; i < n; ++i) x[i] /= g;
     }
   }
   void copy(const T* in, T* out, std::size_t n) const {
-    if (pow2) {
+    if (weight >= 0) {
+      for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<double>(in[i]) * weight);
+    } else if (pow2) {
       for (std::size_t i = 0; i < n; ++i) out[i] = in[i] * inv;
     } else {
       for (std::size_t i = 0; i < n; ++i) out[i] = in[i] / g;

@@ -32,8 +32,16 @@ void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
     }
     count_use(Use::ring_piece);
     TimelineScope t("ring allreduce (scaling fused)", route.level, route.step, bytes, route.group);
-    ring_average(Runs<T>::of(b, lo, hi), route.comm, route.rank, route.group, Scaler<T>(route.group),
-                 scratch);
+    const Runs<T> runs = Runs<T>::of(b, lo, hi);
+    if (route.weight >= 0) {
+      // The ring folds one division by g into its additions (the same for every term); weights
+      // differ per rank, so each rank scales its own terms first and the ring only adds.
+      const Scaler<T> w(route.group, route.weight);
+      runs.each(0, runs.N, [&](T* p, std::size_t n, std::size_t) { w.in_place(p, n); });
+      ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(1), scratch);
+    } else {
+      ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(route.group), scratch);
+    }
   }
 }
 

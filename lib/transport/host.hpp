@@ -28,8 +28,16 @@ struct Route {
   // two-level across an even number of nodes: pieces of at least this many bytes are summed
   // direction-split, smaller ones with MPI_Allreduce (the cost model's choice)
   std::size_t split_min_piece = SIZE_MAX;
+  // Weighted averaging: < 0 divide by the group size (torch), else multiply by this factor
+  // (w_i / sum of the group's weights), in double.
+  double weight = -1;
   int level = 0;                             // for the timeline
   std::int64_t step = 0;
+  [[nodiscard]] Route weighted(double factor) const {
+    Route r = *this;
+    r.weight = factor;
+    return r;
+  }
 };
 
 /// Blocking: averages both buckets over route.comm (on return the arrays hold the average).

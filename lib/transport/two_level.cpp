@@ -112,7 +112,7 @@ std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes) {
 // every rank (RS 0, RS 1, AG 0, RS 2, AG 1, ...).
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Route& route) {
-  const Scaler<T> s(route.group);
+  const Scaler<T> s(route.group, route.weight);
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
   const std::size_t L = static_cast<std::size_t>(route.per_node);
   const std::size_t total = b.size();
@@ -200,7 +200,7 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
   if (N == 0) return;
   const std::size_t blk = (N + L - 1) / L;
   const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
-  const Scaler<T> s(route.group);
+  const Scaler<T> s(route.group, route.weight);
   const int nodes = route.two->inter.size();
   const bool split = split_across(route, N * sizeof(T), blk * sizeof(T));
   b.send.resize(blk * (split ? L + 1 : L));  // split: the last block holds what arrives from across
