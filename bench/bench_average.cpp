@@ -32,6 +32,10 @@ const char* kUsage =
     "                    memcpy passes standing in for the PCIe copies; blocking and start/wait\n"
     "                    unchecked: the contiguous average with the agreement check off\n"
     "                    (HMA_CHECK=0, unsafe), so the check's cost is measured in the same run\n"
+    "                    bf16, fp16: the contiguous average sent as 16-bit values (AveragerOptions::wire;\n"
+    "                    flat MPI_Allreduce with hma's op), next to hma's flat f32 average (add flat)\n"
+    "                    outer: with an outer optimizer (Nesterov, lr 0.7, momentum 0.9) at the level\n"
+    "                    divergence: with the divergence metric\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -70,6 +74,17 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     avg_unchecked = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, o);
   }
   if (on("flat")) avg_flat = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_flat);
+  // The features beyond torch, each on an averager of its own with the same other options.
+  auto with = [&](auto&& set) {
+    hma::AveragerOptions o = opt;
+    set(o);
+    return std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, o);
+  };
+  std::unique_ptr<hma::HierarchicalAverager> avg_bf16, avg_fp16, avg_outer, avg_div;
+  if (on("bf16")) avg_bf16 = with([](hma::AveragerOptions& o) { o.wire = std::vector<hma::Wire>{hma::Wire::bf16}; });
+  if (on("fp16")) avg_fp16 = with([](hma::AveragerOptions& o) { o.wire = std::vector<hma::Wire>{hma::Wire::fp16}; });
+  if (on("outer")) avg_outer = with([](hma::AveragerOptions& o) { o.outer = hma::OuterOptimizer{0.7, 0.9, true, 0}; });
+  if (on("divergence")) avg_div = with([](hma::AveragerOptions& o) { o.divergence = true; });
   if (on("two-level")) {
     avg_two = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_two);
     if (avg_two->hierarchy().two_level(0) == nullptr)
@@ -125,6 +140,10 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     // flat and two-level back to back in the same run, next to the same floor.
     auto t_flat = !on("flat") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_flat->average(contig, 0); }));
     auto t_two = !on("two-level") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_two->average(contig, 0); }));
+    auto t_bf16 = !on("bf16") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_bf16->average(contig, 0); }));
+    auto t_fp16 = !on("fp16") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_fp16->average(contig, 0); }));
+    auto t_outer = !on("outer") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_outer->average(contig, 0); }));
+    auto t_div = !on("divergence") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_div->average(contig, 0); }));
     auto t_unchecked = !on("unchecked") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_unchecked->average(contig, 0); }));
     std::unique_ptr<hma::DeviceParamSet> dps;
     hma::DeviceArray<T> dw;
@@ -164,6 +183,10 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (on("flat")) add("hma_flat", t_flat, base);
     if (on("two-level")) add("hma_two_level", t_two, base);
     if (on("unchecked")) add("hma_unchecked", t_unchecked, base);
+    if (on("bf16")) add("hma_wire_bf16", t_bf16, base);
+    if (on("fp16")) add("hma_wire_fp16", t_fp16, base);
+    if (on("outer")) add("hma_outer_nesterov", t_outer, base);
+    if (on("divergence")) add("hma_divergence", t_div, base);
     if (on("device-emulated")) add("emulated_device_staged", t_dev, base);
     if (on("device-emulated")) add("emulated_device_staged_start_wait", t_dev_nb, base);
     if (bench::rank() == 0)
@@ -178,6 +201,14 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (bench::rank() == 0 && on("unchecked"))
       std::printf("%10s   agreement check: checked %10.1f µs, unchecked %10.1f µs: %+.1f%%\n", "",
                   t_hma.median, t_unchecked.median, 100.0 * (t_hma.median / t_unchecked.median - 1));
+    if (bench::rank() == 0 && (on("bf16") || on("fp16")))
+      std::printf("%10s   16-bit wire: bf16 %10.1f µs (%.3f of flat f32)   fp16 %10.1f µs (%.3f)\n", "",
+                  t_bf16.median, t_flat.median > 0 ? t_bf16.median / t_flat.median : 0.0, t_fp16.median,
+                  t_flat.median > 0 ? t_fp16.median / t_flat.median : 0.0);
+    if (bench::rank() == 0 && (on("outer") || on("divergence")))
+      std::printf("%10s   plain %10.1f µs   outer optimizer %10.1f µs (%+.1f%%)   divergence %10.1f µs (%+.1f%%)\n", "",
+                  t_hma.median, t_outer.median, 100.0 * (t_outer.median / t_hma.median - 1), t_div.median,
+                  100.0 * (t_div.median / t_hma.median - 1));
     if (bench::rank() == 0 && on("device-emulated"))
       std::printf("%10s   emulated device, staged: blocking %10.1f µs (%.3f)   start+wait %10.1f µs (%.3f)\n",
                   "", t_dev.median, t_dev.median / base, t_dev_nb.median, t_dev_nb.median / base);

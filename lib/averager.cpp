@@ -14,6 +14,7 @@
 #include "support/worker.hpp"
 #include "transport/elements.hpp"
 #include "transport/host.hpp"
+#include "transport/post.hpp"
 
 namespace hma {
 
@@ -150,8 +151,18 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
                   d.user_elems};
   job.nonfinite_here = settings_.nonfinite != NonFinite::ignore && (!all_finite(f) || !all_finite(d));
   job.attach = [&params](std::shared_ptr<detail::Pending> q) { params.set_pending(std::move(q)); };
+  std::shared_ptr<detail::Post> post = make_post(*job.p, params.layout_fingerprint(), f.size(), d.size());
   if (comm.size() == 1) {  // averaging over one rank is the identity
-    job.p->launch = [](detail::Pending& q) { q.finish = [] {}; };
+    job.p->launch = [post, fp = &f, dp = &d](detail::Pending& q) {
+      if (post) {
+        post->before(*fp, 0, fp->size());
+        post->before(*dp, 0, dp->size());
+        post->after(*fp, 0, fp->size());
+        post->after(*dp, 0, dp->size());
+        post->conclude(MPI_COMM_NULL);
+      }
+      q.finish = [] {};
+    };
     return job;
   }
   detail::Route r;
@@ -164,12 +175,15 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   // the emulated cluster: 1.4-2x slower) Open MPI's own network-aware allreduce wins.
   if (r.reduction == Reduction::automatic && !within_shared_memory(level)) r.reduction = Reduction::mpi;
   r.ring_min_block = settings_.ring_min_block_bytes;
-  r.two = use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
+  r.wire = settings_.wire[level];
+  // A 16-bit wire is a flat MPI_Allreduce with hma's op (transport/wire.cpp).
+  r.two = r.wire == Wire::exact && use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
   r.per_node = hierarchy_.ranks_per_node();
   if (r.two != nullptr)
     r.split_min_piece = detail::split_min_piece(settings_.model, {r.group / r.per_node, r.per_node});
   r.level = static_cast<int>(level);
   r.step = step_;
+  r.post = post.get();  // kept alive by the launch below
   if (detail::log_enabled(detail::LogLevel::debug))
     detail::log(detail::LogLevel::debug,
                 "rank " + std::to_string(hierarchy_.world_rank()) + " step " +
@@ -180,27 +194,60 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   // timeout, from the set's wait()) or on the worker thread while the ParamSet moves.
   detail::Worker* w = worker_.get();
   if (blocking) {
-    job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w](detail::Pending& q) {
+    job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w, post](detail::Pending& q) {
       if (w) w->drain();  // what the worker queued runs first: collectives stay in order
       detail::TimelineScope t("average", r.level, r.step, q.who.bytes, r.group);
       detail::average_host(*fp, *dp, r.weighted(q.weight_factor), *sc);
       q.finish = [] {};  // in place already
     };
   } else if (w) {
-    job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w](detail::Pending& q) {
+    job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w, post](detail::Pending& q) {
       q.threaded = true;
-      q.result = w->submit([fp, dp, r = r.weighted(q.weight_factor), sc] {
+      q.result = w->submit([fp, dp, r = r.weighted(q.weight_factor), sc, post] {
         if (detail::mpi_finalized()) throw Error("hma: a queued average did not run: MPI is already finalised");
         detail::average_host(*fp, *dp, r, *sc);
       });
     };
   } else {
-    job.p->launch = [fp = &f, dp = &d, r](detail::Pending& q) {
+    job.p->launch = [fp = &f, dp = &d, r, post](detail::Pending& q) {
       detail::TimelineScope t("start", r.level, r.step, q.who.bytes, r.group);
       detail::start_host(*fp, *dp, r.weighted(q.weight_factor), q);
     };
   }
   return job;
+}
+
+std::shared_ptr<detail::Post> Averager::make_post(detail::Pending& p, std::uint64_t layout,
+                                                  std::size_t nf, std::size_t nd) {
+  detail::OuterState* outer = nullptr;
+  if (outer_ && p.who.level == outer_->opt.level) {
+    if (!outer_->anchored) {
+      outer_->fingerprint = layout;
+      outer_->anchor_f.assign(nf, 0.0f);
+      outer_->m_f.assign(nf, 0.0f);
+      outer_->anchor_d.assign(nd, 0.0);
+      outer_->m_d.assign(nd, 0.0);
+    }
+    if (outer_->fingerprint != layout || outer_->anchor_f.size() != nf || outer_->anchor_d.size() != nd) {
+      p.refusal = "hma: step " + std::to_string(p.who.step) + ": the outer optimizer at level " +
+                  std::to_string(p.who.level) + " holds the state of another set (" +
+                  std::to_string(outer_->anchor_f.size()) + " f32 and " +
+                  std::to_string(outer_->anchor_d.size()) + " f64 elements); this set has " +
+                  std::to_string(nf) + " f32 and " + std::to_string(nd) +
+                  " f64 elements: use one averager per set with an outer optimizer; nothing was averaged";
+      return nullptr;
+    }
+    outer = outer_.get();
+  }
+  if (outer == nullptr && !divergence_) return nullptr;
+  const bool speaker = !p.who.world_ranks.empty() && p.who.world_ranks.front() == hierarchy_.world_rank();
+  return std::make_shared<detail::Post>(outer, divergence_, p.who.level, p.who.step, speaker);
+}
+
+std::optional<Divergence> Averager::last_divergence() const {
+  if (!divergence_) return std::nullopt;
+  std::lock_guard<std::mutex> lock(divergence_->mu);
+  return divergence_->last;
 }
 
 bool Averager::step(ParamSet& params) {

@@ -7,6 +7,7 @@
 #include "control/device_path.hpp"
 #include "device/device_state.hpp"
 #include "hma/averager.hpp"
+#include "control/settings.hpp"
 #include "hma/error.hpp"
 #include "pending.hpp"
 #include "support/timeline.hpp"
@@ -58,6 +59,15 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   detail::Prepared job;
   job.p = new_pending(level, params.bytes());
   job.p->weighted_ok = false;  // the device transports divide by g: weights are host-only
+  if (settings_.outer.enabled && level == settings_.outer.level)
+    job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
+                     " has an outer optimizer, which is for host ParamSets only: a DeviceParamSet "
+                     "cannot be averaged there; nothing was averaged";
+  else if (settings_.wire[level] != Wire::exact)
+    job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
+                     " sends " + detail::wire_text({settings_.wire[level]}) +
+                     " on the wire, which is for host ParamSets only: a DeviceParamSet cannot be "
+                     "averaged there; nothing was averaged";
   job.header.v = {static_cast<std::uint64_t>(step_), scheduled ? 0u : 1u, level, 1,
                   params.layout_fingerprint(), params.arrays(), s.f32.owned, s.f32.user_elems,
                   s.f64.owned, s.f64.user_elems};

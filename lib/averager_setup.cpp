@@ -11,6 +11,7 @@
 #include "pending.hpp"
 #include "support/log.hpp"
 #include "support/worker.hpp"
+#include "transport/post.hpp"
 
 namespace hma {
 
@@ -36,6 +37,20 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
     settings_ = detail::resolve_settings(options);
     device_plan_ = std::make_unique<detail::DevicePlan>(detail::resolve_device_plan(options, settings_));
     for (const auto& l : schedule_.levels()) sizes.push_back(l.group_size);
+    const std::size_t levels = sizes.size();
+    if (settings_.outer.enabled) {
+      if (settings_.outer.level == SIZE_MAX) settings_.outer.level = levels - 1;
+      if (settings_.outer.level >= levels)
+        throw InvalidArgument("hma: the outer optimizer's level " + std::to_string(settings_.outer.level) +
+                              " does not exist: the schedule has levels 0 to " + std::to_string(levels - 1));
+    }
+    auto& w = settings_.wire;
+    if (w.size() == 1) w.assign(levels, w[0]);
+    if (w.empty()) w.assign(levels, Wire::exact);
+    if (w.size() != levels)
+      throw InvalidArgument("hma: the wire (AveragerOptions::wire or HMA_WIRE) lists " +
+                            std::to_string(w.size()) + " levels, the schedule has " +
+                            std::to_string(levels) + ": give one per level, or one for all");
   });
   const std::uint64_t fp[1] = {schedule_.fingerprint()};
   detail::check_same(ctrl.get(), fp, "the schedule", [this] { return schedule_.to_string(); });
@@ -43,6 +58,11 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
   // before the first collective that depends on them (ranks per node: before any split).
   detail::check_settings(ctrl.get(), settings_, *device_plan_);
   hierarchy_ = Hierarchy(comm, sizes, HierarchyOptions{settings_.ranks_per_node});
+  if (settings_.outer.enabled) {
+    outer_ = std::make_shared<detail::OuterState>();
+    outer_->opt = settings_.outer;
+  }
+  if (settings_.divergence) divergence_ = std::make_shared<detail::DivergenceLog>();
   if (settings_.progress == Progress::thread) worker_ = std::make_unique<detail::Worker>();
   if (hierarchy_.world().rank() == 0) {
     for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
@@ -58,6 +78,9 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   schedule_ = std::move(o.schedule_);
   hierarchy_ = std::move(o.hierarchy_);
   step_ = o.step_;
+  weight_ = o.weight_;
+  outer_ = std::move(o.outer_);
+  divergence_ = std::move(o.divergence_);
   settings_ = o.settings_;
   scratch_ = std::move(o.scratch_);
   device_plan_ = std::move(o.device_plan_);
@@ -162,6 +185,14 @@ std::string Averager::describe() const {
     if (schedule_.warmup() > 0)
       s += "  no averaging before step " + std::to_string(schedule_.warmup()) + "\n";
   }
+  if (settings_.outer.enabled)
+    s += "  outer optimizer at level " + std::to_string(settings_.outer.level) + ": " +
+         detail::outer_text(settings_.outer) + " (host sets)\n";
+  for (std::size_t i = 0; i < settings_.wire.size(); ++i)
+    if (settings_.wire[i] != Wire::exact)
+      s += "  level " + std::to_string(i) + " sends " + detail::wire_text({settings_.wire[i]}) +
+           " on the wire (flat MPI_Allreduce, f32 additions)\n";
+  if (settings_.divergence) s += "  divergence measured at every average (host sets)\n";
   if (schedule_.post_local_switch() > 0)
     s += "  post-local SGD: all " + std::to_string(schedule_.world_size()) +
          " ranks average at every step before step " +

@@ -87,6 +87,7 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
       go = proceed_after(v, p);
       if (go) p.weight_factor = weight_factor(v, p);
     }
+    if (go && !p.refusal.empty()) throw InvalidArgument(p.refusal);
     p.launched = true;
     if (!go) {
       p.done = p.skipped = true;

@@ -16,6 +16,10 @@
 #include "beyond_model.hpp"
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
+#include "device/device_backend.hpp"
+#include "device/emulation.hpp"
+#include "transport/uses.hpp"
+#include "transport/wire.hpp"
 
 using hma_test::rank;
 using hma_test::size;
@@ -132,4 +136,417 @@ TEST_CASE("set_weight refuses what it cannot carry, naming the value") {
   hma::PeriodicAverager unchecked(MPI_COMM_WORLD, 1, 0, o);
   REQUIRE_THAT(message_of([&] { unchecked.set_weight(2); }),
                Contains("weighted averaging needs the agreement check"));
+}
+
+namespace {
+
+// The outer optimizer as the issue and the papers write it (SlowMo; DiLoCo: nesterov), in long
+// double: x = anchor - lr d. `a` is the group's average this step.
+struct OuterRef {
+  double lr, mu;
+  bool nesterov;
+  bool anchored = false;
+  std::vector<long double> anchor, m, tol;
+  void step(const std::vector<long double>& a, const std::vector<long double>& spread, double u) {
+    if (!anchored) {
+      anchor = a;
+      m.assign(a.size(), 0);
+      tol.assign(a.size(), 0);
+      for (std::size_t k = 0; k < a.size(); ++k) tol[k] = 16 * u * spread[k];
+      anchored = true;
+      return;
+    }
+    for (std::size_t k = 0; k < a.size(); ++k) {
+      const long double delta = anchor[k] - a[k];
+      m[k] = mu * m[k] + delta;
+      const long double d = nesterov ? delta + mu * m[k] : m[k];
+      const long double x = anchor[k] - lr * d;
+      // Rounding: the average's own error (spread), then a few operations on numbers no larger
+      // than |anchor| + |a| + |m| + |delta|; errors carried from earlier steps add up.
+      tol[k] += 16 * u * (spread[k] + std::fabs(anchor[k]) + std::fabs(a[k]) + std::fabs(m[k]) + std::fabs(delta));
+      anchor[k] = x;
+    }
+  }
+};
+
+// The plain mean over the world of noise(r, salt, k) as element type T, and sum |x| / g.
+template <class T>
+void world_mean(int salt, std::size_t k, long double& mean, long double& spread) {
+  mean = spread = 0;
+  for (int r = 0; r < size(); ++r) {
+    const long double x = static_cast<T>(hma_test::noise(r, salt, k));
+    mean += x;
+    spread += std::fabs(x);
+  }
+  mean /= size();
+  spread /= size();
+}
+
+}  // namespace
+
+TEST_CASE("outer optimizer: SGD with momentum and Nesterov from the anchor, within the stated bound") {
+  for (bool nesterov : {false, true})
+    for (bool blocking : {true, false}) {
+      CAPTURE(nesterov, blocking);
+      hma::AveragerOptions o;
+      o.outer = hma::OuterOptimizer{0.7, 0.9, nesterov, std::nullopt};
+      o.chunk_bytes = 512;
+      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+      Set s(2);
+      OuterRef ref{0.7, 0.9, nesterov, false, {}, {}, {}};
+      for (int t = 0; t < 5; ++t) {
+        s.fill(rank(), 100 + t);  // each step the ranks drift somewhere new
+        if (blocking) {
+          REQUIRE(avg.step(s.ps));
+        } else {
+          auto r = avg.start(s.ps);
+          r.wait();
+        }
+        std::vector<long double> a, spread;
+        std::vector<bool> is_f;
+        s.each([&](std::size_t k, auto& x) {
+          long double mean = 0, sp = 0;
+          world_mean<std::remove_reference_t<decltype(x)>>(100 + t, k, mean, sp);
+          a.push_back(mean);
+          spread.push_back(sp);
+          is_f.push_back(sizeof(x) == 4);
+        });
+        // One bound for both types would hide f64 mistakes: the unit roundoff per element.
+        ref.step(a, spread, 0x1p-24);
+        bool ok = true;
+        std::string first;
+        s.each([&](std::size_t k, auto& x) {
+          const long double u_scale = sizeof(x) == 4 ? 1.0L : 0x1p-29L;  // f64: 2^-53 / 2^-24
+          const long double err = std::fabs(static_cast<long double>(x) - ref.anchor[k]);
+          if (err > ref.tol[k] * u_scale && ok) {
+            ok = false;
+            first = "step " + std::to_string(t) + " element " + std::to_string(k) + ": got " +
+                    std::to_string(static_cast<double>(x)) + ", want " + std::to_string(static_cast<double>(ref.anchor[k]));
+          }
+        });
+        INFO(first);
+        REQUIRE_ALL_RANKS(ok);
+        REQUIRE_ALL_RANKS(s.same_bits_everywhere(MPI_COMM_WORLD));
+      }
+    }
+}
+
+TEST_CASE("outer optimizer with lr 1 and momentum 0 is plain averaging, bit for bit") {
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{1.0, 0.0, false, std::nullopt};
+  for (std::size_t chunk : {std::size_t{0}, std::size_t{256}}) {
+    o.chunk_bytes = chunk;
+    hma::AveragerOptions p;
+    p.chunk_bytes = chunk;
+    hma::PeriodicAverager plain(MPI_COMM_WORLD, 2, 0, p), outer(MPI_COMM_WORLD, 2, 0, o);
+    Set a(2), b(2);
+    for (int t = 0; t < 7; ++t) {
+      a.fill(rank(), 300 + t);
+      b.fill(rank(), 300 + t);
+      if (t % 3 == 0) {  // also through start/wait
+        auto r1 = plain.start(a.ps), r2 = outer.start(b.ps);
+        r1.wait();
+        r2.wait();
+      } else {
+        (void)plain.step(a.ps);
+        (void)outer.step(b.ps);
+      }
+      REQUIRE_ALL_RANKS(a.bits() == b.bits());
+    }
+  }
+}
+
+TEST_CASE("outer optimizer: the state is in the checkpoint; a restart continues bit for bit") {
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+  hma::PeriodicAverager a(MPI_COMM_WORLD, 1, 0, o);
+  Set x(1), y(1);
+  for (int t = 0; t < 3; ++t) {
+    x.fill(rank(), 400 + t);
+    (void)a.step(x.ps);
+  }
+  const std::string text = a.checkpoint();
+  REQUIRE(text.find("\nouter level 0 f32 318 f64 133 layout ") != std::string::npos);
+  hma::PeriodicAverager b(MPI_COMM_WORLD, 1, 0, o);
+  b.restore(text);
+  REQUIRE(b.checkpoint() == text);
+  for (int t = 3; t < 6; ++t) {
+    x.fill(rank(), 400 + t);
+    y.fill(rank(), 400 + t);
+    (void)a.step(x.ps);
+    (void)b.step(y.ps);
+    REQUIRE_ALL_RANKS(x.bits() == y.bits());
+  }
+  // Damaged state, or state for an averager without an outer optimizer: refused on every rank.
+  using Catch::Contains;
+  std::string bad = text;
+  bad[bad.find("outer-state ") + 20] = '#';
+  REQUIRE_THAT(message_of([&] { b.restore(bad); }), Contains("outer optimizer state is damaged"));
+  hma::PeriodicAverager none(MPI_COMM_WORLD, 1, 0);
+  REQUIRE_THAT(message_of([&] { none.restore(text); }),
+               Contains("carries an outer optimizer's state, but this averager has no outer optimizer"));
+}
+
+TEST_CASE("outer optimizer: one set per averager; bad options name the value") {
+  using Catch::Contains;
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{0.5, 0.5, false, std::nullopt};
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  Set a(1), b(2);
+  a.fill(rank(), 1);
+  (void)avg.step(a.ps);
+  b.fill(rank(), 2);
+  const auto before = b.bits();
+  const std::string msg = message_of([&] { (void)avg.step(b.ps); });
+  REQUIRE_ALL_RANKS(msg.find("holds the state of another set (318 f32 and 133 f64 elements); this set has "
+                             "636 f32 and 266 f64 elements") != std::string::npos);
+  REQUIRE_ALL_RANKS(b.bits() == before);
+  auto refused = [&](hma::OuterOptimizer opt) {
+    hma::AveragerOptions x;
+    x.outer = opt;
+    return message_of([&] { hma::PeriodicAverager bad(MPI_COMM_WORLD, 1, 0, x); });
+  };
+  REQUIRE_THAT(refused({0, 0, false, std::nullopt}), Contains("lr must be finite and > 0, got 0"));
+  REQUIRE_THAT(refused({1, 1, false, std::nullopt}), Contains("momentum must be in [0, 1), got 1"));
+  REQUIRE_THAT(refused({1, 0, true, std::nullopt}), Contains("nesterov needs a momentum > 0"));
+  REQUIRE_THAT(refused({1, 0, false, 1}), Contains("the outer optimizer's level 1 does not exist"));
+  setenv("HMA_OUTER", "lr=0.7,momentum=0.9,nesterov", 1);
+  {
+    hma::PeriodicAverager from_env(MPI_COMM_WORLD, 8, 0);
+    REQUIRE_THAT(from_env.describe(), Contains("outer optimizer at level 0: lr 0.69999999999999996 momentum 0.90000000000000002 nesterov"));
+  }
+  setenv("HMA_OUTER", "lr=0.7,beta=2", 1);
+  REQUIRE_THAT(message_of([&] { hma::PeriodicAverager e(MPI_COMM_WORLD, 8, 0); }),
+               Contains("HMA_OUTER='lr=0.7,beta=2': token 'beta=2': unknown"));
+  unsetenv("HMA_OUTER");
+}
+
+TEST_CASE("divergence: max_i ||x_i - mean|| / ||mean|| of the group, the same on every rank") {
+  for (bool blocking : {true, false}) {
+    CAPTURE(blocking);
+    hma::AveragerOptions o;
+    o.divergence = true;
+    o.chunk_bytes = 512;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    REQUIRE(!avg.last_divergence());
+    Set s(2);
+    for (int t = 0; t < 3; ++t) {
+      s.fill(rank(), 500 + t);
+      if (blocking) {
+        (void)avg.step(s.ps);
+      } else {
+        auto r = avg.start(s.ps);
+        r.wait();
+      }
+      // Reference: every rank's inputs, their mean, in long double.
+      long double mean2 = 0;
+      std::vector<long double> dev2(static_cast<std::size_t>(size()), 0);
+      s.each([&](std::size_t k, auto& x) {
+        using T = std::remove_reference_t<decltype(x)>;
+        long double mean = 0, sp = 0;
+        world_mean<T>(500 + t, k, mean, sp);
+        mean2 += mean * mean;
+        for (int r = 0; r < size(); ++r) {
+          const long double d = static_cast<T>(hma_test::noise(r, 500 + t, k)) - mean;
+          dev2[static_cast<std::size_t>(r)] += d * d;
+        }
+      });
+      long double worst = 0;
+      for (auto d : dev2) worst = std::max(worst, d);
+      const double want = static_cast<double>(std::sqrt(worst) / std::sqrt(mean2));
+      const auto got = avg.last_divergence();
+      REQUIRE_ALL_RANKS(got && got->step == t && got->level == 0);
+      INFO("got " << got->value << " want " << want);
+      // The mean is rounded (f32 elements): relative 1e-5 of the spread, far below a real spread.
+      REQUIRE_ALL_RANKS(std::fabs(got->value - want) <= 1e-5 * (want + 1e-3));
+      double mine = got->value, root = mine;
+      MPI_Bcast(&root, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+      REQUIRE_ALL_RANKS(std::bit_cast<std::uint64_t>(mine) == std::bit_cast<std::uint64_t>(root));
+      if (size() > 1) REQUIRE_ALL_RANKS(want > 0.1);  // the ranks' values really differ
+    }
+  }
+}
+
+TEST_CASE("divergence of ranks that agree is zero; without the option there is none") {
+  hma::AveragerOptions o;
+  o.divergence = true;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  Set s(1);
+  s.each([&](std::size_t k, auto& x) { x = static_cast<std::remove_reference_t<decltype(x)>>(std::ldexp(1.0, static_cast<int>(k % 5))); });
+  (void)avg.step(s.ps);
+  // Equal inputs x average to x exactly only where x / g is exact: powers of two here, and g a
+  // power of two.
+  if ((size() & (size() - 1)) == 0) REQUIRE_ALL_RANKS(avg.last_divergence()->value == 0);
+  else REQUIRE_ALL_RANKS(avg.last_divergence()->value < 1e-7);
+  hma::PeriodicAverager off(MPI_COMM_WORLD, 1, 0);
+  (void)off.step(s.ps);
+  REQUIRE(!off.last_divergence());
+}
+
+namespace {
+
+// Round x to a 16-bit format independently of hma's bit tricks: p significant bits, normal
+// exponents down to emin, nearest even (the FPU's nearbyint), overflow to infinity above max.
+double round_to(double x, int p, int emin, double max_finite) {
+  if (std::isnan(x) || x == 0) return x;
+  int e = 0;
+  (void)std::frexp(x, &e);  // |x| in [2^(e-1), 2^e)
+  const int q = std::max(e - 1, emin) - (p - 1);  // spacing 2^q
+  const double r = std::ldexp(std::nearbyint(std::ldexp(x, -q)), q);
+  const double half_ulp_above = max_finite + std::ldexp(1.0, std::max(e - 1, emin) - p);
+  if (std::fabs(x) >= half_ulp_above || std::fabs(r) > max_finite) return std::copysign(INFINITY, x);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("16-bit formats: hma's conversions round to nearest even, exhaustively checked") {
+  namespace hd = hma::detail;
+  // Every 16-bit pattern widens and narrows back to itself (NaNs stay NaN).
+  for (std::uint32_t h = 0; h < 65536; ++h) {
+    const auto b = static_cast<std::uint16_t>(h);
+    const float fb = hd::from_bf16(b), fh = hd::from_fp16(b);
+    if (std::isnan(fb)) REQUIRE(std::isnan(hd::from_bf16(hd::to_bf16(fb))));
+    else REQUIRE(hd::to_bf16(fb) == b);
+    if (std::isnan(fh)) REQUIRE(std::isnan(hd::from_fp16(hd::to_fp16(fh))));
+    else REQUIRE(hd::to_fp16(fh) == b);
+  }
+  // Narrowing agrees with the independent rounding on values of every magnitude, ties included.
+  for (std::uint64_t k = 0; k < 400000; ++k) {
+    const double u = hma_test::noise(static_cast<int>(k % 5), 77, k);
+    float x = static_cast<float>(std::ldexp(u, static_cast<int>(k % 60) - 30));
+    if (k % 7 == 0) x = std::bit_cast<float>(std::bit_cast<std::uint32_t>(x) & 0xffff8000u);  // bf16 ties
+    if (k % 11 == 0) x = std::bit_cast<float>((std::bit_cast<std::uint32_t>(x) & 0xffffe000u) | 0x1000u);  // fp16 ties
+    INFO("x = " << x);
+    REQUIRE(hd::from_bf16(hd::to_bf16(x)) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)));
+    REQUIRE(hd::from_fp16(hd::to_fp16(x)) == static_cast<float>(round_to(x, 11, -14, 65504.0)));
+  }
+  REQUIRE(std::isinf(hd::from_fp16(hd::to_fp16(65520.0f))));
+  REQUIRE(hd::from_fp16(hd::to_fp16(65519.0f)) == 65504.0f);
+  REQUIRE(std::isinf(hd::from_bf16(hd::to_bf16(3.4e38f))));
+}
+
+TEST_CASE("16-bit wires: the average within the stated bound, 16-bit values, same bits everywhere") {
+  namespace hd = hma::detail;
+  const int g = size();
+  for (hma::Wire w : {hma::Wire::bf16, hma::Wire::fp16})
+    for (bool blocking : {true, false})
+      for (std::size_t chunk : {std::size_t{0}, std::size_t{100}}) {
+        CAPTURE(static_cast<int>(w), blocking, chunk);
+        hma::AveragerOptions o;
+        o.wire = std::vector<hma::Wire>{w};
+        o.chunk_bytes = chunk;
+        hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+        Set s(3);
+        s.fill(rank(), 600);
+        const auto used = hd::uses(hd::Use::wire_piece) + hd::uses(hd::Use::wire_start);
+        if (blocking) {
+          (void)avg.step(s.ps);
+        } else {
+          auto r = avg.start(s.ps);
+          r.wait();
+        }
+        // g > 1 moved data through the wire (unless the progress thread ran it: still blocking).
+        if (g > 1) REQUIRE_ALL_RANKS(hd::uses(hd::Use::wire_piece) + hd::uses(hd::Use::wire_start) > used);
+        // The bound (README "Reduced-precision wires"): with u the format's unit roundoff
+        // (bf16 2^-8, fp16 2^-11), |avg - mean| <= g (u + 2^-23) 1.01 sum|x_i| / g + g 2^-25
+        // (the last term: fp16's subnormal spacing, 2^-24, half of it per rounding).
+        const double u = w == hma::Wire::bf16 ? 0x1p-8 : 0x1p-11;
+        bool ok = true, representable = true;
+        std::string first;
+        s.each([&](std::size_t k, auto& x) {
+          using T = std::remove_reference_t<decltype(x)>;
+          long double mean = 0, sp = 0;
+          world_mean<T>(600, k, mean, sp);
+          const long double bound = g * (u + 0x1p-23) * 1.01 * sp + g * 0x1p-25;
+          if (std::fabs(x - mean) > bound && ok) {
+            ok = false;
+            first = "element " + std::to_string(k) + ": got " + std::to_string(static_cast<double>(x)) +
+                    ", mean " + std::to_string(static_cast<double>(mean)) + ", bound " + std::to_string(static_cast<double>(bound));
+          }
+          const float f = static_cast<float>(x);
+          const float back = w == hma::Wire::bf16 ? hd::from_bf16(hd::to_bf16(f)) : hd::from_fp16(hd::to_fp16(f));
+          if (g > 1) representable = representable && back == f && static_cast<T>(f) == x;
+        });
+        INFO(first);
+        REQUIRE_ALL_RANKS(ok);
+        REQUIRE_ALL_RANKS(representable);
+        REQUIRE_ALL_RANKS(s.same_bits_everywhere(MPI_COMM_WORLD));
+      }
+}
+
+TEST_CASE("16-bit wire per level: exact within the first level, bf16 on the last") {
+  const auto sizes = hma_test::group_sizes();
+  std::vector<hma::Level> levels;
+  std::int64_t period = 1;
+  for (int g : sizes) {
+    levels.push_back({period, g});
+    period *= 2;
+  }
+  std::vector<hma::Wire> wires(levels.size(), hma::Wire::exact);
+  wires.back() = hma::Wire::bf16;
+  hma::AveragerOptions o;
+  o.wire = wires;
+  hma::HierarchicalAverager mixed(MPI_COMM_WORLD, levels, 0, o), plain(MPI_COMM_WORLD, levels, 0);
+  Set a(1), b(1);
+  for (std::size_t l = 0; l < levels.size(); ++l) {
+    a.fill(rank(), 700);
+    b.fill(rank(), 700);
+    mixed.average(a.ps, l);
+    plain.average(b.ps, l);
+    const bool last = l + 1 == levels.size();
+    CAPTURE(l, levels[l].group_size);
+    if (!last || levels[l].group_size == 1) REQUIRE_ALL_RANKS(a.bits() == b.bits());
+    else REQUIRE_ALL_RANKS(a.bits() != b.bits());
+  }
+  REQUIRE_THAT(mixed.describe(), Catch::Contains("level " + std::to_string(levels.size() - 1) + " sends bf16 on the wire"));
+}
+
+TEST_CASE("16-bit wire options: one per level or one for all, named errors") {
+  using Catch::Contains;
+  hma::AveragerOptions o;
+  o.wire = std::vector<hma::Wire>{hma::Wire::bf16, hma::Wire::exact};
+  REQUIRE_THAT(message_of([&] { hma::PeriodicAverager a(MPI_COMM_WORLD, 1, 0, o); }),
+               Contains("the wire (AveragerOptions::wire or HMA_WIRE) lists 2 levels, the schedule has 1"));
+  setenv("HMA_WIRE", "bf16,f8", 1);
+  REQUIRE_THAT(message_of([&] { hma::PeriodicAverager a(MPI_COMM_WORLD, 1, 0); }),
+               Contains("HMA_WIRE='bf16,f8': 'f8' is not exact, bf16 or fp16"));
+  setenv("HMA_WIRE", "fp16", 1);
+  {
+    hma::PeriodicAverager a(MPI_COMM_WORLD, 1, 0);
+    REQUIRE_THAT(a.describe(), Contains("level 0 sends fp16 on the wire"));
+  }
+  unsetenv("HMA_WIRE");
+}
+
+TEST_CASE("device sets (emulated): unequal weights, an outer optimizer or a 16-bit wire are refused on every rank") {
+  namespace hd = hma::detail;
+  hd::set_device_backend_for_testing(hd::host_emulation_backend());
+  struct Restore {
+    ~Restore() { hd::set_device_backend_for_testing(nullptr); }
+  } restore;
+  using Catch::Contains;
+  auto device_step = [](hma::Averager& avg) {
+    hma::DeviceParamSet ps;
+    auto arr = ps.allocate<float>(64);
+    (void)arr;
+    return message_of([&] { (void)avg.step(ps); });
+  };
+  if (size() > 1) {
+    hma::PeriodicAverager weighted(MPI_COMM_WORLD, 1, 0);
+    weighted.set_weight(rank() + 1.0);
+    REQUIRE_ALL_RANKS(device_step(weighted).find("weighted averaging is for host ParamSets only") != std::string::npos);
+  }
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+  hma::PeriodicAverager outer(MPI_COMM_WORLD, 1, 0, o);
+  REQUIRE_ALL_RANKS(device_step(outer).find("level 0 has an outer optimizer, which is for host ParamSets only") != std::string::npos);
+  hma::AveragerOptions w;
+  w.wire = std::vector<hma::Wire>{hma::Wire::bf16};
+  hma::PeriodicAverager wire(MPI_COMM_WORLD, 1, 0, w);
+  REQUIRE_ALL_RANKS(device_step(wire).find("level 0 sends bf16 on the wire, which is for host ParamSets only") != std::string::npos);
+  // Equal weights are the plain average: device sets take them.
+  hma::PeriodicAverager equal(MPI_COMM_WORLD, 1, 0);
+  equal.set_weight(2);
+  REQUIRE_ALL_RANKS(device_step(equal) == "no error");
 }

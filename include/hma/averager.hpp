@@ -22,6 +22,9 @@ namespace detail {
 struct Pending;
 struct Prepared;
 struct DevicePlan;
+struct OuterState;
+struct DivergenceLog;
+class Post;
 class Worker;
 struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
   std::vector<float> f;
@@ -145,6 +148,38 @@ enum class DeviceDivision {
   reciprocal,
 };
 
+/// How a level's average travels (AveragerOptions::wire).
+enum class Wire {
+  /// The set's own element types (f32, f64): the average torch computes.
+  exact,
+  /// bfloat16 on the wire: each rank's scaled terms rounded to bf16 (8 significant bits), summed
+  /// by MPI with hma's op (each addition in f32, its result rounded to bf16), the result widened
+  /// back. Half the bytes of f32 (a quarter of f64). See README "Reduced-precision wires" for
+  /// the error bound.
+  bf16,
+  /// IEEE half precision on the wire (11 significant bits, largest finite 65504: larger values
+  /// become infinities), otherwise as bf16.
+  fp16,
+};
+
+/// An outer optimizer at one level (SlowMo; DiLoCo uses nesterov, lr 0.7, momentum 0.9): instead
+/// of replacing the parameters by the group's average `a`, treats delta = anchor - a as a
+/// pseudo-gradient, anchor being the parameters after the previous average at this level, and
+/// steps SGD with momentum from the anchor:
+///   m = momentum * m + delta;  d = nesterov ? delta + momentum * m : m;  x = anchor - lr * d
+/// (computed as x = a - (lr * d - delta), so lr 1 and momentum 0 give x = a bit for bit); then
+/// anchor = x. The first average at the level only sets anchor = a and m = 0 (the ranks'
+/// parameters differ before it; every rank of the group holds the same anchor after it). State
+/// (anchor, m: one copy of the set each, per element type) lives in the averager, belongs to the
+/// first set averaged at the level, and is part of checkpoint(). Host ParamSets only.
+struct OuterOptimizer {
+  double lr = 1;         ///< outer learning rate, > 0 and finite
+  double momentum = 0;   ///< in [0, 1)
+  bool nesterov = false; ///< Nesterov momentum (needs momentum > 0, as in torch)
+  /// The level it applies at; nullopt: the last (world) level.
+  std::optional<std::size_t> level;
+};
+
 struct AveragerOptions {
   HierarchyOptions hierarchy;
   /// The agreement check (default ON): before an average moves any data, every rank of its group
@@ -200,6 +235,30 @@ struct AveragerOptions {
   static constexpr std::size_t kDefaultStagingSlots = 3;
   /// nullopt: the environment variable HMA_DEVICE_DIVISION (divide or reciprocal), default divide.
   std::optional<DeviceDivision> device_division;
+  /// The outer optimizer. nullopt: the environment variable HMA_OUTER, e.g.
+  /// "lr=0.7,momentum=0.9,nesterov" (keys lr, momentum, nesterov, level), default none.
+  std::optional<OuterOptimizer> outer;
+  /// The divergence metric at each average (see Averager::last_divergence()): costs one copy of
+  /// the set's values taken on the way (per piece, in cache, in blocking flat averages), one
+  /// pass after the average and one MPI_Allreduce of one double on the level's communicator.
+  /// nullopt: the environment variable HMA_DIVERGENCE (0 or 1), default off.
+  std::optional<bool> divergence;
+  /// Per level: how its average travels (exact, bf16, fp16); one entry for every level, or one
+  /// entry for all. A reduced wire averages flat with MPI_Allreduce (no ring, no two-level).
+  /// Host ParamSets only (a DeviceParamSet averaged at such a level throws hma::InvalidArgument).
+  /// nullopt: the environment variable HMA_WIRE ("exact,bf16": per level; "bf16": all),
+  /// default exact.
+  std::optional<std::vector<Wire>> wire;
+};
+
+/// The group's spread at one average: max over its ranks i of ||x_i - mean|| / ||mean||, the
+/// norms over every element of the set (both element types), x_i the rank's values as they went
+/// in, mean the average (weighted, where weights differ). 0 when all ranks held the same values;
+/// +infinity when the mean is zero and the values were not.
+struct Divergence {
+  std::size_t level = 0;
+  std::int64_t step = 0;  ///< the step counter of the average
+  double value = 0;
 };
 
 namespace detail {
@@ -212,6 +271,14 @@ struct LinkModel {
   double intra_alpha_us = 5;         // within a node: a reduce-scatter + allgather pair
   double intra_bytes_per_s = 2e9;    // ... bytes of the buffer per second
   double flat_bytes_per_s = 0.625e9; // MPI_Allreduce over the group: bytes per node across
+};
+
+/// The outer optimizer as resolved (enabled false: none); level SIZE_MAX: the last level.
+struct OuterSettings {
+  bool enabled = false;
+  double lr = 1, momentum = 0;
+  bool nesterov = false;
+  std::size_t level = SIZE_MAX;
 };
 
 /// The options resolved against the environment on one rank (control/settings.cpp), then
@@ -231,6 +298,9 @@ struct Settings {
   DeviceDivision device_division = DeviceDivision::divide;
   LinkModel model;
   std::string model_source = "defaults";  // "defaults" or the HMA_MODEL file
+  OuterSettings outer;
+  bool divergence = false;
+  std::vector<Wire> wire;  // per level once the averager is built (empty before: all exact)
 };
 }  // namespace detail
 
@@ -312,6 +382,12 @@ class Averager {
   /// This rank's weight (as rounded to a multiple of 2^-32).
   [[nodiscard]] double weight() const noexcept;
 
+  /// With AveragerOptions::divergence: the spread measured at the last average of this averager
+  /// that has completed on this rank (blocking, or a Request's wait/test), the same on every rank
+  /// of its group; also logged (HMA_LOG=info, by the group's first rank). nullopt before the
+  /// first one, and always without the option. Host ParamSets only.
+  [[nodiscard]] std::optional<Divergence> last_divergence() const;
+
   /// The level that averages at the current step (nullopt: none).
   [[nodiscard]] std::optional<std::size_t> level_now() const noexcept;
   [[nodiscard]] std::int64_t step_count() const noexcept { return step_; }
@@ -322,12 +398,16 @@ class Averager {
   [[nodiscard]] const Hierarchy& hierarchy() const noexcept { return hierarchy_; }
   /// False on a rank outside the averager's communicator (a null comm): it never averages.
   [[nodiscard]] bool member() const noexcept { return hierarchy_.member(); }
-  /// The averager's state as a small text: the step counter, the schedule and its fingerprint,
-  /// the world size. Save it with your model; see restore().
+  /// The averager's state as text: the step counter, the schedule and its fingerprint, the
+  /// world size; with an outer optimizer that has anchored, its state too (anchor and momentum,
+  /// base64: about 2.7 bytes of text per byte of the set). Save it with your model; see restore().
   [[nodiscard]] std::string checkpoint() const;
-  /// Collective: sets the step counter from checkpoint() text. Throws hma::InvalidArgument on
-  /// every rank when the text is not an hma checkpoint, or was written for another schedule or
-  /// world size (naming both), and hma::MismatchError when ranks restored different steps.
+  /// Collective: sets the step counter (and the outer optimizer's state: from the checkpoint, or
+  /// reset to "not anchored" when it carries none) from checkpoint() text. Throws
+  /// hma::InvalidArgument on every rank when the text is not an hma checkpoint, was written for
+  /// another schedule or world size (naming both), carries outer state this averager has no
+  /// optimizer for (or for another level), or that state is damaged; hma::MismatchError when
+  /// ranks restored different steps or outer states.
   void restore(std::string_view checkpoint);
   /// checkpoint() to a file / restore() from one (hma::Error when the file cannot be written
   /// or read).
@@ -360,6 +440,10 @@ class Averager {
   // any, make sure every average in flight that issues lazily (after its check, chained
   // two-level stages, device paths) has issued all of its own.
   void settle_issue();
+  // The outer optimizer and divergence work of a host average (null: none); sets p.refusal
+  // when the outer state belongs to another layout.
+  std::shared_ptr<detail::Post> make_post(detail::Pending& p, std::uint64_t layout, std::size_t nf,
+                                          std::size_t nd);
   // A new pending average of `bytes` at `level` (registered in inflight_).
   std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes);
   // Throws hma::Error naming `who` unless MPI is usable and this averager was not abandoned.
@@ -382,6 +466,8 @@ class Averager {
   detail::Settings settings_;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::DevicePlan> device_plan_;
+  std::shared_ptr<detail::OuterState> outer_;          // AveragerOptions::outer
+  std::shared_ptr<detail::DivergenceLog> divergence_;  // AveragerOptions::divergence
   std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
 };

@@ -9,6 +9,7 @@
 
 #include "buffer_common.hpp"
 #include "hma/error.hpp"
+#include "support/mpi_static.hpp"
 
 namespace hma::detail {
 
@@ -41,8 +42,7 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
 namespace {
 
 // The check's record as one MPI datatype and its reduction: min over the first `kMin` words,
-// a 128-bit sum over the last two. Created on first use, freed when MPI_Finalize deletes the
-// attribute hung on MPI_COMM_SELF (MPI calls those deletions first).
+// a 128-bit sum over the last two. Made on first use, freed by MPI_Finalize.
 template <std::size_t kMin, std::size_t kAll>
 struct CheckOp {
   MPI_Datatype type = MPI_DATATYPE_NULL;
@@ -58,26 +58,16 @@ struct CheckOp {
       b[kMin + 1] = static_cast<std::uint64_t>(s >> 64);
     }
   }
-  static int release(MPI_Comm, int, void* attr, void*) {
-    auto* c = static_cast<CheckOp*>(attr);
-    MPI_Op_free(&c->op);
-    MPI_Type_free(&c->type);
-    delete c;
-    return MPI_SUCCESS;
-  }
-  static CheckOp& get() {
-    static CheckOp* made = [] {
-      auto* c = new CheckOp;
-      check(MPI_Type_contiguous(static_cast<int>(kAll), MPI_UINT64_T, &c->type), "MPI_Type_contiguous(check)");
-      check(MPI_Type_commit(&c->type), "MPI_Type_commit(check)");
-      check(MPI_Op_create(&CheckOp::reduce, 1, &c->op), "MPI_Op_create(check)");
-      int key = MPI_KEYVAL_INVALID;
-      check(MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, &CheckOp::release, &key, nullptr),
-            "MPI_Comm_create_keyval(check)");
-      check(MPI_Comm_set_attr(MPI_COMM_SELF, key, c), "MPI_Comm_set_attr(check)");
+  static const CheckOp& get() {
+    static const CheckOp made = [] {
+      CheckOp c;
+      check(MPI_Type_contiguous(static_cast<int>(kAll), MPI_UINT64_T, &c.type), "MPI_Type_contiguous(check)");
+      check(MPI_Type_commit(&c.type), "MPI_Type_commit(check)");
+      check(MPI_Op_create(&CheckOp::reduce, 1, &c.op), "MPI_Op_create(check)");
+      free_at_finalize(c.op, c.type);
       return c;
     }();
-    return *made;
+    return made;
   }
 };
 

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <functional>
 #include <string>
 
 #include "control/agree.hpp"
@@ -39,6 +40,78 @@ double resolve_timeout(const std::optional<double>& option) {
                           "' must be a non-negative number of seconds or inf (0 or inf: no "
                           "limit; default 1800)");
   return t;
+}
+
+// "lr=0.7,momentum=0.9,nesterov,level=1" (HMA_OUTER); errors quote the token.
+OuterOptimizer parse_outer(const std::string& v) {
+  OuterOptimizer o;
+  std::size_t at = 0;
+  while (at <= v.size()) {
+    const std::size_t comma = std::min(v.find(',', at), v.size());
+    const std::string tok = v.substr(at, comma - at), key = tok.substr(0, tok.find('='));
+    const std::string val = tok.find('=') == std::string::npos ? "" : tok.substr(tok.find('=') + 1);
+    auto bad = [&](const std::string& why) {
+      throw InvalidArgument("hma: environment variable HMA_OUTER='" + v + "': token '" + tok +
+                            "': " + why + " (write e.g. lr=0.7,momentum=0.9,nesterov[,level=1])");
+    };
+    char* end = nullptr;
+    const double x = val.empty() ? 0 : std::strtod(val.c_str(), &end);
+    const bool number = !val.empty() && end != nullptr && *end == '\0';
+    if (key == "lr" || key == "momentum") {
+      if (!number) bad("expected " + key + "=<number>");
+      (key == "lr" ? o.lr : o.momentum) = x;
+    } else if (key == "level") {
+      if (!number || x < 0 || x != std::floor(x)) bad("expected level=<level index>");
+      o.level = static_cast<std::size_t>(x);
+    } else if (tok == "nesterov") {
+      o.nesterov = true;
+    } else {
+      bad("unknown; the keys are lr, momentum, nesterov and level");
+    }
+    at = comma + 1;
+  }
+  return o;
+}
+
+OuterSettings resolve_outer(const std::optional<OuterOptimizer>& option) {
+  OuterSettings s;
+  std::optional<OuterOptimizer> o = option;
+  const std::string env = env_str("HMA_OUTER", "");
+  if (!o && !env.empty()) o = parse_outer(env);
+  if (!o) return s;
+  const std::string from = option ? "AveragerOptions::outer" : "HMA_OUTER";
+  if (!(o->lr > 0) || !std::isfinite(o->lr))
+    throw InvalidArgument("hma: " + from + ": lr must be finite and > 0, got " + std::to_string(o->lr));
+  if (!(o->momentum >= 0 && o->momentum < 1))
+    throw InvalidArgument("hma: " + from + ": momentum must be in [0, 1), got " + std::to_string(o->momentum));
+  if (o->nesterov && o->momentum == 0)
+    throw InvalidArgument("hma: " + from + ": nesterov needs a momentum > 0 (as torch.optim.SGD)");
+  s.enabled = true;
+  s.lr = o->lr;
+  s.momentum = o->momentum;
+  s.nesterov = o->nesterov;
+  s.level = o->level.value_or(SIZE_MAX);
+  return s;
+}
+
+std::vector<Wire> resolve_wire(const std::optional<std::vector<Wire>>& option) {
+  if (option) return *option;
+  const std::string v = env_str("HMA_WIRE", "");
+  std::vector<Wire> out;
+  if (v.empty()) return out;
+  std::size_t at = 0;
+  while (at <= v.size()) {
+    const std::size_t comma = std::min(v.find(',', at), v.size());
+    const std::string tok = v.substr(at, comma - at);
+    if (tok == "exact") out.push_back(Wire::exact);
+    else if (tok == "bf16") out.push_back(Wire::bf16);
+    else if (tok == "fp16") out.push_back(Wire::fp16);
+    else
+      throw InvalidArgument("hma: environment variable HMA_WIRE='" + v + "': '" + tok +
+                            "' is not exact, bf16 or fp16 (one per level, or one for all)");
+    at = comma + 1;
+  }
+  return out;
 }
 
 }  // namespace
@@ -93,6 +166,9 @@ Settings resolve_settings(const AveragerOptions& o) {
                                         : env_choice("HMA_DEVICE_DIVISION", DeviceDivision::divide,
                                                      {{"divide", DeviceDivision::divide},
                                                       {"reciprocal", DeviceDivision::reciprocal}});
+  s.outer = resolve_outer(o.outer);
+  s.divergence = o.divergence.value_or(env_bool("HMA_DIVERGENCE", false));
+  s.wire = resolve_wire(o.wire);
   (void)log_level();  // validates HMA_LOG on every rank
   return s;
 }
@@ -119,6 +195,19 @@ std::uint64_t bits(double x) {
 }
 }  // namespace
 
+std::string outer_text(const OuterSettings& o) {
+  char t[96];
+  std::snprintf(t, sizeof t, "lr %.17g momentum %.17g%s", o.lr, o.momentum, o.nesterov ? " nesterov" : "");
+  return std::string(t) + (o.level == SIZE_MAX ? " at the last level" : " at level " + std::to_string(o.level));
+}
+
+std::string wire_text(const std::vector<Wire>& w) {
+  if (w.empty()) return "exact";
+  std::string t;
+  for (Wire x : w) t += std::string(t.empty() ? "" : ",") + (x == Wire::exact ? "exact" : x == Wire::bf16 ? "bf16" : "fp16");
+  return t;
+}
+
 void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
   std::uint64_t timeout_bits = 0;
   // Every "no limit" (0, -0, inf, > 1e9 s: see deadline_after) compares as 0.
@@ -142,7 +231,14 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              bits(s.model.inter_duplex),
                              bits(s.model.intra_alpha_us),
                              bits(s.model.intra_bytes_per_s),
-                             bits(s.model.flat_bytes_per_s)};
+                             bits(s.model.flat_bytes_per_s),
+                             s.outer.enabled ? 1u : 0u,
+                             bits(s.outer.lr),
+                             bits(s.outer.momentum),
+                             s.outer.nesterov ? 1u : 0u,
+                             s.outer.level,
+                             s.divergence ? 1u : 0u,
+                             std::hash<std::string>{}(wire_text(s.wire))};
   check_same(comm, v, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
     char secs[40];
     std::snprintf(secs, sizeof secs, "%.17g", t);
@@ -155,7 +251,9 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
            ", timeout " + secs + " s, ranks per node " + std::to_string(s.ranks_per_node) + ", " +
            plan.why + ", staging chunk bytes " + std::to_string(s.staging_chunk_bytes) +
            ", device division " + (s.device_division == DeviceDivision::divide ? "divide" : "reciprocal") +
-           ", cost model " + s.model_source + " (" + format_link_model(s.model) + ")";
+           ", cost model " + s.model_source + " (" + format_link_model(s.model) + ")" +
+           ", outer " + (s.outer.enabled ? outer_text(s.outer) : "none") + ", divergence " +
+           (s.divergence ? "on" : "off") + ", wire " + wire_text(s.wire);
   });
 }
 

@@ -23,4 +23,8 @@ DevicePlan resolve_device_plan(const AveragerOptions& options, const Settings& s
 /// long a rank waits for them, is the same on all ranks.
 void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan);
 
+/// "lr 0.7 momentum 0.9 nesterov at the last level"; "exact,bf16" (empty: "exact").
+std::string outer_text(const OuterSettings& o);
+std::string wire_text(const std::vector<Wire>& w);
+
 }  // namespace hma::detail

@@ -2,13 +2,16 @@
 #include "transport/host.hpp"
 
 #include <algorithm>
+#include <utility>
 
 #include "support/timeline.hpp"
 #include "transport/allreduce.hpp"
 #include "transport/elements.hpp"
+#include "transport/post.hpp"
 #include "transport/ring.hpp"
 #include "transport/two_level.hpp"
 #include "transport/uses.hpp"
+#include "transport/wire.hpp"
 
 namespace hma::detail {
 
@@ -26,43 +29,80 @@ void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
     const bool ring = route.reduction == Reduction::ring ||
                       (route.reduction == Reduction::automatic &&
                        bytes / static_cast<std::size_t>(route.group) >= route.ring_min_block);
+    if (route.post) route.post->before(b, lo, hi);
     if (!ring) {
       allreduce_piece(b, lo, hi, route);
-      continue;
-    }
-    count_use(Use::ring_piece);
-    TimelineScope t("ring allreduce (scaling fused)", route.level, route.step, bytes, route.group);
-    const Runs<T> runs = Runs<T>::of(b, lo, hi);
-    if (route.weight >= 0) {
-      // The ring folds one division by g into its additions (the same for every term); weights
-      // differ per rank, so each rank scales its own terms first and the ring only adds.
-      const Scaler<T> w(route.group, route.weight);
-      runs.each(0, runs.N, [&](T* p, std::size_t n, std::size_t) { w.in_place(p, n); });
-      ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(1), scratch);
     } else {
-      ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(route.group), scratch);
+      count_use(Use::ring_piece);
+      TimelineScope t("ring allreduce (scaling fused)", route.level, route.step, bytes, route.group);
+      const Runs<T> runs = Runs<T>::of(b, lo, hi);
+      if (route.weight >= 0) {
+        // The ring folds one division by g into its additions (the same for every term); weights
+        // differ per rank, so each rank scales its own terms first and the ring only adds.
+        const Scaler<T> w(route.group, route.weight);
+        runs.each(0, runs.N, [&](T* p, std::size_t n, std::size_t) { w.in_place(p, n); });
+        ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(1), scratch);
+      } else {
+        ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(route.group), scratch);
+      }
+    }
+    if (route.post) {
+      TimelineScope t("after (outer optimizer, divergence)", route.level, route.step, bytes, route.group);
+      route.post->after(b, lo, hi);  // the piece is still in cache
     }
   }
+}
+
+template <Element T>
+void two_level_with_post(Bucket<T>& b, const Route& route) {
+  if (route.post) route.post->before(b, 0, b.size());
+  two_level_blocking(b, route);
+  if (route.post) route.post->after(b, 0, b.size());
 }
 
 }  // namespace
 
 void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scratch& scratch) {
-  if (route.two != nullptr) {
-    two_level_blocking(f, route);
-    two_level_blocking(d, route);
+  if (route.wire != Wire::exact) {
+    wire_blocking(f, d, route);
+  } else if (route.two != nullptr) {
+    two_level_with_post(f, route);
+    two_level_with_post(d, route);
   } else {
     flat_blocking(f, route, scratch.f);
     flat_blocking(d, route, scratch.d);
   }
+  if (route.post) route.post->conclude(route.comm);
 }
 
 void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
-  if (route.two != nullptr) {
+  if (Post* post = route.post) {
+    post->before(f, 0, f.size());
+    post->before(d, 0, d.size());
+  }
+  if (route.wire != Wire::exact) {
+    start_wire(f, d, route, p);
+  } else if (route.two != nullptr) {
     start_two_level(f, d, route, p);
   } else {
     start_allreduce(f, route, p.reqs);
     start_allreduce(d, route, p.reqs);
+  }
+  if (Post* post = route.post) {
+    // One more stage once the data is in: the results into the arrays (the transport's finish,
+    // or the unpack), the pass after the average, then the divergence maximum, if measured.
+    p.stages.push_back([&p, post, fp = &f, dp = &d, comm = route.comm](std::vector<MPI_Request>& reqs) {
+      if (p.finish) {
+        std::exchange(p.finish, nullptr)();
+      } else {
+        unpack_bucket(*fp);
+        unpack_bucket(*dp);
+      }
+      post->after(*fp, 0, fp->size());
+      post->after(*dp, 0, dp->size());
+      post->start_conclude(comm, reqs);
+      p.finish = [post] { post->record(); };
+    });
   }
 }
 

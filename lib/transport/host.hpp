@@ -3,6 +3,8 @@
 //   divide + MPI_Allreduce ....... transport/allreduce.cpp  (torch's recipe)
 //   hma's ring, division fused ... transport/ring.hpp
 //   two-level across nodes ....... transport/two_level.cpp
+//   16-bit wire (bf16, fp16) ..... transport/wire.cpp
+//   outer optimizer, divergence .. transport/post.cpp (passes around any of the above)
 #pragma once
 
 #include <mpi.h>
@@ -14,6 +16,8 @@
 #include "pending.hpp"
 
 namespace hma::detail {
+
+class Post;
 
 /// Where and how one average moves: the group's data communicator and the chosen algorithm.
 struct Route {
@@ -31,6 +35,8 @@ struct Route {
   // Weighted averaging: < 0 divide by the group size (torch), else multiply by this factor
   // (w_i / sum of the group's weights), in double.
   double weight = -1;
+  Wire wire = Wire::exact;  // bf16/fp16: flat MPI_Allreduce of 16-bit terms (transport/wire.cpp)
+  Post* post = nullptr;  // the outer optimizer and the divergence metric of this average, if any
   int level = 0;                             // for the timeline
   std::int64_t step = 0;
   [[nodiscard]] Route weighted(double factor) const {

@@ -18,6 +18,8 @@ enum class Use : int {
   device_direct,      // device pointers to MPI (blocking or on the worker), per call
   device_iallreduce,  // device pointers to MPI_Iallreduce, per call
   device_staged,      // the staged pipeline, per average
+  wire_piece,         // a 16-bit wire's blocking MPI_Allreduce, per piece
+  wire_start,         // a 16-bit wire's MPI_Iallreduce, per call
   count_
 };
 

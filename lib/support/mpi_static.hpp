@@ -1,0 +1,13 @@
+// Internal: MPI objects hma makes once per process (its own reduction ops and their datatypes)
+// and hands to MPI_Finalize to free.
+#pragma once
+
+#include <mpi.h>
+
+namespace hma::detail {
+
+/// Frees `op` and `type` (either may be the null handle) when MPI_Finalize runs, through an
+/// attribute on MPI_COMM_SELF, whose deletion MPI performs first thing in MPI_Finalize.
+void free_at_finalize(MPI_Op op, MPI_Datatype type);
+
+}  // namespace hma::detail

@@ -1,0 +1,163 @@
+#include "transport/wire.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <memory>
+
+#include "support/mpi_static.hpp"
+#include "support/timeline.hpp"
+#include "transport/elements.hpp"
+#include "transport/post.hpp"
+#include "transport/uses.hpp"
+
+namespace hma::detail {
+
+std::uint16_t to_bf16(float x) {
+  std::uint32_t b = std::bit_cast<std::uint32_t>(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((b >> 16) | 0x40u);  // quiet NaN
+  b += 0x7fffu + ((b >> 16) & 1u);  // round to nearest even; a carry may give infinity, rightly
+  return static_cast<std::uint16_t>(b >> 16);
+}
+
+float from_bf16(std::uint16_t h) { return std::bit_cast<float>(static_cast<std::uint32_t>(h) << 16); }
+
+std::uint16_t to_fp16(float x) {
+  const std::uint32_t b = std::bit_cast<std::uint32_t>(x);
+  const std::uint32_t sign = (b >> 16) & 0x8000u, a = b & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+  if (a >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520: infinity
+  if (a < 0x38800000u) {
+    // Below 2^-14: a multiple of 2^-24 (subnormal), rounded to nearest even by the FPU.
+    const float m = std::nearbyint(std::bit_cast<float>(a) * 0x1p24f);
+    return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(m));  // 1024: the smallest normal
+  }
+  std::uint32_t r = a - (112u << 23);  // exponent bias 127 -> 15
+  r += 0xfffu + ((r >> 13) & 1u);      // round the 23-bit mantissa to 10 bits, nearest even
+  return static_cast<std::uint16_t>(sign | (r >> 13));
+}
+
+float from_fp16(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {
+    const float v = static_cast<float>(m) * 0x1p-24f;
+    return sign ? -v : v;
+  }
+  if (e == 31) return std::bit_cast<float>(sign | 0x7f800000u | (m << 13));
+  return std::bit_cast<float>(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+namespace {
+
+template <std::uint16_t (*To)(float), float (*From)(std::uint16_t)>
+void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const std::uint16_t*>(in);
+  auto* b = static_cast<std::uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = To(From(a[i]) + From(b[i]));
+}
+
+MPI_Op make_op(MPI_User_function* fn) {
+  MPI_Op op = MPI_OP_NULL;
+  check(MPI_Op_create(fn, 1, &op), "MPI_Op_create(16-bit sum)");
+  free_at_finalize(op, MPI_DATATYPE_NULL);
+  return op;
+}
+
+struct Codec {
+  std::uint16_t (*to)(float);
+  float (*from)(std::uint16_t);
+  static Codec of(Wire w) { return w == Wire::bf16 ? Codec{to_bf16, from_bf16} : Codec{to_fp16, from_fp16}; }
+};
+
+// [lo, hi) of the bucket, scaled (in T) and rounded to 16 bits, into out[0, hi - lo).
+template <Element T>
+void narrow(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s, Codec c,
+            std::uint16_t* out, std::vector<T>& tmp) {
+  const T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, const T* user, std::size_t n) {
+    tmp.resize(n);
+    s.copy(user != nullptr ? user : data + at, tmp.data(), n);
+    std::uint16_t* o = out + (at - lo);
+    for (std::size_t i = 0; i < n; ++i) o[i] = c.to(static_cast<float>(tmp[i]));
+  });
+}
+
+// in[0, hi - lo) widened into [lo, hi) of the bucket (owned region and user arrays).
+template <Element T>
+void widen(Bucket<T>& b, std::size_t lo, std::size_t hi, Codec c, const std::uint16_t* in) {
+  T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+    T* x = user != nullptr ? user : data + at;
+    const std::uint16_t* w = in + (at - lo);
+    for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(c.from(w[i]));
+  });
+}
+
+template <Element T>
+void blocking_bucket(Bucket<T>& b, const Route& route) {
+  const Scaler<T> s(route.group, route.weight);
+  const Codec c = Codec::of(route.wire);
+  const MPI_Op op = wire_sum_op(route.wire);
+  const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(std::uint16_t), max_count());
+  std::vector<std::uint16_t> buf(std::min(piece, b.size()));
+  std::vector<T> tmp;
+  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
+    const std::size_t hi = std::min(lo + piece, b.size());
+    if (route.post) route.post->before(b, lo, hi);
+    narrow(b, lo, hi, s, c, buf.data(), tmp);
+    {
+      count_use(Use::wire_piece);
+      TimelineScope t("MPI_Allreduce (16-bit wire)", route.level, route.step, (hi - lo) * 2, route.group);
+      check(MPI_Allreduce(MPI_IN_PLACE, buf.data(), static_cast<int>(hi - lo), MPI_UINT16_T, op, route.comm),
+            "MPI_Allreduce(average, 16-bit wire)");
+    }
+    widen(b, lo, hi, c, buf.data());
+    if (route.post) route.post->after(b, lo, hi);
+  }
+}
+
+template <Element T>
+void start_bucket(Bucket<T>& b, const Route& route, Pending& p, std::vector<std::uint16_t>& send,
+                  std::vector<std::uint16_t>& recv) {
+  const std::size_t N = b.size();
+  send.resize(N);
+  recv.resize(N);
+  std::vector<T> tmp;
+  narrow(b, 0, N, Scaler<T>(route.group, route.weight), Codec::of(route.wire), send.data(), tmp);
+  const MPI_Op op = wire_sum_op(route.wire);
+  for (std::size_t lo = 0; lo < N; lo += max_count()) {
+    const int n = static_cast<int>(std::min(max_count(), N - lo));
+    MPI_Request r = MPI_REQUEST_NULL;
+    count_use(Use::wire_start);
+    check(MPI_Iallreduce(send.data() + lo, recv.data() + lo, n, MPI_UINT16_T, op, route.comm, &r),
+          "MPI_Iallreduce(average, 16-bit wire)");
+    p.reqs.push_back(r);
+  }
+}
+
+}  // namespace
+
+MPI_Op wire_sum_op(Wire w) {
+  static const MPI_Op bf16 = make_op(&sum16<to_bf16, from_bf16>);
+  static const MPI_Op fp16 = make_op(&sum16<to_fp16, from_fp16>);
+  return w == Wire::bf16 ? bf16 : fp16;
+}
+
+void wire_blocking(Bucket<float>& f, Bucket<double>& d, const Route& route) {
+  blocking_bucket(f, route);
+  blocking_bucket(d, route);
+}
+
+void start_wire(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
+  // The 16-bit buffers live as long as the pending average.
+  auto bufs = std::make_shared<std::vector<std::uint16_t>[]>(4);
+  start_bucket(f, route, p, bufs[0], bufs[1]);
+  start_bucket(d, route, p, bufs[2], bufs[3]);
+  p.finish = [bufs, fp = &f, dp = &d, c = Codec::of(route.wire)] {
+    widen(*fp, 0, fp->size(), c, bufs[1].data());
+    widen(*dp, 0, dp->size(), c, bufs[3].data());
+  };
+}
+
+}  // namespace hma::detail

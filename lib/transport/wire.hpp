@@ -1,0 +1,34 @@
+// Internal, data plane: averages that travel in 16 bits (AveragerOptions::wire = bf16 or fp16).
+// Each rank scales its values (x / g, or its weight factor) in the element type, rounds them to
+// the 16-bit format, and MPI_Allreduce sums those with hma's op (each addition in f32, rounded
+// back to 16 bits); the result is widened back into the arrays. Half the bytes of f32.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "hma/averager.hpp"
+#include "transport/host.hpp"
+
+namespace hma::detail {
+
+/// Round to nearest even; NaN stays NaN, overflow gives infinity (fp16: |x| >= 65520).
+std::uint16_t to_bf16(float x);
+std::uint16_t to_fp16(float x);
+float from_bf16(std::uint16_t h);
+float from_fp16(std::uint16_t h);
+
+/// The sum op for route.wire on MPI_UINT16_T (made once, freed by MPI_Finalize).
+MPI_Op wire_sum_op(Wire w);
+
+/// Blocking: averages both buckets over route.comm in pieces of route.chunk_bytes (of 16-bit
+/// elements), with route.post's passes per piece.
+void wire_blocking(Bucket<float>& f, Bucket<double>& d, const Route& route);
+
+/// Non-blocking: converts both buckets into `p`'s 16-bit buffers and issues MPI_Iallreduce
+/// (out of place); p.finish widens the result back into the arrays.
+void start_wire(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p);
+
+}  // namespace hma::detail
