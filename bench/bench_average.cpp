@@ -83,7 +83,8 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
   std::unique_ptr<hma::HierarchicalAverager> avg_bf16, avg_fp16, avg_outer, avg_div;
   if (on("bf16")) avg_bf16 = with([](hma::AveragerOptions& o) { o.wire = std::vector<hma::Wire>{hma::Wire::bf16}; });
   if (on("fp16")) avg_fp16 = with([](hma::AveragerOptions& o) { o.wire = std::vector<hma::Wire>{hma::Wire::fp16}; });
-  if (on("outer")) avg_outer = with([](hma::AveragerOptions& o) { o.outer = hma::OuterOptimizer{0.7, 0.9, true, 0}; });
+  // The outer optimizer's state belongs to one set: a new averager per size (below).
+  auto make_outer = [&] { return with([](hma::AveragerOptions& o) { o.outer = hma::OuterOptimizer{0.7, 0.9, true, 0}; }); };
   if (on("divergence")) avg_div = with([](hma::AveragerOptions& o) { o.divergence = true; });
   if (on("two-level")) {
     avg_two = std::make_unique<hma::HierarchicalAverager>(MPI_COMM_WORLD, levels, 0, opt_two);
@@ -142,6 +143,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     auto t_two = !on("two-level") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_two->average(contig, 0); }));
     auto t_bf16 = !on("bf16") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_bf16->average(contig, 0); }));
     auto t_fp16 = !on("fp16") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_fp16->average(contig, 0); }));
+    if (on("outer")) avg_outer = make_outer();
     auto t_outer = !on("outer") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_outer->average(contig, 0); }));
     auto t_div = !on("divergence") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_div->average(contig, 0); }));
     auto t_unchecked = !on("unchecked") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_unchecked->average(contig, 0); }));

@@ -176,8 +176,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   if (r.reduction == Reduction::automatic && !within_shared_memory(level)) r.reduction = Reduction::mpi;
   r.ring_min_block = settings_.ring_min_block_bytes;
   r.wire = settings_.wire[level];
-  // A 16-bit wire is a flat MPI_Allreduce with hma's op (transport/wire.cpp).
-  r.two = r.wire == Wire::exact && use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
+  r.two = use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
   r.per_node = hierarchy_.ranks_per_node();
   if (r.two != nullptr)
     r.split_min_piece = detail::split_min_piece(settings_.model, {r.group / r.per_node, r.per_node});

@@ -191,7 +191,7 @@ std::string Averager::describe() const {
   for (std::size_t i = 0; i < settings_.wire.size(); ++i)
     if (settings_.wire[i] != Wire::exact)
       s += "  level " + std::to_string(i) + " sends " + detail::wire_text({settings_.wire[i]}) +
-           " on the wire (flat MPI_Allreduce, f32 additions)\n";
+           " on the wire (f32 additions; two-level: across nodes only, exact within)\n";
   if (settings_.divergence) s += "  divergence measured at every average (host sets)\n";
   if (schedule_.post_local_switch() > 0)
     s += "  post-local SGD: all " + std::to_string(schedule_.world_size()) +

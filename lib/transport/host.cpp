@@ -63,11 +63,11 @@ void two_level_with_post(Bucket<T>& b, const Route& route) {
 }  // namespace
 
 void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scratch& scratch) {
-  if (route.wire != Wire::exact) {
-    wire_blocking(f, d, route);
-  } else if (route.two != nullptr) {
+  if (route.two != nullptr) {  // a 16-bit wire only across nodes (two_level.cpp)
     two_level_with_post(f, route);
     two_level_with_post(d, route);
+  } else if (route.wire != Wire::exact) {
+    wire_blocking(f, d, route);
   } else {
     flat_blocking(f, route, scratch.f);
     flat_blocking(d, route, scratch.d);
@@ -80,7 +80,7 @@ void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending
     post->before(f, 0, f.size());
     post->before(d, 0, d.size());
   }
-  if (route.wire != Wire::exact) {
+  if (route.wire != Wire::exact) {  // non-blocking 16-bit wires are flat
     start_wire(f, d, route, p);
   } else if (route.two != nullptr) {
     start_two_level(f, d, route, p);

@@ -11,6 +11,7 @@
 #include "support/timeline.hpp"
 #include "transport/elements.hpp"
 #include "transport/uses.hpp"
+#include "transport/wire.hpp"
 
 namespace hma::detail {
 
@@ -25,22 +26,23 @@ namespace {
 // sends or only receives at the full rate; an MPI_Sendrecv exchange of 2 MiB per pair took
 // 47-62 ms, this one 35.5 ms (the wire bound is 35.2 ms). The sum is computed once, on the
 // receiving side, and sent back: both nodes hold the same bits.
-template <Element T>
-void sum_across_two_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
+// E: the element on the wire (T, or 16 bits with a 16-bit wire), `add` its addition.
+template <class E, class Add>
+void sum_across_two_nodes(E* x, std::size_t n, const Route& route, E* tmp, MPI_Datatype type, Add add) {
   const MPI_Comm inter = route.two->inter.get();
   const int me = route.two->inter.rank(), peer = 1 - me;
   const bool sends_first = (route.two->intra.rank() % 2 == 0) == (me == 0);
   const int c = static_cast<int>(n);
   constexpr int kTag = 0x686e;  // hma's communicators carry only hma's traffic
   if (sends_first) {
-    check(MPI_Send(x, c, mpi_type<T>(), peer, kTag, inter), "MPI_Send(two-level, across nodes)");
-    check(MPI_Recv(x, c, mpi_type<T>(), peer, kTag, inter, MPI_STATUS_IGNORE),
+    check(MPI_Send(x, c, type, peer, kTag, inter), "MPI_Send(two-level, across nodes)");
+    check(MPI_Recv(x, c, type, peer, kTag, inter, MPI_STATUS_IGNORE),
           "MPI_Recv(two-level, across nodes)");
   } else {
-    check(MPI_Recv(tmp, c, mpi_type<T>(), peer, kTag, inter, MPI_STATUS_IGNORE),
+    check(MPI_Recv(tmp, c, type, peer, kTag, inter, MPI_STATUS_IGNORE),
           "MPI_Recv(two-level, across nodes)");
-    for (std::size_t i = 0; i < n; ++i) x[i] = tmp[i] + x[i];
-    check(MPI_Send(x, c, mpi_type<T>(), peer, kTag, inter), "MPI_Send(two-level, across nodes)");
+    for (std::size_t i = 0; i < n; ++i) x[i] = add(tmp[i], x[i]);
+    check(MPI_Send(x, c, type, peer, kTag, inter), "MPI_Send(two-level, across nodes)");
   }
 }
 
@@ -51,21 +53,21 @@ void sum_across_two_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
 // the processes of every node send while the other half receive. Each node's link carries
 // 2 (N - 1) / N of the bytes each way, the bound for an allreduce across N nodes. Every block is
 // summed in ring order once and then passed around: all ranks hold the same bits.
-template <Element T>
-void sum_across_even_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
+template <class E, class Add>
+void sum_across_even_nodes(E* x, std::size_t n, const Route& route, E* tmp, MPI_Datatype type, Add add) {
   const MPI_Comm inter = route.two->inter.get();
   const int N = route.two->inter.size(), me = route.two->inter.rank();
   const int right = (me + 1) % N, left = (me + N - 1) % N;
   const bool sends_first = (me % 2 == 0) == (route.two->intra.rank() % 2 == 0);
   constexpr int kTag = 0x686f;
   auto blk = [&](int i) { return ring_block(n, N, i); };
-  auto step = [&](const T* out, std::size_t out_n, T* in, std::size_t in_n) {
+  auto step = [&](const E* out, std::size_t out_n, E* in, std::size_t in_n) {
     auto snd = [&] {
-      check(MPI_Send(out, static_cast<int>(out_n), mpi_type<T>(), right, kTag, inter),
+      check(MPI_Send(out, static_cast<int>(out_n), type, right, kTag, inter),
             "MPI_Send(two-level ring, across nodes)");
     };
     auto rcv = [&] {
-      check(MPI_Recv(in, static_cast<int>(in_n), mpi_type<T>(), left, kTag, inter, MPI_STATUS_IGNORE),
+      check(MPI_Recv(in, static_cast<int>(in_n), type, left, kTag, inter, MPI_STATUS_IGNORE),
             "MPI_Recv(two-level ring, across nodes)");
     };
     if (sends_first) {
@@ -80,13 +82,40 @@ void sum_across_even_nodes(T* x, std::size_t n, const Route& route, T* tmp) {
     const auto [s0, s1] = blk(me - k);
     const auto [r0, r1] = blk(me - k - 1);
     step(x + s0, s1 - s0, tmp, r1 - r0);
-    for (std::size_t i = r0; i < r1; ++i) x[i] = tmp[i - r0] + x[i];
+    for (std::size_t i = r0; i < r1; ++i) x[i] = add(tmp[i - r0], x[i]);
   }
   for (int k = 0; k < N - 1; ++k) {  // allgather: this rank owns block me+1
     const auto [s0, s1] = blk(me + 1 - k);
     const auto [r0, r1] = blk(me - k);
     step(x + s0, s1 - s0, x + r0, r1 - r0);
   }
+}
+
+// A 16-bit wire across nodes: the node's exact partial sums (this rank's block) rounded to 16
+// bits, summed across the nodes in 16 bits (each addition in f32: direction-split as for exact
+// blocks, or MPI_Allreduce with hma's op), widened back. Within the node everything stays exact.
+bool split_across(const Route& route, std::size_t piece_bytes, std::size_t block_bytes);
+
+template <Element T>
+void sum_across_16(T* x, std::size_t n, const Route& route, std::vector<std::uint16_t>& buf) {
+  buf.resize(2 * n);
+  std::uint16_t* h = buf.data();
+  with_format(route.wire, [&](auto f) {
+    using F = decltype(f);
+    for (std::size_t i = 0; i < n; ++i) h[i] = F::to(static_cast<float>(x[i]));
+    count_use(Use::wire_piece);
+    if (split_across(route, n * static_cast<std::size_t>(route.per_node) * 2, n * 2)) {
+      count_use(Use::two_level_split);
+      const auto plus = [](std::uint16_t a, std::uint16_t c) { return F::add(a, c); };
+      if (route.two->inter.size() == 2) sum_across_two_nodes(h, n, route, h + n, MPI_UINT16_T, plus);
+      else sum_across_even_nodes(h, n, route, h + n, MPI_UINT16_T, plus);
+    } else {
+      check(MPI_Allreduce(MPI_IN_PLACE, h, static_cast<int>(n), MPI_UINT16_T, wire_sum_op(route.wire),
+                          route.two->inter.get()),
+            "MPI_Allreduce(two-level, across nodes, 16-bit wire)");
+    }
+    for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(F::from(h[i]));
+  });
 }
 
 // Whether a piece of `piece_bytes` (blocks of `block_bytes` per rank) sums across nodes
@@ -131,6 +160,7 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
     MPI_Request rs = MPI_REQUEST_NULL, ag = MPI_REQUEST_NULL;
   };
   Slot slot[kSlots];
+  std::vector<std::uint16_t> wire16;  // a 16-bit wire's block and scratch
   auto S = [&](std::size_t p) { return b.send.data() + (p % kSlots) * sstride; };
   auto R = [&](std::size_t p) { return b.recv.data() + (p % kSlots) * bmax; };
   auto start_rs = [&](std::size_t p) {
@@ -169,10 +199,13 @@ void two_level_blocking(Bucket<T>& b, const Route& route) {
     }
     {
       TimelineScope st("sum across nodes", route.level, route.step, q.blk * sizeof(T), route.group);
-      if (split_across(route, (q.hi - q.lo) * sizeof(T), q.blk * sizeof(T))) {
+      if (route.wire != Wire::exact) {
+        sum_across_16(R(p), q.blk, route, wire16);
+      } else if (split_across(route, (q.hi - q.lo) * sizeof(T), q.blk * sizeof(T))) {
         count_use(Use::two_level_split);
-        if (nodes == 2) sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L);
-        else sum_across_even_nodes(R(p), q.blk, route, S(p) + q.blk * L);
+        const auto plus = [](T a, T c) { return a + c; };
+        if (nodes == 2) sum_across_two_nodes(R(p), q.blk, route, S(p) + q.blk * L, mpi_type<T>(), plus);
+        else sum_across_even_nodes(R(p), q.blk, route, S(p) + q.blk * L, mpi_type<T>(), plus);
       } else {
         check(MPI_Allreduce(MPI_IN_PLACE, R(p), static_cast<int>(q.blk), mpi_type<T>(), MPI_SUM, inter),
               "MPI_Allreduce(two-level, across nodes)");

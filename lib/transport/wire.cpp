@@ -50,11 +50,11 @@ float from_fp16(std::uint16_t h) {
 
 namespace {
 
-template <std::uint16_t (*To)(float), float (*From)(std::uint16_t)>
+template <Wire W>
 void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
   const auto* a = static_cast<const std::uint16_t*>(in);
   auto* b = static_cast<std::uint16_t*>(inout);
-  for (int i = 0; i < *len; ++i) b[i] = To(From(a[i]) + From(b[i]));
+  for (int i = 0; i < *len; ++i) b[i] = Format<W>::add(a[i], b[i]);
 }
 
 MPI_Op make_op(MPI_User_function* fn) {
@@ -64,40 +64,33 @@ MPI_Op make_op(MPI_User_function* fn) {
   return op;
 }
 
-struct Codec {
-  std::uint16_t (*to)(float);
-  float (*from)(std::uint16_t);
-  static Codec of(Wire w) { return w == Wire::bf16 ? Codec{to_bf16, from_bf16} : Codec{to_fp16, from_fp16}; }
-};
-
 // [lo, hi) of the bucket, scaled (in T) and rounded to 16 bits, into out[0, hi - lo).
-template <Element T>
-void narrow(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s, Codec c,
+template <class F, Element T>
+void narrow(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s, F,
             std::uint16_t* out, std::vector<T>& tmp) {
   const T* data = b.storage.data();
   for_segments(b, lo, hi, [&](std::size_t at, const T* user, std::size_t n) {
     tmp.resize(n);
     s.copy(user != nullptr ? user : data + at, tmp.data(), n);
     std::uint16_t* o = out + (at - lo);
-    for (std::size_t i = 0; i < n; ++i) o[i] = c.to(static_cast<float>(tmp[i]));
+    for (std::size_t i = 0; i < n; ++i) o[i] = F::to(static_cast<float>(tmp[i]));
   });
 }
 
 // in[0, hi - lo) widened into [lo, hi) of the bucket (owned region and user arrays).
-template <Element T>
-void widen(Bucket<T>& b, std::size_t lo, std::size_t hi, Codec c, const std::uint16_t* in) {
+template <class F, Element T>
+void widen(Bucket<T>& b, std::size_t lo, std::size_t hi, F, const std::uint16_t* in) {
   T* data = b.storage.data();
   for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
     T* x = user != nullptr ? user : data + at;
     const std::uint16_t* w = in + (at - lo);
-    for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(c.from(w[i]));
+    for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<T>(F::from(w[i]));
   });
 }
 
-template <Element T>
-void blocking_bucket(Bucket<T>& b, const Route& route) {
+template <class F, Element T>
+void blocking_bucket(Bucket<T>& b, const Route& route, F c) {
   const Scaler<T> s(route.group, route.weight);
-  const Codec c = Codec::of(route.wire);
   const MPI_Op op = wire_sum_op(route.wire);
   const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(std::uint16_t), max_count());
   std::vector<std::uint16_t> buf(std::min(piece, b.size()));
@@ -117,14 +110,14 @@ void blocking_bucket(Bucket<T>& b, const Route& route) {
   }
 }
 
-template <Element T>
-void start_bucket(Bucket<T>& b, const Route& route, Pending& p, std::vector<std::uint16_t>& send,
+template <class F, Element T>
+void start_bucket(Bucket<T>& b, const Route& route, F c, Pending& p, std::vector<std::uint16_t>& send,
                   std::vector<std::uint16_t>& recv) {
   const std::size_t N = b.size();
   send.resize(N);
   recv.resize(N);
   std::vector<T> tmp;
-  narrow(b, 0, N, Scaler<T>(route.group, route.weight), Codec::of(route.wire), send.data(), tmp);
+  narrow(b, 0, N, Scaler<T>(route.group, route.weight), c, send.data(), tmp);
   const MPI_Op op = wire_sum_op(route.wire);
   for (std::size_t lo = 0; lo < N; lo += max_count()) {
     const int n = static_cast<int>(std::min(max_count(), N - lo));
@@ -139,25 +132,29 @@ void start_bucket(Bucket<T>& b, const Route& route, Pending& p, std::vector<std:
 }  // namespace
 
 MPI_Op wire_sum_op(Wire w) {
-  static const MPI_Op bf16 = make_op(&sum16<to_bf16, from_bf16>);
-  static const MPI_Op fp16 = make_op(&sum16<to_fp16, from_fp16>);
+  static const MPI_Op bf16 = make_op(&sum16<Wire::bf16>);
+  static const MPI_Op fp16 = make_op(&sum16<Wire::fp16>);
   return w == Wire::bf16 ? bf16 : fp16;
 }
 
 void wire_blocking(Bucket<float>& f, Bucket<double>& d, const Route& route) {
-  blocking_bucket(f, route);
-  blocking_bucket(d, route);
+  with_format(route.wire, [&](auto c) {
+    blocking_bucket(f, route, c);
+    blocking_bucket(d, route, c);
+  });
 }
 
 void start_wire(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
   // The 16-bit buffers live as long as the pending average.
   auto bufs = std::make_shared<std::vector<std::uint16_t>[]>(4);
-  start_bucket(f, route, p, bufs[0], bufs[1]);
-  start_bucket(d, route, p, bufs[2], bufs[3]);
-  p.finish = [bufs, fp = &f, dp = &d, c = Codec::of(route.wire)] {
-    widen(*fp, 0, fp->size(), c, bufs[1].data());
-    widen(*dp, 0, dp->size(), c, bufs[3].data());
-  };
+  with_format(route.wire, [&](auto c) {
+    start_bucket(f, route, c, p, bufs[0], bufs[1]);
+    start_bucket(d, route, c, p, bufs[2], bufs[3]);
+    p.finish = [bufs, fp = &f, dp = &d, c] {
+      widen(*fp, 0, fp->size(), c, bufs[1].data());
+      widen(*dp, 0, dp->size(), c, bufs[3].data());
+    };
+  });
 }
 
 }  // namespace hma::detail

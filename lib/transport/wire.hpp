@@ -20,6 +20,21 @@ std::uint16_t to_fp16(float x);
 float from_bf16(std::uint16_t h);
 float from_fp16(std::uint16_t h);
 
+/// The format as a type, so that conversion loops inline and vectorise.
+template <Wire W>
+struct Format {
+  static std::uint16_t to(float x) { return W == Wire::bf16 ? to_bf16(x) : to_fp16(x); }
+  static float from(std::uint16_t h) { return W == Wire::bf16 ? from_bf16(h) : from_fp16(h); }
+  static std::uint16_t add(std::uint16_t a, std::uint16_t b) { return to(from(a) + from(b)); }
+};
+
+/// Calls fn(Format<W>{}) for the route's 16-bit wire.
+template <class F>
+decltype(auto) with_format(Wire w, F&& fn) {
+  if (w == Wire::bf16) return fn(Format<Wire::bf16>{});
+  return fn(Format<Wire::fp16>{});
+}
+
 /// The sum op for route.wire on MPI_UINT16_T (made once, freed by MPI_Finalize).
 MPI_Op wire_sum_op(Wire w);
 
