@@ -172,6 +172,106 @@ static void periodic_and_options(void) {
   check(hma_device_paramset_free(&dps) == HMA_OK && dps == NULL);
 }
 
+/* Beyond torch from C: weights (exact values: w in {1, 2}, values multiples of 6), the outer
+ * optimizer with lr 1 and momentum 0 (the plain average, bit for bit), the divergence metric,
+ * a bf16 wire, post-local SGD by schedule string, and their errors. */
+static void beyond_torch(void) {
+  hma_paramset ps = NULL;
+  double x[M];
+  check(hma_paramset_create(&ps) == HMA_OK && hma_paramset_add_double(ps, x, M) == HMA_OK);
+  hma_averager avg = NULL;
+  check(hma_averager_create(MPI_COMM_WORLD, "post:3,4", 3, NULL, &avg) == HMA_OK);
+  /* weights 1 and 2 alternating: sum(w x) / sum(w), exact for these values */
+  const double w = 1.0 + rank_ % 2;
+  double wsum = 0, got_w = 0;
+  for (int r = 0; r < size_; ++r) wsum += 1.0 + r % 2;
+  check(hma_set_weight(avg, w) == HMA_OK && hma_weight(avg, &got_w) == HMA_OK && got_w == w);
+  for (int t = 0; t < 8; ++t) { /* post:3 then every 4 from 3: steps 0, 1, 2, 3, 7 average */
+    for (int i = 0; i < M; ++i) x[i] = value(rank_, t, i);
+    int averaged = -1;
+    check(hma_step(avg, ps, &averaged) == HMA_OK && averaged == (t <= 3 || t == 7));
+    int bad = 0;
+    for (int i = 0; i < M; ++i) {
+      double want = 0;
+      for (int r = 0; r < size_; ++r) want += (1.0 + r % 2) * value(r, t, i);
+      want /= wsum;
+      if (averaged) bad += fabs(x[i] - want) > 1e-12 * (1 + fabs(want));
+      else bad += x[i] != value(rank_, t, i);
+    }
+    check(bad == 0);
+  }
+  check(hma_set_weight(avg, -1) == HMA_ERR_INVALID_ARGUMENT && strstr(hma_last_error(), "set_weight") != NULL);
+  check(hma_set_step(avg, 11) == HMA_OK && hma_set_weight(avg, 0) == HMA_OK && hma_step(avg, ps, NULL) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "the weights of the group sum to zero") != NULL);
+  double div = -1;
+  int level = 0;
+  int64_t step = 0;
+  check(hma_last_divergence(avg, &div, &level, &step) == HMA_OK && level == -1 && step == -1);
+  check(hma_averager_free(&avg) == HMA_OK);
+
+  /* outer lr 1, momentum 0: the plain average; with the divergence metric and its value */
+  hma_options o;
+  hma_options_init(&o);
+  o.outer_lr = 1;
+  o.divergence = 1;
+  hma_averager plain = NULL;
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_OK &&
+        hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, NULL, &plain) == HMA_OK);
+  hma_paramset ps2 = NULL;
+  double y[M];
+  check(hma_paramset_create(&ps2) == HMA_OK && hma_paramset_add_double(ps2, y, M) == HMA_OK);
+  for (int t = 0; t < 3; ++t) {
+    for (int i = 0; i < M; ++i) x[i] = y[i] = value(rank_, t, i) + 0.1 * rank_;
+    check(hma_step(avg, ps, NULL) == HMA_OK && hma_step(plain, ps2, NULL) == HMA_OK);
+    check(memcmp(x, y, sizeof x) == 0);
+    check(hma_last_divergence(avg, &div, &level, &step) == HMA_OK && level == 0 && step == t);
+    check(size_ == 1 ? div == 0 : div > 0.01);
+  }
+  size_t needed = 0;
+  check(hma_checkpoint(avg, NULL, 0, &needed) == HMA_OK);
+  char* text = (char*)malloc(needed);
+  check(hma_checkpoint(avg, text, needed, NULL) == HMA_OK && strstr(text, "\nouter level 0 f32 0 f64 11 ") != NULL);
+  check(hma_restore(avg, text) == HMA_OK);
+  free(text);
+  check(hma_averager_free(&avg) == HMA_OK && hma_averager_free(&plain) == HMA_OK);
+
+  /* a bf16 wire: every averaged value is a bf16 number (its low 16 bits of f32 are zero) */
+  hma_paramset pf = NULL;
+  float z[M];
+  check(hma_paramset_create(&pf) == HMA_OK && hma_paramset_add_float(pf, z, M) == HMA_OK);
+  hma_options_init(&o);
+  o.wire = "bf16";
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_OK);
+  for (int i = 0; i < M; ++i) z[i] = (float)(1.0 + 0.001 * (i + rank_));
+  check(hma_step(avg, pf, NULL) == HMA_OK);
+  int wide = 0;
+  for (int i = 0; i < M; ++i) {
+    uint32_t b;
+    memcpy(&b, &z[i], 4);
+    wide += (b & 0xffffu) != 0;
+  }
+  check(size_ == 1 || wide == 0); /* one rank: the average is the identity, nothing travels */
+  check(hma_averager_free(&avg) == HMA_OK);
+  /* the options' errors name the field */
+  o.wire = "bf16,f8";
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "options.wire='bf16,f8': 'f8' is not exact, bf16 or fp16") != NULL);
+  hma_options_init(&o);
+  o.outer_lr = 0.7;
+  o.outer_momentum = 1.5;
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "momentum must be in [0, 1), got 1.5") != NULL);
+  o.outer_momentum = 0.9;
+  o.outer_level = 3;
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "the outer optimizer's level 3 does not exist") != NULL);
+  o.outer_level = HMA_DEFAULT;
+  o.divergence = 4;
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "options.divergence") != NULL);
+  check(hma_paramset_free(&ps) == HMA_OK && hma_paramset_free(&ps2) == HMA_OK && hma_paramset_free(&pf) == HMA_OK);
+}
+
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
@@ -180,6 +280,7 @@ int main(int argc, char** argv) {
   check(strcmp(hma_last_error(), "") == 0);
   values_and_modes();
   periodic_and_options();
+  beyond_torch();
   if (rank_ == 0) printf("test_capi: np %d: all checks passed on every rank\n", size_);
   MPI_Finalize();
   return 0;

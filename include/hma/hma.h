@@ -71,6 +71,16 @@ typedef struct hma_options {
   int check;                  /* 1 on, 0 off (unsafe), HMA_DEFAULT: HMA_CHECK, else on */
   int ranks_per_node;         /* > 0: emulate nodes of this many ranks; 0 or HMA_DEFAULT:
                                  HMA_RANKS_PER_NODE if set, else detect (shared memory) */
+  /* Beyond torch (README "Beyond torch's averagers"; C++ AveragerOptions::outer, divergence, wire) */
+  double outer_lr;            /* > 0: an outer optimizer (SlowMo/DiLoCo) with the next three fields;
+                                 <= 0: HMA_OUTER if set, else none */
+  double outer_momentum;      /* in [0, 1) */
+  int outer_nesterov;         /* 1: Nesterov momentum (needs outer_momentum > 0) */
+  int outer_level;            /* the level it applies at; HMA_DEFAULT: the last (world) level */
+  int divergence;             /* 1: measure it at each average (hma_last_divergence), 0 off,
+                                 HMA_DEFAULT: HMA_DIVERGENCE, else off */
+  const char* wire;           /* "bf16", "fp16", "exact" for every level, or one per level
+                                 ("exact,bf16"); NULL: HMA_WIRE, else exact */
 } hma_options;
 
 /* Every field HMA_DEFAULT (timeout and chunk -1). NULL options in a create call mean the same. */
@@ -141,6 +151,18 @@ hma_status hma_request_level(hma_request request, int* level);
  * waits at most one more, then leaks what MPI may still write into); sets *request NULL. Errors
  * of that wait are not reported: call hma_request_wait first to see them. */
 hma_status hma_request_free(hma_request* request);
+
+/* ---- beyond torch */
+/* Weighted averaging: this rank's weight in the averages that follow (default 1; local): each
+ * average gives sum(w_i x_i) / sum(w_i) over its group; weights are rounded to multiples of 2^-32
+ * and must be in [0, 2^31); a group whose weights sum to 0 gets HMA_ERR_INVALID_ARGUMENT on every
+ * rank. Needs the agreement check (options.check not 0). */
+hma_status hma_set_weight(hma_averager avg, double weight);
+hma_status hma_weight(hma_averager avg, double* weight);
+/* With options.divergence: the group's spread max_i ||x_i - mean|| / ||mean|| at the last average
+ * completed on this rank, its level and step counter; *level = -1 (and *value = 0, *step = -1)
+ * before the first one or without the option. value, level and step may be NULL. */
+hma_status hma_last_divergence(hma_averager avg, double* value, int* level, int64_t* step);
 
 /* ---- the step counter, checkpoints, description */
 hma_status hma_step_count(hma_averager avg, int64_t* step);

@@ -4,6 +4,7 @@
 #include "hma/hma.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "control/agree.hpp"
+#include "control/settings.hpp"
 #include "hma/hma.hpp"
 
 struct hma_paramset_s {
@@ -97,6 +99,16 @@ hma::AveragerOptions to_options(const hma_options* o) {
                                  std::to_string(o->ranks_per_node));
     r.hierarchy.ranks_per_node = o->ranks_per_node;
   }
+  if (o->outer_lr > 0 || std::isnan(o->outer_lr)) {  // NaN reaches the C++ check, which names it
+    if (o->outer_level < HMA_DEFAULT)
+      throw hma::InvalidArgument("hma: options.outer_level must be HMA_DEFAULT (the last level) or a level, got " +
+                                 std::to_string(o->outer_level));
+    r.outer = hma::OuterOptimizer{o->outer_lr, o->outer_momentum, choice<int>(o->outer_nesterov, 1, "outer_nesterov") == 1,
+                                  o->outer_level == HMA_DEFAULT ? std::nullopt
+                                                                : std::optional<std::size_t>(static_cast<std::size_t>(o->outer_level))};
+  }
+  if (o->divergence != HMA_DEFAULT) r.divergence = choice<int>(o->divergence, 1, "divergence") == 1;
+  if (o->wire != nullptr) r.wire = hma::detail::parse_wire(o->wire, "options.wire");
   return r;
 }
 
@@ -170,6 +182,11 @@ void hma_options_init(hma_options* o) {
   o->timeout_s = -1;
   o->chunk_bytes = -1;
   o->progress = o->reduction = o->algorithm = o->nonfinite = o->check = o->ranks_per_node = HMA_DEFAULT;
+  o->outer_lr = -1;
+  o->outer_momentum = 0;
+  o->outer_nesterov = 0;
+  o->outer_level = o->divergence = HMA_DEFAULT;
+  o->wire = NULL;
 }
 
 const char* hma_version(void) { return hma::version(); }
@@ -309,6 +326,21 @@ hma_status hma_request_free(hma_request* request) {
   return guard([&] {
     if (request == nullptr || *request == nullptr) return;
     delete std::exchange(*request, nullptr);  // ~Request: waits if in flight (at most one timeout)
+  });
+}
+
+hma_status hma_set_weight(hma_averager avg, double weight) {
+  return guard([&] { need(avg, "avg").avg.set_weight(weight); });
+}
+hma_status hma_weight(hma_averager avg, double* weight) {
+  return guard([&] { need(weight, "weight") = need(avg, "avg").avg.weight(); });
+}
+hma_status hma_last_divergence(hma_averager avg, double* value, int* level, int64_t* step) {
+  return guard([&] {
+    const auto d = need(avg, "avg").avg.last_divergence();
+    if (value != nullptr) *value = d ? d->value : 0.0;
+    if (level != nullptr) *level = d ? static_cast<int>(d->level) : -1;
+    if (step != nullptr) *step = d ? d->step : -1;
   });
 }
 

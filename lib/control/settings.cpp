@@ -42,6 +42,27 @@ double resolve_timeout(const std::optional<double>& option) {
   return t;
 }
 
+}  // namespace
+
+std::vector<Wire> parse_wire(const std::string& v, const std::string& what) {
+  std::vector<Wire> out;
+  std::size_t at = 0;
+  while (at <= v.size()) {
+    const std::size_t comma = std::min(v.find(',', at), v.size());
+    const std::string tok = v.substr(at, comma - at);
+    if (tok == "exact") out.push_back(Wire::exact);
+    else if (tok == "bf16") out.push_back(Wire::bf16);
+    else if (tok == "fp16") out.push_back(Wire::fp16);
+    else
+      throw InvalidArgument("hma: " + what + "='" + v + "': '" + tok +
+                            "' is not exact, bf16 or fp16 (one per level, or one for all)");
+    at = comma + 1;
+  }
+  return out;
+}
+
+namespace {
+
 // "lr=0.7,momentum=0.9,nesterov,level=1" (HMA_OUTER); errors quote the token.
 OuterOptimizer parse_outer(const std::string& v) {
   OuterOptimizer o;
@@ -97,21 +118,8 @@ OuterSettings resolve_outer(const std::optional<OuterOptimizer>& option) {
 std::vector<Wire> resolve_wire(const std::optional<std::vector<Wire>>& option) {
   if (option) return *option;
   const std::string v = env_str("HMA_WIRE", "");
-  std::vector<Wire> out;
-  if (v.empty()) return out;
-  std::size_t at = 0;
-  while (at <= v.size()) {
-    const std::size_t comma = std::min(v.find(',', at), v.size());
-    const std::string tok = v.substr(at, comma - at);
-    if (tok == "exact") out.push_back(Wire::exact);
-    else if (tok == "bf16") out.push_back(Wire::bf16);
-    else if (tok == "fp16") out.push_back(Wire::fp16);
-    else
-      throw InvalidArgument("hma: environment variable HMA_WIRE='" + v + "': '" + tok +
-                            "' is not exact, bf16 or fp16 (one per level, or one for all)");
-    at = comma + 1;
-  }
-  return out;
+  if (v.empty()) return {};
+  return parse_wire(v, "environment variable HMA_WIRE");
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 
 #include <mpi.h>
 
+#include <string>
+#include <vector>
+
 #include "control/device_path.hpp"
 #include "hma/averager.hpp"
 
@@ -22,6 +25,10 @@ DevicePlan resolve_device_plan(const AveragerOptions& options, const Settings& s
 /// both ranks' settings, unless every setting that decides which collectives are issued, or how
 /// long a rank waits for them, is the same on all ranks.
 void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan);
+
+/// "bf16", "exact,bf16": one wire per level, or one for all. Throws hma::InvalidArgument naming
+/// `what` (the option or variable) and the token.
+std::vector<Wire> parse_wire(const std::string& text, const std::string& what);
 
 /// "lr 0.7 momentum 0.9 nesterov at the last level"; "exact,bf16" (empty: "exact").
 std::string outer_text(const OuterSettings& o);

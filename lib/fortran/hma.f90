@@ -47,6 +47,10 @@ module hma
     real(c_double) :: timeout_s            ! < 0: default; 0 or infinity: no limit
     integer(c_long_long) :: chunk_bytes    ! < 0: default; 0: one piece
     integer(c_int) :: progress, reduction, algorithm, nonfinite, check, ranks_per_node
+    ! beyond torch: outer optimizer (outer_lr > 0), divergence metric, 16-bit wires
+    real(c_double) :: outer_lr, outer_momentum
+    integer(c_int) :: outer_nesterov, outer_level, divergence
+    type(c_ptr) :: wire                    ! c_loc of 'bf16'//c_null_char (TARGET), or c_null_ptr
   end type
 
   public :: hma_options_init, hma_version, hma_last_error
@@ -56,6 +60,7 @@ module hma
   public :: hma_request_wait, hma_request_test, hma_request_level, hma_request_free
   public :: hma_step_count, hma_set_step, hma_level_now, hma_describe
   public :: hma_checkpoint, hma_restore, hma_save_checkpoint, hma_load_checkpoint
+  public :: hma_set_weight, hma_weight, hma_last_divergence
 
   ! Registers a contiguous real(c_float) or real(c_double) rank-1 array (TARGET) with a set.
   interface hma_paramset_add
@@ -304,6 +309,30 @@ contains
     level = -1
     status = ret(c_level_now(ptr(avg), level))
   end function
+  ! ---- beyond torch
+  integer function hma_set_weight(avg, weight) result(status)  ! this rank's weight (default 1)
+    integer(c_intptr_t), intent(in) :: avg
+    real(c_double), intent(in) :: weight
+    status = ret(c_set_weight(ptr(avg), weight))
+  end function
+  integer function hma_weight(avg, weight) result(status)
+    integer(c_intptr_t), intent(in) :: avg
+    real(c_double), intent(out) :: weight
+    weight = 0
+    status = ret(c_weight(ptr(avg), weight))
+  end function
+  ! The spread at the last completed average (options%divergence = 1); level -1: none yet.
+  integer function hma_last_divergence(avg, value, level, step) result(status)
+    integer(c_intptr_t), intent(in) :: avg
+    real(c_double), intent(out) :: value
+    integer(c_int), intent(out) :: level
+    integer(c_int64_t), intent(out) :: step
+    value = 0
+    level = -1
+    step = -1
+    status = ret(c_last_divergence(ptr(avg), value, level, step))
+  end function
+
   integer function hma_describe(avg, text) result(status)  ! which group averages how often
     integer(c_intptr_t), intent(in) :: avg
     character(:), allocatable, intent(out) :: text

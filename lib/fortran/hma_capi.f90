@@ -13,6 +13,7 @@ module hma_capi
   public :: c_add_float, c_add_double, c_paramset_wait, c_request_wait
   public :: c_request_test, c_request_level, c_level_now
   public :: c_restore, c_save_checkpoint, c_load_checkpoint
+  public :: c_set_weight, c_weight, c_last_divergence
 
   ! The shapes several functions share, then each function by its C name.
   abstract interface
@@ -107,6 +108,23 @@ module hma_capi
       import :: c_ptr, c_int, c_int64_t
       type(c_ptr), value :: avg
       integer(c_int64_t), value :: step
+    end function
+    integer(c_int) function c_set_weight(avg, weight) bind(C, name='hma_set_weight')
+      import :: c_ptr, c_int, c_double
+      type(c_ptr), value :: avg
+      real(c_double), value :: weight
+    end function
+    integer(c_int) function c_weight(avg, weight) bind(C, name='hma_weight')
+      import :: c_ptr, c_int, c_double
+      type(c_ptr), value :: avg
+      real(c_double), intent(out) :: weight
+    end function
+    integer(c_int) function c_last_divergence(avg, value, level, step) bind(C, name='hma_last_divergence')
+      import :: c_ptr, c_int, c_double, c_int64_t
+      type(c_ptr), value :: avg
+      real(c_double), intent(out) :: value
+      integer(c_int), intent(out) :: level
+      integer(c_int64_t), intent(out) :: step
     end function
   end interface
   procedure(c_handle_out), bind(C, name='hma_paramset_create') :: c_paramset_create
