@@ -32,11 +32,11 @@ namespace {
 const char* kUsage =
     "usage: hma-bench-convergence [options]\n"
     "  --steps N       SGD steps per method (default 400)\n"
-    "  --features D    features per sample (default 128)\n"
+    "  --features D    features per sample (default 256)\n"
     "  --samples N     samples per rank (default 4096)\n"
     "  --batch B       base batch size (default 16; rank r uses B * (1 + r % 3))\n"
-    "  --lr X          inner learning rate (default 0.2)\n"
-    "  --skew X        distance between the ranks' data centres (default 1.5)\n"
+    "  --lr X          inner learning rate (default 0.05)\n"
+    "  --skew X        distance between the ranks' data centres (default 3)\n"
     "  --every N       loss curve: evaluate every N steps (default 10)\n"
     "  --methods LIST  comma list (default: all, see the header of bench_convergence.cpp)\n"
     "  --csv FILE      one row per method: method,np,steps,final_loss,bytes_moved,comm_us,...\n"
@@ -104,10 +104,10 @@ int main(int argc, char** argv) {
   bench::Flags flags(argc, argv, kUsage);
   const bench::Meta meta = bench::collect_meta(argc, argv);
   const int steps = static_cast<int>(flags.integer("steps", 400));
-  const int d = static_cast<int>(flags.integer("features", 128));
+  const int d = static_cast<int>(flags.integer("features", 256));
   const long long samples = flags.integer("samples", 4096);
   const int batch = static_cast<int>(flags.integer("batch", 16));
-  const double lr = flags.real("lr", 0.2), skew = flags.real("skew", 1.5);
+  const double lr = flags.real("lr", 0.05), skew = flags.real("skew", 3.0);
   const int every = static_cast<int>(flags.integer("every", 10));
   const std::string only = flags.str("methods", "");
   const std::string csv = flags.str("csv", ""), curve = flags.str("curve", "");

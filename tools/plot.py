@@ -154,6 +154,54 @@ def plot_schedule(rows, out, title):
     print("wrote", out)
 
 
+def plot_convergence(rows, out, title):
+    """hma-bench-convergence --curve: loss against steps and against bytes moved, per method."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for m in methods:
+        pts = [r for r in rows if r["method"] == m]
+        steps = [int(r["step"]) for r in pts]
+        loss = [float(r["loss"]) for r in pts]
+        moved = [max(float(r["bytes_moved"]), 1.0) for r in pts]
+        a1.plot(steps, loss, label=m, lw=1.2)
+        a2.plot(moved, loss, label=m, lw=1.2)
+    a1.set_xlabel("step")
+    a2.set_xlabel("bytes moved per rank (2(g-1)/g of each average's wire bytes)")
+    a2.set_xscale("log")
+    for a in (a1, a2):
+        a.set_ylabel("loss of the world-mean model")
+        a.grid(alpha=0.3)
+    lo = min(float(r["loss"]) for r in rows)
+    hi = sorted(float(r["loss"]) for r in rows)[len(rows) // 2]
+    for a in (a1, a2):
+        a.set_ylim(lo - 0.02 * (hi - lo + 1e-9), hi + 0.5 * (hi - lo + 1e-9))
+    a1.legend(fontsize=7)
+    a1.set_title(f"local SGD, np {rows[0]['np']}: loss against steps", fontsize=9)
+    a2.set_title("loss against communication", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print("wrote", out)
+
+
+def plot_convergence_table(rows, out, title):
+    """hma-bench-convergence --csv: final loss against bytes moved, one point per method."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in rows:
+        x, y = max(float(r["bytes_moved"]), 1.0), float(r["final_loss"])
+        ax.scatter([x], [y])
+        ax.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes moved per rank")
+    ax.set_ylabel("final loss")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"final loss against communication, np {rows[0]['np']}, {rows[0]['steps']} steps", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print("wrote", out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("csv", nargs="+", help="CSV files from hma-bench-average / hma-bench-schedule")
@@ -168,7 +216,11 @@ def main():
         if not rows:
             sys.exit(f"plot: {path} has no rows")
         base = os.path.join(a.outdir, os.path.splitext(os.path.basename(path))[0])
-        if "predicted_us" in rows[0]:
+        if "loss" in rows[0] and "step" in rows[0]:
+            plot_convergence(rows, base + ".png", a.title)
+        elif "final_loss" in rows[0]:
+            plot_convergence_table(rows, base + ".png", a.title)
+        elif "predicted_us" in rows[0]:
             plot_model(rows, base + ".png", a.title)
         elif "variant" in rows[0] and any(r["variant"] == "hma_two_level" for r in rows):
             plot_cluster(rows, base + ".png", a.title, shape_of(path), a.link_bytes_per_s)
