@@ -108,6 +108,19 @@ TEST_CASE("weighted averaging on every level of a hierarchy uses each group's ow
   }
 }
 
+TEST_CASE("weights near the 2^31 limit: their sum needs more than 64 bits and stays exact", "[np>=2]") {
+  // Each weight is about 2^63 quanta of 2^-32: three ranks already sum past 2^64.
+  auto weight = [](int r) { return 2147483647.0 - 1000.0 * r; };
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  avg.set_weight(weight(rank()));
+  Set s(1);
+  s.fill(rank(), 9);
+  REQUIRE(avg.step(s.ps));
+  std::vector<double> w(static_cast<std::size_t>(size()));
+  for (int r = 0; r < size(); ++r) w[static_cast<std::size_t>(r)] = weight(r);
+  s.require_weighted_mean(w, 9, size() + 1);
+}
+
 TEST_CASE("weights that sum to zero: a clear error on every rank of the group, nothing moved",
           "[np>=2]") {
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
@@ -549,4 +562,32 @@ TEST_CASE("device sets (emulated): unequal weights, an outer optimizer or a 16-b
   hma::PeriodicAverager equal(MPI_COMM_WORLD, 1, 0);
   equal.set_weight(2);
   REQUIRE_ALL_RANKS(device_step(equal) == "no error");
+}
+
+TEST_CASE("post-local SGD through an averager: world every step before the switch; the switch in checkpoints") {
+  const auto sizes = hma_test::group_sizes();
+  const int node = sizes.front();  // the smallest group: a level below the world where there is one
+  const std::string spec = "post:5," + std::to_string(2) + ":" + std::to_string(node) + ",4:world";
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, spec, 5);
+  const std::size_t world = avg.schedule().levels().size() - 1;
+  Set s(1);
+  for (int t = 0; t < 12; ++t) {
+    s.fill(rank(), 800 + t);
+    const auto want = t < 5 ? std::optional<std::size_t>(world)
+                      : t % 4 == 0 ? std::optional<std::size_t>(world)
+                      : t % 2 == 0 ? std::optional<std::size_t>(0)
+                                   : std::nullopt;
+    REQUIRE(avg.level_now() == want);
+    const bool did = avg.step(s.ps);
+    REQUIRE_ALL_RANKS(did == want.has_value());
+    if (want == world) {
+      std::vector<double> w(static_cast<std::size_t>(size()), 1.0);
+      s.require_weighted_mean(w, 800 + t, size() + 1);
+    }
+  }
+  REQUIRE_THAT(avg.describe(), Catch::Contains("average at every step before step 5"));
+  const std::string text = avg.checkpoint();
+  REQUIRE_THAT(text, Catch::Contains(" post 5\n"));
+  hma::HierarchicalAverager other(MPI_COMM_WORLD, "post:6," + std::to_string(2) + ":" + std::to_string(node) + ",4:world", 5);
+  REQUIRE_THAT(message_of([&] { other.restore(text); }), Catch::Contains("the checkpoint is for schedule"));
 }
