@@ -124,12 +124,18 @@ bool Averager::issue(detail::Prepared job, std::size_t level, bool blocking, Req
 }
 
 namespace {
-template <Element T>
+template <Storable T>
 bool all_finite(detail::Bucket<T>& b) {
   bool ok = true;
   detail::for_segments(b, 0, b.size(), [&](std::size_t at, T* user, std::size_t n) {
     const T* x = user != nullptr ? user : b.storage.data() + at;
-    for (std::size_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+    if constexpr (std::same_as<T, bf16>) {
+      for (std::size_t i = 0; i < n; ++i) ok &= (x[i].bits & 0x7f80u) != 0x7f80u;  // exponent all ones
+    } else if constexpr (std::same_as<T, fp16>) {
+      for (std::size_t i = 0; i < n; ++i) ok &= (x[i].bits & 0x7c00u) != 0x7c00u;
+    } else {
+      for (std::size_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+    }
   });
   return ok;
 }
@@ -146,12 +152,18 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   job.p->params = &params;
   auto& f = params.bucket<float>();
   auto& d = params.bucket<double>();
+  const detail::HostBuckets buckets{&f, &d, &params.bucket<bf16>(), &params.bucket<fp16>()};
   job.header.v = {static_cast<std::uint64_t>(step_), scheduled ? 0u : 1u, level, 0,
                   params.layout_fingerprint(), params.arrays(), f.owned, f.user_elems, d.owned,
                   d.user_elems};
-  job.nonfinite_here = settings_.nonfinite != NonFinite::ignore && (!all_finite(f) || !all_finite(d));
+  job.nonfinite_here = settings_.nonfinite != NonFinite::ignore &&
+                       (!all_finite(f) || !all_finite(d) || !all_finite(*buckets.b) || !all_finite(*buckets.h));
   job.attach = [&params](std::shared_ptr<detail::Pending> q) { params.set_pending(std::move(q)); };
   std::shared_ptr<detail::Post> post = make_post(*job.p, params.layout_fingerprint(), f.size(), d.size());
+  if (post && params.count16() > 0)
+    job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
+                     ": the outer optimizer and the divergence metric work on f32 and f64 arrays; "
+                     "this set has bf16/fp16 arrays (" + params.describe() + "); nothing was averaged";
   if (comm.size() == 1) {  // averaging over one rank is the identity
     job.p->launch = [post, fp = &f, dp = &d](detail::Pending& q) {
       if (post) {
@@ -193,24 +205,24 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   // timeout, from the set's wait()) or on the worker thread while the ParamSet moves.
   detail::Worker* w = worker_.get();
   if (blocking) {
-    job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w, post](detail::Pending& q) {
+    job.p->launch = [buckets, r, sc = scratch_.get(), w, post](detail::Pending& q) {
       if (w) w->drain();  // what the worker queued runs first: collectives stay in order
       detail::TimelineScope t("average", r.level, r.step, q.who.bytes, r.group);
-      detail::average_host(*fp, *dp, r.weighted(q.weight_factor), *sc);
+      detail::average_host(buckets, r.weighted(q.weight_factor), *sc);
       q.finish = [] {};  // in place already
     };
   } else if (w) {
-    job.p->launch = [fp = &f, dp = &d, r, sc = scratch_.get(), w, post](detail::Pending& q) {
+    job.p->launch = [buckets, r, sc = scratch_.get(), w, post](detail::Pending& q) {
       q.threaded = true;
-      q.result = w->submit([fp, dp, r = r.weighted(q.weight_factor), sc, post] {
+      q.result = w->submit([buckets, r = r.weighted(q.weight_factor), sc, post] {
         if (detail::mpi_finalized()) throw Error("hma: a queued average did not run: MPI is already finalised");
-        detail::average_host(*fp, *dp, r, *sc);
+        detail::average_host(buckets, r, *sc);
       });
     };
   } else {
-    job.p->launch = [fp = &f, dp = &d, r, post](detail::Pending& q) {
+    job.p->launch = [buckets, r, post](detail::Pending& q) {
       detail::TimelineScope t("start", r.level, r.step, q.who.bytes, r.group);
-      detail::start_host(*fp, *dp, r.weighted(q.weight_factor), q);
+      detail::start_host(buckets, r.weighted(q.weight_factor), q);
     };
   }
   return job;

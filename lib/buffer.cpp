@@ -6,11 +6,33 @@
 #include "hma/error.hpp"
 #include "buffer_common.hpp"
 #include "pending.hpp"
+#include "transport/wire.hpp"
 
 namespace hma {
 
-const char* dtype_name(Dtype d) noexcept { return d == Dtype::f32 ? "f32" : "f64"; }
-std::size_t dtype_size(Dtype d) noexcept { return d == Dtype::f32 ? 4 : 8; }
+const char* dtype_name(Dtype d) noexcept {
+  switch (d) {
+    case Dtype::f32: return "f32";
+    case Dtype::f64: return "f64";
+    case Dtype::bf16: return "bf16";
+    case Dtype::fp16: return "fp16";
+  }
+  return "?";
+}
+std::size_t dtype_size(Dtype d) noexcept {
+  switch (d) {
+    case Dtype::f32: return 4;
+    case Dtype::f64: return 8;
+    case Dtype::bf16:
+    case Dtype::fp16: return 2;
+  }
+  return 0;
+}
+
+bf16 bf16::from(float x) noexcept { return bf16{detail::to_bf16(x)}; }
+float bf16::to_float() const noexcept { return detail::from_bf16(bits); }
+fp16 fp16::from(float x) noexcept { return fp16{detail::to_fp16(x)}; }
+float fp16::to_float() const noexcept { return detail::from_fp16(bits); }
 
 namespace {
 std::atomic<std::uint64_t> next_id{1};
@@ -22,11 +44,15 @@ using detail::finish_quietly;
 ParamSet::ParamSet()
     : f32_(std::make_unique<detail::Bucket<float>>()),
       f64_(std::make_unique<detail::Bucket<double>>()),
+      b16_(std::make_unique<detail::Bucket<bf16>>()),
+      h16_(std::make_unique<detail::Bucket<fp16>>()),
       id_(next_id++) {}
 
 ParamSet::ParamSet(ParamSet&& o) noexcept
     : f32_(std::move(o.f32_)),
       f64_(std::move(o.f64_)),
+      b16_(std::move(o.b16_)),
+      h16_(std::move(o.h16_)),
       layout_(std::move(o.layout_)),
       version_(o.version_),
       id_(o.id_),
@@ -34,6 +60,8 @@ ParamSet::ParamSet(ParamSet&& o) noexcept
   if (pending_) pending_->params = this;
   o.f32_ = std::make_unique<detail::Bucket<float>>();
   o.f64_ = std::make_unique<detail::Bucket<double>>();
+  o.b16_ = std::make_unique<detail::Bucket<bf16>>();
+  o.h16_ = std::make_unique<detail::Bucket<fp16>>();
   o.id_ = next_id++;
 }
 
@@ -42,9 +70,13 @@ ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
   if (!finish_quietly(pending_)) {
     (void)f32_.release();
     (void)f64_.release();
+    (void)b16_.release();
+    (void)h16_.release();
   }
   f32_ = std::move(o.f32_);
   f64_ = std::move(o.f64_);
+  b16_ = std::move(o.b16_);
+  h16_ = std::move(o.h16_);
   layout_ = std::move(o.layout_);
   version_ = o.version_;
   id_ = o.id_;
@@ -52,6 +84,8 @@ ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
   if (pending_) pending_->params = this;
   o.f32_ = std::make_unique<detail::Bucket<float>>();
   o.f64_ = std::make_unique<detail::Bucket<double>>();
+  o.b16_ = std::make_unique<detail::Bucket<bf16>>();
+  o.h16_ = std::make_unique<detail::Bucket<fp16>>();
   o.layout_.clear();
   o.id_ = next_id++;
   return *this;
@@ -61,6 +95,8 @@ ParamSet::~ParamSet() {
   if (!finish_quietly(pending_)) {
     (void)f32_.release();  // deliberately leaked: see finish_quietly
     (void)f64_.release();
+    (void)b16_.release();
+    (void)h16_.release();
   }
 }
 
@@ -108,10 +144,18 @@ void ParamSet::overlap_error(std::size_t index) {
 }
 
 std::size_t ParamSet::count(Dtype d) const noexcept {
-  return d == Dtype::f32 ? f32_->size() : f64_->size();
+  switch (d) {
+    case Dtype::f32: return f32_->size();
+    case Dtype::f64: return f64_->size();
+    case Dtype::bf16: return b16_->size();
+    case Dtype::fp16: return h16_->size();
+  }
+  return 0;
 }
 
-std::size_t ParamSet::bytes() const noexcept { return f32_->size() * 4 + f64_->size() * 8; }
+std::size_t ParamSet::bytes() const noexcept {
+  return f32_->size() * 4 + f64_->size() * 8 + (b16_->size() + h16_->size()) * 2;
+}
 
 std::uint64_t detail::layout_fingerprint(std::span<const LayoutEntry> entries, std::uint64_t marker) {
   std::uint64_t h = 0xcbf29ce484222325ULL;
@@ -140,9 +184,12 @@ std::uint64_t ParamSet::layout_fingerprint() const noexcept {
 }
 
 std::string ParamSet::describe() const {
-  return std::to_string(layout_.size()) + " arrays: " +
-         detail::describe_bucket("f32", f32_->owned, f32_->user_elems) + ", " +
-         detail::describe_bucket("f64", f64_->owned, f64_->user_elems);
+  std::string s = std::to_string(layout_.size()) + " arrays: " +
+                  detail::describe_bucket("f32", f32_->owned, f32_->user_elems) + ", " +
+                  detail::describe_bucket("f64", f64_->owned, f64_->user_elems);
+  if (b16_->size() > 0) s += ", " + detail::describe_bucket("bf16", b16_->owned, b16_->user_elems);
+  if (h16_->size() > 0) s += ", " + detail::describe_bucket("fp16", h16_->owned, h16_->user_elems);
+  return s;
 }
 
 }  // namespace hma

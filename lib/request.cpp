@@ -248,6 +248,8 @@ bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept {
 void unpack(ParamSet& params) {
   unpack_bucket(params.bucket<float>());
   unpack_bucket(params.bucket<double>());
+  unpack_bucket(params.bucket<bf16>());
+  unpack_bucket(params.bucket<fp16>());
 }
 
 }  // namespace hma::detail

@@ -591,3 +591,100 @@ TEST_CASE("post-local SGD through an averager: world every step before the switc
   hma::HierarchicalAverager other(MPI_COMM_WORLD, "post:6," + std::to_string(2) + ":" + std::to_string(node) + ",4:world", 5);
   REQUIRE_THAT(message_of([&] { other.restore(text); }), Catch::Contains("the checkpoint is for schedule"));
 }
+
+TEST_CASE("bf16 and fp16 buffers: averaged in f32 arithmetic with 16-bit results, within the bound") {
+  const int g = size();
+  for (bool blocking : {true, false})
+    for (std::size_t chunk : {std::size_t{0}, std::size_t{64}})
+      for (bool weighted : {false, true}) {
+        CAPTURE(blocking, chunk, weighted);
+        hma::AveragerOptions o;
+        o.chunk_bytes = chunk;
+        hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+        auto weight = [&](int r) { return weighted ? 1.0 + r % 3 : 1.0; };
+        avg.set_weight(weight(rank()));
+        hma::ParamSet ps;
+        auto zb = ps.allocate<hma::bf16>(300);
+        std::vector<hma::fp16> uh(200);
+        std::vector<hma::bf16> ub(77);
+        ps.add(uh);
+        ps.add(ub);
+        auto f = ps.allocate<float>(10, 1.5f);  // mixed with f32 in one set
+        auto in = [](int r, std::size_t k) { return static_cast<float>(hma_test::noise(r, 900, k)); };
+        for (std::size_t k = 0; k < zb.size(); ++k) zb[k] = hma::bf16::from(in(rank(), k));
+        for (std::size_t k = 0; k < uh.size(); ++k) uh[k] = hma::fp16::from(in(rank(), 300 + k));
+        for (std::size_t k = 0; k < ub.size(); ++k) ub[k] = hma::bf16::from(in(rank(), 500 + k));
+        REQUIRE(ps.bytes() == (300 + 200 + 77) * 2 + 40);
+        REQUIRE(ps.count(hma::Dtype::bf16) == 377);
+        REQUIRE_THAT(ps.describe(), Catch::Contains("bf16 377 (zero-copy 300, packed 77), fp16 200 (zero-copy 0, packed 200)"));
+        if (blocking) {
+          REQUIRE(avg.step(ps));
+        } else {
+          auto r = avg.start(ps);
+          r.wait();
+        }
+        double W = 0;
+        for (int r = 0; r < g; ++r) W += weight(r);
+        bool ok = true;
+        std::string first;
+        auto expect = [&](float got, std::size_t k, bool is_bf16) {
+          long double mean = 0, sp = 0;
+          for (int r = 0; r < g; ++r) {
+            const float x = is_bf16 ? hma::bf16::from(in(r, k)).to_float() : hma::fp16::from(in(r, k)).to_float();
+            mean += weight(r) * x;
+            sp += std::fabs(weight(r) * x);
+          }
+          mean /= W;
+          sp /= W;
+          const double u = is_bf16 ? 0x1p-8 : 0x1p-11;
+          const long double bound = (g == 1 ? 0 : g * (u + 0x1p-23) * 1.01) * sp + (g == 1 ? 0 : g * 0x1p-25);
+          if (std::fabs(got - mean) > bound && ok) {
+            ok = false;
+            first = "element " + std::to_string(k) + ": got " + std::to_string(got) + ", mean " +
+                    std::to_string(static_cast<double>(mean));
+          }
+        };
+        for (std::size_t k = 0; k < zb.size(); ++k) expect(zb[k].to_float(), k, true);
+        for (std::size_t k = 0; k < uh.size(); ++k) expect(uh[k].to_float(), 300 + k, false);
+        for (std::size_t k = 0; k < ub.size(); ++k) expect(ub[k].to_float(), 500 + k, true);
+        INFO(first);
+        REQUIRE_ALL_RANKS(ok);
+        REQUIRE_ALL_RANKS(f[3] == 1.5f);  // the f32 array averaged alongside (equal values)
+        std::vector<std::uint16_t> bits;
+        for (auto x : zb) bits.push_back(x.bits);
+        for (auto x : uh) bits.push_back(x.bits);
+        for (auto x : ub) bits.push_back(x.bits);
+        auto root = bits;
+        MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_UINT16_T, 0, MPI_COMM_WORLD);
+        REQUIRE_ALL_RANKS(root == bits);
+      }
+}
+
+TEST_CASE("bf16 and fp16 buffers: the non-finite guard, layouts that differ, and what they refuse", "[np>=2]") {
+  using Catch::Contains;
+  {
+    hma::AveragerOptions o;
+    o.nonfinite = hma::NonFinite::error;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    hma::ParamSet ps;
+    auto h = ps.allocate<hma::fp16>(8, hma::fp16::from(1.0f));
+    if (rank() == size() - 1) h[5] = hma::fp16::from(70000.0f);  // overflows to infinity
+    REQUIRE_THROWS_ALL_RANKS(hma::NonFiniteError, (void)avg.step(ps), "non-finite values (NaN or Inf) on world rank(s) " + std::to_string(size() - 1));
+  }
+  {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+    hma::ParamSet ps;
+    if (rank() == 0) (void)ps.allocate<hma::bf16>(8);
+    else (void)ps.allocate<hma::fp16>(8);
+    REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, (void)avg.step(ps), "buffer layout");
+  }
+  {
+    hma::AveragerOptions o;
+    o.divergence = true;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    hma::ParamSet ps;
+    (void)ps.allocate<hma::bf16>(8);
+    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, (void)avg.step(ps),
+                             "the outer optimizer and the divergence metric work on f32 and f64 arrays");
+  }
+}

@@ -251,6 +251,27 @@ static void beyond_torch(void) {
     wide += (b & 0xffffu) != 0;
   }
   check(size_ == 1 || wide == 0); /* one rank: the average is the identity, nothing travels */
+  /* bf16 and fp16 arrays (bit patterns): 1.0 + rank on every rank averages to 1 + (size-1)/2 */
+  uint16_t hb[4], hh[4];
+  static const uint16_t fp16_of[4] = {0x3c00, 0x4000, 0x4200, 0x4400}; /* 1, 2, 3, 4 */
+  for (int i = 0; i < 4; ++i) {
+    const float v = 1.0f + (float)rank_;
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    hb[i] = (uint16_t)(b >> 16); /* small integers are exact in bf16 */
+    hh[i] = fp16_of[rank_ % 4];
+  }
+  hma_paramset p16 = NULL;
+  check(hma_paramset_create(&p16) == HMA_OK && hma_paramset_add_bf16(p16, hb, 4) == HMA_OK &&
+        hma_paramset_add_fp16(p16, hh, 4) == HMA_OK);
+  check(hma_step(avg, p16, NULL) == HMA_OK);
+  /* mean of 1..size: 1 + (size-1)/2, exact in both formats for size <= 4 */
+  const float m = 1.0f + (float)(size_ - 1) / 2.0f;
+  uint32_t mb;
+  memcpy(&mb, &m, 4);
+  static const uint16_t fp16_mean[4] = {0x3c00, 0x3e00, 0x4000, 0x4100}; /* 1, 1.5, 2, 2.5 */
+  check(hb[0] == (uint16_t)(mb >> 16) && hb[3] == hb[0] && hh[2] == fp16_mean[size_ - 1]);
+  check(hma_paramset_free(&p16) == HMA_OK);
   check(hma_averager_free(&avg) == HMA_OK);
   /* the options' errors name the field */
   o.wire = "bf16,f8";

@@ -12,17 +12,45 @@
 
 namespace hma {
 
-/// Element types hma averages. Each has its own bucket: mixed dtypes are never promoted
-/// (unlike torch.cat in torch's average_parameters, which would upcast).
-enum class Dtype : std::uint8_t { f32 = 0, f64 = 1 };
-inline constexpr std::size_t kNumDtypes = 2;
+/// bfloat16 and IEEE half precision (binary16) elements, as bit patterns (the layout of
+/// torch.bfloat16 / torch.float16 and CUDA's __nv_bfloat16 / __half). A ParamSet averages them
+/// with f32 arithmetic and 16-bit results (README "Beyond torch's averagers"). Conversions
+/// round to nearest even; fp16 overflows (|x| >= 65520) to infinity.
+struct bf16 {
+  std::uint16_t bits = 0;
+  [[nodiscard]] static bf16 from(float x) noexcept;
+  [[nodiscard]] float to_float() const noexcept;
+  friend bool operator==(bf16, bf16) = default;
+};
+struct fp16 {
+  std::uint16_t bits = 0;
+  [[nodiscard]] static fp16 from(float x) noexcept;
+  [[nodiscard]] float to_float() const noexcept;
+  friend bool operator==(fp16, fp16) = default;
+};
 
+/// Element types hma averages. Each has its own bucket: mixed dtypes are never promoted
+/// (unlike torch.cat in torch's average_parameters, which would upcast). Device sets hold f32
+/// and f64 only.
+enum class Dtype : std::uint8_t { f32 = 0, f64 = 1, bf16 = 2, fp16 = 3 };
+inline constexpr std::size_t kNumDtypes = 4;
+
+/// The types hma computes in (every transport): f32 and f64.
 template <class T>
 concept Element = std::same_as<T, float> || std::same_as<T, double>;
+/// The 16-bit types a ParamSet stores.
+template <class T>
+concept Half = std::same_as<T, bf16> || std::same_as<T, fp16>;
+/// Every type a ParamSet stores.
+template <class T>
+concept Storable = Element<T> || Half<T>;
 
-template <Element T>
+template <Storable T>
 constexpr Dtype dtype_of() noexcept {
-  return std::same_as<T, float> ? Dtype::f32 : Dtype::f64;
+  if constexpr (std::same_as<T, float>) return Dtype::f32;
+  else if constexpr (std::same_as<T, double>) return Dtype::f64;
+  else if constexpr (std::same_as<T, bf16>) return Dtype::bf16;
+  else return Dtype::fp16;
 }
 [[nodiscard]] const char* dtype_name(Dtype d) noexcept;
 [[nodiscard]] std::size_t dtype_size(Dtype d) noexcept;
@@ -42,7 +70,7 @@ struct LayoutEntry {
   std::size_t n;
 };
 /// One contiguous buffer of one dtype: [hma-owned arrays | staging for user arrays].
-template <Element T>
+template <Storable T>
 struct Bucket {
   std::vector<T> storage;
   std::size_t owned = 0;                // elements of hma-owned (zero-copy) arrays, at the front
@@ -59,7 +87,7 @@ struct Bucket {
 /// life (also when the ParamSet is moved); the raw pointer from `data()` or `span()` is only
 /// valid until the next `allocate()` or `add()` of the same dtype on that ParamSet, which may
 /// move the storage.
-template <Element T>
+template <Storable T>
 class Array {
  public:
   Array() = default;
@@ -97,13 +125,14 @@ class ParamSet {
   ParamSet& operator=(const ParamSet&) = delete;
   ~ParamSet();
 
-  /// Zero-copy: a new hma-owned array of `n` elements, each set to `init`.
-  template <Element T>
-  Array<T> allocate(std::size_t n, T init = T(0));
+  /// Zero-copy: a new hma-owned array of `n` elements, each set to `init`. T: float, double,
+  /// hma::bf16 or hma::fp16.
+  template <Storable T>
+  Array<T> allocate(std::size_t n, T init = T{});
   /// Pack/unpack: registers the caller's array; it must outlive the ParamSet's averages.
-  template <Element T>
+  template <Storable T>
   void add(std::span<T> user);
-  template <Element T>
+  template <Storable T>
   void add(std::vector<T>& user) { add(std::span<T>(user)); }
 
   /// Elements of dtype `d` (owned plus user), i.e. the length of that contiguous buffer.
@@ -127,8 +156,11 @@ class ParamSet {
   /// Human summary, e.g. "3 arrays: f32 1000 (zero-copy 1000, packed 0), f64 0".
   [[nodiscard]] std::string describe() const;
 
+  /// Elements of the 16-bit types (bf16 and fp16), which averages handle apart from f32/f64.
+  [[nodiscard]] std::size_t count16() const noexcept { return b16_->size() + h16_->size(); }
+
   // Used by the averager; not for users.
-  template <Element T>
+  template <Storable T>
   detail::Bucket<T>& bucket() noexcept;
   void set_pending(std::shared_ptr<detail::Pending> p) noexcept;
 
@@ -139,7 +171,7 @@ class ParamSet {
   static void check_size(std::size_t n, std::size_t have, std::size_t elem, const char* what);
   // Throws hma::InvalidArgument if [p, p + bytes) overlaps a registered user array or hma's own
   // buffer: averaging it twice would silently give wrong values.
-  template <Element T>
+  template <Storable T>
   void check_no_overlap(const T* p, std::size_t bytes, const std::vector<std::span<T>>& user,
                         const std::vector<T>& storage) const {
     for (std::size_t i = 0; i < user.size(); ++i)
@@ -151,6 +183,8 @@ class ParamSet {
   [[noreturn]] static void throw_null_span();
   std::unique_ptr<detail::Bucket<float>> f32_;
   std::unique_ptr<detail::Bucket<double>> f64_;
+  std::unique_ptr<detail::Bucket<bf16>> b16_;
+  std::unique_ptr<detail::Bucket<fp16>> h16_;
   std::vector<detail::LayoutEntry> layout_;
   std::uint64_t version_ = 0;
   std::uint64_t id_ = 0;
@@ -161,8 +195,12 @@ template <>
 inline detail::Bucket<float>& ParamSet::bucket<float>() noexcept { return *f32_; }
 template <>
 inline detail::Bucket<double>& ParamSet::bucket<double>() noexcept { return *f64_; }
+template <>
+inline detail::Bucket<bf16>& ParamSet::bucket<bf16>() noexcept { return *b16_; }
+template <>
+inline detail::Bucket<fp16>& ParamSet::bucket<fp16>() noexcept { return *h16_; }
 
-template <Element T>
+template <Storable T>
 Array<T> ParamSet::allocate(std::size_t n, T init) {
   check_mutable("allocate");
   auto& b = bucket<T>();
@@ -177,7 +215,7 @@ Array<T> ParamSet::allocate(std::size_t n, T init) {
   return Array<T>(&b, off, n);
 }
 
-template <Element T>
+template <Storable T>
 void ParamSet::add(std::span<T> user) {
   check_mutable("add");
   auto& b = bucket<T>();

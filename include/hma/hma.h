@@ -99,6 +99,10 @@ hma_status hma_paramset_free(hma_paramset* ps);
  * writes the result back. Every rank must register the same arrays in the same order. */
 hma_status hma_paramset_add_float(hma_paramset ps, float* data, size_t n);
 hma_status hma_paramset_add_double(hma_paramset ps, double* data, size_t n);
+/* 16-bit arrays, as bit patterns (torch.bfloat16 / torch.float16, CUDA __nv_bfloat16 / __half):
+ * averaged in f32 arithmetic with 16-bit results, always flat (README "Beyond torch's averagers"). */
+hma_status hma_paramset_add_bf16(hma_paramset ps, uint16_t* data, size_t n);
+hma_status hma_paramset_add_fp16(hma_paramset ps, uint16_t* data, size_t n);
 /* Zero-copy: hma owns n new elements (set to 0) and averages them in place; *data points at
  * them until the next allocate or add of the same type on this set (then ask again with
  * hma_paramset_array_*). *index (may be NULL): the array's number among this set's zero-copy

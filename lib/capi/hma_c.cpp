@@ -151,6 +151,8 @@ void array(hma_paramset ps, std::size_t index, T** data, std::size_t* n) {
   if (n != nullptr) *n = a->size();
 }
 
+static_assert(sizeof(hma::bf16) == 2 && sizeof(hma::fp16) == 2 && std::is_standard_layout_v<hma::bf16>);
+
 template <class T>
 void add(hma_paramset ps, T* data, std::size_t n) {
   need(ps, "ps").ps.add(std::span<T>(data, n));
@@ -209,6 +211,13 @@ hma_status hma_paramset_add_float(hma_paramset ps, float* data, size_t n) { retu
 hma_status hma_paramset_add_double(hma_paramset ps, double* data, size_t n) { return guard([&] { add(ps, data, n); }); }
 hma_status hma_paramset_allocate_float(hma_paramset ps, size_t n, float** data, size_t* index) {
   return guard([&] { allocate(ps, n, data, index); });
+}
+hma_status hma_paramset_add_bf16(hma_paramset ps, uint16_t* data, size_t n) {
+  // hma::bf16 is one uint16_t (standard layout): the caller's bit patterns are its elements.
+  return guard([&] { add(ps, reinterpret_cast<hma::bf16*>(data), n); });
+}
+hma_status hma_paramset_add_fp16(hma_paramset ps, uint16_t* data, size_t n) {
+  return guard([&] { add(ps, reinterpret_cast<hma::fp16*>(data), n); });
 }
 hma_status hma_paramset_allocate_double(hma_paramset ps, size_t n, double** data, size_t* index) {
   return guard([&] { allocate(ps, n, data, index); });

@@ -61,6 +61,7 @@ module hma
   public :: hma_step_count, hma_set_step, hma_level_now, hma_describe
   public :: hma_checkpoint, hma_restore, hma_save_checkpoint, hma_load_checkpoint
   public :: hma_set_weight, hma_weight, hma_last_divergence
+  public :: hma_paramset_add_bf16, hma_paramset_add_fp16
 
   ! Registers a contiguous real(c_float) or real(c_double) rank-1 array (TARGET) with a set.
   interface hma_paramset_add
@@ -196,6 +197,23 @@ contains
     data = c_null_ptr
     if (size(x) > 0) data = c_loc(x(1))
     status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_double)
+  end function
+  ! 16-bit arrays as bit patterns (integer(c_int16_t)): bfloat16 or IEEE half precision.
+  integer function hma_paramset_add_bf16(ps, x) result(status)
+    integer(c_intptr_t), intent(in) :: ps
+    integer(c_int16_t), intent(inout), target :: x(:)
+    type(c_ptr) :: data
+    data = c_null_ptr
+    if (size(x) > 0) data = c_loc(x(1))
+    status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_bf16)
+  end function
+  integer function hma_paramset_add_fp16(ps, x) result(status)
+    integer(c_intptr_t), intent(in) :: ps
+    integer(c_int16_t), intent(inout), target :: x(:)
+    type(c_ptr) :: data
+    data = c_null_ptr
+    if (size(x) > 0) data = c_loc(x(1))
+    status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_fp16)
   end function
   integer function hma_paramset_wait(ps) result(status)  ! waits for its average in flight
     integer(c_intptr_t), intent(in) :: ps

@@ -10,7 +10,7 @@ module hma_capi
   public :: c_create_periodic, c_create, c_step, c_start, c_average, c_start_average
   public :: c_step_count, c_set_step
   public :: c_paramset_create, c_paramset_free, c_averager_free, c_request_free
-  public :: c_add_float, c_add_double, c_paramset_wait, c_request_wait
+  public :: c_add_float, c_add_double, c_add_bf16, c_add_fp16, c_paramset_wait, c_request_wait
   public :: c_request_test, c_request_level, c_level_now
   public :: c_restore, c_save_checkpoint, c_load_checkpoint
   public :: c_set_weight, c_weight, c_last_divergence
@@ -133,6 +133,8 @@ module hma_capi
   procedure(c_handle_out), bind(C, name='hma_request_free') :: c_request_free
   procedure(c_paramset_add), bind(C, name='hma_paramset_add_float') :: c_add_float
   procedure(c_paramset_add), bind(C, name='hma_paramset_add_double') :: c_add_double
+  procedure(c_paramset_add), bind(C, name='hma_paramset_add_bf16') :: c_add_bf16
+  procedure(c_paramset_add), bind(C, name='hma_paramset_add_fp16') :: c_add_fp16
   procedure(c_handle), bind(C, name='hma_paramset_wait') :: c_paramset_wait
   procedure(c_handle), bind(C, name='hma_request_wait') :: c_request_wait
   procedure(c_handle_int), bind(C, name='hma_request_test') :: c_request_test

@@ -71,7 +71,7 @@ struct Scaler {
 
 // Calls fn(storage offset, user pointer or nullptr, count) for the parts of [lo, hi) of the
 // bucket: the owned region (in place, user pointer null) and each packed user array.
-template <Element T, class F>
+template <Storable T, class F>
 void for_segments(Bucket<T>& b, std::size_t lo, std::size_t hi, F&& fn) {
   if (lo < b.owned) fn(lo, static_cast<T*>(nullptr), std::min(hi, b.owned) - lo);
   std::size_t off = b.owned;
@@ -116,7 +116,7 @@ void copy_back(Bucket<T>& b, std::size_t lo, std::size_t hi, const T* in) {
 }
 
 // Copies [lo, hi) of the staging area back into the packed user arrays.
-template <Element T>
+template <Storable T>
 void unpack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
   const T* data = b.storage.data();
   for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
@@ -124,7 +124,7 @@ void unpack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
   });
 }
 
-template <Element T>
+template <Storable T>
 void unpack_bucket(Bucket<T>& b) {
   unpack_range(b, b.owned, b.size());
 }

@@ -62,7 +62,9 @@ void two_level_with_post(Bucket<T>& b, const Route& route) {
 
 }  // namespace
 
-void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scratch& scratch) {
+void average_host(const HostBuckets& s, const Route& route, Scratch& scratch) {
+  Bucket<float>& f = *s.f;
+  Bucket<double>& d = *s.d;
   if (route.two != nullptr) {  // a 16-bit wire only across nodes (two_level.cpp)
     two_level_with_post(f, route);
     two_level_with_post(d, route);
@@ -72,10 +74,13 @@ void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scrat
     flat_blocking(f, route, scratch.f);
     flat_blocking(d, route, scratch.d);
   }
+  half_blocking(*s.b, *s.h, route);  // 16-bit buffers: always flat (transport/wire.cpp)
   if (route.post) route.post->conclude(route.comm);
 }
 
-void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p) {
+void start_host(const HostBuckets& s, const Route& route, Pending& p) {
+  Bucket<float>& f = *s.f;
+  Bucket<double>& d = *s.d;
   if (Post* post = route.post) {
     post->before(f, 0, f.size());
     post->before(d, 0, d.size());
@@ -87,6 +92,20 @@ void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending
   } else {
     start_allreduce(f, route, p.reqs);
     start_allreduce(d, route, p.reqs);
+  }
+  if (s.b->size() + s.h->size() > 0) {
+    start_half(*s.b, *s.h, route, p);
+    // Their results land in the buckets' storage: the packed arrays get them at completion.
+    p.finish = [prev = std::move(p.finish), fp = &f, dp = &d, bp = s.b, hp = s.h] {
+      if (prev) {
+        prev();
+      } else {
+        unpack_bucket(*fp);
+        unpack_bucket(*dp);
+      }
+      unpack_bucket(*bp);
+      unpack_bucket(*hp);
+    };
   }
   if (Post* post = route.post) {
     // One more stage once the data is in: the results into the arrays (the transport's finish,

@@ -46,12 +46,20 @@ struct Route {
   }
 };
 
-/// Blocking: averages both buckets over route.comm (on return the arrays hold the average).
-void average_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Scratch& scratch);
+/// A host set's buckets.
+struct HostBuckets {
+  Bucket<float>* f;
+  Bucket<double>* d;
+  Bucket<bf16>* b;
+  Bucket<fp16>* h;
+};
 
-/// Non-blocking: issues the collectives of an average of both buckets into `p` (its requests,
+/// Blocking: averages the buckets over route.comm (on return the arrays hold the average).
+void average_host(const HostBuckets& s, const Route& route, Scratch& scratch);
+
+/// Non-blocking: issues the collectives of an average of the buckets into `p` (its requests,
 /// later stages and finishing step). Throws hma::InvalidArgument when a piece is too large for
 /// one non-blocking collective.
-void start_host(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p);
+void start_host(const HostBuckets& s, const Route& route, Pending& p);
 
 }  // namespace hma::detail

@@ -129,7 +129,75 @@ void start_bucket(Bucket<T>& b, const Route& route, F c, Pending& p, std::vector
   }
 }
 
+template <Half H>
+using FormatOf = Format<std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16>;
+
+// [lo, hi) of a 16-bit bucket, widened, scaled in f32 and rounded back, into out[0, hi - lo).
+template <Half H>
+void narrow_half(Bucket<H>& b, std::size_t lo, std::size_t hi, const Scaler<float>& s, H* out,
+                 std::vector<float>& tmp) {
+  using F = FormatOf<H>;
+  const H* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, const H* user, std::size_t n) {
+    const H* x = user != nullptr ? user : data + at;
+    tmp.resize(n);
+    for (std::size_t i = 0; i < n; ++i) tmp[i] = F::from(x[i].bits);
+    s.in_place(tmp.data(), n);
+    H* o = out + (at - lo);
+    for (std::size_t i = 0; i < n; ++i) o[i].bits = F::to(tmp[i]);
+  });
+}
+
+template <Half H>
+void half_bucket(Bucket<H>& b, const Route& route) {
+  if (b.size() == 0) return;
+  const Scaler<float> s(route.group, route.weight);
+  const MPI_Op op = wire_sum_op(std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16);
+  const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(H), max_count());
+  std::vector<float> tmp;
+  for (std::size_t lo = 0; lo < b.size(); lo += piece) {
+    const std::size_t hi = std::min(lo + piece, b.size());
+    narrow_half(b, lo, hi, s, b.storage.data() + lo, tmp);
+    {
+      count_use(Use::wire_piece);
+      TimelineScope t("MPI_Allreduce (16-bit buffer)", route.level, route.step, (hi - lo) * 2, route.group);
+      check(MPI_Allreduce(MPI_IN_PLACE, b.storage.data() + lo, static_cast<int>(hi - lo), MPI_UINT16_T, op,
+                          route.comm),
+            "MPI_Allreduce(average, 16-bit buffer)");
+    }
+    unpack_range(b, lo, hi);
+  }
+}
+
+template <Half H>
+void start_half_bucket(Bucket<H>& b, const Route& route, Pending& p) {
+  const std::size_t N = b.size();
+  if (N == 0) return;
+  b.send.resize(N);
+  std::vector<float> tmp;
+  narrow_half(b, 0, N, Scaler<float>(route.group, route.weight), b.send.data(), tmp);
+  const MPI_Op op = wire_sum_op(std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16);
+  for (std::size_t lo = 0; lo < N; lo += max_count()) {
+    const int n = static_cast<int>(std::min(max_count(), N - lo));
+    MPI_Request r = MPI_REQUEST_NULL;
+    count_use(Use::wire_start);
+    check(MPI_Iallreduce(b.send.data() + lo, b.storage.data() + lo, n, MPI_UINT16_T, op, route.comm, &r),
+          "MPI_Iallreduce(average, 16-bit buffer)");
+    p.reqs.push_back(r);
+  }
+}
+
 }  // namespace
+
+void half_blocking(Bucket<bf16>& b, Bucket<fp16>& h, const Route& route) {
+  half_bucket(b, route);
+  half_bucket(h, route);
+}
+
+void start_half(Bucket<bf16>& b, Bucket<fp16>& h, const Route& route, Pending& p) {
+  start_half_bucket(b, route, p);
+  start_half_bucket(h, route, p);
+}
 
 MPI_Op wire_sum_op(Wire w) {
   static const MPI_Op bf16 = make_op(&sum16<Wire::bf16>);

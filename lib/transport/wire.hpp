@@ -42,6 +42,14 @@ MPI_Op wire_sum_op(Wire w);
 /// elements), with route.post's passes per piece.
 void wire_blocking(Bucket<float>& f, Bucket<double>& d, const Route& route);
 
+/// 16-bit buffers (ParamSet arrays of hma::bf16 / hma::fp16), always flat: each rank's values
+/// widened to f32, scaled (x / g or the weight factor), rounded back to 16 bits, summed by
+/// MPI_Allreduce with the format's op; 16-bit results in place. Blocking: in pieces of
+/// route.chunk_bytes. Non-blocking: out of place from the bucket's send copy into its storage,
+/// unpacked by the caller's completion (`finish` or unpack()).
+void half_blocking(Bucket<bf16>& b, Bucket<fp16>& h, const Route& route);
+void start_half(Bucket<bf16>& b, Bucket<fp16>& h, const Route& route, Pending& p);
+
 /// Non-blocking: converts both buckets into `p`'s 16-bit buffers and issues MPI_Iallreduce
 /// (out of place); p.finish widens the result back into the arrays.
 void start_wire(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p);
