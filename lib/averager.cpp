@@ -77,6 +77,7 @@ bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
     return false;
   }
   settle_issue();  // a Timeout here concerns an earlier average: this step is not taken
+  settle_outer(*lvl);
   bool did = false;
   try {
     did = issue(prepare(*lvl, blocking, true), *lvl, blocking, out);
@@ -93,6 +94,7 @@ bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Pr
   if (!member()) return false;
   (void)hierarchy_.level(level);  // range check
   settle_issue();
+  settle_outer(level);
   return issue(prepare(level, blocking, false), level, blocking, out);
 }
 
@@ -159,7 +161,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   job.nonfinite_here = settings_.nonfinite != NonFinite::ignore &&
                        (!all_finite(f) || !all_finite(d) || !all_finite(*buckets.b) || !all_finite(*buckets.h));
   job.attach = [&params](std::shared_ptr<detail::Pending> q) { params.set_pending(std::move(q)); };
-  std::shared_ptr<detail::Post> post = make_post(*job.p, params.layout_fingerprint(), f.size(), d.size());
+  std::shared_ptr<detail::Post> post = make_post(job.p, params.layout_fingerprint(), f.size(), d.size());
   if (post && params.count16() > 0)
     job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
                      ": the outer optimizer and the divergence metric work on f32 and f64 arrays; "
@@ -228,9 +230,15 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   return job;
 }
 
-std::shared_ptr<detail::Post> Averager::make_post(detail::Pending& p, std::uint64_t layout,
-                                                  std::size_t nf, std::size_t nd) {
-  detail::OuterState* outer = nullptr;
+void Averager::settle_outer(std::size_t level) {
+  if (!outer_ || level != outer_->opt.level) return;
+  if (auto q = outer_->last.lock(); q && !q->done) detail::complete(*q, true);
+}
+
+std::shared_ptr<detail::Post> Averager::make_post(const std::shared_ptr<detail::Pending>& pp,
+                                                  std::uint64_t layout, std::size_t nf, std::size_t nd) {
+  detail::Pending& p = *pp;
+  std::shared_ptr<detail::OuterState> outer;
   if (outer_ && p.who.level == outer_->opt.level) {
     if (!outer_->anchored) {
       outer_->fingerprint = layout;
@@ -248,7 +256,8 @@ std::shared_ptr<detail::Post> Averager::make_post(detail::Pending& p, std::uint6
                   " f64 elements: use one averager per set with an outer optimizer; nothing was averaged";
       return nullptr;
     }
-    outer = outer_.get();
+    outer = outer_;
+    outer_->last = pp;
   }
   if (outer == nullptr && !divergence_) return nullptr;
   const bool speaker = !p.who.world_ranks.empty() && p.who.world_ranks.front() == hierarchy_.world_rank();

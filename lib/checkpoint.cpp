@@ -11,6 +11,7 @@
 #include "control/agree.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
+#include "pending.hpp"
 #include "transport/post.hpp"
 
 namespace hma {
@@ -79,6 +80,12 @@ std::string Averager::checkpoint() const {
   std::string s(kCheckpointMagic);
   s += "\nstep " + std::to_string(step_) + "\nworld " + std::to_string(schedule_.world_size()) +
        "\nfingerprint " + fp + "\nschedule " + schedule_.to_string() + "\n";
+  if (outer_) {
+    if (auto q = outer_->last.lock(); q && !q->done)
+      throw Error("hma: checkpoint(): an average at the outer optimizer's level (step " +
+                  std::to_string(q->who.step) + ") is still in flight: wait() for it first, its "
+                  "update of the optimizer's state is part of the checkpoint");
+  }
   if (outer_ && outer_->anchored) {
     // The outer optimizer's state, which every rank of its group holds alike: anchor and
     // momentum, f32 then f64, as base64 of their bytes (the checkpoint stays one line of text each).
@@ -186,15 +193,24 @@ void Averager::restore(std::string_view text) {
   }
   require_usable("restore()");
   settle_issue();
+  if (outer_) settle_outer(outer_->opt.level);  // no update of the state may land after the restore
   // On the world level's control communicator: never pairs with a data collective.
   const MPI_Comm ctrl = hierarchy_.control(hierarchy_.num_levels() - 1).get();
   detail::agree(ctrl, parse);
-  const std::uint64_t v[2] = {static_cast<std::uint64_t>(step), outer_hash};
+  const std::uint64_t v[2] = {static_cast<std::uint64_t>(step), outer ? 1u : 0u};
   detail::check_same(ctrl, v, "the restored step or outer optimizer state", [&] {
-    char h[24];
-    std::snprintf(h, sizeof h, "%016llx", static_cast<unsigned long long>(outer_hash));
-    return "step " + std::to_string(step) + (outer ? std::string(", outer state hash ") + h : ", no outer state");
+    return "step " + std::to_string(step) + (outer ? ", outer state" : ", no outer state");
   });
+  if (outer) {
+    // The state is the same within each group of the optimizer's level (groups differ below
+    // the world): compared there, on that level's control communicator.
+    const std::uint64_t h[1] = {outer_hash};
+    detail::check_same(hierarchy_.control(outer_->opt.level).get(), h, "the restored outer optimizer state", [&] {
+      char t[24];
+      std::snprintf(t, sizeof t, "%016llx", static_cast<unsigned long long>(outer_hash));
+      return std::string("state hash ") + t;
+    });
+  }
   step_ = step;
   adopt();
 }

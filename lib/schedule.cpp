@@ -117,6 +117,8 @@ Schedule Schedule::parse(std::string_view spec, std::int64_t warmup, int world_s
     if (comma == std::string_view::npos)
       bad(quoted + "post:S must be followed by the schedule after the switch, e.g. \"post:" +
           std::to_string(s) + ",8\"");
+    if (trim(rest.substr(comma + 1)).starts_with("post"))
+      bad(quoted + "post:S may appear once, at the start");
     return post_local(parse(rest.substr(comma + 1), warmup, world_size, node_size), s);
   }
   if (rest.empty()) bad(quoted + "is empty; write \"P\" (periodic) or \"P1:G1,...,Pn:Gn\"");

@@ -105,6 +105,10 @@ TEST_CASE("weighted averaging on every level of a hierarchy uses each group's ow
     for (int r = first; r < first + g; ++r) w[static_cast<std::size_t>(r)] = 1.0 + (r * 5 % 7);
     CAPTURE(l, g);
     s.require_weighted_mean(w, 11 + static_cast<int>(l), g + 1);
+    MPI_Comm group;
+    MPI_Comm_split(MPI_COMM_WORLD, rank() / g, rank(), &group);
+    REQUIRE_ALL_RANKS(s.same_bits_everywhere(group));
+    MPI_Comm_free(&group);
   }
 }
 
@@ -413,7 +417,7 @@ double round_to(double x, int p, int emin, double max_finite) {
 
 }  // namespace
 
-TEST_CASE("16-bit formats: hma's conversions round to nearest even, exhaustively checked") {
+TEST_CASE("16-bit formats: round trips of every pattern, narrowing against an independent rounding") {
   namespace hd = hma::detail;
   // Every 16-bit pattern widens and narrows back to itself (NaNs stay NaN).
   for (std::uint32_t h = 0; h < 65536; ++h) {
@@ -433,6 +437,16 @@ TEST_CASE("16-bit formats: hma's conversions round to nearest even, exhaustively
     INFO("x = " << x);
     REQUIRE(hd::from_bf16(hd::to_bf16(x)) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)));
     REQUIRE(hd::from_fp16(hd::to_fp16(x)) == static_cast<float>(round_to(x, 11, -14, 65504.0)));
+  }
+  // Doubles narrow in one rounding (to odd through float), not two.
+  REQUIRE(hd::from_bf16(hd::to_bf16(hd::round_to_odd(1 + 0x1p-8 + 0x1p-30))) == 1 + 0x1p-7f);
+  REQUIRE(static_cast<float>(1 + 0x1p-8 + 0x1p-30) == 1 + 0x1p-8f);  // the double rounding it avoids
+  for (std::uint64_t k = 0; k < 200000; ++k) {
+    double x = std::ldexp(hma_test::noise(static_cast<int>(k % 3), 78, k), static_cast<int>(k % 80) - 40);
+    if (k % 5 == 0) x = std::ldexp(std::nearbyint(std::ldexp(x, 20)) + 0.5, -20) * (1 + 0x1p-40);  // near ties
+    INFO("x = " << x);
+    REQUIRE(hd::from_bf16(hd::to_bf16(hd::round_to_odd(x))) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)));
+    REQUIRE(hd::from_fp16(hd::to_fp16(hd::round_to_odd(x))) == static_cast<float>(round_to(x, 11, -14, 65504.0)));
   }
   REQUIRE(std::isinf(hd::from_fp16(hd::to_fp16(65520.0f))));
   REQUIRE(hd::from_fp16(hd::to_fp16(65519.0f)) == 65504.0f);
@@ -461,7 +475,7 @@ TEST_CASE("16-bit wires: the average within the stated bound, 16-bit values, sam
         }
         // g > 1 moved data through the wire (unless the progress thread ran it: still blocking).
         if (g > 1) REQUIRE_ALL_RANKS(hd::uses(hd::Use::wire_piece) + hd::uses(hd::Use::wire_start) > used);
-        // The bound (README "Reduced-precision wires"): with u the format's unit roundoff
+        // The bound (README "Beyond torch's averagers"): with u the format's unit roundoff
         // (bf16 2^-8, fp16 2^-11), |avg - mean| <= g (u + 2^-23) 1.01 sum|x_i| / g + g 2^-25
         // (the last term: fp16's subnormal spacing, 2^-24, half of it per rounding).
         const double u = w == hma::Wire::bf16 ? 0x1p-8 : 0x1p-11;
@@ -687,4 +701,75 @@ TEST_CASE("bf16 and fp16 buffers: the non-finite guard, layouts that differ, and
     REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, (void)avg.step(ps),
                              "the outer optimizer and the divergence metric work on f32 and f64 arrays");
   }
+}
+
+TEST_CASE("outer optimizer: ranks that wait at different times still take the same steps", "[np>=2]") {
+  // Rank 0 waits for A before starting B, the others start B first: legal (waits are local). An
+  // average at the outer level completes the one before it, so all ranks see the same state.
+  for (bool same_layout : {true, false}) {
+    CAPTURE(same_layout);
+    hma::AveragerOptions o;
+    o.outer = hma::OuterOptimizer{0.5, 0.5, false, std::nullopt};
+    o.timeout_s = 30;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    hma::ParamSet A, B;
+    std::vector<float> a(8), b(same_layout ? 8 : 4);
+    A.add(a);
+    B.add(b);
+    for (auto& x : a) x = 1.0f + static_cast<float>(rank());
+    for (auto& x : b) x = 10.0f + static_cast<float>(rank());
+    std::string msg = "no error";
+    try {
+      hma::Request ra = avg.start(A);
+      if (rank() == 0) ra.wait();
+      hma::Request rb = avg.start(B);
+      rb.wait();
+      ra.wait();
+    } catch (const std::exception& e) {
+      msg = e.what();
+    }
+    if (same_layout) {
+      REQUIRE_ALL_RANKS(msg == "no error");
+      float root = b[0];
+      MPI_Bcast(&root, 1, MPI_FLOAT, 0, MPI_COMM_WORLD);
+      REQUIRE_ALL_RANKS(root == b[0]);
+    } else {
+      REQUIRE_ALL_RANKS(msg.find("holds the state of another set") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("outer optimizer below the world: each group's state in the checkpoint, restored", "[np_even>=4]") {
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{0.7, 0.9, false, 0};
+  hma::HierarchicalAverager a(MPI_COMM_WORLD, {{1, 2}, {4, size()}}, 0, o);
+  Set x(1), y(1);
+  for (int t = 1; t < 4; ++t) {  // level 0 at steps 1, 2, 3: anchors differ between groups
+    a.set_step(t);
+    x.fill(rank(), 1000 + t);
+    (void)a.step(x.ps);
+  }
+  const std::string text = a.checkpoint();
+  hma::HierarchicalAverager b(MPI_COMM_WORLD, {{1, 2}, {4, size()}}, 0, o);
+  REQUIRE_ALL_RANKS(message_of([&] { b.restore(text); }) == "no error");
+  a.set_step(5);
+  b.set_step(5);
+  x.fill(rank(), 1005);
+  y.fill(rank(), 1005);
+  (void)a.step(x.ps);
+  (void)b.step(y.ps);
+  REQUIRE_ALL_RANKS(x.bits() == y.bits());
+}
+
+TEST_CASE("checkpoint() refuses while an average at the outer level is in flight") {
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  Set s(1);
+  s.fill(rank(), 1);
+  auto r = avg.start(s.ps);
+  const std::string msg = message_of([&] { (void)avg.checkpoint(); });
+  r.wait();
+  REQUIRE_ALL_RANKS(size() == 1 || msg.find("is still in flight: wait() for it first") != std::string::npos);
+  REQUIRE_ALL_RANKS(message_of([&] { (void)avg.checkpoint(); }) == "no error");
 }

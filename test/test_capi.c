@@ -287,6 +287,10 @@ static void beyond_torch(void) {
   check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
         strstr(hma_last_error(), "the outer optimizer's level 3 does not exist") != NULL);
   o.outer_level = HMA_DEFAULT;
+  o.outer_lr = 0; /* momentum 0.9 without an lr: refused, not silently ignored */
+  check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
+        strstr(hma_last_error(), "options.outer_lr is not > 0") != NULL);
+  o.outer_lr = 0.7;
   o.divergence = 4;
   check(hma_averager_create_periodic(MPI_COMM_WORLD, 1, 0, &o, &avg) == HMA_ERR_INVALID_ARGUMENT &&
         strstr(hma_last_error(), "options.divergence") != NULL);

@@ -211,6 +211,7 @@ TEST_CASE("validation errors name the level, the value and the rule") {
   REQUIRE_THAT(msg([] { Schedule::parse("post:5", 0, 4); }),
                Contains("post:S must be followed by the schedule after the switch, e.g. \"post:5,8\""));
   REQUIRE_THAT(msg([] { Schedule::parse("postal:5,8", 0, 4); }), Contains("expected post:S"));
+  REQUIRE_THAT(msg([] { Schedule::parse("post:5,post:10,8", 0, 4); }), Contains("post:S may appear once, at the start"));
   // torch's checks
   REQUIRE_THAT(msg([] { Schedule::periodic(0, 0, 4); }), Contains("period must be a positive value, got 0"));
   REQUIRE_THAT(msg([] { Schedule::periodic(-3, 0, 4); }), Contains("got -3"));

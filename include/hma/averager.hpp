@@ -154,8 +154,8 @@ enum class Wire {
   exact,
   /// bfloat16 on the wire: each rank's scaled terms rounded to bf16 (8 significant bits), summed
   /// by MPI with hma's op (each addition in f32, its result rounded to bf16), the result widened
-  /// back. Half the bytes of f32 (a quarter of f64). See README "Reduced-precision wires" for
-  /// the error bound.
+  /// back. Half the bytes of f32 (a quarter of f64; f64 values are rounded to 16 bits directly).
+  /// See README "Beyond torch's averagers" for the error bound.
   bf16,
   /// IEEE half precision on the wire (11 significant bits, largest finite 65504: larger values
   /// become infinities), otherwise as bf16.
@@ -167,11 +167,14 @@ enum class Wire {
 /// pseudo-gradient, anchor being the parameters after the previous average at this level, and
 /// steps SGD with momentum from the anchor:
 ///   m = momentum * m + delta;  d = nesterov ? delta + momentum * m : m;  x = anchor - lr * d
-/// (computed as x = a - (lr * d - delta), so lr 1 and momentum 0 give x = a bit for bit); then
-/// anchor = x. The first average at the level only sets anchor = a and m = 0 (the ranks'
+/// (computed as x = a - (lr * d - delta), so lr 1 and momentum 0 give x = a bit for bit wherever
+/// delta is finite; an infinite delta (an average that overflowed) gives NaN, and a NaN or
+/// infinity in the anchor or momentum stays there, as in any optimizer's state); then anchor = x. The first average at the level only sets anchor = a and m = 0 (the ranks'
 /// parameters differ before it; every rank of the group holds the same anchor after it). State
 /// (anchor, m: one copy of the set each, per element type) lives in the averager, belongs to the
-/// first set averaged at the level, and is part of checkpoint(). Host ParamSets only.
+/// first set averaged at the level, and is part of checkpoint(). An average at this level first
+/// completes the previous one there (its update must be in before the next reads the state, on
+/// every rank alike). Host ParamSets with f32/f64 arrays only.
 struct OuterOptimizer {
   double lr = 1;         ///< outer learning rate, > 0 and finite
   double momentum = 0;   ///< in [0, 1)
@@ -244,7 +247,8 @@ struct AveragerOptions {
   /// nullopt: the environment variable HMA_DIVERGENCE (0 or 1), default off.
   std::optional<bool> divergence;
   /// Per level: how its average travels (exact, bf16, fp16); one entry for every level, or one
-  /// entry for all. A reduced wire averages flat with MPI_Allreduce (no ring, no two-level).
+  /// entry for all. On a flat level MPI_Allreduce sums the 16-bit terms (never hma's ring); on a
+  /// two-level one only the stage across nodes is 16-bit (blocking and start() alike).
   /// Host ParamSets only (a DeviceParamSet averaged at such a level throws hma::InvalidArgument).
   /// nullopt: the environment variable HMA_WIRE ("exact,bf16": per level; "bf16": all),
   /// default exact.
@@ -383,9 +387,10 @@ class Averager {
   [[nodiscard]] double weight() const noexcept;
 
   /// With AveragerOptions::divergence: the spread measured at the last average of this averager
-  /// that has completed on this rank (blocking, or a Request's wait/test), the same on every rank
-  /// of its group; also logged (HMA_LOG=info, by the group's first rank). nullopt before the
-  /// first one, and always without the option. Host ParamSets only.
+  /// that has completed on this rank (blocking, a Request's wait/test, or with Progress::thread
+  /// the worker, possibly before wait()), the same on every rank of its group; also logged
+  /// (HMA_LOG=info, by the group's first rank). nullopt before the first one, and always without
+  /// the option. Host ParamSets without bf16/fp16 arrays only.
   [[nodiscard]] std::optional<Divergence> last_divergence() const;
 
   /// The level that averages at the current step (nullopt: none).
@@ -442,8 +447,12 @@ class Averager {
   void settle_issue();
   // The outer optimizer and divergence work of a host average (null: none); sets p.refusal
   // when the outer state belongs to another layout.
-  std::shared_ptr<detail::Post> make_post(detail::Pending& p, std::uint64_t layout, std::size_t nf,
-                                          std::size_t nd);
+  std::shared_ptr<detail::Post> make_post(const std::shared_ptr<detail::Pending>& p, std::uint64_t layout,
+                                          std::size_t nf, std::size_t nd);
+  // An average at the outer optimizer's level first completes the previous one there: its
+  // update of the optimizer's state must be in before the next average reads it, alike on all
+  // ranks.
+  void settle_outer(std::size_t level);
   // A new pending average of `bytes` at `level` (registered in inflight_).
   std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes);
   // Throws hma::Error naming `who` unless MPI is usable and this averager was not abandoned.

@@ -86,7 +86,7 @@ typedef struct hma_options {
 /* Every field HMA_DEFAULT (timeout and chunk -1). NULL options in a create call mean the same. */
 void hma_options_init(hma_options* options);
 
-/* "0.1.0": the library's version (HMA_VERSION_STRING is the headers'). */
+/* "0.2.0": the library's version (HMA_VERSION_STRING is the headers'). */
 const char* hma_version(void);
 /* The message of the last call on this thread that did not return HMA_OK ("" if none). */
 const char* hma_last_error(void);

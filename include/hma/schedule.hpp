@@ -51,7 +51,9 @@ class Schedule {
   /// Post-local SGD (torch's post_localSGD_hook + averager): `local` with a first phase in which
   /// the world (the last level) averages at EVERY step s < `switch_step`; from `switch_step` on,
   /// `local`'s own rule. torch allreduces gradients in that phase, hma averages the parameters
-  /// after each step (the same model for plain SGD from one start, up to rounding). Pass a warmup
+  /// after each step (the same model for plain SGD from one start, up to rounding). torch's
+  /// default (post_local_gradient_allreduce=True) also allreduces gradients within the node at
+  /// every step after the switch: write that as a node level of period 1, "post:S,1:node,P:world". Pass a warmup
   /// of `switch_step` to `local` as torch does (a smaller one changes nothing before the switch;
   /// a larger one leaves steps without averaging after it, with a warning). switch_step 0: no
   /// first phase. The switch is part of to_string(), fingerprint() and so of checkpoints.
@@ -72,7 +74,8 @@ class Schedule {
   /// A 64-bit hash of kind, warmup, world size and levels: equal schedules, equal fingerprints.
   [[nodiscard]] std::uint64_t fingerprint() const noexcept;
   /// Canonical text, e.g. "hierarchical 2:4,8:8 warmup 0 world 8" (post-local: "... post 100"
-  /// at the end); parse() of the levels part gives the schedule back.
+  /// at the end); parse() of the levels part (prefixed with "post:100," for a post-local one)
+  /// gives the schedule back.
   [[nodiscard]] std::string to_string() const;
 
   friend bool operator==(const Schedule&, const Schedule&) = default;

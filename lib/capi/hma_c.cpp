@@ -99,6 +99,10 @@ hma::AveragerOptions to_options(const hma_options* o) {
                                  std::to_string(o->ranks_per_node));
     r.hierarchy.ranks_per_node = o->ranks_per_node;
   }
+  if (!(o->outer_lr > 0 || std::isnan(o->outer_lr)) &&
+      (o->outer_momentum != 0 || o->outer_nesterov != 0 || o->outer_level != HMA_DEFAULT))
+    throw hma::InvalidArgument("hma: options.outer_momentum, outer_nesterov or outer_level is set but "
+                               "options.outer_lr is not > 0 (the outer optimizer is on only with an lr > 0)");
   if (o->outer_lr > 0 || std::isnan(o->outer_lr)) {  // NaN reaches the C++ check, which names it
     if (o->outer_level < HMA_DEFAULT)
       throw hma::InvalidArgument("hma: options.outer_level must be HMA_DEFAULT (the last level) or a level, got " +

@@ -159,7 +159,7 @@ contains
     if (present(options)) options_ptr = c_loc(options)
   end function
 
-  function hma_version() result(s)  ! "0.1.0": the library's version
+  function hma_version() result(s)  ! "0.2.0": the library's version
     character(:), allocatable :: s
     s = from_c(c_version())
   end function

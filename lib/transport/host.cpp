@@ -85,10 +85,10 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
     post->before(f, 0, f.size());
     post->before(d, 0, d.size());
   }
-  if (route.wire != Wire::exact) {  // non-blocking 16-bit wires are flat
-    start_wire(f, d, route, p);
-  } else if (route.two != nullptr) {
+  if (route.two != nullptr) {  // a 16-bit wire only across nodes (two_level.cpp)
     start_two_level(f, d, route, p);
+  } else if (route.wire != Wire::exact) {
+    start_wire(f, d, route, p);
   } else {
     start_allreduce(f, route, p.reqs);
     start_allreduce(d, route, p.reqs);
@@ -107,7 +107,21 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
       unpack_bucket(*hp);
     };
   }
-  if (Post* post = route.post) {
+  if (Post* post = route.post; post != nullptr && !post->measures()) {
+    // The outer optimizer alone: its pass when the average completes, after the results reached
+    // the arrays (no stage: later averages need not wait for this one to issue theirs).
+    p.finish = [prev = std::move(p.finish), post, fp = &f, dp = &d] {
+      if (prev) {
+        prev();
+      } else {
+        unpack_bucket(*fp);
+        unpack_bucket(*dp);
+      }
+      post->after(*fp, 0, fp->size());
+      post->after(*dp, 0, dp->size());
+      post->record();
+    };
+  } else if (Post* post = route.post) {
     // One more stage once the data is in: the results into the arrays (the transport's finish,
     // or the unpack), the pass after the average, then the divergence maximum, if measured.
     p.stages.push_back([&p, post, fp = &f, dp = &d, comm = route.comm](std::vector<MPI_Request>& reqs) {

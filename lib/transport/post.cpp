@@ -9,9 +9,9 @@
 
 namespace hma::detail {
 
-Post::Post(OuterState* outer, std::shared_ptr<DivergenceLog> log, std::size_t level,
+Post::Post(std::shared_ptr<OuterState> outer, std::shared_ptr<DivergenceLog> log, std::size_t level,
            std::int64_t step, bool speaker)
-    : outer_(outer), first_(outer != nullptr && !outer->anchored), log_(std::move(log)),
+    : outer_(std::move(outer)), first_(outer_ != nullptr && !outer_->anchored), log_(std::move(log)),
       level_(level), step_(step), speaker_(speaker) {}
 
 template <>

@@ -19,12 +19,20 @@
 #include "hma/averager.hpp"
 
 namespace hma::detail {
+struct Pending;
+}
+
+namespace hma::detail {
 
 /// The outer optimizer's state: the anchor (the parameters after the last average at its level)
 /// and the momentum buffer, per element type, for one set layout.
 struct OuterState {
   OuterSettings opt;
-  bool anchored = false;          // false until the first average at the level completed
+  // False until the first average at the level completed. Every average at the level first
+  // completes the one before it (Averager::settle_outer), so all ranks of the group see the
+  // same value when they prepare the next one.
+  bool anchored = false;
+  std::weak_ptr<Pending> last;    // the last average issued at the level
   std::uint64_t fingerprint = 0;  // the layout it belongs to
   std::vector<float> anchor_f, m_f;
   std::vector<double> anchor_d, m_d;
@@ -40,8 +48,10 @@ class Post {
  public:
   /// `outer` (may be null) applies at this average; `log` non-null: measure divergence.
   /// `speaker`: this rank logs the measurement.
-  Post(OuterState* outer, std::shared_ptr<DivergenceLog> log, std::size_t level, std::int64_t step,
-       bool speaker);
+  Post(std::shared_ptr<OuterState> outer, std::shared_ptr<DivergenceLog> log, std::size_t level,
+       std::int64_t step, bool speaker);
+  /// True when it measures divergence (then it needs a collective after the data).
+  [[nodiscard]] bool measures() const noexcept { return log_ != nullptr; }
   template <Element T>
   void before(Bucket<T>& b, std::size_t lo, std::size_t hi);
   template <Element T>
@@ -56,7 +66,7 @@ class Post {
  private:
   template <Element T>
   std::vector<T>& keep();
-  OuterState* outer_;
+  std::shared_ptr<OuterState> outer_;
   bool first_ = false;  // the outer optimizer's first average: anchor only
   std::shared_ptr<DivergenceLog> log_;
   std::size_t level_;

@@ -102,7 +102,7 @@ void sum_across_16(T* x, std::size_t n, const Route& route, std::vector<std::uin
   std::uint16_t* h = buf.data();
   with_format(route.wire, [&](auto f) {
     using F = decltype(f);
-    for (std::size_t i = 0; i < n; ++i) h[i] = F::to(static_cast<float>(x[i]));
+    for (std::size_t i = 0; i < n; ++i) h[i] = F::to(to_float_for_16(x[i]));
     count_use(Use::wire_piece);
     if (split_across(route, n * static_cast<std::size_t>(route.per_node) * 2, n * 2)) {
       count_use(Use::two_level_split);
@@ -225,6 +225,78 @@ namespace {
 
 using Stage = std::function<void(std::vector<MPI_Request>&)>;
 
+// The across-nodes stages of a non-blocking two-level average on `blk` elements at `x` (the
+// rank's block: T, or 16 bits with a 16-bit wire), appended to `later`: MPI_Iallreduce on the
+// nodes' communicator, or the direction split of the blocking path (sum_across_two_nodes,
+// sum_across_even_nodes) as a chain of stages, one Isend or Irecv each; additions of what
+// arrived (into `tmp`) run when the next stage is issued, through `pending`.
+template <class E, class Add>
+void across_stages(E* x, E* tmp, MPI_Datatype type, MPI_Op op, Add add, std::size_t blk, bool split,
+                   const Route& route, const std::shared_ptr<std::function<void()>>& pending,
+                   std::vector<Stage>& later) {
+  const MPI_Comm inter = route.two->inter.get();
+  const int nodes = route.two->inter.size();
+  if (!split) {
+    later.push_back([x, type, op, blk, inter, pending](std::vector<MPI_Request>& q) {
+      if (*pending) std::exchange(*pending, nullptr)();
+      MPI_Request r = MPI_REQUEST_NULL;
+      check(MPI_Iallreduce(MPI_IN_PLACE, x, static_cast<int>(blk), type, op, inter, &r),
+            "MPI_Iallreduce(two-level)");
+      q.push_back(r);
+    });
+    return;
+  }
+  count_use(Use::two_level_split);
+  const int me = route.two->inter.rank();
+  const bool sends_first = (me % 2 == 0) == (route.two->intra.rank() % 2 == 0);
+  const int right = (me + 1) % nodes, left = (me + nodes - 1) % nodes;
+  constexpr int kTag = 0x6870;
+  auto send = [=](std::size_t at, std::size_t n, int to) -> Stage {
+    return [=](std::vector<MPI_Request>& q) {
+      if (*pending) std::exchange(*pending, nullptr)();
+      MPI_Request r = MPI_REQUEST_NULL;
+      check(MPI_Isend(x + at, static_cast<int>(n), type, to, kTag, inter, &r),
+            "MPI_Isend(two-level, across nodes)");
+      q.push_back(r);
+    };
+  };
+  // Receives n elements from `from` into tmp (add: then adds them into x[at, at+n) before the
+  // next stage) or straight into x[at, at+n).
+  auto recv = [=](std::size_t at, std::size_t n, int from, bool sum) -> Stage {
+    return [=](std::vector<MPI_Request>& q) {
+      if (*pending) std::exchange(*pending, nullptr)();
+      MPI_Request r = MPI_REQUEST_NULL;
+      check(MPI_Irecv(sum ? tmp : x + at, static_cast<int>(n), type, from, kTag, inter, &r),
+            "MPI_Irecv(two-level, across nodes)");
+      q.push_back(r);
+      if (sum)
+        *pending = [=] {
+          for (std::size_t i = 0; i < n; ++i) x[at + i] = add(tmp[i], x[at + i]);
+        };
+    };
+  };
+  auto step = [&](Stage out, Stage in) {
+    later.push_back(sends_first ? out : in);
+    later.push_back(sends_first ? in : out);
+  };
+  if (nodes == 2) {
+    // The receiving side adds and sends the sum back; the sending side receives it in place.
+    step(send(0, blk, 1 - me), recv(0, blk, 1 - me, !sends_first));
+  } else {
+    auto sub = [&](int i) { return ring_block(blk, nodes, i); };
+    for (int k = 0; k < nodes - 1; ++k) {  // reduce-scatter
+      const auto [s0, s1] = sub(me - k);
+      const auto [r0, r1] = sub(me - k - 1);
+      step(send(s0, s1 - s0, right), recv(r0, r1 - r0, left, true));
+    }
+    for (int k = 0; k < nodes - 1; ++k) {  // allgather
+      const auto [s0, s1] = sub(me + 1 - k);
+      const auto [r0, r1] = sub(me - k);
+      step(send(s0, s1 - s0, right), recv(r0, r1 - r0, left, false));
+    }
+  }
+}
+
 // One bucket's stages: the first issued now into `reqs`, the next two returned in `later`.
 template <Element T>
 void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
@@ -232,9 +304,8 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
   const std::size_t N = b.size(), L = static_cast<std::size_t>(route.per_node);
   if (N == 0) return;
   const std::size_t blk = (N + L - 1) / L;
-  const MPI_Comm intra = route.two->intra.get(), inter = route.two->inter.get();
+  const MPI_Comm intra = route.two->intra.get();
   const Scaler<T> s(route.group, route.weight);
-  const int nodes = route.two->inter.size();
   const bool split = split_across(route, N * sizeof(T), blk * sizeof(T));
   b.send.resize(blk * (split ? L + 1 : L));  // split: the last block holds what arrives from across
   b.recv.resize(blk);
@@ -247,71 +318,30 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
         "MPI_Ireduce_scatter_block(two-level)");
   reqs.push_back(r);
   Bucket<T>* bp = &b;  // buckets live on the heap: stable while in flight
-  auto pending = std::make_shared<std::function<void()>>();  // an addition owed before the next stage
-  if (!split) {
-    later.push_back([bp, c, inter](std::vector<MPI_Request>& q) {
-      MPI_Request x = MPI_REQUEST_NULL;
-      check(MPI_Iallreduce(MPI_IN_PLACE, bp->recv.data(), c, mpi_type<T>(), MPI_SUM, inter, &x),
-            "MPI_Iallreduce(two-level)");
-      q.push_back(x);
-    });
+  auto pending = std::make_shared<std::function<void()>>();  // work owed before the next stage
+  if (route.wire == Wire::exact) {
+    across_stages(b.recv.data(), S + blk * L, mpi_type<T>(), MPI_SUM, [](T a, T x) { return a + x; },
+                  blk, split, route, pending, later);
   } else {
-    // The direction split of the blocking path (sum_across_two_nodes, sum_across_even_nodes)
-    // as a chain of stages: one Isend or Irecv each, the additions run when the next stage is
-    // issued (after the receive completed).
-    count_use(Use::two_level_split);
-    const int me = route.two->inter.rank();
-    const bool sends_first = (me % 2 == 0) == (route.two->intra.rank() % 2 == 0);
-    const int right = (me + 1) % nodes, left = (me + nodes - 1) % nodes;
-    constexpr int kTag = 0x6870;
-    auto send = [bp, inter, pending](std::size_t at, std::size_t n, int to) {
-      return [=](std::vector<MPI_Request>& q) {
-        if (*pending) std::exchange(*pending, nullptr)();
-        MPI_Request x = MPI_REQUEST_NULL;
-        check(MPI_Isend(bp->recv.data() + at, static_cast<int>(n), mpi_type<T>(), to, kTag, inter, &x),
-              "MPI_Isend(two-level, across nodes)");
-        q.push_back(x);
+    // A 16-bit wire: this rank's block of the node's exact sum is rounded to 16 bits before the
+    // first stage across and widened back before the allgather (blocking: sum_across_16).
+    with_format(route.wire, [&](auto fmt) {
+      using F = decltype(fmt);
+      auto h = std::make_shared<std::vector<std::uint16_t>>(2 * blk);
+      std::uint16_t* H = h->data();
+      T* R = b.recv.data();
+      *pending = [H, R, blk] {
+        for (std::size_t i = 0; i < blk; ++i) H[i] = F::to(to_float_for_16(R[i]));
       };
-    };
-    // Receives n elements from `from` into the scratch block (add: then adds them into
-    // recv[at, at+n) before the next stage) or straight into recv[at, at+n).
-    auto recv = [bp, inter, pending, blk, L](std::size_t at, std::size_t n, int from, bool add) {
-      return [=](std::vector<MPI_Request>& q) {
+      count_use(Use::wire_start);
+      across_stages(H, H + blk, MPI_UINT16_T, wire_sum_op(route.wire),
+                    [](std::uint16_t a, std::uint16_t x) { return F::add(a, x); }, blk, split, route,
+                    pending, later);
+      later.push_back([h, H, R, blk, pending](std::vector<MPI_Request>&) {
         if (*pending) std::exchange(*pending, nullptr)();
-        T* tmp = bp->send.data() + blk * L;
-        T* into = add ? tmp : bp->recv.data() + at;
-        MPI_Request x = MPI_REQUEST_NULL;
-        check(MPI_Irecv(into, static_cast<int>(n), mpi_type<T>(), from, kTag, inter, &x),
-              "MPI_Irecv(two-level, across nodes)");
-        q.push_back(x);
-        if (add)
-          *pending = [bp, tmp, at, n] {
-            T* y = bp->recv.data() + at;
-            for (std::size_t i = 0; i < n; ++i) y[i] = tmp[i] + y[i];
-          };
-      };
-    };
-    auto step = [&](Stage out, Stage in) {
-      later.push_back(sends_first ? out : in);
-      later.push_back(sends_first ? in : out);
-    };
-    if (nodes == 2) {
-      // The receiving side adds and sends the sum back; the sending side receives it in place.
-      if (sends_first) step(send(0, blk, 1 - me), recv(0, blk, 1 - me, false));
-      else step(send(0, blk, 1 - me), recv(0, blk, 1 - me, true));
-    } else {
-      auto sub = [&](int i) { return ring_block(blk, nodes, i); };
-      for (int k = 0; k < nodes - 1; ++k) {  // reduce-scatter
-        const auto [s0, s1] = sub(me - k);
-        const auto [r0, r1] = sub(me - k - 1);
-        step(send(s0, s1 - s0, right), recv(r0, r1 - r0, left, true));
-      }
-      for (int k = 0; k < nodes - 1; ++k) {  // allgather
-        const auto [s0, s1] = sub(me + 1 - k);
-        const auto [r0, r1] = sub(me - k);
-        step(send(s0, s1 - s0, right), recv(r0, r1 - r0, left, false));
-      }
-    }
+        for (std::size_t i = 0; i < blk; ++i) R[i] = static_cast<T>(F::from(H[i]));
+      });
+    });
   }
   later.push_back([bp, c, intra, pending](std::vector<MPI_Request>& q) {
     if (*pending) std::exchange(*pending, nullptr)();

@@ -73,7 +73,7 @@ void narrow(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s, F,
     tmp.resize(n);
     s.copy(user != nullptr ? user : data + at, tmp.data(), n);
     std::uint16_t* o = out + (at - lo);
-    for (std::size_t i = 0; i < n; ++i) o[i] = F::to(static_cast<float>(tmp[i]));
+    for (std::size_t i = 0; i < n; ++i) o[i] = F::to(to_float_for_16(tmp[i]));
   });
 }
 
