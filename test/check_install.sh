@@ -54,7 +54,7 @@ if command -v cmake >/dev/null; then
   mkdir -p "$work/cxxonly"
   cp "$src/examples/cpp/heat.cpp" "$work/cxxonly/"
   printf '%s\n' 'cmake_minimum_required(VERSION 3.18)' 'project(cxx_only LANGUAGES CXX)' \
-    'find_package(hma 0.1 REQUIRED)' 'add_executable(heat_cpp_only heat.cpp)' \
+    'find_package(hma 0.2 REQUIRED)' 'add_executable(heat_cpp_only heat.cpp)' \
     'target_link_libraries(heat_cpp_only PRIVATE hma::hma)' >"$work/cxxonly/CMakeLists.txt"
   say cmake "(a C++-only project)"
   cmake -G Ninja -S "$work/cxxonly" -B "$work/cxxonly/b" -DCMAKE_PREFIX_PATH="$root" >"$work/cmake2.log" 2>&1 &&
