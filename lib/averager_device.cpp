@@ -58,7 +58,6 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   const int g = comm.size();
   detail::Prepared job;
   job.p = new_pending(level, params.bytes());
-  job.p->weighted_ok = false;  // the device transports divide by g: weights are host-only
   if (settings_.outer.enabled && level == settings_.outer.level)
     job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
                      " has an outer optimizer, which is for host ParamSets only: a DeviceParamSet "
@@ -99,7 +98,8 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
     detail::TimelineScope whole(blocking ? "device average" : "device start", lv, st, q.who.bytes, g);
     for (detail::DeviceBucket* b : {&sp->f32, &sp->f64})
       if (b->size() > 0)
-        sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), g, reciprocal, sp->stream);
+        sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), g, reciprocal,
+                           q.weight_factor, sp->stream);
     sp->be->record(sp->packed, sp->stream);
     if (!blocking) {
       detail::start_device(*sp, r, q, w);

@@ -35,7 +35,6 @@ struct Pending {
   bool launched = false;
   bool skipped = false;                  // the group voted non-finite with NonFinite::skip
   Weight weight = Weight{1} << 32;       // this rank's weight (quantised, see control/check.hpp)
-  bool weighted_ok = true;               // false: the set's transport cannot weigh (device sets)
   // Non-empty: what this average cannot do (every rank of the group alike: it depends on the
   // level and the kind of set, which the check compares). Thrown as hma::InvalidArgument after a
   // passing check, so the group fails together and nothing moves.

@@ -62,10 +62,6 @@ double weight_factor(const Verdict& v, const Pending& p) {
   if (v.weight_sum == 0)
     throw InvalidArgument(at + ": the weights of the group sum to zero (set_weight); nothing "
                           "was averaged");
-  if (!p.weighted_ok)
-    throw InvalidArgument(at + ": the ranks' weights differ (set_weight), and weighted averaging "
-                          "is for host ParamSets only: a DeviceParamSet averages unweighted; "
-                          "nothing was averaged");
   return static_cast<double>(p.weight) / static_cast<double>(v.weight_sum);
 }
 

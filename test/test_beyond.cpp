@@ -546,7 +546,7 @@ TEST_CASE("16-bit wire options: one per level or one for all, named errors") {
   unsetenv("HMA_WIRE");
 }
 
-TEST_CASE("device sets (emulated): unequal weights, an outer optimizer or a 16-bit wire are refused on every rank") {
+TEST_CASE("device sets (emulated): an outer optimizer or a 16-bit wire are refused on every rank") {
   namespace hd = hma::detail;
   hd::set_device_backend_for_testing(hd::host_emulation_backend());
   struct Restore {
@@ -559,11 +559,6 @@ TEST_CASE("device sets (emulated): unequal weights, an outer optimizer or a 16-b
     (void)arr;
     return message_of([&] { (void)avg.step(ps); });
   };
-  if (size() > 1) {
-    hma::PeriodicAverager weighted(MPI_COMM_WORLD, 1, 0);
-    weighted.set_weight(rank() + 1.0);
-    REQUIRE_ALL_RANKS(device_step(weighted).find("weighted averaging is for host ParamSets only") != std::string::npos);
-  }
   hma::AveragerOptions o;
   o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
   hma::PeriodicAverager outer(MPI_COMM_WORLD, 1, 0, o);
@@ -772,4 +767,54 @@ TEST_CASE("checkpoint() refuses while an average at the outer level is in flight
   r.wait();
   REQUIRE_ALL_RANKS(size() == 1 || msg.find("is still in flight: wait() for it first") != std::string::npos);
   REQUIRE_ALL_RANKS(message_of([&] { (void)avg.checkpoint(); }) == "no error");
+}
+
+TEST_CASE("device sets (emulated): weighted averages, blocking and start/wait, staged and direct") {
+  namespace hd = hma::detail;
+  hd::set_device_backend_for_testing(hd::host_emulation_backend());
+  struct Restore {
+    ~Restore() { hd::set_device_backend_for_testing(nullptr); }
+  } restore;
+  const int g = size();
+  auto weight = [](int r) { return 1.0 + (r * 3) % 5; };
+  double W = 0;
+  for (int r = 0; r < g; ++r) W += weight(r);
+  for (bool direct : {false, true})
+    for (bool blocking : {true, false}) {
+      CAPTURE(direct, blocking);
+      hma::AveragerOptions o;
+      if (direct) {
+        o.cuda_aware = true;
+        o.device_path = hma::DevicePath::direct;
+      }
+      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+      avg.set_weight(weight(rank()));
+      hma::DeviceParamSet ps;
+      auto f = ps.allocate<float>(300);  // emulation: device memory is host memory
+      std::vector<double> u(77);
+      ps.add(u.data(), u.size());
+      for (std::size_t k = 0; k < f.size(); ++k) f.data()[k] = static_cast<float>(hma_test::noise(rank(), 1100, k));
+      for (std::size_t k = 0; k < u.size(); ++k) u[k] = hma_test::noise(rank(), 1100, 300 + k);
+      if (blocking) {
+        (void)avg.step(ps);
+      } else {
+        auto r = avg.start(ps);
+        r.wait();
+      }
+      ps.synchronize();
+      bool ok = true;
+      auto expect = [&](long double got, std::size_t k, bool is_float) {
+        long double sum = 0, mag = 0;
+        for (int r = 0; r < g; ++r) {
+          const long double x = is_float ? static_cast<float>(hma_test::noise(r, 1100, k)) : hma_test::noise(r, 1100, k);
+          sum += weight(r) * x;
+          mag += std::fabs(weight(r) * x);
+        }
+        const long double u_ = is_float ? 0x1p-24L : 0x1p-53L;
+        ok = ok && std::fabs(got - sum / W) <= (g + 1) * u_ * mag / W;
+      };
+      for (std::size_t k = 0; k < f.size(); ++k) expect(f.data()[k], k, true);
+      for (std::size_t k = 0; k < u.size(); ++k) expect(u[k], 300 + k, false);
+      REQUIRE_ALL_RANKS(ok);
+    }
 }

@@ -378,8 +378,8 @@ class Averager {
   /// rounded to those). Each rank scales its terms by w_i / sum(w) in double, rounded once to the
   /// element type; when all weights of the group are equal the average is the plain one, bit for
   /// bit. A group whose weights sum to zero throws hma::InvalidArgument on every rank of it and
-  /// averages nothing. Host ParamSets only: a DeviceParamSet average whose group has unequal
-  /// weights throws hma::InvalidArgument on every rank of the group. Throws
+  /// averages nothing. Host and device sets alike (a device set's pack kernel multiplies by the
+  /// factor in double). Throws
   /// hma::InvalidArgument for a weight that is not finite, negative or >= 2^31, and when the
   /// agreement check is off (it carries the weights).
   void set_weight(double weight);

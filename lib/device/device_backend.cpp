@@ -47,13 +47,13 @@ void each_element(const std::vector<Segment>& segs, std::uint64_t from, std::uin
 
 template <class T>
 void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group,
-                  bool reciprocal) {
+                  bool reciprocal, double weight) {
   const T g = static_cast<T>(group), inv = T(1) / g;
   const bool pow2 = reciprocal || (group & (group - 1)) == 0;
   if (segs.empty()) return;
   each_element<T>(segs, 0, total, [&](const Segment& s, std::uint64_t e) {
     const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
-    storage[e] = pow2 ? x * inv : x / g;
+    storage[e] = weight >= 0 ? static_cast<T>(static_cast<double>(x) * weight) : pow2 ? x * inv : x / g;
   });
 }
 
@@ -184,11 +184,11 @@ class HostEmulation final : public DeviceBackend {
   }
   void release_segments(void* t) noexcept override { delete static_cast<std::vector<Segment>*>(t); }
   void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&,
-                  std::size_t total, int group, bool reciprocal, Stream s) override {
+                  std::size_t total, int group, bool reciprocal, double weight, Stream s) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);  // read at run time, like a kernel
     enqueue(s, [=] {
-      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, total, group, reciprocal);
-      else scale_pack_t(static_cast<double*>(storage), *segs, total, group, reciprocal);
+      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, total, group, reciprocal, weight);
+      else scale_pack_t(static_cast<double*>(storage), *segs, total, group, reciprocal, weight);
     });
   }
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>&,

@@ -71,9 +71,11 @@ class DeviceBackend {
   /// ONE launch on `s`: for every segment, storage[at + i] = src[i] / group (src = the user array,
   /// or storage itself for the owned region). `reciprocal` false: x / g (torch on the CPU; for a
   /// power-of-two g computed as x * (1 / g), the same bits); true: x * fl(1 / g) for every g
-  /// (torch on CUDA: ATen multiplies by the reciprocal computed on the host).
+  /// (torch on CUDA: ATen multiplies by the reciprocal computed on the host). `weight` >= 0
+  /// (weighted averaging): x * weight instead, multiplied in double and rounded once, as the host
+  /// path does.
   virtual void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>& segs,
-                          std::size_t total, int group, bool reciprocal, Stream s) = 0;
+                          std::size_t total, int group, bool reciprocal, double weight, Stream s) = 0;
   /// ONE launch on `s`: for every user segment, user[i] = storage[at + i].
   virtual void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
                       std::size_t total, Stream s) = 0;

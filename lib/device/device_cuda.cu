@@ -42,6 +42,19 @@ __global__ void scale_pack_kernel(T* storage, const DevSeg* segs, int nsegs, std
   }
 }
 
+// Weighted averaging: x * (w_i / sum w), multiplied in double and rounded once (as the host).
+template <class T>
+__global__ void scale_pack_weighted_kernel(T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
+                                           double weight) {
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  for (std::uint64_t e = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += stride) {
+    const DevSeg s = segs[find_segment(segs, nsegs, e)];
+    const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
+    storage[e] = static_cast<T>(static_cast<double>(x) * weight);
+  }
+}
+
 template <class T>
 __global__ void unpack_kernel(const T* storage, const DevSeg* segs, int nsegs, std::uint64_t from,
                               std::uint64_t total) {
@@ -251,9 +264,20 @@ class Cuda final : public DeviceBackend {
     delete t;
   }
   void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&, std::size_t total,
-                  int group, bool reciprocal, Stream s) override {
+                  int group, bool reciprocal, double weight, Stream s) override {
     const auto* t = static_cast<Table*>(table);
     if (total == 0 || t->n == 0) return;
+    if (weight >= 0) {
+      const DevSeg* dev = t->dev;
+      int n = t->n;
+      std::uint64_t count = total;
+      void* dst = storage;
+      void* args[] = {&dst, &dev, &n, &count, &weight};
+      const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&scale_pack_weighted_kernel<float>)
+                                      : reinterpret_cast<const void*>(&scale_pack_weighted_kernel<double>);
+      launch(k, blocks_for(total), args, s, "weighted scale+pack kernel launch");
+      return;
+    }
     // x * fl(1/g): for a power-of-two g the same bits as x / g; always, when asked (torch on CUDA).
     const bool mul = reciprocal || (group & (group - 1)) == 0;
     if (d == Dtype::f32) scale_pack_as<float>(storage, t, total, group, mul, s);
