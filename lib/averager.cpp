@@ -190,7 +190,8 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   if (r.reduction == Reduction::automatic && !within_shared_memory(level)) r.reduction = Reduction::mpi;
   r.ring_min_block = settings_.ring_min_block_bytes;
   r.wire = settings_.wire[level];
-  r.two = use_two_level(level, params.bytes()) ? hierarchy_.two_level(level) : nullptr;
+  // 16-bit arrays always travel flat: only the f32/f64 bytes decide two-level.
+  r.two = use_two_level(level, params.bytes() - 2 * params.count16()) ? hierarchy_.two_level(level) : nullptr;
   r.per_node = hierarchy_.ranks_per_node();
   if (r.two != nullptr)
     r.split_min_piece = detail::split_min_piece(settings_.model, {r.group / r.per_node, r.per_node});
@@ -228,6 +229,12 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
     };
   }
   return job;
+}
+
+std::size_t Averager::outer_group() const {
+  if (!outer_ || !member()) return 0;
+  const int g = schedule_.levels()[outer_->opt.level].group_size;
+  return static_cast<std::size_t>(hierarchy_.world_rank() / g);
 }
 
 void Averager::settle_outer(std::size_t level) {

@@ -1,6 +1,7 @@
 // The averager's entry points for device buffers: prepare a DeviceParamSet's average (the
 // caller's stream ordered before hma's, segment tables, non-finite scan, header), whose data
-// stage packs (one kernel per dtype, divided by the group size on the way) and hands the bytes to
+// stage packs (one kernel per dtype, divided by the group size, or multiplied by the weight factor,
+// on the way) and hands the bytes to
 // a device transport (lib/transport/device.cpp). Every path starts by recording an event on the
 // caller's stream and making hma's stream wait for it, and ends by making the caller's stream
 // wait for `done`: no host synchronisation of the caller's stream, never cudaDeviceSynchronize.

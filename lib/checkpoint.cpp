@@ -91,8 +91,10 @@ std::string Averager::checkpoint() const {
     // momentum, f32 then f64, as base64 of their bytes (the checkpoint stays one line of text each).
     const auto& o = *outer_;
     std::snprintf(fp, sizeof fp, "%016llx", static_cast<unsigned long long>(o.fingerprint));
-    s += "outer level " + std::to_string(o.opt.level) + " f32 " + std::to_string(o.anchor_f.size()) +
-         " f64 " + std::to_string(o.anchor_d.size()) + " layout " + fp + "\nouter-state ";
+    // Below the world each group of the level has its own state: the group is part of it.
+    s += "outer level " + std::to_string(o.opt.level) + " group " + std::to_string(outer_group()) +
+         " f32 " + std::to_string(o.anchor_f.size()) + " f64 " + std::to_string(o.anchor_d.size()) +
+         " layout " + fp + "\nouter-state ";
     std::vector<unsigned char> bytes;
     auto put = [&](const auto& v) {
       const auto* b = reinterpret_cast<const unsigned char*>(v.data());
@@ -151,13 +153,20 @@ void Averager::restore(std::string_view text) {
     if (!outer_)
       throw InvalidArgument("hma: restore: the checkpoint carries an outer optimizer's state, but "
                             "this averager has no outer optimizer (AveragerOptions::outer, HMA_OUTER)");
-    unsigned long long lvl = 0, nf = 0, nd = 0, layout = 0;
-    if (std::sscanf(outer_line.c_str(), "level %llu f32 %llu f64 %llu layout %llx", &lvl, &nf, &nd, &layout) != 4)
+    unsigned long long lvl = 0, grp = 0, nf = 0, nd = 0, layout = 0;
+    if (std::sscanf(outer_line.c_str(), "level %llu group %llu f32 %llu f64 %llu layout %llx", &lvl, &grp,
+                    &nf, &nd, &layout) != 5)
       throw InvalidArgument("hma: restore: checkpoint line 'outer " + outer_line + "' is malformed");
     if (lvl != outer_->opt.level)
       throw InvalidArgument("hma: restore: the checkpoint's outer optimizer is at level " +
                             std::to_string(lvl) + ", this averager's at level " +
                             std::to_string(outer_->opt.level));
+    if (grp != outer_group())
+      throw InvalidArgument("hma: restore: the checkpoint's outer optimizer state belongs to group " +
+                            std::to_string(grp) + " of level " + std::to_string(lvl) + ", this rank is in group " +
+                            std::to_string(outer_group()) +
+                            ": below the world each group has its own state; restore each rank from a "
+                            "checkpoint written in its own group");
     std::vector<unsigned char> bytes;
     const std::size_t want = 2 * (nf * sizeof(float) + nd * sizeof(double));
     if (!decode_base64(outer_state, bytes) || bytes.size() != want)

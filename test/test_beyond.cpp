@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -283,7 +284,7 @@ TEST_CASE("outer optimizer: the state is in the checkpoint; a restart continues 
     (void)a.step(x.ps);
   }
   const std::string text = a.checkpoint();
-  REQUIRE(text.find("\nouter level 0 f32 318 f64 133 layout ") != std::string::npos);
+  REQUIRE(text.find("\nouter level 0 group 0 f32 318 f64 133 layout ") != std::string::npos);
   hma::PeriodicAverager b(MPI_COMM_WORLD, 1, 0, o);
   b.restore(text);
   REQUIRE(b.checkpoint() == text);
@@ -456,10 +457,19 @@ TEST_CASE("16-bit formats: round trips of every pattern, narrowing against an in
 TEST_CASE("16-bit wires: the average within the stated bound, 16-bit values, same bits everywhere") {
   namespace hd = hma::detail;
   const int g = size();
+  // On two-level levels (HMA_ALGORITHM=two_level with emulated nodes) also with the stage
+  // across nodes forced direction-split (both directions of each link, 16-bit Isend/Irecv).
+  const char* alg = std::getenv("HMA_ALGORITHM");
+  const char* rpn_env = std::getenv("HMA_RANKS_PER_NODE");
+  const int rpn = rpn_env != nullptr ? std::atoi(rpn_env) : 0;
+  const bool two_level = alg != nullptr && std::string(alg) == "two_level" && rpn > 0 && size() > rpn &&
+                         size() % rpn == 0 && (size() / rpn) % 2 == 0;
   for (hma::Wire w : {hma::Wire::bf16, hma::Wire::fp16})
     for (bool blocking : {true, false})
       for (std::size_t chunk : {std::size_t{0}, std::size_t{100}}) {
         CAPTURE(static_cast<int>(w), blocking, chunk);
+        hd::set_split_min_block_for_testing(chunk == 0 ? 0 : 1);  // pieces of 100 B: forced split
+        const auto splits = hd::uses(hd::Use::two_level_split);
         hma::AveragerOptions o;
         o.wire = std::vector<hma::Wire>{w};
         o.chunk_bytes = chunk;
@@ -499,6 +509,8 @@ TEST_CASE("16-bit wires: the average within the stated bound, 16-bit values, sam
         REQUIRE_ALL_RANKS(ok);
         REQUIRE_ALL_RANKS(representable);
         REQUIRE_ALL_RANKS(s.same_bits_everywhere(MPI_COMM_WORLD));
+        hd::set_split_min_block_for_testing(0);
+        if (two_level && chunk != 0) REQUIRE_ALL_RANKS(hd::uses(hd::Use::two_level_split) > splits);
       }
 }
 
@@ -747,6 +759,14 @@ TEST_CASE("outer optimizer below the world: each group's state in the checkpoint
   const std::string text = a.checkpoint();
   hma::HierarchicalAverager b(MPI_COMM_WORLD, {{1, 2}, {4, size()}}, 0, o);
   REQUIRE_ALL_RANKS(message_of([&] { b.restore(text); }) == "no error");
+  // Rank 0's checkpoint restored everywhere (the habit of "rank 0 saves"): the other groups refuse.
+  std::string zero = text;
+  int len = static_cast<int>(zero.size());
+  MPI_Bcast(&len, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  zero.resize(static_cast<std::size_t>(len));
+  MPI_Bcast(zero.data(), len, MPI_CHAR, 0, MPI_COMM_WORLD);
+  hma::HierarchicalAverager c(MPI_COMM_WORLD, {{1, 2}, {4, size()}}, 0, o);
+  REQUIRE_ALL_RANKS(message_of([&] { c.restore(zero); }).find("belongs to group 0 of level 0") != std::string::npos);
   a.set_step(5);
   b.set_step(5);
   x.fill(rank(), 1005);

@@ -241,7 +241,9 @@ struct AveragerOptions {
   /// The outer optimizer. nullopt: the environment variable HMA_OUTER, e.g.
   /// "lr=0.7,momentum=0.9,nesterov" (keys lr, momentum, nesterov, level), default none.
   std::optional<OuterOptimizer> outer;
-  /// The divergence metric at each average (see Averager::last_divergence()): costs one copy of
+  /// The divergence metric at each average (see Averager::last_divergence()), over sets of f32
+  /// and f64 arrays (an average of a set with bf16/fp16 arrays throws hma::InvalidArgument on
+  /// every rank of its group while this is on; so does one at an outer optimizer's level): costs one copy of
   /// the set's values taken on the way (per piece, in cache, in blocking flat averages), one
   /// pass after the average and one MPI_Allreduce of one double on the level's communicator.
   /// nullopt: the environment variable HMA_DIVERGENCE (0 or 1), default off.
@@ -453,6 +455,8 @@ class Averager {
   // update of the optimizer's state must be in before the next average reads it, alike on all
   // ranks.
   void settle_outer(std::size_t level);
+  // This rank's group at the outer optimizer's level (contiguous blocks of its group size).
+  [[nodiscard]] std::size_t outer_group() const;
   // A new pending average of `bytes` at `level` (registered in inflight_).
   std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes);
   // Throws hma::Error naming `who` unless MPI is usable and this averager was not abandoned.

@@ -200,7 +200,9 @@ void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {
   ++s.version;
 }
 
-std::size_t DeviceParamSet::count(Dtype d) const noexcept { return s_->bucket(d).size(); }
+std::size_t DeviceParamSet::count(Dtype d) const noexcept {
+  return d == Dtype::f32 || d == Dtype::f64 ? s_->bucket(d).size() : 0;  // device sets: no 16-bit arrays
+}
 std::size_t DeviceParamSet::bytes() const noexcept { return s_->f32.size() * 4 + s_->f64.size() * 8; }
 std::size_t DeviceParamSet::arrays() const noexcept { return s_->layout.size(); }
 int DeviceParamSet::device() const noexcept { return s_->device; }

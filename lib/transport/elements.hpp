@@ -33,7 +33,13 @@ template <Element T>
 MPI_Datatype mpi_type() {
   return std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE;
 }
-inline MPI_Datatype mpi_type(Dtype d) { return d == Dtype::f32 ? mpi_type<float>() : mpi_type<double>(); }
+inline MPI_Datatype mpi_type(Dtype d) {
+  switch (d) {
+    case Dtype::f32: return mpi_type<float>();
+    case Dtype::f64: return mpi_type<double>();
+    default: return MPI_UINT16_T;  // bf16 / fp16 bit patterns (summed with hma's op, never MPI_SUM)
+  }
+}
 
 // torch: flat_params /= group_size before the allreduce. For a power-of-two group size the
 // reciprocal is exact, and x * (1/g) == x / g bit for bit, so the cheaper multiply is used.

@@ -35,7 +35,8 @@ struct Route {
   // Weighted averaging: < 0 divide by the group size (torch), else multiply by this factor
   // (w_i / sum of the group's weights), in double.
   double weight = -1;
-  Wire wire = Wire::exact;  // bf16/fp16: flat MPI_Allreduce of 16-bit terms (transport/wire.cpp)
+  Wire wire = Wire::exact;  // bf16/fp16: flat levels sum 16-bit terms (wire.cpp); two-level ones
+                            // send 16 bits across nodes only (two_level.cpp)
   Post* post = nullptr;  // the outer optimizer and the divergence metric of this average, if any
   int level = 0;                             // for the timeline
   std::int64_t step = 0;

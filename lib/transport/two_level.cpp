@@ -306,7 +306,10 @@ void stages_of(Bucket<T>& b, const Route& route, std::vector<MPI_Request>& reqs,
   const std::size_t blk = (N + L - 1) / L;
   const MPI_Comm intra = route.two->intra.get();
   const Scaler<T> s(route.group, route.weight);
-  const bool split = split_across(route, N * sizeof(T), blk * sizeof(T));
+  // A 16-bit wire crosses with 2-byte elements: the split threshold is in those bytes (as in
+  // the blocking path's sum_across_16).
+  const std::size_t wire_elem = route.wire == Wire::exact ? sizeof(T) : 2;
+  const bool split = split_across(route, N * wire_elem, blk * wire_elem);
   b.send.resize(blk * (split ? L + 1 : L));  // split: the last block holds what arrives from across
   b.recv.resize(blk);
   T* S = b.send.data();

@@ -18,8 +18,10 @@ std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes);
 template <Element T>
 void two_level_blocking(Bucket<T>& b, const Route& route);
 
-/// Non-blocking: three chained stages per bucket; the first is issued now, the others by
-/// complete() as their predecessors finish (Pending::stages); the result is copied back last.
+/// Non-blocking: chained stages per bucket (reduce-scatter in the node; across nodes one
+/// MPI_Iallreduce or the direction split's Isend/Irecv steps; with a 16-bit wire a widening step;
+/// allgather in the node); the first is issued now, the others by complete() as their
+/// predecessors finish (Pending::stages); the result is copied back last.
 void start_two_level(Bucket<float>& f, Bucket<double>& d, const Route& route, Pending& p);
 
 }  // namespace hma::detail

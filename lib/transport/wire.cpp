@@ -64,16 +64,20 @@ MPI_Op make_op(MPI_User_function* fn) {
   return op;
 }
 
-// [lo, hi) of the bucket, scaled (in T) and rounded to 16 bits, into out[0, hi - lo).
+// A rank's term x / g (or x * its weight factor) computed in double and rounded to 16 bits once
+// (to odd through float), as the README's bound assumes.
+inline double term(double x, const Route& route) {
+  return route.weight >= 0 ? x * route.weight : x / static_cast<double>(route.group);
+}
+
+// [lo, hi) of the bucket as 16-bit terms into out[0, hi - lo).
 template <class F, Element T>
-void narrow(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s, F,
-            std::uint16_t* out, std::vector<T>& tmp) {
+void narrow(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& route, F, std::uint16_t* out) {
   const T* data = b.storage.data();
   for_segments(b, lo, hi, [&](std::size_t at, const T* user, std::size_t n) {
-    tmp.resize(n);
-    s.copy(user != nullptr ? user : data + at, tmp.data(), n);
+    const T* x = user != nullptr ? user : data + at;
     std::uint16_t* o = out + (at - lo);
-    for (std::size_t i = 0; i < n; ++i) o[i] = F::to(to_float_for_16(tmp[i]));
+    for (std::size_t i = 0; i < n; ++i) o[i] = F::to(round_to_odd(term(static_cast<double>(x[i]), route)));
   });
 }
 
@@ -90,15 +94,13 @@ void widen(Bucket<T>& b, std::size_t lo, std::size_t hi, F, const std::uint16_t*
 
 template <class F, Element T>
 void blocking_bucket(Bucket<T>& b, const Route& route, F c) {
-  const Scaler<T> s(route.group, route.weight);
   const MPI_Op op = wire_sum_op(route.wire);
   const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(std::uint16_t), max_count());
   std::vector<std::uint16_t> buf(std::min(piece, b.size()));
-  std::vector<T> tmp;
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size());
     if (route.post) route.post->before(b, lo, hi);
-    narrow(b, lo, hi, s, c, buf.data(), tmp);
+    narrow(b, lo, hi, route, c, buf.data());
     {
       count_use(Use::wire_piece);
       TimelineScope t("MPI_Allreduce (16-bit wire)", route.level, route.step, (hi - lo) * 2, route.group);
@@ -116,8 +118,7 @@ void start_bucket(Bucket<T>& b, const Route& route, F c, Pending& p, std::vector
   const std::size_t N = b.size();
   send.resize(N);
   recv.resize(N);
-  std::vector<T> tmp;
-  narrow(b, 0, N, Scaler<T>(route.group, route.weight), c, send.data(), tmp);
+  narrow(b, 0, N, route, c, send.data());
   const MPI_Op op = wire_sum_op(route.wire);
   for (std::size_t lo = 0; lo < N; lo += max_count()) {
     const int n = static_cast<int>(std::min(max_count(), N - lo));
@@ -132,32 +133,27 @@ void start_bucket(Bucket<T>& b, const Route& route, F c, Pending& p, std::vector
 template <Half H>
 using FormatOf = Format<std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16>;
 
-// [lo, hi) of a 16-bit bucket, widened, scaled in f32 and rounded back, into out[0, hi - lo).
+// [lo, hi) of a 16-bit bucket as 16-bit terms (widened, scaled in double, rounded once) into
+// out[0, hi - lo).
 template <Half H>
-void narrow_half(Bucket<H>& b, std::size_t lo, std::size_t hi, const Scaler<float>& s, H* out,
-                 std::vector<float>& tmp) {
+void narrow_half(Bucket<H>& b, std::size_t lo, std::size_t hi, const Route& route, H* out) {
   using F = FormatOf<H>;
   const H* data = b.storage.data();
   for_segments(b, lo, hi, [&](std::size_t at, const H* user, std::size_t n) {
     const H* x = user != nullptr ? user : data + at;
-    tmp.resize(n);
-    for (std::size_t i = 0; i < n; ++i) tmp[i] = F::from(x[i].bits);
-    s.in_place(tmp.data(), n);
     H* o = out + (at - lo);
-    for (std::size_t i = 0; i < n; ++i) o[i].bits = F::to(tmp[i]);
+    for (std::size_t i = 0; i < n; ++i) o[i].bits = F::to(round_to_odd(term(F::from(x[i].bits), route)));
   });
 }
 
 template <Half H>
 void half_bucket(Bucket<H>& b, const Route& route) {
   if (b.size() == 0) return;
-  const Scaler<float> s(route.group, route.weight);
   const MPI_Op op = wire_sum_op(std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16);
   const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(H), max_count());
-  std::vector<float> tmp;
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size());
-    narrow_half(b, lo, hi, s, b.storage.data() + lo, tmp);
+    narrow_half(b, lo, hi, route, b.storage.data() + lo);
     {
       count_use(Use::wire_piece);
       TimelineScope t("MPI_Allreduce (16-bit buffer)", route.level, route.step, (hi - lo) * 2, route.group);
@@ -174,8 +170,7 @@ void start_half_bucket(Bucket<H>& b, const Route& route, Pending& p) {
   const std::size_t N = b.size();
   if (N == 0) return;
   b.send.resize(N);
-  std::vector<float> tmp;
-  narrow_half(b, 0, N, Scaler<float>(route.group, route.weight), b.send.data(), tmp);
+  narrow_half(b, 0, N, route, b.send.data());
   const MPI_Op op = wire_sum_op(std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16);
   for (std::size_t lo = 0; lo < N; lo += max_count()) {
     const int n = static_cast<int>(std::min(max_count(), N - lo));
