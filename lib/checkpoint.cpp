@@ -180,6 +180,7 @@ void Averager::restore(std::string_view text) {
     const unsigned char* at = bytes.data();
     auto take = [&](auto& v, std::size_t n) {
       v.resize(n);
+      if (n == 0) return;  // an empty vector's data() may be null: memcpy must not see it
       std::memcpy(v.data(), at, n * sizeof(v[0]));
       at += n * sizeof(v[0]);
     };

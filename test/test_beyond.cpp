@@ -420,35 +420,44 @@ double round_to(double x, int p, int emin, double max_finite) {
 
 TEST_CASE("16-bit formats: round trips of every pattern, narrowing against an independent rounding") {
   namespace hd = hma::detail;
+  // The cases are split over the ranks (each checks k = rank mod size), counted, and reported
+  // once: the first value that disagrees is named.
+  const std::uint64_t me = static_cast<std::uint64_t>(rank()), n = static_cast<std::uint64_t>(size());
+  std::string first;
+  auto expect = [&](bool ok, const std::string& what) {
+    if (!ok && first.empty()) first = what;
+  };
   // Every 16-bit pattern widens and narrows back to itself (NaNs stay NaN).
-  for (std::uint32_t h = 0; h < 65536; ++h) {
+  for (std::uint32_t h = static_cast<std::uint32_t>(me); h < 65536; h += static_cast<std::uint32_t>(n)) {
     const auto b = static_cast<std::uint16_t>(h);
     const float fb = hd::from_bf16(b), fh = hd::from_fp16(b);
-    if (std::isnan(fb)) REQUIRE(std::isnan(hd::from_bf16(hd::to_bf16(fb))));
-    else REQUIRE(hd::to_bf16(fb) == b);
-    if (std::isnan(fh)) REQUIRE(std::isnan(hd::from_fp16(hd::to_fp16(fh))));
-    else REQUIRE(hd::to_fp16(fh) == b);
+    expect(std::isnan(fb) ? std::isnan(hd::from_bf16(hd::to_bf16(fb))) : hd::to_bf16(fb) == b,
+           "bf16 pattern " + std::to_string(h));
+    expect(std::isnan(fh) ? std::isnan(hd::from_fp16(hd::to_fp16(fh))) : hd::to_fp16(fh) == b,
+           "fp16 pattern " + std::to_string(h));
   }
   // Narrowing agrees with the independent rounding on values of every magnitude, ties included.
-  for (std::uint64_t k = 0; k < 400000; ++k) {
+  for (std::uint64_t k = me; k < 400000; k += n) {
     const double u = hma_test::noise(static_cast<int>(k % 5), 77, k);
     float x = static_cast<float>(std::ldexp(u, static_cast<int>(k % 60) - 30));
     if (k % 7 == 0) x = std::bit_cast<float>(std::bit_cast<std::uint32_t>(x) & 0xffff8000u);  // bf16 ties
     if (k % 11 == 0) x = std::bit_cast<float>((std::bit_cast<std::uint32_t>(x) & 0xffffe000u) | 0x1000u);  // fp16 ties
-    INFO("x = " << x);
-    REQUIRE(hd::from_bf16(hd::to_bf16(x)) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)));
-    REQUIRE(hd::from_fp16(hd::to_fp16(x)) == static_cast<float>(round_to(x, 11, -14, 65504.0)));
+    const bool ok = hd::from_bf16(hd::to_bf16(x)) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)) &&
+                    hd::from_fp16(hd::to_fp16(x)) == static_cast<float>(round_to(x, 11, -14, 65504.0));
+    if (!ok) expect(false, "float " + std::to_string(x));
   }
   // Doubles narrow in one rounding (to odd through float), not two.
   REQUIRE(hd::from_bf16(hd::to_bf16(hd::to_float_for_16(1 + 0x1p-8 + 0x1p-30))) == 1 + 0x1p-7f);
   REQUIRE(static_cast<float>(1 + 0x1p-8 + 0x1p-30) == 1 + 0x1p-8f);  // the double rounding it avoids
-  for (std::uint64_t k = 0; k < 200000; ++k) {
+  for (std::uint64_t k = me; k < 200000; k += n) {
     double x = std::ldexp(hma_test::noise(static_cast<int>(k % 3), 78, k), static_cast<int>(k % 80) - 40);
     if (k % 5 == 0) x = std::ldexp(std::nearbyint(std::ldexp(x, 20)) + 0.5, -20) * (1 + 0x1p-40);  // near ties
-    INFO("x = " << x);
-    REQUIRE(hd::from_bf16(hd::to_bf16(hd::to_float_for_16(x))) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)));
-    REQUIRE(hd::from_fp16(hd::to_fp16(hd::to_float_for_16(x))) == static_cast<float>(round_to(x, 11, -14, 65504.0)));
+    const bool ok = hd::from_bf16(hd::to_bf16(hd::to_float_for_16(x))) == static_cast<float>(round_to(x, 8, -126, 0x1.fep127)) &&
+                    hd::from_fp16(hd::to_fp16(hd::to_float_for_16(x))) == static_cast<float>(round_to(x, 11, -14, 65504.0));
+    if (!ok) expect(false, "double " + std::to_string(x));
   }
+  INFO("first disagreement: " << first);
+  REQUIRE_ALL_RANKS(first.empty());
   REQUIRE(std::isinf(hd::from_fp16(hd::to_fp16(65520.0f))));
   REQUIRE(hd::from_fp16(hd::to_fp16(65519.0f)) == 65504.0f);
   REQUIRE(std::isinf(hd::from_bf16(hd::to_bf16(3.4e38f))));
