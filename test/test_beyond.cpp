@@ -38,6 +38,14 @@ std::string message_of(const std::function<void()>& fn) {
   return "no error";
 }
 
+// Device sets on hma's host emulation backend (device memory is host memory) for one test.
+struct EmulatedDevices {
+  EmulatedDevices() { hma::detail::set_device_backend_for_testing(hma::detail::host_emulation_backend()); }
+  ~EmulatedDevices() { hma::detail::set_device_backend_for_testing(nullptr); }
+  EmulatedDevices(const EmulatedDevices&) = delete;
+  EmulatedDevices& operator=(const EmulatedDevices&) = delete;
+};
+
 hma::AveragerOptions small_chunks() {
   hma::AveragerOptions o;
   o.chunk_bytes = 256;  // pieces that end inside arrays
@@ -569,10 +577,7 @@ TEST_CASE("16-bit wire options: one per level or one for all, named errors") {
 
 TEST_CASE("device sets (emulated): an outer optimizer or a 16-bit wire are refused on every rank") {
   namespace hd = hma::detail;
-  hd::set_device_backend_for_testing(hd::host_emulation_backend());
-  struct Restore {
-    ~Restore() { hd::set_device_backend_for_testing(nullptr); }
-  } restore;
+  const EmulatedDevices emulated;
   using Catch::Contains;
   auto device_step = [](hma::Averager& avg) {
     hma::DeviceParamSet ps;
@@ -800,10 +805,7 @@ TEST_CASE("checkpoint() refuses while an average at the outer level is in flight
 
 TEST_CASE("device sets (emulated): weighted averages, blocking and start/wait, staged and direct") {
   namespace hd = hma::detail;
-  hd::set_device_backend_for_testing(hd::host_emulation_backend());
-  struct Restore {
-    ~Restore() { hd::set_device_backend_for_testing(nullptr); }
-  } restore;
+  const EmulatedDevices emulated;
   const int g = size();
   auto weight = [](int r) { return 1.0 + (r * 3) % 5; };
   double W = 0;
