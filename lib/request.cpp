@@ -57,11 +57,10 @@ bool proceed_after(const Verdict& v, const Pending& p) {
 // sees the same weights, so every rank decides alike.
 double weight_factor(const Verdict& v, const Pending& p) {
   if (v.weight_min == v.weight_max && v.weight_min != 0) return -1;  // equal weights: plain
-  const std::string at = "hma: step " + std::to_string(p.who.step) + ": the average over " +
-                         p.who.describe();
   if (v.weight_sum == 0)
-    throw InvalidArgument(at + ": the weights of the group sum to zero (set_weight); nothing "
-                          "was averaged");
+    throw InvalidArgument("hma: step " + std::to_string(p.who.step) + ": the average over " +
+                          p.who.describe() + ": the weights of the group sum to zero (set_weight); "
+                          "nothing was averaged");
   return static_cast<double>(p.weight) / static_cast<double>(v.weight_sum);
 }
 

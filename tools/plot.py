@@ -23,6 +23,14 @@ def human(b):
     return f"{b:g} TiB"
 
 
+def save(fig, out, title):
+    """Every plot ends alike: the run's title on top, tight layout, a PNG at 90 dpi."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print("wrote", out)
+
+
 def plot_average(rows, out, title):
     by = {}
     for r in rows:
@@ -54,10 +62,7 @@ def plot_average(rows, out, title):
     ax2.set_ylabel("time / bare MPI_Allreduce")
     ax2.set_title("ratio to the floor (lower is better)")
     ax1.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print("wrote", out)
+    save(fig, out, title)
 
 
 def shape_of(path):
@@ -95,10 +100,7 @@ def plot_cluster(rows, out, title, shape, link):
     ax.set_title(f"emulated cluster, {where}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print("wrote", out)
+    save(fig, out, title)
 
 
 def plot_model(rows, out, title):
@@ -126,10 +128,7 @@ def plot_model(rows, out, title):
     ax.set_title("cost model against the emulated cluster")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print("wrote", out)
+    save(fig, out, title)
 
 
 def plot_schedule(rows, out, title):
@@ -148,10 +147,7 @@ def plot_schedule(rows, out, title):
     ax.set_title(f"per-step communication, np {rows[0]['np']}, {human(float(rows[0]['bytes']))}")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print("wrote", out)
+    save(fig, out, title)
 
 
 def plot_convergence(rows, out, title):
@@ -178,10 +174,7 @@ def plot_convergence(rows, out, title):
     a1.legend(fontsize=7)
     a1.set_title(f"local SGD, np {rows[0]['np']}: loss against steps", fontsize=9)
     a2.set_title("loss against communication", fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print("wrote", out)
+    save(fig, out, title)
 
 
 def plot_convergence_table(rows, out, title):
@@ -196,10 +189,7 @@ def plot_convergence_table(rows, out, title):
     ax.set_ylabel("final loss")
     ax.grid(alpha=0.3)
     ax.set_title(f"final loss against communication, np {rows[0]['np']}, {rows[0]['steps']} steps", fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print("wrote", out)
+    save(fig, out, title)
 
 
 def main():

@@ -36,14 +36,21 @@ void start_allreduce(Bucket<T>& b, const Route& route, std::vector<MPI_Request>&
   T* send = b.send.data();
   T* data = b.storage.data();
   scale_out(b, 0, b.size(), s, send);
+  iallreduce_pieces(send, data, b.size(), sizeof(T), mpi_type<T>(), MPI_SUM, route.comm, Use::iallreduce,
+                    "MPI_Iallreduce(average)", reqs);
+}
+
+void iallreduce_pieces(const void* send, void* recv, std::size_t n, std::size_t elem, MPI_Datatype type,
+                       MPI_Op op, MPI_Comm comm, Use use, const char* what, std::vector<MPI_Request>& reqs) {
+  const auto* s = static_cast<const char*>(send);
+  auto* r = static_cast<char*>(recv);
   const std::size_t most = max_count();
-  for (std::size_t lo = 0; lo < b.size(); lo += most) {
-    const int n = static_cast<int>(std::min(most, b.size() - lo));
-    MPI_Request r = MPI_REQUEST_NULL;
-    count_use(Use::iallreduce);
-    check(MPI_Iallreduce(send + lo, data + lo, n, mpi_type<T>(), MPI_SUM, route.comm, &r),
-          "MPI_Iallreduce(average)");
-    reqs.push_back(r);
+  for (std::size_t lo = 0; lo < n; lo += most) {
+    const int count = static_cast<int>(std::min(most, n - lo));
+    MPI_Request q = MPI_REQUEST_NULL;
+    count_use(use);
+    check(MPI_Iallreduce(s + lo * elem, r + lo * elem, count, type, op, comm, &q), what);
+    reqs.push_back(q);
   }
 }
 

@@ -2,6 +2,7 @@
 #include "transport/host.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <utility>
 
 #include "support/timeline.hpp"
@@ -53,6 +54,17 @@ void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
   }
 }
 
+// A started average's results into the arrays: the transport's own finishing step where it has
+// one (two-level, 16-bit wire), else the unpack of the packed arrays.
+void land(const std::function<void()>& finish, Bucket<float>& f, Bucket<double>& d) {
+  if (finish) {
+    finish();
+  } else {
+    unpack_bucket(f);
+    unpack_bucket(d);
+  }
+}
+
 template <Element T>
 void two_level_with_post(Bucket<T>& b, const Route& route) {
   if (route.post) route.post->before(b, 0, b.size());
@@ -97,12 +109,7 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
     start_half(*s.b, *s.h, route, p);
     // Their results land in the buckets' storage: the packed arrays get them at completion.
     p.finish = [prev = std::move(p.finish), fp = &f, dp = &d, bp = s.b, hp = s.h] {
-      if (prev) {
-        prev();
-      } else {
-        unpack_bucket(*fp);
-        unpack_bucket(*dp);
-      }
+      land(prev, *fp, *dp);
       unpack_bucket(*bp);
       unpack_bucket(*hp);
     };
@@ -111,12 +118,7 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
     // The outer optimizer alone: its pass when the average completes, after the results reached
     // the arrays (no stage: later averages need not wait for this one to issue theirs).
     p.finish = [prev = std::move(p.finish), post, fp = &f, dp = &d] {
-      if (prev) {
-        prev();
-      } else {
-        unpack_bucket(*fp);
-        unpack_bucket(*dp);
-      }
+      land(prev, *fp, *dp);
       post->after(*fp, 0, fp->size());
       post->after(*dp, 0, dp->size());
       post->record();
@@ -125,12 +127,7 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
     // One more stage once the data is in: the results into the arrays (the transport's finish,
     // or the unpack), the pass after the average, then the divergence maximum, if measured.
     p.stages.push_back([&p, post, fp = &f, dp = &d, comm = route.comm](std::vector<MPI_Request>& reqs) {
-      if (p.finish) {
-        std::exchange(p.finish, nullptr)();
-      } else {
-        unpack_bucket(*fp);
-        unpack_bucket(*dp);
-      }
+      land(std::exchange(p.finish, nullptr), *fp, *dp);
       post->after(*fp, 0, fp->size());
       post->after(*dp, 0, dp->size());
       post->start_conclude(comm, reqs);

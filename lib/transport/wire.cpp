@@ -7,6 +7,7 @@
 
 #include "support/mpi_static.hpp"
 #include "support/timeline.hpp"
+#include "transport/allreduce.hpp"
 #include "transport/elements.hpp"
 #include "transport/post.hpp"
 #include "transport/uses.hpp"
@@ -119,19 +120,14 @@ void start_bucket(Bucket<T>& b, const Route& route, F c, Pending& p, std::vector
   send.resize(N);
   recv.resize(N);
   narrow(b, 0, N, route, c, send.data());
-  const MPI_Op op = wire_sum_op(route.wire);
-  for (std::size_t lo = 0; lo < N; lo += max_count()) {
-    const int n = static_cast<int>(std::min(max_count(), N - lo));
-    MPI_Request r = MPI_REQUEST_NULL;
-    count_use(Use::wire_start);
-    check(MPI_Iallreduce(send.data() + lo, recv.data() + lo, n, MPI_UINT16_T, op, route.comm, &r),
-          "MPI_Iallreduce(average, 16-bit wire)");
-    p.reqs.push_back(r);
-  }
+  iallreduce_pieces(send.data(), recv.data(), N, 2, MPI_UINT16_T, wire_sum_op(route.wire), route.comm,
+                    Use::wire_start, "MPI_Iallreduce(average, 16-bit wire)", p.reqs);
 }
 
 template <Half H>
-using FormatOf = Format<std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16>;
+constexpr Wire kWireOf = std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16;
+template <Half H>
+using FormatOf = Format<kWireOf<H>>;
 
 // [lo, hi) of a 16-bit bucket as 16-bit terms (widened, scaled in double, rounded once) into
 // out[0, hi - lo).
@@ -149,7 +145,7 @@ void narrow_half(Bucket<H>& b, std::size_t lo, std::size_t hi, const Route& rout
 template <Half H>
 void half_bucket(Bucket<H>& b, const Route& route) {
   if (b.size() == 0) return;
-  const MPI_Op op = wire_sum_op(std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16);
+  const MPI_Op op = wire_sum_op(kWireOf<H>);
   const std::size_t piece = piece_elems(route.chunk_bytes, sizeof(H), max_count());
   for (std::size_t lo = 0; lo < b.size(); lo += piece) {
     const std::size_t hi = std::min(lo + piece, b.size());
@@ -171,15 +167,8 @@ void start_half_bucket(Bucket<H>& b, const Route& route, Pending& p) {
   if (N == 0) return;
   b.send.resize(N);
   narrow_half(b, 0, N, route, b.send.data());
-  const MPI_Op op = wire_sum_op(std::same_as<H, bf16> ? Wire::bf16 : Wire::fp16);
-  for (std::size_t lo = 0; lo < N; lo += max_count()) {
-    const int n = static_cast<int>(std::min(max_count(), N - lo));
-    MPI_Request r = MPI_REQUEST_NULL;
-    count_use(Use::wire_start);
-    check(MPI_Iallreduce(b.send.data() + lo, b.storage.data() + lo, n, MPI_UINT16_T, op, route.comm, &r),
-          "MPI_Iallreduce(average, 16-bit buffer)");
-    p.reqs.push_back(r);
-  }
+  iallreduce_pieces(b.send.data(), b.storage.data(), N, sizeof(H), MPI_UINT16_T, wire_sum_op(kWireOf<H>),
+                    route.comm, Use::wire_start, "MPI_Iallreduce(average, 16-bit buffer)", p.reqs);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
-// Internal, data plane: averages that travel in 16 bits (AveragerOptions::wire = bf16 or fp16).
-// Each rank scales its values (x / g, or its weight factor) in the element type, rounds them to
-// the 16-bit format, and MPI_Allreduce sums those with hma's op (each addition in f32, rounded
-// back to 16 bits); the result is widened back into the arrays. Half the bytes of f32.
+// Internal, data plane: averages that travel in 16 bits (AveragerOptions::wire = bf16 or fp16,
+// and ParamSet arrays of bf16/fp16). Each rank computes its terms (x / g, or x times its weight
+// factor) in double and rounds them to the 16-bit format once, and MPI_Allreduce sums those with
+// hma's op (each addition in f32, rounded back to 16 bits); the result is widened back into the
+// arrays (16-bit arrays keep it as is). Half the bytes of f32.
 #pragma once
 
 #include <mpi.h>
