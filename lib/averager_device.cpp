@@ -14,6 +14,7 @@
 #include "support/timeline.hpp"
 #include "support/worker.hpp"
 #include "transport/device.hpp"
+#include "transport/post.hpp"
 
 namespace hma {
 
@@ -59,11 +60,7 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   const int g = comm.size();
   detail::Prepared job;
   job.p = new_pending(level, params.bytes());
-  if (settings_.outer.enabled && level == settings_.outer.level)
-    job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
-                     " has an outer optimizer, which is for host ParamSets only: a DeviceParamSet "
-                     "cannot be averaged there; nothing was averaged";
-  else if (settings_.wire[level] != Wire::exact)
+  if (settings_.wire[level] != Wire::exact)
     job.p->refusal = "hma: step " + std::to_string(step_) + ": level " + std::to_string(level) +
                      " sends " + detail::wire_text({settings_.wire[level]}) +
                      " on the wire, which is for host ParamSets only: a DeviceParamSet cannot be "
@@ -80,7 +77,10 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
     for (detail::DeviceBucket* b : {&s.f32, &s.f64})
       if (b->size() > 0)
         job.nonfinite_here |= s.be->any_nonfinite(b->dtype, b->storage, b->table, b->segs, b->size(), s.stream, s.flag);
-  if (g == 1) {  // the identity: nothing to move, the caller's stream is ordered already
+  // The outer optimizer and the divergence metric: their state and passes are on the host, on
+  // the chunks of the staged path (also for a group of one: its outer update still applies).
+  std::shared_ptr<detail::Post> post = make_post(job.p, params.layout_fingerprint(), s.f32.size(), s.f64.size());
+  if (g == 1 && !post) {  // the identity: nothing to move, the caller's stream is ordered already
     job.p->launch = [](detail::Pending& q) { q.finish = [] {}; };
     return job;
   }
@@ -90,24 +90,30 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   r.staging_chunk_bytes = settings_.staging_chunk_bytes;
   r.staging_slots = settings_.staging_slots;
   r.user = user;
+  r.post = post.get();  // kept alive by the launch below
+  r.group = g;
   const int lv = static_cast<int>(level);
   const std::int64_t st = step_;
   // The data stage: after the group agreed (maybe later, from the set's wait()).
   const bool reciprocal = settings_.device_division == DeviceDivision::reciprocal;
-  job.p->launch = [sp = &s, r, g, lv, st, blocking, reciprocal, w = worker_.get()](detail::Pending& q) {
+  r.reciprocal = reciprocal;
+  job.p->launch = [sp = &s, r, g, lv, st, blocking, reciprocal, w = worker_.get(), post](detail::Pending& q) {
     detail::DeviceGuard on_device(sp->be, sp->device);
     detail::TimelineScope whole(blocking ? "device average" : "device start", lv, st, q.who.bytes, g);
+    detail::DeviceRoute rq = r;
+    rq.weight_factor = q.weight_factor;
+    // With a post the kernel only packs (x * 1, exact): the host scales after keeping the inputs.
     for (detail::DeviceBucket* b : {&sp->f32, &sp->f64})
       if (b->size() > 0)
-        sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), g, reciprocal,
-                           q.weight_factor, sp->stream);
+        sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), post ? 1 : g,
+                           reciprocal, post ? -1.0 : q.weight_factor, sp->stream);
     sp->be->record(sp->packed, sp->stream);
     if (!blocking) {
-      detail::start_device(*sp, r, q, w);
+      detail::start_device(*sp, rq, q, w);
       return;
     }
     if (w) w->drain();  // what the worker queued runs first: collectives stay in order
-    detail::average_device(*sp, r);
+    detail::average_device(*sp, rq);
     q.finish = [] {};
   };
   return job;

@@ -576,20 +576,15 @@ TEST_CASE("16-bit wire options: one per level or one for all, named errors") {
   unsetenv("HMA_WIRE");
 }
 
-TEST_CASE("device sets (emulated): an outer optimizer or a 16-bit wire are refused on every rank") {
+TEST_CASE("device sets (emulated): a 16-bit wire is refused on every rank") {
   namespace hd = hma::detail;
   const EmulatedDevices emulated;
-  using Catch::Contains;
   auto device_step = [](hma::Averager& avg) {
     hma::DeviceParamSet ps;
     auto arr = ps.allocate<float>(64);
     (void)arr;
     return message_of([&] { (void)avg.step(ps); });
   };
-  hma::AveragerOptions o;
-  o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
-  hma::PeriodicAverager outer(MPI_COMM_WORLD, 1, 0, o);
-  REQUIRE_ALL_RANKS(device_step(outer).find("level 0 has an outer optimizer, which is for host ParamSets only") != std::string::npos);
   hma::AveragerOptions w;
   w.wire = std::vector<hma::Wire>{hma::Wire::bf16};
   hma::PeriodicAverager wire(MPI_COMM_WORLD, 1, 0, w);
@@ -598,6 +593,193 @@ TEST_CASE("device sets (emulated): an outer optimizer or a 16-bit wire are refus
   hma::PeriodicAverager equal(MPI_COMM_WORLD, 1, 0);
   equal.set_weight(2);
   REQUIRE_ALL_RANKS(device_step(equal) == "no error");
+}
+
+namespace {
+
+// A device set for the emulation backend (device memory is host memory): a zero-copy f32 array,
+// a packed f32 array and a packed f64 array of the caller.
+struct DevSet {
+  hma::DeviceParamSet ps;
+  hma::DeviceArray<float> zf;
+  std::vector<float> uf = std::vector<float>(41);
+  std::vector<double> ud = std::vector<double>(77);
+  DevSet() {
+    zf = ps.allocate<float>(300);
+    ps.add(uf.data(), uf.size());
+    ps.add(ud.data(), ud.size());
+  }
+  template <class F>
+  void each(F&& f) {
+    std::size_t k = 0;
+    for (std::size_t i = 0; i < zf.size(); ++i) f(k++, zf.data()[i]);
+    for (float& x : uf) f(k++, x);
+    for (double& x : ud) f(k++, x);
+  }
+  void fill(int r, int salt) {
+    each([&](std::size_t k, auto& x) { x = static_cast<std::remove_reference_t<decltype(x)>>(hma_test::noise(r, salt, k)); });
+  }
+  std::vector<std::uint64_t> bits() {
+    std::vector<std::uint64_t> out;
+    each([&](std::size_t, auto& x) {
+      if constexpr (sizeof(x) == 4) out.push_back(std::bit_cast<std::uint32_t>(x));
+      else out.push_back(std::bit_cast<std::uint64_t>(x));
+    });
+    return out;
+  }
+};
+
+// The device paths an average can be asked to take: the outer optimizer and the divergence
+// metric run on the staged path's host chunks whichever is asked.
+enum class DevWay { staged, direct, thread };
+
+hma::AveragerOptions dev_options(DevWay way) {
+  hma::AveragerOptions o;
+  o.staging_chunk_bytes = 256;  // several chunks per array, chunks across arrays
+  if (way == DevWay::direct) {
+    o.cuda_aware = true;
+    o.device_path = hma::DevicePath::direct;
+  }
+  if (way == DevWay::thread) o.progress = hma::Progress::thread;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("device sets (emulated): the outer optimizer, within the stated bound, on every path") {
+  const EmulatedDevices emulated;
+  for (DevWay way : {DevWay::staged, DevWay::direct, DevWay::thread})
+    for (bool blocking : {true, false}) {
+      CAPTURE(static_cast<int>(way), blocking);
+      hma::AveragerOptions o = dev_options(way);
+      o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+      DevSet s;
+      OuterRef ref{0.7, 0.9, true, false, {}, {}, {}};
+      for (int t = 0; t < 5; ++t) {
+        s.fill(rank(), 1200 + t);
+        if (blocking) {
+          REQUIRE(avg.step(s.ps));
+        } else {
+          auto r = avg.start(s.ps);
+          r.wait();
+        }
+        s.ps.synchronize();
+        std::vector<long double> a, spread;
+        s.each([&](std::size_t k, auto& x) {
+          long double mean = 0, sp = 0;
+          world_mean<std::remove_reference_t<decltype(x)>>(1200 + t, k, mean, sp);
+          a.push_back(mean);
+          spread.push_back(sp);
+        });
+        ref.step(a, spread, 0x1p-24);
+        bool ok = true;
+        std::string first;
+        s.each([&](std::size_t k, auto& x) {
+          const long double u_scale = sizeof(x) == 4 ? 1.0L : 0x1p-29L;
+          const long double err = std::fabs(static_cast<long double>(x) - ref.anchor[k]);
+          if (err > ref.tol[k] * u_scale && ok) {
+            ok = false;
+            first = "step " + std::to_string(t) + " element " + std::to_string(k) + ": got " +
+                    std::to_string(static_cast<double>(x)) + ", want " + std::to_string(static_cast<double>(ref.anchor[k]));
+          }
+        });
+        INFO(first);
+        REQUIRE_ALL_RANKS(ok);
+        auto mine = s.bits(), root = mine;
+        MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_UINT64_T, 0, MPI_COMM_WORLD);
+        REQUIRE_ALL_RANKS(mine == root);
+      }
+      // The state is the host's: in the checkpoint like a host set's.
+      REQUIRE(avg.checkpoint().find("\nouter level 0 group 0 f32 341 f64 77 layout ") != std::string::npos);
+    }
+}
+
+TEST_CASE("device sets (emulated): the outer optimizer with lr 1 and momentum 0 is the staged average, bit for bit") {
+  const EmulatedDevices emulated;
+  for (bool weighted : {false, true}) {
+    CAPTURE(weighted);
+    hma::AveragerOptions p = dev_options(DevWay::staged), o = p;
+    p.device_path = hma::DevicePath::staged;
+    o.outer = hma::OuterOptimizer{1.0, 0.0, false, std::nullopt};
+    hma::PeriodicAverager plain(MPI_COMM_WORLD, 1, 0, p), outer(MPI_COMM_WORLD, 1, 0, o);
+    if (weighted) {
+      plain.set_weight(1 + rank() % 3);
+      outer.set_weight(1 + rank() % 3);
+    }
+    DevSet a, b;
+    for (int t = 0; t < 4; ++t) {
+      a.fill(rank(), 1300 + t);
+      b.fill(rank(), 1300 + t);
+      if (t % 2 == 0) {
+        (void)plain.step(a.ps);
+        (void)outer.step(b.ps);
+      } else {
+        auto r1 = plain.start(a.ps);
+        r1.wait();
+        auto r2 = outer.start(b.ps);
+        r2.wait();
+      }
+      a.ps.synchronize();
+      b.ps.synchronize();
+      REQUIRE_ALL_RANKS(a.bits() == b.bits());
+    }
+  }
+}
+
+TEST_CASE("device sets (emulated): the divergence metric on every path, as for host sets") {
+  const EmulatedDevices emulated;
+  for (DevWay way : {DevWay::staged, DevWay::direct, DevWay::thread})
+    for (bool blocking : {true, false}) {
+      CAPTURE(static_cast<int>(way), blocking);
+      hma::AveragerOptions o = dev_options(way);
+      o.divergence = true;
+      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+      DevSet s;
+      for (int t = 0; t < 3; ++t) {
+        s.fill(rank(), 1400 + t);
+        if (blocking) {
+          (void)avg.step(s.ps);
+        } else {
+          auto r = avg.start(s.ps);
+          r.wait();
+        }
+        s.ps.synchronize();
+        long double mean2 = 0;
+        std::vector<long double> dev2(static_cast<std::size_t>(size()), 0);
+        s.each([&](std::size_t k, auto& x) {
+          using T = std::remove_reference_t<decltype(x)>;
+          long double mean = 0, sp = 0;
+          world_mean<T>(1400 + t, k, mean, sp);
+          mean2 += mean * mean;
+          for (int r = 0; r < size(); ++r) {
+            const long double d = static_cast<T>(hma_test::noise(r, 1400 + t, k)) - mean;
+            dev2[static_cast<std::size_t>(r)] += d * d;
+          }
+        });
+        long double worst = 0;
+        for (auto d : dev2) worst = std::max(worst, d);
+        const double want = static_cast<double>(std::sqrt(worst) / std::sqrt(mean2));
+        const auto got = avg.last_divergence();
+        REQUIRE_ALL_RANKS(got && got->step == t && got->level == 0);
+        INFO("got " << got->value << " want " << want);
+        REQUIRE_ALL_RANKS(std::fabs(got->value - want) <= 1e-5 * (want + 1e-3));
+        double mine = got->value, root = mine;
+        MPI_Bcast(&root, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+        REQUIRE_ALL_RANKS(std::bit_cast<std::uint64_t>(mine) == std::bit_cast<std::uint64_t>(root));
+        if (size() > 1) REQUIRE_ALL_RANKS(want > 0.1);
+        // The average itself is still the plain one (the metric only reads).
+        bool ok = true;
+        s.each([&](std::size_t k, auto& x) {
+          using T = std::remove_reference_t<decltype(x)>;
+          long double mean = 0, sp = 0;
+          world_mean<T>(1400 + t, k, mean, sp);
+          const long double u = sizeof(T) == 4 ? 0x1p-24L : 0x1p-53L;
+          ok = ok && std::fabs(static_cast<long double>(x) - mean) <= (size() + 1) * u * sp;
+        });
+        REQUIRE_ALL_RANKS(ok);
+      }
+    }
 }
 
 TEST_CASE("post-local SGD through an averager: world every step before the switch; the switch in checkpoints") {

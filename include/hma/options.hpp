@@ -115,7 +115,9 @@ enum class Wire {
 /// (anchor, m: one copy of the set each, per element type) lives in the averager, belongs to the
 /// first set averaged at the level, and is part of checkpoint(). An average at this level first
 /// completes the previous one there (its update must be in before the next reads the state, on
-/// every rank alike). Host ParamSets with f32/f64 arrays only.
+/// every rank alike). Sets of f32/f64 arrays: host ParamSets in the average's own passes; a
+/// DeviceParamSet through the staged path whatever DevicePath says (the state stays in host
+/// memory, the update runs on each chunk in its pinned host slot before it goes back).
 struct OuterOptimizer {
   double lr = 1;         ///< outer learning rate, > 0 and finite
   double momentum = 0;   ///< in [0, 1)
@@ -187,6 +189,8 @@ struct AveragerOptions {
   /// every rank of its group while this is on; so does one at an outer optimizer's level): costs one copy of
   /// the set's values taken on the way (per piece, in cache, in blocking flat averages), one
   /// pass after the average and one MPI_Allreduce of one double on the level's communicator.
+  /// A DeviceParamSet is then averaged through the staged path (the copy and the passes on its
+  /// host chunks), whatever DevicePath says.
   /// nullopt: the environment variable HMA_DIVERGENCE (0 or 1), default off.
   std::optional<bool> divergence;
   /// Per level: how its average travels (exact, bf16, fp16); one entry for every level, or one

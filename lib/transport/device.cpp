@@ -1,11 +1,14 @@
 #include "transport/device.hpp"
 
 #include <memory>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "hma/error.hpp"
 #include "support/worker.hpp"
 #include "transport/elements.hpp"
+#include "transport/post.hpp"
 #include "transport/staged.hpp"
 #include "transport/uses.hpp"
 
@@ -39,25 +42,44 @@ void allreduce_direct(DeviceState& s, MPI_Comm comm) {
   });
 }
 
-// The staged pipeline over the set's buckets, with its pinned slots ready.
+// The staged pipeline over the set's buckets, with its pinned slots ready; with a post, its
+// passes (and the scaling the pack kernel left out) on the host chunks.
 std::shared_ptr<StagedPipeline> staged(DeviceState& s, const DeviceRoute& r, bool blocking_mpi) {
   count_use(Use::device_staged);
   auto jobs = jobs_of(s);
   s.staging.ensure(s.be, r.staging_slots, staged_slot_bytes(jobs, r.staging_chunk_bytes));
-  return std::make_shared<StagedPipeline>(*s.be, s.staging, std::move(jobs), r.staging_chunk_bytes,
-                                          r.comm, s.stream, s.stream_back, blocking_mpi);
+  auto pipe = std::make_shared<StagedPipeline>(*s.be, s.staging, std::move(jobs), r.staging_chunk_bytes,
+                                               r.comm, s.stream, s.stream_back, blocking_mpi);
+  if (Post* post = r.post) {
+    auto typed = [](auto&& fn) {
+      return [fn](Dtype d, std::size_t lo, std::size_t n, void* x) {
+        if (d == Dtype::f32) fn(static_cast<float*>(x), lo, n);
+        else fn(static_cast<double*>(x), lo, n);
+      };
+    };
+    pipe->on_host(typed([post, r](auto* x, std::size_t lo, std::size_t n) {
+                    using T = std::remove_pointer_t<decltype(x)>;
+                    post->before_packed(x, lo, n);
+                    Scaler<T> scale(r.group, r.weight_factor);
+                    scale.pow2 = scale.pow2 || r.reciprocal;  // x * (1/g), as the kernel would
+                    scale.in_place(x, n);
+                  }),
+                  typed([post](auto* x, std::size_t lo, std::size_t n) { post->after_packed(x, lo, n); }));
+  }
+  return pipe;
 }
 
 }  // namespace
 
 void average_device(DeviceState& s, const DeviceRoute& r) {
-  if (r.plan->blocking_direct) {
+  if (r.plan->blocking_direct && r.post == nullptr) {
     s.be->synchronize(s.packed);
     allreduce_direct(s, r.comm);
   } else {
     staged(s, r, true)->drive(true);
   }
   s.unpack_and_record();
+  if (r.post) r.post->conclude(r.comm);
   s.be->stream_wait(r.user, s.done);
 }
 
@@ -68,15 +90,18 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
     DeviceGuard on_device(sp->be, sp->device);  // a null `user` means this device's stream
     sp->be->stream_wait(user, sp->done);
   };
-  switch (r.plan->nonblocking) {
+  DeviceNonblocking how = r.plan->nonblocking;
+  if (r.post != nullptr)  // its passes run on the host chunks
+    how = worker != nullptr ? DeviceNonblocking::staged_thread : DeviceNonblocking::staged_poll;
+  switch (how) {
     case DeviceNonblocking::thread_direct:
     case DeviceNonblocking::staged_thread: {
       if (worker == nullptr) throw Error("hma: internal: a progress-thread device path without a worker");
-      const bool direct = r.plan->nonblocking == DeviceNonblocking::thread_direct;
+      const bool direct = how == DeviceNonblocking::thread_direct;
       std::shared_ptr<StagedPipeline> pipe;
       if (!direct) pipe = staged(s, r, true);
       p.threaded = true;
-      p.result = worker->submit([sp, c, direct, pipe] {
+      p.result = worker->submit([sp, c, direct, pipe, post = r.post] {
         if (mpi_finalized()) throw Error("hma: a queued device average did not run: MPI is already finalised");
         // hma's own thread: set the device, never restore (a restore to device 0 would create
         // a context there for nothing).
@@ -88,6 +113,7 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
           pipe->drive(true);
         }
         sp->unpack_and_record();
+        if (post) post->conclude(c);
       });
       return;
     }
@@ -133,14 +159,46 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
     }
     case DeviceNonblocking::staged_poll: {
       auto pipe = staged(s, r, false);
-      p.issue_rest = [sp, pipe](std::chrono::steady_clock::time_point deadline) {
-        DeviceGuard on_device(sp->be, sp->device);
-        return pipe->issue_all(deadline);
+      // With a post: once every chunk is back, its pass is complete and the divergence maximum
+      // (the average's last collective) is issued; its result is recorded when that completes.
+      struct State {
+        bool landed = false;
+        std::vector<MPI_Request> reqs;
       };
-      p.drive = [sp, pipe](bool block) {
-        DeviceGuard on_device(sp->be, sp->device);
-        if (!pipe->drive(block)) return false;
+      auto st = std::make_shared<State>();
+      auto land = [sp, st, c, post = r.post] {
         sp->unpack_and_record();
+        st->landed = true;
+        if (post) post->start_conclude(c, st->reqs);
+      };
+      p.issue_rest = [sp, pipe, st, land, post = r.post](std::chrono::steady_clock::time_point deadline) {
+        DeviceGuard on_device(sp->be, sp->device);
+        if (!pipe->issue_all(deadline)) return false;
+        if (post == nullptr || !post->measures() || st->landed) return true;
+        // The maximum needs every chunk's pass: drive to the end, then issue it.
+        const bool forever = deadline == std::chrono::steady_clock::time_point::max();
+        while (!pipe->drive(forever)) {
+          if (std::chrono::steady_clock::now() >= deadline) return false;
+          std::this_thread::yield();
+        }
+        land();
+        return true;
+      };
+      p.drive = [sp, pipe, st, land, post = r.post](bool block) {
+        DeviceGuard on_device(sp->be, sp->device);
+        if (!st->landed) {
+          if (!pipe->drive(block)) return false;
+          land();
+        }
+        if (!st->reqs.empty()) {
+          const int n = static_cast<int>(st->reqs.size());
+          int flag = 1;
+          if (block) check(MPI_Waitall(n, st->reqs.data(), MPI_STATUSES_IGNORE), "MPI_Waitall(divergence)");
+          else check(MPI_Testall(n, st->reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(divergence)");
+          if (!flag) return false;
+          st->reqs.clear();
+        }
+        if (post) post->record();
         return true;
       };
       break;

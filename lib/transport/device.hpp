@@ -14,6 +14,7 @@
 
 namespace hma::detail {
 
+class Post;
 class Worker;
 
 struct DeviceRoute {
@@ -22,6 +23,14 @@ struct DeviceRoute {
   std::size_t staging_chunk_bytes = 0;
   std::size_t staging_slots = 1;
   Stream user = nullptr;  // ordered after the result
+  // Non-null: the outer optimizer or the divergence metric runs on the host, so the average
+  // takes the staged path whatever the plan says. The pack kernel then only packs (it did not
+  // scale): the host scales each chunk in its slot, by `group` (or `weight_factor` >= 0; x * 1/g
+  // with `reciprocal`), after the post has kept the inputs.
+  Post* post = nullptr;
+  int group = 1;
+  bool reciprocal = false;
+  double weight_factor = -1;
 };
 
 /// Blocking: through MPI, unpacked, `done` recorded and waited for by route.user.

@@ -32,55 +32,69 @@ void Post::before(Bucket<T>& b, std::size_t lo, std::size_t hi) {
 }
 
 template <Element T>
-void Post::after(Bucket<T>& b, std::size_t lo, std::size_t hi) {
-  const bool div = log_ != nullptr;
-  T* anchor = nullptr;
-  T* mom = nullptr;
-  if (outer_ != nullptr) {
-    if constexpr (std::same_as<T, float>) {
-      anchor = outer_->anchor_f.data();
-      mom = outer_->m_f.data();
-    } else {
-      anchor = outer_->anchor_d.data();
-      mom = outer_->m_d.data();
+void Post::pass(T* x, const T* in, std::size_t at, std::size_t n, double& dev2, double& mean2) {
+  if (in != nullptr) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const double a = static_cast<double>(x[i]), d = static_cast<double>(in[i]) - a;
+      dev2 += d * d;
+      mean2 += a * a;
     }
   }
-  const T lr = outer_ ? static_cast<T>(outer_->opt.lr) : T(1);
-  const T mu = outer_ ? static_cast<T>(outer_->opt.momentum) : T(0);
-  const bool nesterov = outer_ && outer_->opt.nesterov;
-  const T* kept = div ? keep<T>().data() : nullptr;
+  if (outer_ == nullptr) return;
+  T* anc = nullptr;
+  T* m = nullptr;
+  if constexpr (std::same_as<T, float>) {
+    anc = outer_->anchor_f.data() + at;
+    m = outer_->m_f.data() + at;
+  } else {
+    anc = outer_->anchor_d.data() + at;
+    m = outer_->m_d.data() + at;
+  }
+  if (first_) {
+    std::copy(x, x + n, anc);
+    std::fill(m, m + n, T(0));
+    return;
+  }
+  const T lr = static_cast<T>(outer_->opt.lr);
+  const T mu = static_cast<T>(outer_->opt.momentum);
+  const bool nesterov = outer_->opt.nesterov;
+  // x = anchor - lr d, written as a - (lr d - delta): with lr 1 and momentum 0 that is
+  // a - (delta - delta) = a - (+0) = a, bit for bit (also for -0).
+  for (std::size_t i = 0; i < n; ++i) {
+    const T a = x[i], delta = anc[i] - a;
+    const T mm = mu * m[i] + delta;
+    const T d = nesterov ? delta + mu * mm : mm;
+    const T nx = a - (lr * d - delta);
+    m[i] = mm;
+    anc[i] = nx;
+    x[i] = nx;
+  }
+}
+
+template <Element T>
+void Post::after(Bucket<T>& b, std::size_t lo, std::size_t hi) {
+  const T* kept = log_ ? keep<T>().data() : nullptr;
   T* data = b.storage.data();
   double dev2 = 0, mean2 = 0;
   for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
-    T* x = user != nullptr ? user : data + at;
-    if (div) {
-      const T* in = kept + (at - lo);
-      for (std::size_t i = 0; i < n; ++i) {
-        const double a = static_cast<double>(x[i]), d = static_cast<double>(in[i]) - a;
-        dev2 += d * d;
-        mean2 += a * a;
-      }
-    }
-    if (anchor == nullptr) return;
-    T* anc = anchor + at;
-    T* m = mom + at;
-    if (first_) {
-      std::copy(x, x + n, anc);
-      std::fill(m, m + n, T(0));
-      return;
-    }
-    // x = anchor - lr d, written as a - (lr d - delta): with lr 1 and momentum 0 that is
-    // a - (delta - delta) = a - (+0) = a, bit for bit (also for -0).
-    for (std::size_t i = 0; i < n; ++i) {
-      const T a = x[i], delta = anc[i] - a;
-      const T mm = mu * m[i] + delta;
-      const T d = nesterov ? delta + mu * mm : mm;
-      const T nx = a - (lr * d - delta);
-      m[i] = mm;
-      anc[i] = nx;
-      x[i] = nx;
-    }
+    pass(user != nullptr ? user : data + at, kept ? kept + (at - lo) : nullptr, at, n, dev2, mean2);
   });
+  dev2_ += dev2;
+  mean2_ += mean2;
+}
+
+template <Element T>
+void Post::before_packed(const T* x, std::size_t at, std::size_t n) {
+  if (!log_) return;
+  auto& k = keep<T>();
+  if (k.size() < at + n) k.resize(at + n);
+  std::copy(x, x + n, k.data() + at);
+}
+
+template <Element T>
+void Post::after_packed(T* x, std::size_t at, std::size_t n) {
+  double dev2 = 0, mean2 = 0;
+  pass(x, log_ ? keep<T>().data() + at : nullptr, at, n, dev2, mean2);
   dev2_ += dev2;
   mean2_ += mean2;
 }
@@ -124,5 +138,9 @@ template void Post::before(Bucket<float>&, std::size_t, std::size_t);
 template void Post::before(Bucket<double>&, std::size_t, std::size_t);
 template void Post::after(Bucket<float>&, std::size_t, std::size_t);
 template void Post::after(Bucket<double>&, std::size_t, std::size_t);
+template void Post::before_packed(const float*, std::size_t, std::size_t);
+template void Post::before_packed(const double*, std::size_t, std::size_t);
+template void Post::after_packed(float*, std::size_t, std::size_t);
+template void Post::after_packed(double*, std::size_t, std::size_t);
 
 }  // namespace hma::detail

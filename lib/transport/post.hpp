@@ -4,6 +4,8 @@
 //   before(b, lo, hi)  divergence: keeps the rank's own values of [lo, hi) before they are scaled
 //   after(b, lo, hi)   once [lo, hi) holds the average: the divergence sums and the outer update,
 //                      in one pass (in blocking flat averages per piece, still in cache)
+//   before_packed / after_packed  the same on a contiguous run [at, at + n) of the set's packed
+//                      elements of one type (device sets, on their staged host chunks)
 //   conclude / start_conclude + record: the group's maximum (one double) and its log entry
 #pragma once
 
@@ -56,6 +58,13 @@ class Post {
   void before(Bucket<T>& b, std::size_t lo, std::size_t hi);
   template <Element T>
   void after(Bucket<T>& b, std::size_t lo, std::size_t hi);
+  /// Device sets: `x` holds this rank's unscaled elements [at, at + n) of its type (chunks in
+  /// any order, each once).
+  template <Element T>
+  void before_packed(const T* x, std::size_t at, std::size_t n);
+  /// Device sets: `x` holds the average of elements [at, at + n); the outer update in place.
+  template <Element T>
+  void after_packed(T* x, std::size_t at, std::size_t n);
   /// Blocking: the group's maximum over `comm` (MPI_COMM_NULL: this rank alone), then record().
   void conclude(MPI_Comm comm);
   /// Non-blocking: issues the maximum into `reqs` (nothing without divergence); record() after.
@@ -66,6 +75,10 @@ class Post {
  private:
   template <Element T>
   std::vector<T>& keep();
+  // The pass after the average over x[0, n), elements [at, at + n) of the type: divergence sums
+  // against `in` (this rank's inputs; null: not measured) and the outer update.
+  template <Element T>
+  void pass(T* x, const T* in, std::size_t at, std::size_t n, double& dev2, double& mean2);
   std::shared_ptr<OuterState> outer_;
   bool first_ = false;  // the outer optimizer's first average: anchor only
   std::shared_ptr<DivergenceLog> log_;

@@ -90,6 +90,7 @@ bool StagedPipeline::step(bool one_mpi) {
     const Chunk& c = chunks_[c_mpi_];
     const std::size_t s = c_mpi_ % S;
     const MPI_Datatype t = mpi_type(jobs_[c.job].dtype);
+    if (sent_) sent_(jobs_[c.job].dtype, c.lo, c.n, area_.send(s));
     if (blocking_mpi_) {
       check(MPI_Allreduce(area_.send(s), area_.recv(s), static_cast<int>(c.n), t, MPI_SUM, comm_),
             "MPI_Allreduce(staged chunk)");
@@ -109,6 +110,7 @@ bool StagedPipeline::step(bool one_mpi) {
     if (req_[s] != MPI_REQUEST_NULL) check(MPI_Test(&req_[s], &done, MPI_STATUS_IGNORE), "MPI_Test(staged chunk)");
     if (!done) break;
     const Chunk& c = chunks_[c_red_];
+    if (reduced_) reduced_(jobs_[c.job].dtype, c.lo, c.n, area_.recv(s));
     be_.copy(dev(c), area_.recv(s), bytes(c), to_device_);
     be_.record(area_.out[s], to_device_);
     ++c_red_;

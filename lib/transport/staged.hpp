@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <vector>
 
 #include "device/device_backend.hpp"
@@ -47,6 +48,9 @@ std::vector<Chunk> staged_chunks(const std::vector<StagedJob>& jobs, std::size_t
 /// Bytes of the largest chunk staged_chunks() makes for these jobs (a slot's size).
 std::size_t staged_slot_bytes(const std::vector<StagedJob>& jobs, std::size_t chunk_bytes);
 
+/// Host work on a chunk in its pinned slot: `host` holds elements [lo, lo + n) of `dtype`'s job.
+using ChunkHook = std::function<void(Dtype dtype, std::size_t lo, std::size_t n, void* host)>;
+
 class StagedPipeline {
  public:
   /// `blocking_mpi`: reduce each chunk with a blocking MPI_Allreduce (the copies of the other
@@ -68,6 +72,13 @@ class StagedPipeline {
   [[nodiscard]] std::size_t chunks() const noexcept { return chunks_.size(); }
   /// The most chunks that were between their device->host copy and their slot's release at once.
   [[nodiscard]] std::size_t max_in_flight() const noexcept { return max_in_flight_; }
+  /// Host passes over each chunk (the outer optimizer, the divergence metric): `sent` on this
+  /// rank's values once they reached the host, before their reduction is issued (it may rewrite
+  /// them: the scaling); `reduced` on the reduced values before they are copied back.
+  void on_host(ChunkHook sent, ChunkHook reduced) {
+    sent_ = std::move(sent);
+    reduced_ = std::move(reduced);
+  }
 
  private:
   bool step(bool one_mpi);
@@ -80,6 +91,7 @@ class StagedPipeline {
   Stream to_host_, to_device_;
   bool blocking_mpi_;
   std::vector<MPI_Request> req_;  // per slot
+  ChunkHook sent_, reduced_;
   // Chunks [0, c_in_) were copied to the host, [0, c_mpi_) issued, [0, c_red_) reduced (and
   // their copy back queued), [0, c_free_) back in device memory with their slot free.
   std::size_t c_in_ = 0, c_mpi_ = 0, c_red_ = 0, c_free_ = 0;
