@@ -259,8 +259,11 @@ std::shared_ptr<detail::Post> Averager::make_post(const std::shared_ptr<detail::
                   std::to_string(p.who.level) + " holds the state of another set (" +
                   std::to_string(outer_->anchor_f.size()) + " f32 and " +
                   std::to_string(outer_->anchor_d.size()) + " f64 elements); this set has " +
-                  std::to_string(nf) + " f32 and " + std::to_string(nd) +
-                  " f64 elements: use one averager per set with an outer optimizer; nothing was averaged";
+                  std::to_string(nf) + " f32 and " + std::to_string(nd) + " f64 elements" +
+                  (outer_->anchor_f.size() == nf && outer_->anchor_d.size() == nd
+                       ? " in another layout of arrays (a host ParamSet and a DeviceParamSet never share one)"
+                       : "") +
+                  ": use one averager per set with an outer optimizer; nothing was averaged";
       return nullptr;
     }
     outer = outer_;

@@ -1,7 +1,8 @@
 // The averager's entry points for device buffers: prepare a DeviceParamSet's average (the
 // caller's stream ordered before hma's, segment tables, non-finite scan, header), whose data
 // stage packs (one kernel per dtype, divided by the group size, or multiplied by the weight factor,
-// on the way) and hands the bytes to
+// on the way; with the outer optimizer or the divergence metric it only packs, and the host
+// scales the staged chunks) and hands the bytes to
 // a device transport (lib/transport/device.cpp). Every path starts by recording an event on the
 // caller's stream and making hma's stream wait for it, and ends by making the caller's stream
 // wait for `done`: no host synchronisation of the caller's stream, never cudaDeviceSynchronize.
@@ -20,7 +21,15 @@ namespace hma {
 
 std::string Averager::device_path() const {
   if (!device_plan_) return "device buffers: this rank is outside the averaging group";
-  return device_plan_->why;
+  std::string why = device_plan_->why;
+  if (settings_.outer.enabled || settings_.divergence)
+    why += std::string("; averages ") +
+           (settings_.outer.enabled ? "at level " + std::to_string(settings_.outer.level) +
+                                          " (the outer optimizer)" + (settings_.divergence ? " and " : "")
+                                    : std::string()) +
+           (settings_.divergence ? "with the divergence metric" : "") +
+           ": staged, whatever the above (their passes run on the host chunks)";
+  return why;
 }
 
 bool Averager::step(DeviceParamSet& params, Stream stream) {

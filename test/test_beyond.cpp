@@ -600,10 +600,12 @@ namespace {
 // A device set for the emulation backend (device memory is host memory): a zero-copy f32 array,
 // a packed f32 array and a packed f64 array of the caller.
 struct DevSet {
-  hma::DeviceParamSet ps;
-  hma::DeviceArray<float> zf;
+  // The caller's arrays outlive the set: its destructor completes what its stream still holds
+  // (an unpack into them).
   std::vector<float> uf = std::vector<float>(41);
   std::vector<double> ud = std::vector<double>(77);
+  hma::DeviceParamSet ps;
+  hma::DeviceArray<float> zf;
   DevSet() {
     zf = ps.allocate<float>(300);
     ps.add(uf.data(), uf.size());
@@ -697,10 +699,15 @@ TEST_CASE("device sets (emulated): the outer optimizer, within the stated bound,
 
 TEST_CASE("device sets (emulated): the outer optimizer with lr 1 and momentum 0 is the staged average, bit for bit") {
   const EmulatedDevices emulated;
-  for (bool weighted : {false, true}) {
-    CAPTURE(weighted);
-    hma::AveragerOptions p = dev_options(DevWay::staged), o = p;
+  // The host scales as the kernel would: x / g, x * (1/g) (reciprocal; differs from x / g at
+  // 3 ranks), or x * w_i / sum(w).
+  for (bool weighted : {false, true})
+    for (bool reciprocal : {false, true}) {
+    CAPTURE(weighted, reciprocal);
+    hma::AveragerOptions p = dev_options(DevWay::staged);
     p.device_path = hma::DevicePath::staged;
+    if (reciprocal) p.device_division = hma::DeviceDivision::reciprocal;
+    hma::AveragerOptions o = p;
     o.outer = hma::OuterOptimizer{1.0, 0.0, false, std::nullopt};
     hma::PeriodicAverager plain(MPI_COMM_WORLD, 1, 0, p), outer(MPI_COMM_WORLD, 1, 0, o);
     if (weighted) {
@@ -724,6 +731,109 @@ TEST_CASE("device sets (emulated): the outer optimizer with lr 1 and momentum 0 
       b.ps.synchronize();
       REQUIRE_ALL_RANKS(a.bits() == b.bits());
     }
+  }
+}
+
+TEST_CASE("device sets (emulated): the outer state in the checkpoint; a restart continues bit for bit") {
+  const EmulatedDevices emulated;
+  hma::AveragerOptions o = dev_options(DevWay::staged);
+  o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+  hma::PeriodicAverager a(MPI_COMM_WORLD, 1, 0, o);
+  DevSet x, y;
+  for (int t = 0; t < 3; ++t) {
+    x.fill(rank(), 1800 + t);
+    (void)a.step(x.ps);
+    x.ps.synchronize();  // the host writes the emulated device memory next
+  }
+  hma::PeriodicAverager b(MPI_COMM_WORLD, 1, 0, o);
+  b.restore(a.checkpoint());
+  for (int t = 3; t < 6; ++t) {
+    x.fill(rank(), 1800 + t);
+    y.fill(rank(), 1800 + t);
+    (void)a.step(x.ps);
+    auto r = b.start(y.ps);  // also through the polled path
+    r.wait();
+    x.ps.synchronize();
+    y.ps.synchronize();
+    REQUIRE_ALL_RANKS(x.bits() == y.bits());
+  }
+  // A host set of the same shape is another set: refused, naming why.
+  hma::PeriodicAverager c(MPI_COMM_WORLD, 1, 0, o);
+  DevSet d;
+  d.fill(rank(), 1);
+  (void)c.step(d.ps);
+  hma::ParamSet hs;
+  std::vector<float> hf(341);
+  std::vector<double> hd(77);
+  hs.add(hf);
+  hs.add(hd);
+  REQUIRE_ALL_RANKS(message_of([&] { (void)c.step(hs); }).find(
+                        "this set has 341 f32 and 77 f64 elements in another layout of arrays "
+                        "(a host ParamSet and a DeviceParamSet never share one)") != std::string::npos);
+  REQUIRE_THAT(c.device_path(), Catch::Contains("; averages at level 0 (the outer optimizer): staged, whatever the above"));
+}
+
+TEST_CASE("device sets (emulated): started averages with divergence, interleaved, stay paired across ranks") {
+  // start(A), then start(B) on the same averager, with ranks testing A and B different numbers
+  // of times: A's divergence maximum must be issued before B's first chunk on every rank (MPI
+  // pairs collectives in call order). A wrong order mismatches collectives: the timeout turns
+  // a hang into a failure.
+  const EmulatedDevices emulated;
+  for (DevWay way : {DevWay::staged, DevWay::thread}) {
+    CAPTURE(static_cast<int>(way));
+    hma::AveragerOptions o = dev_options(way);
+    o.divergence = true;
+    o.timeout_s = 60;
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+    DevSet a, b;
+    for (int t = 0; t < 4; ++t) {
+      a.fill(rank(), 1500 + t);
+      b.fill(rank(), 1600 + t);
+      auto ra = avg.start(a.ps);
+      if (rank() == 0)
+        for (int i = 0; i < 50; ++i) (void)ra.test();
+      auto rb = avg.start(b.ps);
+      if (rank() == 1)
+        for (int i = 0; i < 50; ++i) (void)rb.test();
+      rb.wait();
+      ra.wait();
+      a.ps.synchronize();
+      b.ps.synchronize();
+      bool ok = true;
+      auto check = [&](DevSet& s, int salt) {
+        s.each([&](std::size_t k, auto& x) {
+          using T = std::remove_reference_t<decltype(x)>;
+          long double mean = 0, sp = 0;
+          world_mean<T>(salt, k, mean, sp);
+          const long double u = sizeof(T) == 4 ? 0x1p-24L : 0x1p-53L;
+          ok = ok && std::fabs(static_cast<long double>(x) - mean) <= (size() + 1) * u * sp;
+        });
+      };
+      check(a, 1500 + t);
+      check(b, 1600 + t);
+      REQUIRE_ALL_RANKS(ok);
+      // Ranks may complete A and B in either order: the last one is one of the two.
+      const auto d = avg.last_divergence();
+      REQUIRE_ALL_RANKS(d && (d->step == 2 * t || d->step == 2 * t + 1));
+    }
+  }
+}
+
+TEST_CASE("device sets (emulated): outer optimizer and divergence through a test() loop") {
+  const EmulatedDevices emulated;
+  hma::AveragerOptions o = dev_options(DevWay::direct);
+  o.divergence = true;
+  o.outer = hma::OuterOptimizer{0.5, 0.5, false, std::nullopt};
+  o.timeout_s = 60;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  DevSet a;
+  for (int t = 0; t < 4; ++t) {
+    a.fill(rank(), 1900 + t);
+    auto r = avg.start(a.ps);
+    while (!r.test()) {
+    }
+    a.ps.synchronize();
+    REQUIRE_ALL_RANKS(avg.last_divergence() && avg.last_divergence()->step == t);
   }
 }
 

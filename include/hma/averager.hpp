@@ -153,9 +153,15 @@ class Averager {
 
   /// With AveragerOptions::divergence: the spread measured at the last average of this averager
   /// that has completed on this rank (blocking, a Request's wait/test, or with Progress::thread
-  /// the worker, possibly before wait()), the same on every rank of its group; also logged
-  /// (HMA_LOG=info, by the group's first rank). nullopt before the first one, and always without
-  /// the option. Host ParamSets without bf16/fp16 arrays only.
+  /// the worker, possibly before wait()); an average's value is the same on every rank of its
+  /// group, but with several started averages in flight ranks may complete them in different
+  /// orders (compare Divergence::step). Also logged (HMA_LOG=info, by the group's first rank).
+  /// nullopt before the first one, and always without the option. Sets without bf16/fp16
+  /// arrays, host or device.
+  ///
+  /// Cost for start() without the progress thread: the metric's maximum is the average's last
+  /// collective and needs all of its data, so the next average issued on this averager (any
+  /// level) first waits until this one's data has completed (with the timeout).
   [[nodiscard]] std::optional<Divergence> last_divergence() const;
 
   /// The level that averages at the current step (nullopt: none).
@@ -210,8 +216,8 @@ class Averager {
   // any, make sure every average in flight that issues lazily (after its check, chained
   // two-level stages, device paths) has issued all of its own.
   void settle_issue();
-  // The outer optimizer and divergence work of a host average (null: none); sets p.refusal
-  // when the outer state belongs to another layout.
+  // The outer optimizer and divergence work of an average, host or device set (null: none);
+  // sets p.refusal when the outer state belongs to another layout.
   std::shared_ptr<detail::Post> make_post(const std::shared_ptr<detail::Pending>& p, std::uint64_t layout,
                                           std::size_t nf, std::size_t nd);
   // An average at the outer optimizer's level first completes the previous one there: its

@@ -117,7 +117,9 @@ enum class Wire {
 /// completes the previous one there (its update must be in before the next reads the state, on
 /// every rank alike). Sets of f32/f64 arrays: host ParamSets in the average's own passes; a
 /// DeviceParamSet through the staged path whatever DevicePath says (the state stays in host
-/// memory, the update runs on each chunk in its pinned host slot before it goes back).
+/// memory, the update runs on each chunk in its pinned host slot before it goes back). An
+/// average at the level that fails part way (an MPI error) may leave the state partly updated:
+/// restore() a checkpoint before going on.
 struct OuterOptimizer {
   double lr = 1;         ///< outer learning rate, > 0 and finite
   double momentum = 0;   ///< in [0, 1)

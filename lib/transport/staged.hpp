@@ -1,5 +1,6 @@
-// Internal: path (c) for device buffers on an MPI that is not CUDA-aware: the (already scaled)
-// device buffer goes through pinned host memory in chunks, pipelined so that copying chunk k+1
+// Internal: path (c) for device buffers on an MPI that is not CUDA-aware (and for every average
+// with the outer optimizer or the divergence metric): the packed device buffer (already scaled,
+// or scaled on the host by the `sent` hook) goes through pinned host memory in chunks, pipelined so that copying chunk k+1
 // to the host, reducing chunk k on the host and copying chunk k-1 back overlap (the pattern of
 // Aluminum's host-transfer backend). Chunk k uses slot k mod S; a slot is a pinned send and
 // receive area of `slot_bytes`. Reductions are issued in chunk order on every rank.
@@ -32,7 +33,8 @@ struct StagingArea {
   [[nodiscard]] char* recv(std::size_t slot) const;
 };
 
-/// One device buffer to average in place: n elements of dtype d (already divided by the group).
+/// One device buffer to average in place: n elements of dtype d (already divided by the group,
+/// unless a ChunkHook scales them on the host).
 struct StagedJob {
   void* dev = nullptr;
   std::size_t n = 0;
