@@ -6,6 +6,8 @@
 #ifdef HMA_TEST_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -102,6 +104,76 @@ TEST_CASE("gpu: device averages equal host averages bit for bit", "[gpu]") {
                       std::memcmp(gd.data(), hd.data(), hd.size() * sizeof(double)) == 0;
     INFO("n " << n);
     REQUIRE_ALL_RANKS(same);
+  }
+}
+
+TEST_CASE("gpu: weights, the outer optimizer and divergence give the host's results", "[gpu]") {
+  // Weights alone: the CUDA pack kernel multiplies by w_i / sum(w) in double, as the host does.
+  // Outer optimizer + divergence (+ weights): the staged path, scaled and updated on the host
+  // chunks. Same MPI pieces as the host average (chunk = staging chunk), so the same bits.
+  const std::string path = hma::PeriodicAverager(MPI_COMM_WORLD, 1).device_path();
+  const bool direct = path.find("step()/average(): device pointers") != std::string::npos;
+  const char* chunk = std::getenv("HMA_STAGING_CHUNK_BYTES");
+  const std::size_t staging = chunk != nullptr ? std::stoul(chunk) : hma::AveragerOptions::kDefaultStagingChunkBytes;
+  auto noise = [](int r, int t, std::size_t k) {  // full mantissas, both signs, several binades
+    std::uint64_t z = (static_cast<std::uint64_t>(r) << 40) ^ (static_cast<std::uint64_t>(t) << 20) ^ k;
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    const double m = std::ldexp(0.5 + static_cast<double>(z >> 11) * 0x1p-53, static_cast<int>(z % 7) - 3);
+    return (z & 1) ? -m : m;
+  };
+  for (bool post : {false, true}) {
+    hma::AveragerOptions o;
+    o.reduction = hma::Reduction::mpi;
+    o.chunk_bytes = direct && !post ? 0 : staging;
+    if (post) {
+      o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+      o.divergence = true;
+    }
+    hma::PeriodicAverager host_avg(MPI_COMM_WORLD, 1, 0, o), dev_avg(MPI_COMM_WORLD, 1, 0, o);
+    host_avg.set_weight(1 + rank() % 3);
+    dev_avg.set_weight(1 + rank() % 3);
+    const std::size_t nf = (std::size_t{1} << 20) + 5, nd = 70001;
+    std::vector<float> hf(nf);
+    std::vector<double> hd(nd);
+    hma::ParamSet host;
+    host.add(hf);
+    host.add(hd);
+    DeviceVec<double> dd(nd);
+    hma::DeviceParamSet dev;
+    auto df = dev.allocate<float>(nf);
+    dev.add(dd.p, nd);
+    for (int t = 0; t < 4; ++t) {
+      for (std::size_t k = 0; k < nf; ++k) hf[k] = static_cast<float>(noise(rank(), t, k));
+      for (std::size_t k = 0; k < nd; ++k) hd[k] = noise(rank(), t, nf + k);
+      ok(cudaMemcpy(df.data(), hf.data(), nf * sizeof(float), cudaMemcpyHostToDevice));
+      ok(cudaMemcpy(dd.p, hd.data(), nd * sizeof(double), cudaMemcpyHostToDevice));
+      if (t % 2 == 0) {
+        (void)host_avg.step(host);
+        (void)dev_avg.step(dev);
+      } else {
+        auto r1 = host_avg.start(host);
+        r1.wait();
+        auto r2 = dev_avg.start(dev);
+        r2.wait();
+      }
+      dev.synchronize();
+      const auto gf = to_host(df.data(), nf);
+      const auto gd = dd.host();
+      const bool same = std::memcmp(gf.data(), hf.data(), nf * sizeof(float)) == 0 &&
+                        std::memcmp(gd.data(), hd.data(), nd * sizeof(double)) == 0;
+      INFO("post " << post << " step " << t << ": " << dev_avg.device_path());
+      REQUIRE_ALL_RANKS(same);
+      if (post) {
+        const auto a = host_avg.last_divergence(), b = dev_avg.last_divergence();
+        REQUIRE_ALL_RANKS(a && b && a->step == t && b->step == t);
+        INFO("divergence host " << a->value << " device " << b->value);
+        REQUIRE_ALL_RANKS(std::fabs(a->value - b->value) <= 1e-12 * a->value);
+        if (size() > 1) REQUIRE_ALL_RANKS(a->value > 0.1);
+      }
+    }
   }
 }
 
