@@ -20,6 +20,9 @@ const char* kUsage =
     "  --iters N         timed iterations per measurement (default 20)\n"
     "  --warmup N        untimed iterations (default 2)\n"
     "  --max-seconds S   stop a measurement after S s of timed work, >= 3 iterations (default 1)\n"
+    "  --post WHAT       none (default), outer (Nesterov, lr 0.7, momentum 0.9), divergence or both:\n"
+    "                    every average (host and device) with that work; the exact column then\n"
+    "                    compares the first average of each size (it only anchors the outer state)\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -37,6 +40,9 @@ int main(int argc, char** argv) {
   const int iters = static_cast<int>(flags.integer("iters", 20)), warm = static_cast<int>(flags.integer("warmup", 2));
   const double max_s = flags.real("max-seconds", 1.0);
   const std::string csv = flags.str("csv", ""), json = flags.str("json", "");
+  const std::string post = flags.str("post", "none");
+  if (post != "none" && post != "outer" && post != "divergence" && post != "both")
+    flags.fail("--post must be none, outer, divergence or both, got '" + post + "'");
   flags.done();
   const hma::DeviceInfo info = hma::device_info();
   int ok = info.available() ? 1 : 0, all = 0;
@@ -60,9 +66,12 @@ int main(int argc, char** argv) {
     ref.reduction = hma::Reduction::mpi;
     const char* chunk = std::getenv("HMA_STAGING_CHUNK_BYTES");
     ref.chunk_bytes = direct ? 0 : chunk != nullptr ? std::stoul(chunk) : hma::AveragerOptions::kDefaultStagingChunkBytes;
-    hma::PeriodicAverager avg_ref(MPI_COMM_WORLD, 1, 0, ref);
-    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1);  // hma's defaults, as a user runs it
-    const MPI_Comm comm = avg.hierarchy().level(0).get();
+    // The outer optimizer keeps state for one set per averager: one averager per set and size.
+    auto with_post = [&](hma::AveragerOptions o) {
+      if (post == "outer" || post == "both") o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+      if (post == "divergence" || post == "both") o.divergence = true;
+      return o;
+    };
     int dev = 0;
     cu(cudaGetDevice(&dev), "cudaGetDevice");
     cudaDeviceProp prop{};
@@ -73,6 +82,7 @@ int main(int argc, char** argv) {
                   meta.mpi.c_str(), meta.build.c_str(), meta.date.c_str(), path.c_str());
       std::printf("# median µs of one average (slowest rank); device times include the device work "
                   "(params.synchronize()); ratio = device / host\n");
+      if (post != "none") std::printf("# every average with: %s\n", post.c_str());
       std::printf("%10s %6s %10s %10s %7s %10s %7s %10s %10s\n", "bytes", "exact", "host-hma",
                   "dev-hma", "ratio", "dev-nb", "ratio", "bare-host", "d2h+h2d");
     }
@@ -82,6 +92,10 @@ int main(int argc, char** argv) {
     cu(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
     for (const long long b : sizes) {
       const std::size_t n = static_cast<std::size_t>(b) / sizeof(float);
+      hma::PeriodicAverager avg_ref(MPI_COMM_WORLD, 1, 0, with_post(ref));
+      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, with_post({}));  // hma's defaults: device set
+      hma::PeriodicAverager avg_host(MPI_COMM_WORLD, 1, 0, with_post({}));  // ... and host set
+      const MPI_Comm comm = avg.hierarchy().level(0).get();
       const double bytes = static_cast<double>(n * sizeof(float));
       std::vector<float> init(n);
       for (std::size_t i = 0; i < n; ++i)
@@ -105,7 +119,7 @@ int main(int argc, char** argv) {
       cu(cudaMallocHost(&pinned, n * sizeof(float)), "cudaMallocHost");
       std::vector<float> bare(init);
       const int cnt = static_cast<int>(n);
-      auto t_host = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg.average(host, 0); }));
+      auto t_host = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_host.average(host, 0); }));
       auto t_dev = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
         avg.average(dps, 0, stream);
         dps.synchronize();

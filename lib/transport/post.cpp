@@ -34,11 +34,23 @@ void Post::before(Bucket<T>& b, std::size_t lo, std::size_t hi) {
 template <Element T>
 void Post::pass(T* x, const T* in, std::size_t at, std::size_t n, double& dev2, double& mean2) {
   if (in != nullptr) {
-    for (std::size_t i = 0; i < n; ++i) {
+    // Four independent sums of each: one running sum is bound by the adder's latency (the
+    // compiler may not reassociate it), four let it pipeline and vectorise.
+    double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+    std::size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      for (std::size_t j = 0; j < 4; ++j) {
+        const double a = static_cast<double>(x[i + j]), d = static_cast<double>(in[i + j]) - a;
+        s[j] += d * d;
+        q[j] += a * a;
+      }
+    for (; i < n; ++i) {
       const double a = static_cast<double>(x[i]), d = static_cast<double>(in[i]) - a;
-      dev2 += d * d;
-      mean2 += a * a;
+      s[0] += d * d;
+      q[0] += a * a;
     }
+    dev2 += (s[0] + s[1]) + (s[2] + s[3]);
+    mean2 += (q[0] + q[1]) + (q[2] + q[3]);
   }
   if (outer_ == nullptr) return;
   T* anc = nullptr;
