@@ -89,6 +89,7 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   // The outer optimizer and the divergence metric: their state and passes are on the host, on
   // the chunks of the staged path (also for a group of one: its outer update still applies).
   std::shared_ptr<detail::Post> post = make_post(job.p, params.layout_fingerprint(), s.f32.size(), s.f64.size());
+  if (post) post->size_inputs(s.f32.size(), s.f64.size());
   if (g == 1 && !post) {  // the identity: nothing to move, the caller's stream is ordered already
     job.p->launch = [](detail::Pending& q) { q.finish = [] {}; };
     return job;

@@ -95,12 +95,16 @@ void Post::after(Bucket<T>& b, std::size_t lo, std::size_t hi) {
   mean2_ += mean2;
 }
 
+void Post::size_inputs(std::size_t nf, std::size_t nd) {
+  if (!log_) return;
+  keep_f_.resize(nf);
+  keep_d_.resize(nd);
+}
+
 template <Element T>
 void Post::before_packed(const T* x, std::size_t at, std::size_t n) {
   if (!log_) return;
-  auto& k = keep<T>();
-  if (k.size() < at + n) k.resize(at + n);
-  std::copy(x, x + n, k.data() + at);
+  std::copy(x, x + n, keep<T>().data() + at);
 }
 
 template <Element T>

@@ -58,8 +58,11 @@ class Post {
   void before(Bucket<T>& b, std::size_t lo, std::size_t hi);
   template <Element T>
   void after(Bucket<T>& b, std::size_t lo, std::size_t hi);
+  /// Device sets: room for the inputs of a set of nf f32 and nd f64 elements, made once (growing
+  /// it chunk by chunk reallocated and copied it over and over).
+  void size_inputs(std::size_t nf, std::size_t nd);
   /// Device sets: `x` holds this rank's unscaled elements [at, at + n) of its type (chunks in
-  /// any order, each once).
+  /// any order, each once; size_inputs() first).
   template <Element T>
   void before_packed(const T* x, std::size_t at, std::size_t n);
   /// Device sets: `x` holds the average of elements [at, at + n); the outer update in place.
