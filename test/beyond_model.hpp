@@ -28,6 +28,17 @@ inline double noise(int r, int salt, std::size_t k) {
   return (z & 1) ? -mag : mag;
 }
 
+/// The bits of every element of `s` (any set with each()), in order.
+template <class S>
+std::vector<std::uint64_t> bits_of(S& s) {
+  std::vector<std::uint64_t> out;
+  s.each([&](std::size_t, auto& x) {
+    if constexpr (sizeof(x) == 4) out.push_back(std::bit_cast<std::uint32_t>(x));
+    else out.push_back(std::bit_cast<std::uint64_t>(x));
+  });
+  return out;
+}
+
 /// One zero-copy float array, one packed float array, one packed double array.
 struct Set {
   std::vector<float> uf;
@@ -51,14 +62,7 @@ struct Set {
   void fill(int r, int salt) {
     each([&](std::size_t k, auto& x) { x = static_cast<std::remove_reference_t<decltype(x)>>(noise(r, salt, k)); });
   }
-  std::vector<std::uint64_t> bits() {
-    std::vector<std::uint64_t> out;
-    each([&](std::size_t, auto& x) {
-      if constexpr (sizeof(x) == 4) out.push_back(std::bit_cast<std::uint32_t>(x));
-      else out.push_back(std::bit_cast<std::uint64_t>(x));
-    });
-    return out;
-  }
+  std::vector<std::uint64_t> bits() { return bits_of(*this); }
   /// Collective: true when every rank of `comm` holds the same bits as its rank 0.
   bool same_bits_everywhere(MPI_Comm comm) {
     auto mine = bits(), root = mine;

@@ -209,6 +209,37 @@ void world_mean(int salt, std::size_t k, long double& mean, long double& spread)
   spread /= size();
 }
 
+// Requires avg.last_divergence() to be step `step`'s, on level 0, the same bits on every rank,
+// within 1e-5 relative of max_i ||x_i - mean|| / ||mean|| in long double, x_i the inputs
+// noise(i, salt, k) of set `s` (any set with each()), and (with 2+ ranks) a real spread.
+template <class S>
+void require_divergence(const hma::Averager& avg, S& s, int salt, std::int64_t step) {
+  long double mean2 = 0;
+  std::vector<long double> dev2(static_cast<std::size_t>(size()), 0);
+  s.each([&](std::size_t k, auto& x) {
+    using T = std::remove_reference_t<decltype(x)>;
+    long double mean = 0, sp = 0;
+    world_mean<T>(salt, k, mean, sp);
+    mean2 += mean * mean;
+    for (int r = 0; r < size(); ++r) {
+      const long double d = static_cast<T>(hma_test::noise(r, salt, k)) - mean;
+      dev2[static_cast<std::size_t>(r)] += d * d;
+    }
+  });
+  long double worst = 0;
+  for (auto d : dev2) worst = std::max(worst, d);
+  const double want = static_cast<double>(std::sqrt(worst) / std::sqrt(mean2));
+  const auto got = avg.last_divergence();
+  REQUIRE_ALL_RANKS(got && got->step == step && got->level == 0);
+  INFO("got " << got->value << " want " << want);
+  // The mean is rounded (f32 elements): relative 1e-5 of the spread, far below a real spread.
+  REQUIRE_ALL_RANKS(std::fabs(got->value - want) <= 1e-5 * (want + 1e-3));
+  double mine = got->value, root = mine;
+  MPI_Bcast(&root, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  REQUIRE_ALL_RANKS(std::bit_cast<std::uint64_t>(mine) == std::bit_cast<std::uint64_t>(root));
+  if (size() > 1) REQUIRE_ALL_RANKS(want > 0.1);  // the ranks' values really differ
+}
+
 }  // namespace
 
 TEST_CASE("outer optimizer: SGD with momentum and Nesterov from the anchor, within the stated bound") {
@@ -365,31 +396,7 @@ TEST_CASE("divergence: max_i ||x_i - mean|| / ||mean|| of the group, the same on
         auto r = avg.start(s.ps);
         r.wait();
       }
-      // Reference: every rank's inputs, their mean, in long double.
-      long double mean2 = 0;
-      std::vector<long double> dev2(static_cast<std::size_t>(size()), 0);
-      s.each([&](std::size_t k, auto& x) {
-        using T = std::remove_reference_t<decltype(x)>;
-        long double mean = 0, sp = 0;
-        world_mean<T>(500 + t, k, mean, sp);
-        mean2 += mean * mean;
-        for (int r = 0; r < size(); ++r) {
-          const long double d = static_cast<T>(hma_test::noise(r, 500 + t, k)) - mean;
-          dev2[static_cast<std::size_t>(r)] += d * d;
-        }
-      });
-      long double worst = 0;
-      for (auto d : dev2) worst = std::max(worst, d);
-      const double want = static_cast<double>(std::sqrt(worst) / std::sqrt(mean2));
-      const auto got = avg.last_divergence();
-      REQUIRE_ALL_RANKS(got && got->step == t && got->level == 0);
-      INFO("got " << got->value << " want " << want);
-      // The mean is rounded (f32 elements): relative 1e-5 of the spread, far below a real spread.
-      REQUIRE_ALL_RANKS(std::fabs(got->value - want) <= 1e-5 * (want + 1e-3));
-      double mine = got->value, root = mine;
-      MPI_Bcast(&root, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-      REQUIRE_ALL_RANKS(std::bit_cast<std::uint64_t>(mine) == std::bit_cast<std::uint64_t>(root));
-      if (size() > 1) REQUIRE_ALL_RANKS(want > 0.1);  // the ranks' values really differ
+      require_divergence(avg, s, 500 + t, t);
     }
   }
 }
@@ -621,14 +628,7 @@ struct DevSet {
   void fill(int r, int salt) {
     each([&](std::size_t k, auto& x) { x = static_cast<std::remove_reference_t<decltype(x)>>(hma_test::noise(r, salt, k)); });
   }
-  std::vector<std::uint64_t> bits() {
-    std::vector<std::uint64_t> out;
-    each([&](std::size_t, auto& x) {
-      if constexpr (sizeof(x) == 4) out.push_back(std::bit_cast<std::uint32_t>(x));
-      else out.push_back(std::bit_cast<std::uint64_t>(x));
-    });
-    return out;
-  }
+  std::vector<std::uint64_t> bits() { return hma_test::bits_of(*this); }
 };
 
 // The device paths an average can be asked to take: the outer optimizer and the divergence
@@ -855,29 +855,7 @@ TEST_CASE("device sets (emulated): the divergence metric on every path, as for h
           r.wait();
         }
         s.ps.synchronize();
-        long double mean2 = 0;
-        std::vector<long double> dev2(static_cast<std::size_t>(size()), 0);
-        s.each([&](std::size_t k, auto& x) {
-          using T = std::remove_reference_t<decltype(x)>;
-          long double mean = 0, sp = 0;
-          world_mean<T>(1400 + t, k, mean, sp);
-          mean2 += mean * mean;
-          for (int r = 0; r < size(); ++r) {
-            const long double d = static_cast<T>(hma_test::noise(r, 1400 + t, k)) - mean;
-            dev2[static_cast<std::size_t>(r)] += d * d;
-          }
-        });
-        long double worst = 0;
-        for (auto d : dev2) worst = std::max(worst, d);
-        const double want = static_cast<double>(std::sqrt(worst) / std::sqrt(mean2));
-        const auto got = avg.last_divergence();
-        REQUIRE_ALL_RANKS(got && got->step == t && got->level == 0);
-        INFO("got " << got->value << " want " << want);
-        REQUIRE_ALL_RANKS(std::fabs(got->value - want) <= 1e-5 * (want + 1e-3));
-        double mine = got->value, root = mine;
-        MPI_Bcast(&root, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-        REQUIRE_ALL_RANKS(std::bit_cast<std::uint64_t>(mine) == std::bit_cast<std::uint64_t>(root));
-        if (size() > 1) REQUIRE_ALL_RANKS(want > 0.1);
+        require_divergence(avg, s, 1400 + t, t);
         // The average itself is still the plain one (the metric only reads).
         bool ok = true;
         s.each([&](std::size_t k, auto& x) {
