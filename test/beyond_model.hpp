@@ -39,6 +39,14 @@ std::vector<std::uint64_t> bits_of(S& s) {
   return out;
 }
 
+/// Collective: true when every rank of `comm` holds the same bits in `s` as its rank 0.
+template <class S>
+bool same_bits_everywhere(S& s, MPI_Comm comm) {
+  auto mine = bits_of(s), root = mine;
+  MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_UINT64_T, 0, comm);
+  return mine == root;
+}
+
 /// One zero-copy float array, one packed float array, one packed double array.
 struct Set {
   std::vector<float> uf;
@@ -64,11 +72,7 @@ struct Set {
   }
   std::vector<std::uint64_t> bits() { return bits_of(*this); }
   /// Collective: true when every rank of `comm` holds the same bits as its rank 0.
-  bool same_bits_everywhere(MPI_Comm comm) {
-    auto mine = bits(), root = mine;
-    MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_UINT64_T, 0, comm);
-    return mine == root;
-  }
+  bool same_bits_everywhere(MPI_Comm comm) { return hma_test::same_bits_everywhere(*this, comm); }
   /// Requires (on every rank) each element within `terms` * u * sum|w_r x_r| / W of the exact
   /// sum_r w_r x_r / W (long double), x_r = (T)noise(r, salt, k), u the element type's unit
   /// roundoff. Ranks with weight 0 take no part.

@@ -209,6 +209,36 @@ void world_mean(int salt, std::size_t k, long double& mean, long double& spread)
   spread /= size();
 }
 
+// One outer step of `ref` on the world's mean of the inputs noise(r, salt, k) of set `s` (any set
+// with each()), then requires every element of `s` within the reference's bound of its anchor,
+// and the same bits on every rank.
+template <class S>
+void require_outer_step(OuterRef& ref, S& s, int salt, int t) {
+  std::vector<long double> a, spread;
+  s.each([&](std::size_t k, auto& x) {
+    long double mean = 0, sp = 0;
+    world_mean<std::remove_reference_t<decltype(x)>>(salt, k, mean, sp);
+    a.push_back(mean);
+    spread.push_back(sp);
+  });
+  // One bound for both types would hide f64 mistakes: the unit roundoff per element.
+  ref.step(a, spread, 0x1p-24);
+  bool ok = true;
+  std::string first;
+  s.each([&](std::size_t k, auto& x) {
+    const long double u_scale = sizeof(x) == 4 ? 1.0L : 0x1p-29L;  // f64: 2^-53 / 2^-24
+    const long double err = std::fabs(static_cast<long double>(x) - ref.anchor[k]);
+    if (err > ref.tol[k] * u_scale && ok) {
+      ok = false;
+      first = "step " + std::to_string(t) + " element " + std::to_string(k) + ": got " +
+              std::to_string(static_cast<double>(x)) + ", want " + std::to_string(static_cast<double>(ref.anchor[k]));
+    }
+  });
+  INFO(first);
+  REQUIRE_ALL_RANKS(ok);
+  REQUIRE_ALL_RANKS(hma_test::same_bits_everywhere(s, MPI_COMM_WORLD));
+}
+
 // Requires avg.last_divergence() to be step `step`'s, on level 0, the same bits on every rank,
 // within 1e-5 relative of max_i ||x_i - mean|| / ||mean|| in long double, x_i the inputs
 // noise(i, salt, k) of set `s` (any set with each()), and (with 2+ ranks) a real spread.
@@ -260,31 +290,7 @@ TEST_CASE("outer optimizer: SGD with momentum and Nesterov from the anchor, with
           auto r = avg.start(s.ps);
           r.wait();
         }
-        std::vector<long double> a, spread;
-        std::vector<bool> is_f;
-        s.each([&](std::size_t k, auto& x) {
-          long double mean = 0, sp = 0;
-          world_mean<std::remove_reference_t<decltype(x)>>(100 + t, k, mean, sp);
-          a.push_back(mean);
-          spread.push_back(sp);
-          is_f.push_back(sizeof(x) == 4);
-        });
-        // One bound for both types would hide f64 mistakes: the unit roundoff per element.
-        ref.step(a, spread, 0x1p-24);
-        bool ok = true;
-        std::string first;
-        s.each([&](std::size_t k, auto& x) {
-          const long double u_scale = sizeof(x) == 4 ? 1.0L : 0x1p-29L;  // f64: 2^-53 / 2^-24
-          const long double err = std::fabs(static_cast<long double>(x) - ref.anchor[k]);
-          if (err > ref.tol[k] * u_scale && ok) {
-            ok = false;
-            first = "step " + std::to_string(t) + " element " + std::to_string(k) + ": got " +
-                    std::to_string(static_cast<double>(x)) + ", want " + std::to_string(static_cast<double>(ref.anchor[k]));
-          }
-        });
-        INFO(first);
-        REQUIRE_ALL_RANKS(ok);
-        REQUIRE_ALL_RANKS(s.same_bits_everywhere(MPI_COMM_WORLD));
+        require_outer_step(ref, s, 100 + t, t);
       }
     }
 }
@@ -667,30 +673,7 @@ TEST_CASE("device sets (emulated): the outer optimizer, within the stated bound,
           r.wait();
         }
         s.ps.synchronize();
-        std::vector<long double> a, spread;
-        s.each([&](std::size_t k, auto& x) {
-          long double mean = 0, sp = 0;
-          world_mean<std::remove_reference_t<decltype(x)>>(1200 + t, k, mean, sp);
-          a.push_back(mean);
-          spread.push_back(sp);
-        });
-        ref.step(a, spread, 0x1p-24);
-        bool ok = true;
-        std::string first;
-        s.each([&](std::size_t k, auto& x) {
-          const long double u_scale = sizeof(x) == 4 ? 1.0L : 0x1p-29L;
-          const long double err = std::fabs(static_cast<long double>(x) - ref.anchor[k]);
-          if (err > ref.tol[k] * u_scale && ok) {
-            ok = false;
-            first = "step " + std::to_string(t) + " element " + std::to_string(k) + ": got " +
-                    std::to_string(static_cast<double>(x)) + ", want " + std::to_string(static_cast<double>(ref.anchor[k]));
-          }
-        });
-        INFO(first);
-        REQUIRE_ALL_RANKS(ok);
-        auto mine = s.bits(), root = mine;
-        MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_UINT64_T, 0, MPI_COMM_WORLD);
-        REQUIRE_ALL_RANKS(mine == root);
+        require_outer_step(ref, s, 1200 + t, t);
       }
       // The state is the host's: in the checkpoint like a host set's.
       REQUIRE(avg.checkpoint().find("\nouter level 0 group 0 f32 341 f64 77 layout ") != std::string::npos);
