@@ -1,7 +1,11 @@
 // hma-bench-device: device-buffer averages next to host-buffer averages of the same bytes, and
-// next to their floors measured in the same run: bare MPI_Allreduce on host memory and the
-// device<->pinned-host copies that the staged path cannot avoid. Also checks, per size, that the
-// device result equals the host result bit for bit. CUDA builds only; without a usable GPU it
+// next to their floors measured in the same run: bare MPI_Allreduce on host memory, the
+// device<->pinned-host copies that the staged path cannot avoid, and one device-to-device copy of
+// the buffer (the floor of the node transport, which reads every rank's terms on the device).
+// Columns: dev-mpi is the MPI path (staged or direct, HMA_DEVICE_PATH) with the node transport
+// off; dev-ipc and ipc-nb the node transport (blocking; start + wait), where every group lies in
+// one node. Also checks, per size, that the MPI path's result equals the host result bit for bit,
+// and that the node transport's equals, on every rank, the terms x_r / np added in rank order. CUDA builds only; without a usable GPU it
 // says why and exits 77.
 //   mpirun -np 2 build/bench/hma-bench-device --sizes 1M,16M,256M --csv dev.csv --json dev.json
 #include <cuda_runtime.h>
@@ -16,6 +20,7 @@ namespace {
 
 const char* kUsage =
     "usage: hma-bench-device [options]\n"
+    "  (HMA_DEVICE_IPC=0 leaves out the node transport's columns)\n"
     "  --sizes LIST      comma list of byte sizes (default 1M,16M,256M; K/M/G suffixes)\n"
     "  --iters N         timed iterations per measurement (default 20)\n"
     "  --warmup N        untimed iterations (default 2)\n"
@@ -83,8 +88,9 @@ int main(int argc, char** argv) {
       std::printf("# median µs of one average (slowest rank); device times include the device work "
                   "(params.synchronize()); ratio = device / host\n");
       if (post != "none") std::printf("# every average with: %s\n", post.c_str());
-      std::printf("%10s %6s %10s %10s %7s %10s %7s %10s %10s\n", "bytes", "exact", "host-hma",
-                  "dev-hma", "ratio", "dev-nb", "ratio", "bare-host", "d2h+h2d");
+      std::printf("%10s %6s %10s %10s %7s %10s %7s %5s %10s %10s %10s %10s %10s\n", "bytes", "exact",
+                  "host-hma", "dev-mpi", "ratio", "dev-nb", "ratio", "same", "dev-ipc", "ipc-nb",
+                  "bare-host", "d2h+h2d", "d2d");
     }
     bench::Table table({"bytes", "np", "variant", "median_us", "p10_us", "p90_us", "min_us", "max_us",
                         "iters", "algbw_GBps", "ratio_to_host", "bit_exact"});
@@ -93,13 +99,18 @@ int main(int argc, char** argv) {
     for (const long long b : sizes) {
       const std::size_t n = static_cast<std::size_t>(b) / sizeof(float);
       hma::PeriodicAverager avg_ref(MPI_COMM_WORLD, 1, 0, with_post(ref));
-      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, with_post({}));  // hma's defaults: device set
+      hma::AveragerOptions mpi_path;
+      mpi_path.device_ipc = false;
+      hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, with_post(mpi_path));  // device set, through MPI
+      hma::PeriodicAverager avg_ipc(MPI_COMM_WORLD, 1, 0, with_post({}));  // hma's defaults
       hma::PeriodicAverager avg_host(MPI_COMM_WORLD, 1, 0, with_post({}));  // ... and host set
       const MPI_Comm comm = avg.hierarchy().level(0).get();
       const double bytes = static_cast<double>(n * sizeof(float));
+      auto init_of = [](int r, std::size_t i) {
+        return static_cast<float>(r + 1) * 0.1f + static_cast<float>(i % 1013) / 7.0f;
+      };
       std::vector<float> init(n);
-      for (std::size_t i = 0; i < n; ++i)
-        init[i] = static_cast<float>(bench::rank() + 1) * 0.1f + static_cast<float>(i % 1013) / 7.0f;
+      for (std::size_t i = 0; i < n; ++i) init[i] = init_of(bench::rank(), i);
       hma::ParamSet host;
       auto hw = host.allocate<float>(n);
       std::memcpy(hw.data(), init.data(), n * sizeof(float));
@@ -114,6 +125,23 @@ int main(int argc, char** argv) {
       cu(cudaMemcpy(back.data(), dw.data(), n * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
       int same = std::memcmp(back.data(), hw.data(), n * sizeof(float)) == 0 ? 1 : 0, all_same = 0;
       MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+      // The node transport on fresh data: x_r / np (IEEE division, as the pack kernel) added in
+      // rank order, the same bits on every rank.
+      const bool ipc_on = avg_ipc.device_path().find("level 0: the node transport") != std::string::npos;
+      int ipc_same = 1, all_ipc_same = 0;
+      if (ipc_on) {
+        cu(cudaMemcpy(dw.data(), init.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+        avg_ipc.average(dps, 0);
+        dps.synchronize();
+        cu(cudaMemcpy(back.data(), dw.data(), n * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+        const float g = static_cast<float>(world);
+        for (std::size_t i = 0; i < n && ipc_same; ++i) {
+          float acc = init_of(0, i) / g;
+          for (int r = 1; r < world; ++r) acc += init_of(r, i) / g;
+          ipc_same = std::memcmp(&acc, &back[i], sizeof acc) == 0 ? 1 : 0;
+        }
+      }
+      MPI_Allreduce(&ipc_same, &all_ipc_same, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
       // Timings.
       float* pinned = nullptr;
       cu(cudaMallocHost(&pinned, n * sizeof(float)), "cudaMallocHost");
@@ -129,6 +157,25 @@ int main(int argc, char** argv) {
         r.wait();
         dps.synchronize();
       }));
+      bench::Stats t_ipc{}, t_ipc_nb{};
+      if (ipc_on) {
+        t_ipc = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+          avg_ipc.average(dps, 0, stream);
+          dps.synchronize();
+        }));
+        t_ipc_nb = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+          auto r = avg_ipc.start_average(dps, 0, stream);
+          r.wait();
+          dps.synchronize();
+        }));
+      }
+      float* other = nullptr;
+      cu(cudaMalloc(&other, n * sizeof(float)), "cudaMalloc");
+      auto t_d2d = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+        cu(cudaMemcpyAsync(other, dw.data(), n * sizeof(float), cudaMemcpyDeviceToDevice, stream), "copy");
+        cu(cudaStreamSynchronize(stream), "sync");
+      }));
+      cudaFree(other);
       auto t_bare = bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
         MPI_Allreduce(MPI_IN_PLACE, bare.data(), cnt, MPI_FLOAT, MPI_SUM, comm);
       }));
@@ -139,26 +186,34 @@ int main(int argc, char** argv) {
       }));
       cudaFreeHost(pinned);
       const double h = t_host.median;
-      auto add = [&](const char* v, const bench::Stats& s) {
+      auto add = [&](const char* v, const bench::Stats& s, int exact = -1) {
         table.add({bench::fmt(bytes, 0), std::to_string(world), v, bench::fmt(s.median, 3),
                    bench::fmt(s.p10, 3), bench::fmt(s.p90, 3), bench::fmt(s.min, 3), bench::fmt(s.max, 3),
                    std::to_string(s.n), bench::fmt(bench::algbw(bytes, s.median), 4),
-                   bench::fmt(s.median / h, 4), all_same ? "1" : "0"});
+                   bench::fmt(s.median / h, 4), (exact < 0 ? all_same : exact) ? "1" : "0"});
       };
       add("host_hma", t_host);
       add("device_hma", t_dev);
       add("device_hma_start_wait", t_nb);
+      if (ipc_on) {
+        add("device_ipc", t_ipc, all_ipc_same);
+        add("device_ipc_start_wait", t_ipc_nb, all_ipc_same);
+      }
       add("bare_allreduce_host", t_bare);
       add("d2h_h2d_copy", t_copy);
+      add("d2d_copy", t_d2d);
       if (bench::rank() == 0)
-        std::printf("%10s %6s %10.1f %10.1f %7.3f %10.1f %7.3f %10.1f %10.1f\n",
+        std::printf("%10s %6s %10.1f %10.1f %7.3f %10.1f %7.3f %5s %10.1f %10.1f %10.1f %10.1f %10.1f\n",
                     bench::human_bytes(bytes).c_str(), all_same ? "yes" : "NO", h, t_dev.median,
-                    t_dev.median / h, t_nb.median, t_nb.median / h, t_bare.median, t_copy.median);
+                    t_dev.median / h, t_nb.median, t_nb.median / h,
+                    !ipc_on ? "-" : all_ipc_same ? "yes" : "NO", t_ipc.median, t_ipc_nb.median,
+                    t_bare.median, t_copy.median, t_d2d.median);
       std::fflush(stdout);
     }
     cudaStreamDestroy(stream);
     if (bench::rank() == 0) {
-      std::printf("# exact: the device average equals the host average of the same data bit for bit "
+      std::printf("# exact: the MPI path's device average equals the host average of the same data bit "
+                  "for bit (all ranks); same: the node transport's equals x_r/np added in rank order "
                   "(all ranks)\n");
       if (!csv.empty()) table.write_csv(csv);
       if (!json.empty()) table.write_json(json, meta);

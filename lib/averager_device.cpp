@@ -15,13 +15,37 @@
 #include "support/timeline.hpp"
 #include "support/worker.hpp"
 #include "transport/device.hpp"
+#include "transport/ipc.hpp"
 #include "transport/post.hpp"
 
 namespace hma {
 
+std::string Averager::ipc_why(std::size_t level) const {
+  if (!settings_.device_ipc) return "off (HMA_DEVICE_IPC=0, or AveragerOptions::device_ipc)";
+  const int g = schedule_.levels()[level].group_size;
+  if (g < 2) return "not needed (groups of one rank)";
+  if (g > detail::kMaxIpcPeers)
+    return "not used: groups of " + std::to_string(g) + " ranks (it reads at most " +
+           std::to_string(detail::kMaxIpcPeers) + ")";
+  const int rpn = hierarchy_.ranks_per_node();
+  const bool one_node = hierarchy_.num_nodes() <= 1 ||
+                        (hierarchy_.contiguous_nodes() && rpn > 0 && g <= rpn && rpn % g == 0);
+  if (!one_node) return "not used: the groups span several nodes";
+  if (level < ipc_.size() && ipc_[level] && ipc_[level]->off)
+    return "off since the group's first average there: " + ipc_[level]->why;
+  return "";
+}
+
 std::string Averager::device_path() const {
   if (!device_plan_) return "device buffers: this rank is outside the averaging group";
-  std::string why = device_plan_->why;
+  std::string why;
+  for (std::size_t i = 0; i < schedule_.levels().size(); ++i) {
+    const std::string no = ipc_why(i);
+    why += "level " + std::to_string(i) + ": " +
+           (no.empty() ? "the node transport (on the device, peers' terms through CUDA IPC)"
+                       : "node transport " + no) + "; ";
+  }
+  why += device_plan_->why;
   if (settings_.outer.enabled || settings_.divergence)
     why += std::string("; averages ") +
            (settings_.outer.enabled ? "at level " + std::to_string(settings_.outer.level) +
@@ -90,6 +114,9 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   // the chunks of the staged path (also for a group of one: its outer update still applies).
   std::shared_ptr<detail::Post> post = make_post(job.p, params.layout_fingerprint(), s.f32.size(), s.f64.size());
   if (post) post->size_inputs(s.f32.size(), s.f64.size());
+  // The node transport: on the device, when the group lies in one node (see ipc.hpp).
+  std::shared_ptr<detail::IpcLevel> ipc;
+  if (!post && g > 1 && level < ipc_.size() && ipc_[level] && !ipc_[level]->off) ipc = ipc_[level];
   if (g == 1 && !post) {  // the identity: nothing to move, the caller's stream is ordered already
     job.p->launch = [](detail::Pending& q) { q.finish = [] {}; };
     return job;
@@ -107,16 +134,23 @@ detail::Prepared Averager::prepare_device(DeviceParamSet& params, std::size_t le
   // The data stage: after the group agreed (maybe later, from the set's wait()).
   const bool reciprocal = settings_.device_division == DeviceDivision::reciprocal;
   r.reciprocal = reciprocal;
-  job.p->launch = [sp = &s, r, g, lv, st, blocking, reciprocal, w = worker_.get(), post](detail::Pending& q) {
+  job.p->launch = [sp = &s, r, g, lv, st, blocking, reciprocal, w = worker_.get(), post, ipc,
+                   two_shot = settings_.ipc_two_shot_bytes](detail::Pending& q) {
     detail::DeviceGuard on_device(sp->be, sp->device);
     detail::TimelineScope whole(blocking ? "device average" : "device start", lv, st, q.who.bytes, g);
     detail::DeviceRoute rq = r;
     rq.weight_factor = q.weight_factor;
     // With a post the kernel only packs (x * 1, exact): the host scales after keeping the inputs.
+    auto pack = [sp, g = post ? 1 : g, reciprocal, wf = post ? -1.0 : q.weight_factor](detail::DeviceBucket& b,
+                                                                                       void* out) {
+      sp->be->scale_pack(b.dtype, b.storage, b.table, b.segs, b.size(), g, reciprocal, wf, sp->stream, out);
+    };
+    if (ipc) {  // blocking or not: complete() advances its handshake and stages
+      detail::start_ipc(*sp, detail::IpcRoute{ipc, rq, w, two_shot}, q, pack);
+      return;
+    }
     for (detail::DeviceBucket* b : {&sp->f32, &sp->f64})
-      if (b->size() > 0)
-        sp->be->scale_pack(b->dtype, b->storage, b->table, b->segs, b->size(), post ? 1 : g,
-                           reciprocal, post ? -1.0 : q.weight_factor, sp->stream);
+      if (b->size() > 0) pack(*b, b->storage);
     sp->be->record(sp->packed, sp->stream);
     if (!blocking) {
       detail::start_device(*sp, rq, q, w);

@@ -11,6 +11,7 @@
 #include "pending.hpp"
 #include "support/log.hpp"
 #include "support/worker.hpp"
+#include "transport/ipc.hpp"
 #include "transport/post.hpp"
 
 namespace hma {
@@ -64,6 +65,9 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
   }
   if (settings_.divergence) divergence_ = std::make_shared<detail::DivergenceLog>();
   if (settings_.progress == Progress::thread) worker_ = std::make_unique<detail::Worker>();
+  ipc_.resize(sizes.size());
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    if (ipc_why(i).empty()) ipc_[i] = std::make_shared<detail::IpcLevel>();
   if (hierarchy_.world().rank() == 0) {
     for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
     detail::log(detail::LogLevel::info, describe());
@@ -84,6 +88,7 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   settings_ = o.settings_;
   scratch_ = std::move(o.scratch_);
   device_plan_ = std::move(o.device_plan_);
+  ipc_ = std::move(o.ipc_);
   inflight_ = std::move(o.inflight_);
   worker_ = std::move(o.worker_);
   return *this;
@@ -132,6 +137,8 @@ void Averager::finish_all() noexcept {
     // hang this destructor. Leaked on purpose, like the communicators it uses.
     (void)worker_.release();
     hierarchy_.abandon();
+    for (auto& l : ipc_)
+      if (l) l->comm.release();
   }
 }
 

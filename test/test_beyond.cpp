@@ -644,6 +644,7 @@ enum class DevWay { staged, direct, thread };
 hma::AveragerOptions dev_options(DevWay way) {
   hma::AveragerOptions o;
   o.staging_chunk_bytes = 256;  // several chunks per array, chunks across arrays
+  o.device_ipc = false;          // the MPI paths (the node transport sums in rank order)
   if (way == DevWay::direct) {
     o.cuda_aware = true;
     o.device_path = hma::DevicePath::direct;

@@ -100,6 +100,7 @@ TEST_CASE("an error while completing a dying set's average leaks the buffers ins
   hma::AveragerOptions o;
   o.staging_chunk_bytes = 64;  // many staged chunks: MPI work is in flight after start()
   o.device_path = hma::DevicePath::staged;
+  o.device_ipc = false;
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
   hma::DeviceParamSet ps;
   (void)ps.allocate<float>(1000, 1.0f);

@@ -125,17 +125,20 @@ std::vector<Mode> modes() {
   }
   hma::AveragerOptions staged;
   staged.staging_chunk_bytes = 4096;
+  staged.device_ipc = false;  // the MPI paths; the node transport has modes of its own below
   add({.name = "device (emulated), staged 4 KiB chunks", .options = staged, .device = true,
        .path = Use::device_staged});
   add({.name = "device (emulated), staged, start/wait", .options = staged, .start = true, .device = true,
        .path = Use::device_staged});
   hma::AveragerOptions whole;
   whole.staging_chunk_bytes = 0;
+  whole.device_ipc = false;
   add({.name = "device (emulated), staged whole buckets, count limit 1000", .options = whole, .device = true,
        .max_count = 1000, .path = Use::device_staged});
   hma::AveragerOptions direct;
   direct.cuda_aware = true;
   direct.device_path = hma::DevicePath::direct;
+  direct.device_ipc = false;
   add({.name = "device (emulated), direct (CUDA-aware MPI_Allreduce), count limit 1000", .options = direct,
        .device = true, .max_count = 1000, .path = Use::device_direct,
        .calls = pieces(kF, 1000) + pieces(kD, 1000)});
@@ -147,6 +150,23 @@ std::vector<Mode> modes() {
        .reciprocal = true, .path = Use::device_staged});
   add({.name = "device (emulated), reciprocal division, start/wait", .options = recip, .start = true,
        .device = true, .reciprocal = true, .path = Use::device_staged});
+  // The node transport, where every rank is on one node (not on the emulated cluster): each rank
+  // adds all ranks' terms on the "device", in rank order.
+  const bool one_node = [] {
+    MPI_Comm node = MPI_COMM_NULL;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    int n = 0;
+    MPI_Comm_size(node, &n);
+    MPI_Comm_free(&node);
+    return n == size() && std::getenv("HMA_RANKS_PER_NODE") == nullptr;
+  }();
+  if (one_node) add({.name = "device (emulated), node transport", .options = {}, .device = true, .path = Use::device_ipc});
+  if (one_node) add({.name = "device (emulated), node transport, start/wait", .options = {}, .start = true, .device = true,
+       .path = Use::device_ipc});
+  hma::AveragerOptions recip_ipc;
+  recip_ipc.device_division = hma::DeviceDivision::reciprocal;
+  if (one_node) add({.name = "device (emulated), node transport, reciprocal division", .options = recip_ipc, .device = true,
+       .reciprocal = true, .path = Use::device_ipc});
 
   // Two-level over emulated nodes of 2, 3 and 4 ranks: groups of several whole nodes.
   for (int node : {2, 3, 4}) {
@@ -267,6 +287,8 @@ std::vector<Mode> modes() {
     add({.name = "start/wait" + of, .options = {}, .start = true, .group = g, .path = Use::iallreduce, .calls = 2});
     add({.name = "device (emulated), staged" + of, .options = staged, .device = true, .group = g,
          .path = Use::device_staged});
+    if (one_node) add({.name = "device (emulated), node transport" + of, .options = {}, .device = true, .group = g,
+         .path = Use::device_ipc});
   }
   if (size() % 4 == 0 && size() > 4) {
     hma::AveragerOptions two;

@@ -27,6 +27,7 @@ struct OuterState;
 struct DivergenceLog;
 class Post;
 class Worker;
+struct IpcLevel;
 struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
   std::vector<float> f;
   std::vector<double> d;
@@ -239,6 +240,8 @@ class Averager {
   std::size_t two_level_from(std::size_t level) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;
+  // Empty when the node transport may average device sets at `level`, else why not.
+  std::string ipc_why(std::size_t level) const;
   std::string algorithm_line(std::size_t level) const;
 
   Schedule schedule_;
@@ -248,6 +251,8 @@ class Averager {
   detail::Settings settings_;
   std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
   std::unique_ptr<detail::DevicePlan> device_plan_;
+  // Per level: the node transport for device sets (null where it does not apply; see ipc_why()).
+  std::vector<std::shared_ptr<detail::IpcLevel>> ipc_;
   std::shared_ptr<detail::OuterState> outer_;          // AveragerOptions::outer
   std::shared_ptr<detail::DivergenceLog> divergence_;  // AveragerOptions::divergence
   std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()

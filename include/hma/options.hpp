@@ -183,6 +183,14 @@ struct AveragerOptions {
   static constexpr std::size_t kDefaultStagingSlots = 3;
   /// nullopt: the environment variable HMA_DEVICE_DIVISION (divide or reciprocal), default divide.
   std::optional<DeviceDivision> device_division;
+  /// The node transport for DeviceParamSets: at a level whose groups each lie in one node (at
+  /// most 16 ranks), the group averages on the device, each rank reading its peers' terms
+  /// through CUDA IPC (README "Device buffers: the node transport"), instead of the staged or
+  /// direct path. Where the group's devices cannot reach each other (neither the same device nor
+  /// peer access), the group turns it off at that level on its first average there, and
+  /// device_path() says why. Averages with the outer optimizer or the divergence metric stay
+  /// staged. nullopt: the environment variable HMA_DEVICE_IPC (0 or 1), default on.
+  std::optional<bool> device_ipc;
   /// The outer optimizer. nullopt: the environment variable HMA_OUTER, e.g.
   /// "lr=0.7,momentum=0.9,nesterov" (keys lr, momentum, nesterov, level), default none.
   std::optional<OuterOptimizer> outer;
@@ -253,6 +261,11 @@ struct Settings {
   std::string model_source = "defaults";  // "defaults" or the HMA_MODEL file
   OuterSettings outer;
   bool divergence = false;
+  bool device_ipc = true;
+  // The node transport's two-shot sum from this many bytes of a set (HMA_IPC_TWO_SHOT_BYTES).
+  // Default: never, until it is measured on a GPU (it is tested on the emulation backend only).
+  std::size_t ipc_two_shot_bytes = kDefaultIpcTwoShotBytes;
+  static constexpr std::size_t kDefaultIpcTwoShotBytes = SIZE_MAX;
   std::vector<Wire> wire;  // per level once the averager is built (empty before: all exact)
 };
 }  // namespace detail

@@ -176,6 +176,9 @@ Settings resolve_settings(const AveragerOptions& o) {
                                                       {"reciprocal", DeviceDivision::reciprocal}});
   s.outer = resolve_outer(o.outer);
   s.divergence = o.divergence.value_or(env_bool("HMA_DIVERGENCE", false));
+  s.device_ipc = o.device_ipc.value_or(env_bool("HMA_DEVICE_IPC", true));
+  if (!env_str("HMA_IPC_TWO_SHOT_BYTES", "").empty())
+    s.ipc_two_shot_bytes = env_bytes("HMA_IPC_TWO_SHOT_BYTES", 0);
   s.wire = resolve_wire(o.wire);
   (void)log_level();  // validates HMA_LOG on every rank
   return s;
@@ -246,6 +249,8 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              s.outer.nesterov ? 1u : 0u,
                              s.outer.level,
                              s.divergence ? 1u : 0u,
+                             s.device_ipc ? 1u : 0u,
+                             s.ipc_two_shot_bytes,
                              std::hash<std::string>{}(wire_text(s.wire))};
   check_same(comm, v, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
     char secs[40];
@@ -261,7 +266,9 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
            ", device division " + (s.device_division == DeviceDivision::divide ? "divide" : "reciprocal") +
            ", cost model " + s.model_source + " (" + format_link_model(s.model) + ")" +
            ", outer " + (s.outer.enabled ? outer_text(s.outer) : "none") + ", divergence " +
-           (s.divergence ? "on" : "off") + ", wire " + wire_text(s.wire);
+           (s.divergence ? "on" : "off") + ", node transport " + (s.device_ipc ? "on" : "off") + (s.ipc_two_shot_bytes == SIZE_MAX ? std::string(" (one-shot)")
+                                      : " (two-shot from " + std::to_string(s.ipc_two_shot_bytes) + " bytes)") +
+           ", wire " + wire_text(s.wire);
   });
 }
 

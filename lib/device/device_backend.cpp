@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include "device/emulation.hpp"
+#include "device/shm.hpp"
 #include "device/segments.hpp"
 #include "hma/error.hpp"
 
@@ -47,13 +48,13 @@ void each_element(const std::vector<Segment>& segs, std::uint64_t from, std::uin
 
 template <class T>
 void scale_pack_t(T* storage, const std::vector<Segment>& segs, std::size_t total, int group,
-                  bool reciprocal, double weight) {
+                  bool reciprocal, double weight, T* out) {
   const T g = static_cast<T>(group), inv = T(1) / g;
   const bool pow2 = reciprocal || (group & (group - 1)) == 0;
   if (segs.empty()) return;
   each_element<T>(segs, 0, total, [&](const Segment& s, std::uint64_t e) {
     const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
-    storage[e] = weight >= 0 ? static_cast<T>(static_cast<double>(x) * weight) : pow2 ? x * inv : x / g;
+    out[e] = weight >= 0 ? static_cast<T>(static_cast<double>(x) * weight) : pow2 ? x * inv : x / g;
   });
 }
 
@@ -77,6 +78,40 @@ bool nonfinite_t(const T* storage, const std::vector<Segment>& segs, std::size_t
   return bad;
 }
 
+template <class T>
+void sum_t(T* dst, const std::vector<const void*>& src, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    T acc = static_cast<const T*>(src[0])[i];
+    for (std::size_t j = 1; j < src.size(); ++j) acc += static_cast<const T*>(src[j])[i];
+    dst[i] = acc;
+  }
+}
+
+// The pack kernel's term for one rank: x * factor (weighted), x * fl(1/g), or x / g.
+template <class T>
+T term(T x, double factor, T g, T inv, bool mul) {
+  return factor >= 0 ? static_cast<T>(static_cast<double>(x) * factor) : mul ? x * inv : x / g;
+}
+
+template <class T>
+void sum_terms_t(T* dst, const std::vector<const void*>& src, const std::vector<double>& f, std::size_t n,
+                 int group, bool mul) {
+  const T g = static_cast<T>(group), inv = T(1) / g;
+  for (std::size_t i = 0; i < n; ++i) {
+    T acc = term(static_cast<const T*>(src[0])[i], f[0], g, inv, mul);
+    for (std::size_t j = 1; j < src.size(); ++j) acc += term(static_cast<const T*>(src[j])[i], f[j], g, inv, mul);
+    dst[i] = acc;
+  }
+}
+
+template <class T>
+void pack_only_t(T* storage, const std::vector<Segment>& segs, std::uint64_t from, std::size_t total) {
+  if (segs.empty()) return;
+  each_element<T>(segs, from, total, [&](const Segment& s, std::uint64_t e) {
+    if (s.user != nullptr) storage[e] = static_cast<const T*>(s.user)[e - s.at];
+  });
+}
+
 // The calling thread's current device, as CUDA keeps it per thread.
 thread_local int emulated_current = 0;
 
@@ -94,7 +129,7 @@ class HostEmulation final : public DeviceBackend {
   }
   int current_device() override { return emulated_current; }
   void* alloc(std::size_t bytes) override {
-    void* p = raw(bytes);
+    void* p = shm_alloc(bytes);  // shared memory: peers of the node transport may map it
     std::lock_guard<std::recursive_mutex> l(mu_);
     owner_[p] = {bytes == 0 ? 1 : bytes, emulated_current};
     return p;
@@ -104,7 +139,7 @@ class HostEmulation final : public DeviceBackend {
       std::lock_guard<std::recursive_mutex> l(mu_);
       owner_.erase(p);
     }
-    std::free(p);
+    (void)shm_release(p);
   }
   void* alloc_pinned(std::size_t bytes) override { return raw(bytes); }
   void release_pinned(void* p) noexcept override { std::free(p); }
@@ -118,6 +153,45 @@ class HostEmulation final : public DeviceBackend {
     return -1;  // not allocated here (a test's host vector standing in for device memory)
   }
   bool can_access_peer(int device, int peer) override { return device == peer; }
+  // IPC: POSIX shared memory, so ranks (processes) on this machine map each other's buffers.
+  std::string ipc_unsupported(int) override { return ""; }
+  std::string device_id(int device) override { return emulated_device_id(device); }
+  bool can_reach(int device, const std::string& id) override { return id == device_id(device); }
+  void* alloc_shared(std::size_t bytes, IpcHandle& h) override {
+    void* p = shm_alloc(bytes);
+    shm_export(p, h);
+    return p;
+  }
+  void export_buffer(void* p, IpcHandle& h) override { shm_export(p, h); }
+  void release_shared(void* p) noexcept override { (void)shm_release(p); }
+  void seal_shared(void*) noexcept override {}
+  void* open_shared(const IpcHandle& h, std::size_t bytes) override { return shm_open_peer(h, bytes); }
+  void close_shared(void* p) noexcept override { (void)shm_release(p); }
+  void sum_terms(Dtype d, void* dst, const void* const* src, const double* factor, int k, std::size_t n,
+                 int group, bool mul, Stream s) override {
+    std::vector<const void*> v(src, src + k);
+    std::vector<double> f(factor, factor + k);
+    enqueue(s, [=] {
+      if (d == Dtype::f32) sum_terms_t(static_cast<float*>(dst), v, f, n, group, mul);
+      else sum_terms_t(static_cast<double*>(dst), v, f, n, group, mul);
+    });
+  }
+  void pack_only(Dtype d, void* storage, void* table, const std::vector<Segment>& segs, std::size_t total,
+                 Stream s) override {
+    const auto* t = static_cast<const std::vector<Segment>*>(table);
+    const std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
+    enqueue(s, [=] {
+      if (d == Dtype::f32) pack_only_t(static_cast<float*>(storage), *t, from, total);
+      else pack_only_t(static_cast<double*>(storage), *t, from, total);
+    });
+  }
+  void sum_peers(Dtype d, void* dst, const void* const* src, int k, std::size_t n, Stream s) override {
+    std::vector<const void*> v(src, src + k);
+    enqueue(s, [=] {  // reads the peers' buffers when the stream runs it, like a kernel
+      if (d == Dtype::f32) sum_t(static_cast<float*>(dst), v, n);
+      else sum_t(static_cast<double*>(dst), v, n);
+    });
+  }
   int* alloc_flag() override { return new int(0); }
   void release_flag(int* f) noexcept override { delete f; }
   Stream create_stream() override {
@@ -184,11 +258,13 @@ class HostEmulation final : public DeviceBackend {
   }
   void release_segments(void* t) noexcept override { delete static_cast<std::vector<Segment>*>(t); }
   void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&,
-                  std::size_t total, int group, bool reciprocal, double weight, Stream s) override {
+                  std::size_t total, int group, bool reciprocal, double weight, Stream s, void* out) override {
     const auto* segs = static_cast<const std::vector<Segment>*>(table);  // read at run time, like a kernel
     enqueue(s, [=] {
-      if (d == Dtype::f32) scale_pack_t(static_cast<float*>(storage), *segs, total, group, reciprocal, weight);
-      else scale_pack_t(static_cast<double*>(storage), *segs, total, group, reciprocal, weight);
+      if (d == Dtype::f32)
+        scale_pack_t(static_cast<float*>(storage), *segs, total, group, reciprocal, weight, static_cast<float*>(out));
+      else
+        scale_pack_t(static_cast<double*>(storage), *segs, total, group, reciprocal, weight, static_cast<double*>(out));
     });
   }
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>&,

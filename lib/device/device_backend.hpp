@@ -20,6 +20,15 @@ namespace hma::detail {
 
 using Event = void*;
 
+/// What another process needs to map an exportable device buffer (alloc_shared()): a CUDA IPC
+/// memory handle (64 bytes), or the emulation's shared-memory name. Plain bytes, sent by MPI.
+struct IpcHandle {
+  unsigned char bytes[96] = {};
+};
+
+/// The most ranks whose buffers one sum_peers() launch reads.
+constexpr int kMaxIpcPeers = 16;
+
 /// One part of a bucket's logical range [at, at + n): `user` is a registered device array that
 /// is packed to / unpacked from storage[at, at + n), or nullptr for hma's own (owned) region.
 struct Segment {
@@ -68,14 +77,16 @@ class DeviceBackend {
   /// kernel on another stream reads an empty table). Release only once `s` has passed it.
   virtual void* upload_segments(const std::vector<Segment>& segs, Stream s) = 0;
   virtual void release_segments(void* table) noexcept = 0;
-  /// ONE launch on `s`: for every segment, storage[at + i] = src[i] / group (src = the user array,
-  /// or storage itself for the owned region). `reciprocal` false: x / g (torch on the CPU; for a
+  /// ONE launch on `s`: for every segment, out[at + i] = src[i] / group (src = the user array,
+  /// or storage itself for the owned region; `out` is storage, or another buffer of `total`
+  /// elements: the node transport packs straight into its exported buffer). `reciprocal` false: x / g (torch on the CPU; for a
   /// power-of-two g computed as x * (1 / g), the same bits); true: x * fl(1 / g) for every g
   /// (torch on CUDA: ATen multiplies by the reciprocal computed on the host). `weight` >= 0
   /// (weighted averaging): x * weight instead, multiplied in double and rounded once, as the host
   /// path does.
   virtual void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>& segs,
-                          std::size_t total, int group, bool reciprocal, double weight, Stream s) = 0;
+                          std::size_t total, int group, bool reciprocal, double weight, Stream s,
+                          void* out) = 0;
   /// ONE launch on `s`: for every user segment, user[i] = storage[at + i].
   virtual void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
                       std::size_t total, Stream s) = 0;
@@ -84,6 +95,37 @@ class DeviceBackend {
   virtual bool any_nonfinite(Dtype d, const void* storage, void* table,
                              const std::vector<Segment>& segs, std::size_t total, Stream s,
                              int* flag) = 0;
+  // --- The node transport (lib/transport/ipc.cpp): buffers shared between processes. ---
+  /// Empty when buffers of `device` can be shared with other processes, else why not.
+  virtual std::string ipc_unsupported(int device) = 0;
+  /// Who `device` is, the same string in every process that sees it (CUDA: its PCI bus id).
+  virtual std::string device_id(int device) = 0;
+  /// True when kernels on `device` of this process can read memory of the device named `id`
+  /// (the same device, or peer access, enabled here).
+  virtual bool can_reach(int device, const std::string& id) = 0;
+  /// Device memory of the current device that other processes may map, and its handle.
+  virtual void* alloc_shared(std::size_t bytes, IpcHandle& h) = 0;
+  virtual void release_shared(void* p) noexcept = 0;
+  /// Every peer has mapped `p` (nothing to do for CUDA or the emulation today).
+  virtual void seal_shared(void* p) noexcept = 0;
+  /// The handle of memory from alloc() (its base address), for other processes to map.
+  virtual void export_buffer(void* p, IpcHandle& h) = 0;
+  /// Maps a peer's buffer (never this process's own: CUDA refuses that).
+  virtual void* open_shared(const IpcHandle& h, std::size_t bytes) = 0;
+  virtual void close_shared(void* p) noexcept = 0;
+  /// ONE launch on `s`: dst[i] = ((src[0][i] + src[1][i]) + ...) + src[k-1][i] for i < n, in the
+  /// dtype's arithmetic, always in this order (so every rank computes the same bits).
+  virtual void sum_peers(Dtype d, void* dst, const void* const* src, int k, std::size_t n, Stream s) = 0;
+  /// ONE launch on `s`: dst[i] = t_0(src[0][i]) + ... + t_{k-1}(src[k-1][i]) for i < n, in this
+  /// order, with the pack kernel's terms: t_r(x) = x * factor[r] in double, rounded once, where
+  /// factor[r] >= 0 (weights), else x * fl(1/group) with `mul`, else x / group.
+  virtual void sum_terms(Dtype d, void* dst, const void* const* src, const double* factor, int k,
+                         std::size_t n, int group, bool mul, Stream s) = 0;
+  /// ONE launch on `s`: the user arrays' values into storage, unscaled; the owned region (the
+  /// front of storage) is not touched.
+  virtual void pack_only(Dtype d, void* storage, void* table, const std::vector<Segment>& segs,
+                         std::size_t total, Stream s) = 0;
+
   /// A host flag kernels of any device can set (mapped pinned memory for CUDA); one per set.
   virtual int* alloc_flag() = 0;
   virtual void release_flag(int* flag) noexcept = 0;

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -31,27 +32,27 @@ struct DevSeg {
 };
 
 template <class T, bool Pow2>
-__global__ void scale_pack_kernel(T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
-                                  T g, T inv) {
+__global__ void scale_pack_kernel(const T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
+                                  T g, T inv, T* out) {
   const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
   for (std::uint64_t e = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += stride) {
     const DevSeg s = segs[find_segment(segs, nsegs, e)];
     const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
-    storage[e] = Pow2 ? x * inv : x / g;
+    out[e] = Pow2 ? x * inv : x / g;
   }
 }
 
 // Weighted averaging: x * (w_i / sum w), multiplied in double and rounded once (as the host).
 template <class T>
-__global__ void scale_pack_weighted_kernel(T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
-                                           double weight) {
+__global__ void scale_pack_weighted_kernel(const T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
+                                           double weight, T* out) {
   const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
   for (std::uint64_t e = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += stride) {
     const DevSeg s = segs[find_segment(segs, nsegs, e)];
     const T x = s.user != nullptr ? static_cast<const T*>(s.user)[e - s.at] : storage[e];
-    storage[e] = static_cast<T>(static_cast<double>(x) * weight);
+    out[e] = static_cast<T>(static_cast<double>(x) * weight);
   }
 }
 
@@ -85,6 +86,75 @@ __global__ void nonfinite_kernel(const T* storage, const DevSeg* segs, int nsegs
     bad |= !isfinite(x);
   }
   if (bad) atomicOr(flag, 1);
+}
+
+// The node transport's sum: every rank's terms, read through CUDA IPC, added in rank order.
+struct PeerPtrs {
+  const void* p[kMaxIpcPeers];
+};
+
+template <class T, class V, int W>
+__global__ void sum_peers_kernel(T* dst, PeerPtrs src, int k, std::uint64_t n) {
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  const std::uint64_t first = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const std::uint64_t nv = n / W;  // whole vectors (every buffer is 256-byte aligned)
+  for (std::uint64_t i = first; i < nv; i += stride) {
+    V acc = static_cast<const V*>(src.p[0])[i];
+    for (int j = 1; j < k; ++j) {
+      const V x = static_cast<const V*>(src.p[j])[i];
+      if constexpr (W == 4) {
+        acc.x += x.x;
+        acc.y += x.y;
+        acc.z += x.z;
+        acc.w += x.w;
+      } else if constexpr (W == 2) {
+        acc.x += x.x;
+        acc.y += x.y;
+      } else {
+        acc += x;
+      }
+    }
+    reinterpret_cast<V*>(dst)[i] = acc;
+  }
+  for (std::uint64_t e = nv * W + first; e < n; e += stride) {  // the tail
+    T acc = static_cast<const T*>(src.p[0])[e];
+    for (int j = 1; j < k; ++j) acc += static_cast<const T*>(src.p[j])[e];
+    dst[e] = acc;
+  }
+}
+
+// The two-shot sum: each rank's slice of every rank's raw values, scaled as the pack kernel
+// scales them (same terms, same bits), added in rank order.
+struct PeerFactors {
+  double f[kMaxIpcPeers];
+};
+
+template <class T>
+__device__ T term(T x, double factor, T g, T inv, bool mul) {
+  return factor >= 0 ? static_cast<T>(static_cast<double>(x) * factor) : mul ? x * inv : x / g;
+}
+
+template <class T>
+__global__ void sum_terms_kernel(T* dst, PeerPtrs src, PeerFactors f, int k, std::uint64_t n, T g, T inv,
+                                 bool mul) {
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  for (std::uint64_t i = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    T acc = term(static_cast<const T*>(src.p[0])[i], f.f[0], g, inv, mul);
+    for (int j = 1; j < k; ++j) acc += term(static_cast<const T*>(src.p[j])[i], f.f[j], g, inv, mul);
+    dst[i] = acc;
+  }
+}
+
+// The user arrays into storage, unscaled (the owned front is left alone).
+template <class T>
+__global__ void pack_only_kernel(T* storage, const DevSeg* segs, int nsegs, std::uint64_t from,
+                                 std::uint64_t total) {
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  for (std::uint64_t e = from + static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       e < total; e += stride) {
+    const DevSeg s = segs[find_segment(segs, nsegs, e)];
+    if (s.user != nullptr) storage[e] = static_cast<const T*>(s.user)[e - s.at];
+  }
 }
 
 constexpr int kThreads = 256;
@@ -178,6 +248,105 @@ class Cuda final : public DeviceBackend {
     cu(rc, "cudaDeviceEnablePeerAccess");
     return true;
   }
+  std::string ipc_unsupported(int device) override {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrIpcEventSupport, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return "cudaDeviceGetAttribute failed for device " + std::to_string(device);
+    }
+    return v != 0 ? "" : "device " + std::to_string(device) + " does not support CUDA IPC";
+  }
+  std::string device_id(int device) override {
+    char id[32] = {};
+    cu(cudaDeviceGetPCIBusId(id, sizeof id, device), "cudaDeviceGetPCIBusId");
+    return id;
+  }
+  bool can_reach(int device, const std::string& id) override {
+    int peer = -1;
+    if (cudaDeviceGetByPCIBusId(&peer, id.c_str()) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;  // not visible in this process
+    }
+    return can_access_peer(device, peer);
+  }
+  void* alloc_shared(std::size_t bytes, IpcHandle& h) override {
+    static_assert(sizeof(cudaIpcMemHandle_t) <= sizeof h.bytes);
+    void* p = alloc(bytes);
+    cudaIpcMemHandle_t m{};
+    const cudaError_t rc = cudaIpcGetMemHandle(&m, p);
+    if (rc != cudaSuccess) {
+      release(p);
+      cu(rc, "cudaIpcGetMemHandle");
+    }
+    std::memcpy(h.bytes, &m, sizeof m);
+    return p;
+  }
+  void release_shared(void* p) noexcept override { release(p); }
+  void export_buffer(void* p, IpcHandle& h) override {
+    cudaIpcMemHandle_t m{};
+    cu(cudaIpcGetMemHandle(&m, p), "cudaIpcGetMemHandle");
+    std::memcpy(h.bytes, &m, sizeof m);
+  }
+  void sum_terms(Dtype d, void* dst, const void* const* src, const double* factor, int k, std::size_t n,
+                 int group, bool mul, Stream s) override {
+    if (n == 0) return;
+    if (k < 1 || k > kMaxIpcPeers) throw Error("hma: internal: sum_terms over " + std::to_string(k) + " buffers");
+    PeerPtrs p{};
+    PeerFactors f{};
+    for (int j = 0; j < k; ++j) {
+      p.p[j] = src[j];
+      f.f[j] = factor[j];
+    }
+    std::uint64_t count = n;
+    if (d == Dtype::f32) {
+      float g = static_cast<float>(group), inv = 1.0f / g;
+      void* args[] = {&dst, &p, &f, &k, &count, &g, &inv, &mul};
+      launch(reinterpret_cast<const void*>(&sum_terms_kernel<float>), blocks_for(n), args, s, "slice sum kernel launch");
+    } else {
+      double g = group, inv = 1.0 / g;
+      void* args[] = {&dst, &p, &f, &k, &count, &g, &inv, &mul};
+      launch(reinterpret_cast<const void*>(&sum_terms_kernel<double>), blocks_for(n), args, s, "slice sum kernel launch");
+    }
+  }
+  void pack_only(Dtype d, void* storage, void* table, const std::vector<Segment>& segs, std::size_t total,
+                 Stream s) override {
+    const auto* t = static_cast<Table*>(table);
+    std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
+    if (total <= from || t->n == 0) return;
+    const DevSeg* dev = t->dev;
+    int n = t->n;
+    std::uint64_t end = total;
+    void* args[] = {&storage, &dev, &n, &from, &end};
+    const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&pack_only_kernel<float>)
+                                    : reinterpret_cast<const void*>(&pack_only_kernel<double>);
+    launch(k, blocks_for(total - from), args, s, "pack kernel launch");
+  }
+  void seal_shared(void*) noexcept override {}
+  void* open_shared(const IpcHandle& h, std::size_t) override {
+    cudaIpcMemHandle_t m{};
+    std::memcpy(&m, h.bytes, sizeof m);
+    void* p = nullptr;
+    cu(cudaIpcOpenMemHandle(&p, m, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    return p;
+  }
+  void close_shared(void* p) noexcept override {
+    if (p != nullptr) (void)cudaIpcCloseMemHandle(p);
+  }
+  void sum_peers(Dtype d, void* dst, const void* const* src, int k, std::size_t n, Stream s) override {
+    if (n == 0) return;
+    if (k < 1 || k > kMaxIpcPeers) throw Error("hma: internal: sum_peers over " + std::to_string(k) + " buffers");
+    PeerPtrs p{};
+    for (int j = 0; j < k; ++j) p.p[j] = src[j];
+    std::uint64_t count = n;
+    void* args[] = {&dst, &p, &k, &count};
+    const bool f32 = d == Dtype::f32;
+    const void* kern = f32 ? reinterpret_cast<const void*>(&sum_peers_kernel<float, float4, 4>)
+                           : reinterpret_cast<const void*>(&sum_peers_kernel<double, double2, 2>);
+    const std::uint64_t vec = f32 ? (n + 3) / 4 : (n + 1) / 2;
+    // A few waves of blocks: each thread strides over several vectors.
+    const std::uint64_t b = (vec + kThreads - 1) / kThreads;
+    launch(kern, static_cast<unsigned>(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b), args, s, "peer sum kernel launch");
+  }
   int* alloc_flag() override {
     int* f = nullptr;  // mapped, portable pinned memory: written by kernels on any device
     cu(cudaHostAlloc(reinterpret_cast<void**>(&f), sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable),
@@ -264,15 +433,15 @@ class Cuda final : public DeviceBackend {
     delete t;
   }
   void scale_pack(Dtype d, void* storage, void* table, const std::vector<Segment>&, std::size_t total,
-                  int group, bool reciprocal, double weight, Stream s) override {
+                  int group, bool reciprocal, double weight, Stream s, void* out) override {
     const auto* t = static_cast<Table*>(table);
     if (total == 0 || t->n == 0) return;
     if (weight >= 0) {
       const DevSeg* dev = t->dev;
       int n = t->n;
       std::uint64_t count = total;
-      void* dst = storage;
-      void* args[] = {&dst, &dev, &n, &count, &weight};
+      void* src = storage;
+      void* args[] = {&src, &dev, &n, &count, &weight, &out};
       const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&scale_pack_weighted_kernel<float>)
                                       : reinterpret_cast<const void*>(&scale_pack_weighted_kernel<double>);
       launch(k, blocks_for(total), args, s, "weighted scale+pack kernel launch");
@@ -280,8 +449,8 @@ class Cuda final : public DeviceBackend {
     }
     // x * fl(1/g): for a power-of-two g the same bits as x / g; always, when asked (torch on CUDA).
     const bool mul = reciprocal || (group & (group - 1)) == 0;
-    if (d == Dtype::f32) scale_pack_as<float>(storage, t, total, group, mul, s);
-    else scale_pack_as<double>(storage, t, total, group, mul, s);
+    if (d == Dtype::f32) scale_pack_as<float>(storage, t, total, group, mul, s, out);
+    else scale_pack_as<double>(storage, t, total, group, mul, s, out);
   }
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
               std::size_t total, Stream s) override {
@@ -321,13 +490,14 @@ class Cuda final : public DeviceBackend {
 
  private:
   template <class T>
-  void scale_pack_as(void* storage, const Table* t, std::size_t total, int group, bool mul, Stream s) {
-    T* dst = static_cast<T*>(storage);
+  void scale_pack_as(void* storage, const Table* t, std::size_t total, int group, bool mul, Stream s, void* out) {
+    const T* src = static_cast<const T*>(storage);
+    T* dst = static_cast<T*>(out);
     const DevSeg* dev = t->dev;
     int n = t->n;
     std::uint64_t count = total;
     T g = static_cast<T>(group), inv = T(1) / g;
-    void* args[] = {&dst, &dev, &n, &count, &g, &inv};
+    void* args[] = {&src, &dev, &n, &count, &g, &inv, &dst};
     const void* k = mul ? reinterpret_cast<const void*>(&scale_pack_kernel<T, true>)
                         : reinterpret_cast<const void*>(&scale_pack_kernel<T, false>);
     launch(k, blocks_for(total), args, s, "scale+pack kernel launch");

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "device/device_backend.hpp"
+#include "device/ipc_peers.hpp"
 #include "pending.hpp"
 #include "transport/staged.hpp"
 
@@ -41,6 +42,7 @@ struct DeviceState {
   std::vector<LayoutEntry> layout;
   std::uint64_t version = 0, id = 0;
   std::shared_ptr<Pending> pending;
+  std::vector<std::shared_ptr<IpcPeers>> ipc;  // the node transport's buffers, per averager level
 
   DeviceBucket& bucket(Dtype d) noexcept { return d == Dtype::f32 ? f32 : f64; }
   /// Rebuilds and uploads the segment tables of changed buckets (waits for the last average's

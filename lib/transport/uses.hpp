@@ -18,6 +18,9 @@ enum class Use : int {
   device_direct,      // device pointers to MPI (blocking or on the worker), per call
   device_iallreduce,  // device pointers to MPI_Iallreduce, per call
   device_staged,      // the staged pipeline, per average
+  device_ipc,         // the node transport's sum on the device, per set average
+  device_ipc_exchange,  // the node transport's exchange of handles, per set and layout
+  device_ipc_two_shot,  // ... of which the two-shot sum (reduce-scatter + all-gather), per average
   wire_piece,         // a 16-bit wire's blocking MPI_Allreduce, per piece
   wire_start,         // a 16-bit wire's MPI_Iallreduce, per call
   count_

@@ -74,6 +74,7 @@ TEST_CASE("gpu: device averages equal host averages bit for bit", "[gpu]") {
   const bool direct = path.find("step()/average(): device pointers") != std::string::npos;
   hma::AveragerOptions o;
   o.reduction = hma::Reduction::mpi;
+  o.device_ipc = false;  // the MPI paths here; the node transport has its own test below
   const char* chunk = std::getenv("HMA_STAGING_CHUNK_BYTES");
   o.chunk_bytes = direct ? 0
                   : chunk != nullptr ? std::stoul(chunk)
@@ -107,6 +108,58 @@ TEST_CASE("gpu: device averages equal host averages bit for bit", "[gpu]") {
   }
 }
 
+TEST_CASE("gpu: the node transport adds every rank's terms in rank order, the same bits everywhere", "[gpu]") {
+  // CUDA IPC between the ranks (processes) of this node: each rank's average must equal
+  // fl(x_0 / g) + fl(x_1 / g) + ... in rank order, in the dtype's arithmetic, bit for bit.
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1);
+  INFO(avg.device_path());
+  const bool ipc = avg.device_path().find("level 0: the node transport") != std::string::npos;
+  const char* env = std::getenv("HMA_DEVICE_IPC");
+  REQUIRE_ALL_RANKS(ipc == (size() > 1 && !(env != nullptr && std::string(env) == "0")));
+  if (!ipc) return;  // MPI sums in its own order: the test above compares the MPI paths
+  const int g = size();
+  auto xf = [](int r, int t, std::size_t i) { return static_cast<float>(r + 1) * 0.1f + static_cast<float>((i + t) % 1013) / 7.0f; };
+  auto xd = [](int r, int t, std::size_t i) { return (r + 1) * 0.3 + static_cast<double>((i * 3 + t) % 997) / 3.0; };
+  for (const std::size_t n : {std::size_t{1}, std::size_t{1001}, (std::size_t{1} << 22) + 3}) {
+    DeviceVec<double> dd(n / 2 + 1);
+    hma::DeviceParamSet dev;
+    auto df = dev.allocate<float>(n);
+    dev.add(dd.p, dd.n);
+    for (int t = 0; t < 3; ++t) {  // both halves of the exported buffer, and back
+      std::vector<float> hf(n);
+      std::vector<double> hd(dd.n);
+      for (std::size_t i = 0; i < n; ++i) hf[i] = xf(rank(), t, i);
+      for (std::size_t i = 0; i < dd.n; ++i) hd[i] = xd(rank(), t, i);
+      ok(cudaMemcpy(df.data(), hf.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+      ok(cudaMemcpy(dd.p, hd.data(), dd.n * sizeof(double), cudaMemcpyHostToDevice));
+      if (t == 1) {
+        auto r = avg.start(dev);
+        r.wait();
+      } else {
+        avg.step(dev);
+      }
+      dev.synchronize();
+      const auto gf = to_host(df.data(), n);
+      const auto gd = dd.host();
+      bool same = true;
+      for (std::size_t i = 0; i < n && same; ++i) {
+        float acc = xf(0, t, i) / static_cast<float>(g);
+        for (int r = 1; r < g; ++r) acc += xf(r, t, i) / static_cast<float>(g);
+        same = std::memcmp(&acc, &gf[i], sizeof acc) == 0;
+        if (!same) UNSCOPED_INFO("f32 element " << i << ": " << gf[i] << ", want " << acc);
+      }
+      for (std::size_t i = 0; i < dd.n && same; ++i) {
+        double acc = xd(0, t, i) / g;
+        for (int r = 1; r < g; ++r) acc += xd(r, t, i) / g;
+        same = std::memcmp(&acc, &gd[i], sizeof acc) == 0;
+        if (!same) UNSCOPED_INFO("f64 element " << i << ": " << gd[i] << ", want " << acc);
+      }
+      INFO("n " << n << " t " << t);
+      REQUIRE_ALL_RANKS(same);
+    }
+  }
+}
+
 TEST_CASE("gpu: weights, the outer optimizer and divergence give the host's results", "[gpu]") {
   // Weights alone: the CUDA pack kernel multiplies by w_i / sum(w) in double, as the host does.
   // Outer optimizer + divergence (+ weights): the staged path, scaled and updated on the host
@@ -127,6 +180,7 @@ TEST_CASE("gpu: weights, the outer optimizer and divergence give the host's resu
   for (bool post : {false, true}) {
     hma::AveragerOptions o;
     o.reduction = hma::Reduction::mpi;
+    o.device_ipc = false;
     o.chunk_bytes = direct && !post ? 0 : staging;
     if (post) {
       o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};

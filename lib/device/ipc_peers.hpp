@@ -1,0 +1,84 @@
+// Internal: what a DeviceParamSet holds for the node transport (lib/transport/ipc.cpp) at one
+// level of one averager: the buffers it exports, which its peers map, and the peers' buffers it
+// maps, in group rank order.
+//  - one-shot (small and medium sets): `mine`, two halves used alternately (parity = averages
+//    since the exchange, mod 2), so a rank never overwrites the half its peers may still be
+//    reading from the average before; each half holds [f32 terms | f64 terms].
+//  - two-shot (large sets): the set's own storage (each bucket), read in slices by the peers,
+//    and `slice`, [f32 slice | f64 slice], this rank's reduced slice, read by every peer.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "device/device_backend.hpp"
+
+namespace hma::detail {
+
+/// A destroyed set's exported buffer: a peer's kernel may still be reading it (its own average
+/// completed, the peer's may not have yet), so it is freed only `kIpcGraceSeconds` later, on the
+/// next call of this function (or never, at process exit).
+void park_exported(DeviceBackend* be, void* p) noexcept;
+constexpr double kIpcGraceSeconds = 10;
+
+struct IpcPeers {
+  DeviceBackend* be = nullptr;
+  std::weak_ptr<const void> owner;  // the averager's level this belongs to (see ipc.cpp)
+  bool two_shot = false;
+  std::size_t nf = 0, nd = 0;       // elements of each dtype
+  std::size_t half = 0;             // one-shot: bytes of one half
+  std::size_t off_d = 0;            // one-shot: where the f64 part starts in a half
+  std::size_t lf = 0, ld = 0;       // two-shot: slice length of each dtype (ceil(n / group))
+  std::size_t slice_off_d = 0, slice_bytes = 0;
+  void* mine = nullptr;             // one-shot: this rank's exported buffer (two halves)
+  void* slice = nullptr;            // two-shot: this rank's exported slice
+  const void* store_f = nullptr;    // two-shot: this rank's storage when it was exported
+  const void* store_d = nullptr;
+  std::vector<void*> peer;          // one-shot: every rank's buffer (peer[me] == mine)
+  std::vector<void*> peer_slice;    // two-shot: every rank's slice (peer_slice[me] == slice)
+  std::vector<void*> peer_f, peer_d;  // two-shot: every rank's storage (own storage at me)
+  int me = -1;
+  bool exchanged = false;
+  std::uint64_t count = 0;          // averages through these buffers since the exchange
+
+  IpcPeers() = default;
+  IpcPeers(const IpcPeers&) = delete;
+  IpcPeers& operator=(const IpcPeers&) = delete;
+  ~IpcPeers() {
+    // The set is going: its exported buffers wait out the peers' last reads (see park_exported).
+    park_exported(be, mine);
+    park_exported(be, slice);
+    mine = slice = nullptr;
+    release();
+  }
+
+  static std::size_t round_up(std::size_t b) { return (b + 255) / 256 * 256; }
+  /// One-shot: rank r's half `par` for dtype `d`.
+  [[nodiscard]] void* at(int r, std::uint64_t par, Dtype d) const {
+    return static_cast<char*>(peer[static_cast<std::size_t>(r)]) + par * half + (d == Dtype::f32 ? 0 : off_d);
+  }
+  /// Two-shot: rank r's reduced slice of dtype `d`.
+  [[nodiscard]] void* slice_of(int r, Dtype d) const {
+    return static_cast<char*>(peer_slice[static_cast<std::size_t>(r)]) + (d == Dtype::f32 ? 0 : slice_off_d);
+  }
+  /// Closes the peers' mappings and frees this rank's buffers (never its storage). Only where no
+  /// peer reads them any more (after a handshake: each peer finished its last average first).
+  void release() noexcept {
+    if (be == nullptr) return;
+    for (auto* v : {&peer, &peer_slice, &peer_f, &peer_d}) {
+      for (std::size_t r = 0; r < v->size(); ++r)
+        if ((*v)[r] != nullptr && static_cast<int>(r) != me) be->close_shared((*v)[r]);
+      v->clear();
+    }
+    if (mine != nullptr) be->release_shared(mine);
+    if (slice != nullptr) be->release_shared(slice);
+    mine = slice = nullptr;
+    store_f = store_d = nullptr;
+    exchanged = false;
+    count = 0;
+  }
+};
+
+}  // namespace hma::detail

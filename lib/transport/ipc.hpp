@@ -1,0 +1,63 @@
+// Internal, data plane: the node transport for device buffers. The ranks of a group that lies in
+// one node average on the GPU: each exports its scaled terms (into a buffer its
+// peers have mapped by CUDA IPC, or shared memory in the emulation), then every rank runs one
+// kernel per dtype that adds all ranks' terms in rank order into its own buffer (the same bits
+// on every rank), and unpacks. Nothing leaves the device but two tiny MPI messages:
+// The pack kernel writes the terms straight into the exported buffer.
+//   1. the handshake (MPI_Iallgather of 4 words, once this rank's terms are exported): it is the
+//      arrival barrier (a peer's kernel reads a rank's terms only after that rank's export has
+//      finished on the device) and says whether every rank's buffers are still mapped;
+//   2. only after a layout change or on first use: the exchange of handles (MPI_Allgather) and
+//      whether every rank's device reaches every other (same device or peer access), then the
+//      terms again and an MPI_Ibarrier. Where the devices cannot reach each other, the group
+//      turns the node transport off at that level for good, on every rank alike, and this and
+//      later averages take the staged or direct path.
+// That is the one-shot sum: every rank reads (group + 1) x the set's bytes. From
+// HMA_IPC_TWO_SHOT_BYTES (set bytes; by default never: not yet measured on a GPU) the two-shot sum runs
+// instead: the peers map the set's own storage; each rank reduces its 1/group slice of every
+// rank's raw values (scaled as the pack kernel scales them, added in rank order: the same bits
+// as one-shot) into a slice buffer, an MPI_Ibarrier, then each rank copies every rank's slice
+// into its storage. It reads about 2 x and writes 1 + 1/group x the set's bytes, and needs no
+// pack pass over the owned arrays.
+// Both on a communicator of their own (IpcLevel::comm), never one that carries data.
+#pragma once
+
+#include <mpi.h>
+
+#include <functional>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "device/device_state.hpp"
+#include "hma/comm.hpp"
+#include "pending.hpp"
+#include "transport/device.hpp"
+
+namespace hma::detail {
+
+class Worker;
+
+/// One level of one averager: the node transport's communicator and whether it is on.
+struct IpcLevel {
+  Comm comm;           // made on first use (a duplicate of the level's communicator)
+  bool off = false;    // the group found its devices cannot reach each other
+  std::string why;     // why off
+};
+
+struct IpcRoute {
+  std::shared_ptr<IpcLevel> level;
+  DeviceRoute fallback;  // the staged or direct route, if the devices cannot reach; its comm
+                         // (the level's) is duplicated for IpcLevel::comm on first use
+  Worker* worker = nullptr;     // drained before a fallback's blocking collectives
+  std::size_t two_shot_from = SIZE_MAX;  // set bytes from which the two-shot sum runs
+};
+
+/// Queues `pack(bucket, out)` for each bucket, into this rank's exported buffer where the group's
+/// buffers are mapped already (else into storage, exported after the exchange), waits for it,
+/// hands the handshake to `p` (its first request) and sets its stages; complete() / wait() /
+/// test() advance it.
+void start_ipc(DeviceState& s, const IpcRoute& route, Pending& p,
+               const std::function<void(DeviceBucket&, void*)>& pack);
+
+}  // namespace hma::detail
