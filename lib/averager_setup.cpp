@@ -129,8 +129,12 @@ void Averager::finish_all() noexcept {
     std::fprintf(stderr, "hma: destroying an averager with an average still in flight (a rank never "
                  "arrived): its communicators are leaked, not freed under MPI\n");
     // Its worker thread may be blocked for good in that average's MPI call: joining it would
-    // hang this destructor. Leaked on purpose, like the communicators it uses.
+    // hang this destructor. Leaked on purpose, like the communicators it uses, and so is all that
+    // its job (or a started device average) may still write or read when a late peer completes
+    // that call: the scratch buffers, the device plan, the two-level routes (abandon()).
     (void)worker_.release();
+    (void)scratch_.release();
+    (void)device_plan_.release();
     hierarchy_.abandon();
   }
 }
