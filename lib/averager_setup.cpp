@@ -10,6 +10,7 @@
 #include "hma/error.hpp"
 #include "pending.hpp"
 #include "support/log.hpp"
+#include "support/keep.hpp"
 #include "support/worker.hpp"
 #include "transport/post.hpp"
 
@@ -133,8 +134,8 @@ void Averager::finish_all() noexcept {
     // its job (or a started device average) may still write or read when a late peer completes
     // that call: the scratch buffers, the device plan, the two-level routes (abandon()).
     (void)worker_.release();
-    (void)scratch_.release();
-    (void)device_plan_.release();
+    detail::keep_alive_forever(std::move(scratch_));
+    detail::keep_alive_forever(std::move(device_plan_));
     hierarchy_.abandon();
   }
 }

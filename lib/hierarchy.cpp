@@ -5,6 +5,7 @@
 
 #include "control/agree.hpp"
 #include "support/env.hpp"
+#include "support/keep.hpp"
 #include "hma/error.hpp"
 
 namespace hma {
@@ -130,7 +131,7 @@ void Hierarchy::abandon() noexcept {
   node_.release();
   inter_node_.release();
   // A leaked average's route points at these: they stay, with their communicators.
-  for (auto& t : two_level_) (void)t.release();
+  for (auto& t : two_level_) detail::keep_alive_forever(std::move(t));
 }
 
 std::string Hierarchy::describe() const {
