@@ -40,7 +40,9 @@ void Averager::set_weight(double weight) {
 double Averager::weight() const noexcept { return static_cast<double>(weight_) / detail::kWeightUnit; }
 
 void Averager::set_step(std::int64_t step) {
-  if (step < 0) throw InvalidArgument("hma: set_step: step must be >= 0, got " + std::to_string(step));
+  if (step < 0 || step > kMaxStep)
+    throw InvalidArgument("hma: set_step: step must be between 0 and 2^62 (" + std::to_string(kMaxStep) +
+                          "), got " + std::to_string(step));
   step_ = step;
 }
 
@@ -71,6 +73,9 @@ void Averager::settle_issue() {
 
 bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
   require_usable(blocking ? "step()" : "start()");
+  if (step_ >= kMaxStep)  // the counter never overflows; ranks at the same step all stop here
+    throw InvalidArgument("hma: " + std::string(blocking ? "step()" : "start()") + ": the step counter is at hma's limit of 2^62 (" +
+                          std::to_string(kMaxStep) + "); set_step() a smaller step to go on");
   const auto lvl = level_now();
   if (!member() || !lvl) {
     ++step_;
@@ -80,7 +85,7 @@ bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
   settle_outer(*lvl);
   bool did = false;
   try {
-    did = issue(prepare(*lvl, blocking, true), *lvl, blocking, out);
+    did = issue(prepared(prepare, *lvl, blocking, true), *lvl, blocking, out);
   } catch (const Timeout&) {
     ++step_;  // this average is pending on its set (params.wait() resumes it): the step is taken
     throw;
@@ -92,10 +97,50 @@ bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
 bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare) {
   require_usable(blocking ? "average()" : "start_average()");
   if (!member()) return false;
-  (void)hierarchy_.level(level);  // range check
+  if (level >= hierarchy_.num_levels())
+    refuse(level, "level " + std::to_string(level) + " out of range: this averager has levels 0 to " +
+                      std::to_string(hierarchy_.num_levels() - 1));
   settle_issue();
   settle_outer(level);
-  return issue(prepare(level, blocking, false), level, blocking, out);
+  return issue(prepared(prepare, level, blocking, false), level, blocking, out);
+}
+
+detail::Prepared Averager::prepared(const Prepare& prepare, std::size_t level, bool blocking, bool scheduled) {
+  try {
+    return prepare(level, blocking, scheduled);
+  } catch (const InvalidArgument& e) {
+    // A set this rank cannot average (its kind, its device, its stream): the group hears of it.
+    std::string_view why = e.what();
+    if (why.starts_with("hma: ")) why.remove_prefix(5);
+    refuse(scheduled ? std::nullopt : std::optional<std::size_t>(level), std::string(why));
+  }
+}
+
+void Averager::refuse(std::optional<std::size_t> level, const std::string& reason) {
+  require_usable(level ? "average()" : "step()");
+  const std::string local = "hma: step " + std::to_string(step_) + ": " + reason;
+  // An out-of-range level is checked with the world level's group (the last level).
+  const std::optional<std::size_t> lvl =
+      level ? std::min(*level, hierarchy_.num_levels() - 1) : level_now();
+  // No average at this step, or no check to carry the verdict: nobody waits for this rank.
+  if (!member() || !lvl || (!settings_.check && settings_.nonfinite == NonFinite::ignore))
+    throw InvalidArgument(local);
+  settle_issue();
+  settle_outer(*lvl);
+  const auto p = new_pending(*lvl, 0);
+  p->launch = [](detail::Pending& q) { q.finish = [] {}; };  // never runs: the check fails
+  detail::Header h;
+  h.v[detail::Header::step] = static_cast<std::uint64_t>(step_);
+  h.v[detail::Header::call] = level ? 1 : 0;
+  h.v[detail::Header::level] = *lvl;
+  p->control.start(hierarchy_.control(*lvl).get(), h, false, p->weight, reason);
+  try {
+    detail::complete(*p, true);
+  } catch (const Timeout&) {
+    detail::keep_forever(p);  // MPI still owns its check's buffers
+    throw;
+  }
+  throw InvalidArgument(local);  // not reached: the check names this rank
 }
 
 bool Averager::issue(detail::Prepared job, std::size_t level, bool blocking, Request* out) {

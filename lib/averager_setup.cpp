@@ -10,6 +10,7 @@
 #include "hma/error.hpp"
 #include "pending.hpp"
 #include "support/log.hpp"
+#include "support/keep.hpp"
 #include "support/worker.hpp"
 #include "transport/ipc.hpp"
 #include "transport/post.hpp"
@@ -134,8 +135,12 @@ void Averager::finish_all() noexcept {
     std::fprintf(stderr, "hma: destroying an averager with an average still in flight (a rank never "
                  "arrived): its communicators are leaked, not freed under MPI\n");
     // Its worker thread may be blocked for good in that average's MPI call: joining it would
-    // hang this destructor. Leaked on purpose, like the communicators it uses.
+    // hang this destructor. Leaked on purpose, like the communicators it uses, and so is all that
+    // its job (or a started device average) may still write or read when a late peer completes
+    // that call: the scratch buffers, the device plan, the two-level routes (abandon()).
     (void)worker_.release();
+    detail::keep_alive_forever(std::move(scratch_));
+    detail::keep_alive_forever(std::move(device_plan_));
     hierarchy_.abandon();
     for (auto& l : ipc_)
       if (l) l->comm.release();

@@ -5,6 +5,7 @@
 
 #include "control/agree.hpp"
 #include "support/env.hpp"
+#include "support/keep.hpp"
 #include "hma/error.hpp"
 
 namespace hma {
@@ -129,11 +130,8 @@ void Hierarchy::abandon() noexcept {
   for (Comm& c : control_) c.release();
   node_.release();
   inter_node_.release();
-  for (auto& t : two_level_)
-    if (t) {
-      t->intra.release();
-      t->inter.release();
-    }
+  // A leaked average's route points at these: they stay, with their communicators.
+  for (auto& t : two_level_) detail::keep_alive_forever(std::move(t));
 }
 
 std::string Hierarchy::describe() const {

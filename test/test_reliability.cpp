@@ -147,8 +147,8 @@ TEST_CASE("checkpoint and restore the averager's step; foreign checkpoints are r
                            "the checkpoint is for schedule 'hierarchical 2:1,8:" + std::to_string(size()) +
                                " warmup 3 world " + std::to_string(size()) + "' but this averager runs 'hierarchical 4:");
   REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hello\nstep 3\n"), "not an hma checkpoint");
-  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hma-checkpoint 1\nstep x\nworld 1\n"), "has a bad number");
-  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hma-checkpoint 1\nworld 1\n"), "lacks step");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hma-checkpoint 1\nstep x\nworld 1\n"), "'x' is not an integer number");
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, other.restore("hma-checkpoint 1\nworld 1\n"), "lacks its 'step' line");
   std::string wrong_world = cp;
   wrong_world.replace(wrong_world.find("world "), 6 + std::to_string(size()).size(), "world 1000");
   REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, again.restore(wrong_world), "written by 1000 ranks, this averager has");
@@ -161,6 +161,104 @@ TEST_CASE("checkpoint and restore the averager's step; foreign checkpoints are r
     REQUIRE_THROWS_ALL_RANKS(hma::MismatchError, again.restore(mine), "the restored step or outer optimizer state differs across ranks: rank 1 has step 5");
   }
   REQUIRE(again.step_count() == 13);  // unchanged by the failed restores
+}
+
+TEST_CASE("hostile checkpoints: refused on every rank with the reason, never a crash (issue 25)") {
+  hma::AveragerOptions o;
+  o.outer = hma::OuterOptimizer{0.7, 0.9, true, std::nullopt};
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  hma::ParamSet ps;
+  auto w = ps.allocate<float>(2, static_cast<float>(rank()));
+  (void)avg.step(ps);
+  const std::string cp = avg.checkpoint();  // step 1, with the outer state of 2 f32
+  const std::size_t at = cp.find("\nouter level 0 group 0 f32 2 f64 0 layout ");
+  REQUIRE(at != std::string::npos);
+  const std::string head = cp.substr(0, at + 1);  // through the schedule line
+  const std::string layout = cp.substr(cp.find(" layout ", at) + 8, 16);
+  auto outer = [&](const std::string& sizes, const std::string& state) {
+    return head + "outer level 0 group 0 " + sizes + " layout " + layout + "\nouter-state " + state + "\n";
+  };
+  struct Case {
+    std::string text, needle;
+  };
+  const std::vector<Case> cases = {
+      // 2 * (2*4 + (2^60-1)*8) wraps to 0 in 64 bits: refused before any copy.
+      {outer("f32 2 f64 1152921504606846975", ""), "f32 and 1152921504606846975 f64 elements are more bytes than a size can hold"},
+      // 24 bytes announced, 8 given.
+      {outer("f32 3 f64 0", "AAAAAAAAAAA="), "outer optimizer state is damaged (12 characters of base64, 24 bytes expected for 3 f32 and 0 f64 elements)"},
+      {outer("f32 4000000000 f64 0", "AAAA"), "(4 characters of base64, 32000000000 bytes expected"},
+      {outer("f32 1 f64 0", "AAAAAAAAAAAA"), "(9 bytes decoded, 8 bytes expected"},
+      {outer("f32 -1 f64 0", ""), "'-1' is not an integer number (digits only)"},
+      {outer("f32 2 f64 0 extra", ""), "is malformed (expected 'outer level L group G f32 N f64 N layout HEX')"},
+      {head + "outer level 0 group 0 f32 2 f64 0 layout " + layout + "\n", "has an 'outer' line but no 'outer-state' line"},
+      {std::string(cp).replace(cp.find("step 1"), 6, "step 12abc"), "checkpoint line 'step 12abc': '12abc' is not an integer number"},
+      {std::string(cp).replace(cp.find("step 1"), 6, "step -3"), "checkpoint line 'step -3': the step is negative; steps count from 0"},
+      {std::string(cp).replace(cp.find("step 1"), 6, "step 4611686018427387905"), "the step is beyond hma's limit of 2^62"},
+      {std::string(cp).replace(cp.find("step 1"), 6, "step 99999999999999999999"), "is out of range"},
+      {std::string(cp).replace(cp.find("step 1"), 6, "step +1"), "'+1' is not an integer number"},
+      {cp + "step 2\n", "checkpoint line 'step' appears twice"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.text);
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, avg.restore(c.text), c.needle);
+    REQUIRE_ALL_RANKS(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(1));
+    REQUIRE_ALL_RANKS(avg.step_count() == 1);  // untouched
+  }
+  // CRLF line ends (a file edited on Windows) read as LF: the same step and outer state.
+  std::string crlf;
+  for (char ch : cp) crlf += ch == '\n' ? std::string("\r\n") : std::string(1, ch);
+  hma::PeriodicAverager again(MPI_COMM_WORLD, 1, 0, o);
+  again.restore(crlf);
+  REQUIRE_ALL_RANKS(again.checkpoint() == cp);
+  // Only this rank's text is hostile: every rank still fails together, naming it.
+  if (size() > 1) {
+    const std::string mine = rank() == size() - 1 ? cases[0].text : cp;
+    REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, again.restore(mine), "more bytes than a size can hold");
+  }
+  (void)w;
+}
+
+TEST_CASE("registration: 10^5 arrays, overlaps found from either side (issue 25: O(n log n))") {
+  // One vector cut into 10^5 one-element arrays, registered in a shuffled order; then averaged.
+  constexpr std::size_t n = 100000;
+  std::vector<double> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = 6.0 * rank() + static_cast<double>(i % 7);
+  std::vector<std::size_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = (i * 7919) % n;  // 7919 is prime: a permutation
+  hma::ParamSet ps;
+  for (std::size_t i : order) ps.add(std::span<double>(v.data() + i, 1));
+  REQUIRE(ps.arrays() == n);
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  REQUIRE(avg.step(ps));
+  const double mean = 3.0 * (size() - 1);  // the mean of 6 * rank: exact
+  bool all = true;
+  for (std::size_t i = 0; i < n; ++i) all = all && v[i] == mean + static_cast<double>(i % 7);
+  REQUIRE_ALL_RANKS(all);
+  // Every way to overlap an array already there, among many others; adjacent arrays are fine.
+  std::vector<float> f(100);
+  hma::ParamSet q;
+  for (std::size_t i = 0; i < 100; i += 10)
+    if (i != 40) q.add(std::span<float>(f.data() + i, 5));  // [i, i + 5) for i = 0, 10, ..., 90 but 40
+  q.add(std::span<float>(f.data() + 45, 5));    // [45, 50): touches [40..45) nothing, ends at 50
+  q.add(std::span<float>(f.data() + 50, 0));    // empty: never overlaps
+  q.add(std::span<float>(f.data() + 5, 5));     // [5, 10): adjacent on both sides
+  auto refused = [&](std::size_t from, std::size_t len) {
+    try {
+      q.add(std::span<float>(f.data() + from, len));
+    } catch (const hma::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  // Arrays: #0 [0, 5), #1 [10, 15), ..., #3 [30, 35), #4 [50, 55), ..., #8 [90, 95), #9 [45, 50),
+  // #10 empty, #11 [5, 10).
+  REQUIRE_THAT(refused(48, 4), Catch::Contains("overlaps user array #4"));  // the end of #9 and into #4
+  REQUIRE_THAT(refused(52, 1), Catch::Contains("overlaps user array #4"));  // inside #4
+  REQUIRE_THAT(refused(58, 3), Catch::Contains("overlaps user array #5"));  // starts before #5, ends inside
+  REQUIRE_THAT(refused(1, 98), Catch::Contains("overlaps user array #"));   // contains many
+  REQUIRE_THAT(refused(3, 1), Catch::Contains("overlaps user array #0"));   // inside the first
+  REQUIRE(refused(40, 5) == "accepted");                                     // the gap [40, 45)
 }
 
 TEST_CASE("bad-input matrix: every case raises a clear error on every rank, none hangs") {
@@ -233,7 +331,7 @@ TEST_CASE("bad-input matrix: every case raises a clear error on every rank, none
       {"duplicate array", [] { hma::ParamSet p; std::vector<float> v(4); p.add(v); p.add(v); }, "overlaps user array #0"},
       {"level out of range", [&] { avg.average(busy, 3); }, "level 3 out of range"},
       {"start_average level out of range", [&] { auto r = avg.start_average(busy, 7); }, "level 7 out of range"},
-      {"negative set_step", [&] { avg.set_step(-5); }, "step must be >= 0, got -5"},
+      {"negative set_step", [&] { avg.set_step(-5); }, "step must be between 0 and 2^62 (4611686018427387904), got -5"},
       {"restore garbage", [&] { avg.restore("garbage"); }, "not an hma checkpoint"},
   };
   for (const auto& c : cases) {

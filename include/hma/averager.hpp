@@ -168,8 +168,11 @@ class Averager {
   /// The level that averages at the current step (nullopt: none).
   [[nodiscard]] std::optional<std::size_t> level_now() const noexcept;
   [[nodiscard]] std::int64_t step_count() const noexcept { return step_; }
-  /// Sets the step counter (restart from a checkpoint). Must be set to the same value on all
-  /// ranks. Throws hma::InvalidArgument for a negative step.
+  /// Sets this rank's step counter (a restart). Local, not collective, and it waits for
+  /// nothing: set the same step on every rank. The next average's agreement check compares the
+  /// step counters of its group and throws hma::MismatchError on every rank of it if they differ.
+  /// Throws hma::InvalidArgument for a step below 0 or above kMaxStep (2^62); step()/start() at
+  /// kMaxStep throw hma::InvalidArgument rather than count past it (the counter never overflows).
   void set_step(std::int64_t step);
   [[nodiscard]] const Schedule& schedule() const noexcept { return schedule_; }
   [[nodiscard]] const Hierarchy& hierarchy() const noexcept { return hierarchy_; }
@@ -194,6 +197,15 @@ class Averager {
   /// The torch-style log of the hierarchy: which group averages how often.
   [[nodiscard]] std::string describe() const;
 
+  /// For bindings (the C API uses it for a NULL set): collective like the call it stands for,
+  /// average(level) or, with nullopt, step()/start(). Takes part in that average's agreement check
+  /// as "invalid here" with `reason` (without "hma: "), so that every rank of the group throws
+  /// the same hma::InvalidArgument at once, naming this rank and the reason, and nothing is
+  /// averaged. An out-of-range level joins the check of the world level (the last). Throws
+  /// locally when no average is due at this step or the check is off (HMA_CHECK=0); hma::Timeout
+  /// when the group does not arrive. Always throws.
+  [[noreturn]] void refuse(std::optional<std::size_t> level, const std::string& reason);
+
  protected:
   // Builds the schedule with `make` on every rank of comm; if it throws anywhere, throws
   // everywhere (no rank is left waiting in a collective). `make` gets a duplicate of comm for
@@ -210,6 +222,8 @@ class Averager {
   bool at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare);
   // The control stage, then the data stage: blocking (out null) or started into *out.
   bool issue(detail::Prepared job, std::size_t level, bool blocking, Request* out);
+  // prepare(...), with an hma::InvalidArgument it throws turned into refuse(): the group hears.
+  detail::Prepared prepared(const Prepare& prepare, std::size_t level, bool blocking, bool scheduled);
   detail::Prepared prepare_host(ParamSet& params, std::size_t level, bool blocking, bool scheduled);
   detail::Prepared prepare_device(DeviceParamSet& params, std::size_t level, bool blocking,
                                   bool scheduled, Stream stream);

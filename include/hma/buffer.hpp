@@ -5,7 +5,9 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -63,6 +65,37 @@ inline bool overlaps(const void* a, std::size_t abytes, const void* b, std::size
   const auto x = reinterpret_cast<std::uintptr_t>(a), y = reinterpret_cast<std::uintptr_t>(b);
   return abytes > 0 && bbytes > 0 && x < y + bbytes && y < x + abytes;
 }
+/// The byte ranges of the arrays registered so far, disjoint, sorted by start: an overlap test
+/// and an insertion each cost O(log n), so registering n arrays costs O(n log n).
+class IntervalSet {
+ public:
+  /// The index given to the registered range that shares a byte with [p, p + bytes), if any
+  /// (empty ranges never overlap).
+  [[nodiscard]] std::optional<std::size_t> overlapping(const void* p, std::size_t bytes) const {
+    if (bytes == 0) return std::nullopt;
+    const auto x = reinterpret_cast<std::uintptr_t>(p);
+    // The range with the greatest start below our end has the greatest end of those that start
+    // below it (the ranges are disjoint): it is the only one that can reach past x.
+    auto it = starts_.lower_bound(x + bytes);
+    if (it == starts_.begin()) return std::nullopt;
+    --it;
+    if (it->second.end > x) return it->second.index;
+    return std::nullopt;
+  }
+  /// Records [p, p + bytes) as range `index`; it must not overlap a registered one.
+  void insert(const void* p, std::size_t bytes, std::size_t index) {
+    if (bytes == 0) return;
+    const auto x = reinterpret_cast<std::uintptr_t>(p);
+    starts_.emplace(x, Range{x + bytes, index});
+  }
+
+ private:
+  struct Range {
+    std::uintptr_t end;
+    std::size_t index;
+  };
+  std::map<std::uintptr_t, Range> starts_;
+};
 /// One registered array of a ParamSet or DeviceParamSet, for the layout fingerprint.
 struct LayoutEntry {
   std::uint8_t kind;  // 0 owned (zero-copy), 1 user (packed)
@@ -75,6 +108,7 @@ struct Bucket {
   std::vector<T> storage;
   std::size_t owned = 0;                // elements of hma-owned (zero-copy) arrays, at the front
   std::vector<std::span<T>> user;       // user arrays packed into storage[owned ...]
+  IntervalSet user_ranges;              // their bytes, for the overlap check at registration
   std::size_t user_elems = 0;
   std::vector<T> send;                  // poll-mode start(): the scaled copy MPI sends from
   std::vector<T> recv;                  // two-level: this rank's reduced block
@@ -172,10 +206,9 @@ class ParamSet {
   // Throws hma::InvalidArgument if [p, p + bytes) overlaps a registered user array or hma's own
   // buffer: averaging it twice would silently give wrong values.
   template <Storable T>
-  void check_no_overlap(const T* p, std::size_t bytes, const std::vector<std::span<T>>& user,
+  void check_no_overlap(const T* p, std::size_t bytes, const detail::IntervalSet& user,
                         const std::vector<T>& storage) const {
-    for (std::size_t i = 0; i < user.size(); ++i)
-      if (detail::overlaps(p, bytes, user[i].data(), user[i].size_bytes())) overlap_error(i);
+    if (const auto i = user.overlapping(p, bytes)) overlap_error(*i);
     if (detail::overlaps(p, bytes, storage.data(), storage.size() * sizeof(T)))
       overlap_error(static_cast<std::size_t>(-1));
   }
@@ -222,8 +255,9 @@ void ParamSet::add(std::span<T> user) {
   check_size(user.size(), b.size(), sizeof(T), "add");
   if (user.data() == nullptr && !user.empty())
     throw_null_span();
-  check_no_overlap(user.data(), user.size_bytes(), b.user, b.storage);
+  check_no_overlap(user.data(), user.size_bytes(), b.user_ranges, b.storage);
   b.user.push_back(user);
+  b.user_ranges.insert(user.data(), user.size_bytes(), b.user.size() - 1);
   b.user_elems += user.size();
   b.storage.resize(b.owned + b.user_elems);
   layout_.push_back(detail::LayoutEntry{1, dtype_of<T>(), user.size()});

@@ -47,8 +47,9 @@ class Hierarchy {
   [[nodiscard]] const Comm& control(std::size_t i) const;
   /// MPI_COMM_WORLD ranks of this rank's group at level `i`, in group rank order.
   [[nodiscard]] const std::vector<int>& world_ranks(std::size_t i) const;
-  /// Forgets every communicator without freeing it: for when collectives may still be in flight
-  /// on them (an average that timed out), where freeing would let MPI touch freed state.
+  /// Forgets every communicator without freeing it, and leaks the two-level routes that hold
+  /// some: for when collectives may still be in flight on them (an average that timed out),
+  /// where freeing would let MPI, or a leaked worker thread, touch freed state.
   void abandon() noexcept;
   [[nodiscard]] const Comm& node() const noexcept { return node_; }
   [[nodiscard]] const Comm& inter_node() const noexcept { return inter_node_; }

@@ -170,7 +170,10 @@ hma_status hma_last_divergence(hma_averager avg, double* value, int* level, int6
 
 /* ---- the step counter, checkpoints, description */
 hma_status hma_step_count(hma_averager avg, int64_t* step);
-hma_status hma_set_step(hma_averager avg, int64_t step); /* collective */
+/* Local, not collective: sets this rank's step counter (a restart). Set the same step on every
+ * rank: the next average's agreement check compares the step counters and fails on every rank of
+ * its group (HMA_ERR_MISMATCH) if they differ. HMA_ERR_ARG for a step below 0 or above 2^62. */
+hma_status hma_set_step(hma_averager avg, int64_t step);
 /* The level this step averages, -1 if none. */
 hma_status hma_level_now(hma_averager avg, int* level);
 /* Text outputs: writes at most `capacity` bytes including the terminating NUL into `buf` and the

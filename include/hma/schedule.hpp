@@ -10,6 +10,10 @@
 
 namespace hma {
 
+/// The largest step counter hma holds (2^62): set_step() and restore() refuse larger steps, and
+/// step()/start() refuse to count past it, so the counter can never overflow.
+inline constexpr std::int64_t kMaxStep = std::int64_t{1} << 62;
+
 /// One level of a hierarchy: every `period` steps, average within contiguous blocks of
 /// `group_size` ranks, [k*g, (k+1)*g).
 struct Level {

@@ -9,6 +9,7 @@
 #include <exception>
 #include <functional>
 #include <new>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -72,6 +73,19 @@ template <class T>
 T& need(T* p, const char* what) {
   if (p == nullptr) throw hma::InvalidArgument(std::string("hma: ") + what + " is NULL");
   return *p;
+}
+
+// The set (and request slot) of a collective call: a NULL one on this rank is refused in the
+// call's agreement check, so every rank of the group gets the error at once (Averager::refuse).
+// `level`: average()/start_average()'s level, nullopt for step()/start().
+template <class S>
+auto& set_of(hma_averager avg, S* ps, std::optional<std::size_t> level, const char* fn,
+             hma_request* request = nullptr, bool wants_request = false) {
+  auto& a = need(avg, "avg").avg;
+  if (ps == nullptr) a.refuse(level, std::string(fn) + ": ps is NULL");
+  if (wants_request && request == nullptr) a.refuse(level, std::string(fn) + ": request is NULL");
+  if (wants_request) *request = nullptr;
+  return ps->ps;
 }
 
 template <class E>
@@ -290,35 +304,40 @@ hma_status hma_averager_free(hma_averager* avg) {
 
 hma_status hma_step(hma_averager avg, hma_paramset ps, int* averaged) {
   return guard([&] {
-    const bool did = need(avg, "avg").avg.step(need(ps, "ps").ps);
+    auto& set = set_of(avg, ps, std::nullopt, "hma_step");
+    const bool did = avg->avg.step(set);
     if (averaged != nullptr) *averaged = did ? 1 : 0;
   });
 }
 hma_status hma_step_device(hma_averager avg, hma_device_paramset ps, void* stream, int* averaged) {
   return guard([&] {
-    const bool did = need(avg, "avg").avg.step(need(ps, "ps").ps, static_cast<hma::Stream>(stream));
+    auto& set = set_of(avg, ps, std::nullopt, "hma_step_device");
+    const bool did = avg->avg.step(set, static_cast<hma::Stream>(stream));
     if (averaged != nullptr) *averaged = did ? 1 : 0;
   });
 }
 hma_status hma_start(hma_averager avg, hma_paramset ps, hma_request* request) {
   return guard([&] {
-    need(request, "request") = nullptr;
-    *request = new_request(need(avg, "avg").avg.start(need(ps, "ps").ps));
+    auto& set = set_of(avg, ps, std::nullopt, "hma_start", request, true);
+    *request = new_request(avg->avg.start(set));
   });
 }
 hma_status hma_start_device(hma_averager avg, hma_device_paramset ps, void* stream, hma_request* request) {
   return guard([&] {
-    need(request, "request") = nullptr;
-    *request = new_request(need(avg, "avg").avg.start(need(ps, "ps").ps, static_cast<hma::Stream>(stream)));
+    auto& set = set_of(avg, ps, std::nullopt, "hma_start_device", request, true);
+    *request = new_request(avg->avg.start(set, static_cast<hma::Stream>(stream)));
   });
 }
 hma_status hma_average(hma_averager avg, hma_paramset ps, size_t level) {
-  return guard([&] { need(avg, "avg").avg.average(need(ps, "ps").ps, level); });
+  return guard([&] {
+    auto& set = set_of(avg, ps, level, "hma_average");
+    avg->avg.average(set, level);
+  });
 }
 hma_status hma_start_average(hma_averager avg, hma_paramset ps, size_t level, hma_request* request) {
   return guard([&] {
-    need(request, "request") = nullptr;
-    *request = new_request(need(avg, "avg").avg.start_average(need(ps, "ps").ps, level));
+    auto& set = set_of(avg, ps, level, "hma_start_average", request, true);
+    *request = new_request(avg->avg.start_average(set, level));
   });
 }
 

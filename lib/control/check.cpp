@@ -73,17 +73,20 @@ struct CheckOp {
 
 }  // namespace
 
-void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight) {
+void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight,
+                         std::string invalid_here) {
   ctrl_ = ctrl;
   mine_ = h;
   bad_ = nonfinite_here ? 1 : 0;
+  invalid_ = std::move(invalid_here);
   for (std::size_t i = 0; i < K; ++i) {
     in_[i] = h.v[i];
     in_[K + i] = ~h.v[i];
   }
   in_[2 * K] = ~bad_;
-  in_[2 * K + 1] = weight;
-  in_[2 * K + 2] = ~weight;
+  in_[2 * K + 1] = invalid_.empty() ? ~std::uint64_t{0} : ~std::uint64_t{1};
+  in_[2 * K + 2] = weight;
+  in_[2 * K + 3] = ~weight;
   in_[kMin] = weight;
   in_[kMin + 1] = 0;
   const auto& c = CheckOp<kMin, kAll>::get();
@@ -152,22 +155,45 @@ const char* field_name(std::size_t field) {
 Verdict ControlCheck::resolve(const GroupInfo& who) {
   bool same = true;
   for (std::size_t i = 0; i < K; ++i) same = same && out_[i] == ~out_[K + i];
-  const bool any_bad = ~out_[2 * K] != 0;
+  const bool any_bad = ~out_[2 * K] != 0, any_invalid = ~out_[2 * K + 1] != 0;
   Verdict verdict;
-  verdict.weight_min = out_[2 * K + 1];
-  verdict.weight_max = ~out_[2 * K + 2];
+  verdict.weight_min = out_[2 * K + 2];
+  verdict.weight_max = ~out_[2 * K + 3];
   verdict.weight_sum = (static_cast<WeightSum>(out_[kMin + 1]) << 64) | out_[kMin];
-  if (same && !any_bad) return verdict;
+  if (same && !any_bad && !any_invalid) return verdict;
   // Every rank of the group saw the same reduction, so all of them are here.
   const std::size_t n = who.world_ranks.size();
-  std::array<std::uint64_t, K + 1> row{};
+  constexpr std::size_t R = K + 2;  // a row: the header, the non-finite vote, invalid here
+  std::array<std::uint64_t, R> row{};
   for (std::size_t i = 0; i < K; ++i) row[i] = mine_.v[i];
   row[K] = bad_;
-  std::vector<std::uint64_t> all(n * (K + 1));
-  check(MPI_Allgather(row.data(), static_cast<int>(K + 1), MPI_UINT64_T, all.data(),
-                      static_cast<int>(K + 1), MPI_UINT64_T, ctrl_),
+  row[K + 1] = invalid_.empty() ? 0 : 1;
+  std::vector<std::uint64_t> all(n * R);
+  check(MPI_Allgather(row.data(), static_cast<int>(R), MPI_UINT64_T, all.data(), static_cast<int>(R),
+                      MPI_UINT64_T, ctrl_),
         "MPI_Allgather(agreement check)");
-  auto at = [&](std::size_t r) { return all.data() + r * (K + 1); };
+  auto at = [&](std::size_t r) { return all.data() + r * R; };
+  if (any_invalid) {
+    // A rank's bad argument comes first: its header means nothing. Its reason, from the lowest
+    // such rank, goes to the whole group.
+    std::vector<int> invalid;
+    int first = -1;
+    for (std::size_t r = 0; r < n; ++r)
+      if (at(r)[K + 1] != 0) {
+        if (first < 0) first = static_cast<int>(r);
+        invalid.push_back(who.world_ranks[r]);
+      }
+    int len = static_cast<int>(invalid_.size());
+    check(MPI_Bcast(&len, 1, MPI_INT, first, ctrl_), "MPI_Bcast(invalid argument)");
+    std::string reason = invalid_;
+    reason.resize(static_cast<std::size_t>(len));
+    if (len > 0) check(MPI_Bcast(reason.data(), len, MPI_CHAR, first, ctrl_), "MPI_Bcast(invalid argument)");
+    const std::string others =
+        invalid.size() > 1 ? " (invalid arguments on world ranks " + rank_ranges(invalid) + ")" : "";
+    throw InvalidArgument("hma: " + who.describe() + ": world rank " + std::to_string(invalid.front()) +
+                          " passed an invalid argument: " + reason + others +
+                          "; nothing was averaged on any rank of the group");
+  }
   if (!same) {
     std::string detail;
     int first = -1;

@@ -69,14 +69,18 @@ class ControlCheck {
 
   /// Non-blocking, collective over `ctrl` (the group's control communicator): issues the check.
   /// `weight`: this rank's weight in the group's sum (weighted averaging; 2^32 = weight 1).
-  void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight);
+  /// `invalid_here` non-empty: this rank's arguments are bad (the reason, without "hma: "); the
+  /// check then fails with it on every rank of the group (resolve()).
+  void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight, std::string invalid_here = {});
   [[nodiscard]] bool started() const noexcept { return ctrl_ != MPI_COMM_NULL; }
   /// True once every rank of the group has contributed (drives MPI progress).
   bool test();
   /// Waits until complete (true) or until `deadline` (false). Yields between polls.
   bool wait_until(std::chrono::steady_clock::time_point deadline);
-  /// After completion, on every rank of the group alike: throws hma::MismatchError naming the
-  /// differing fields, their values and the world ranks holding each; else the non-finite votes.
+  /// After completion, on every rank of the group alike: throws hma::InvalidArgument when a rank
+  /// started it invalid (naming the lowest such world rank and its reason, and the others);
+  /// else hma::MismatchError naming the differing fields, their values and the world ranks
+  /// holding each; else the non-finite votes.
   /// May issue one MPI_Allgather on the control communicator (every rank of the group does).
   Verdict resolve(const GroupInfo& who);
 
@@ -85,10 +89,11 @@ class ControlCheck {
   MPI_Comm ctrl_ = MPI_COMM_NULL;
   Header mine_;
   std::uint64_t bad_ = 0;
-  // [v..., ~v..., ~bad, w, ~w, sum lo, sum hi]: the first 2K + 3 reduced with min (minimum,
-  // bitwise-not of maximum, any bad vote, weight range), the last two as one 128-bit sum of the
-  // weights, in one MPI_Iallreduce with hma's own op (check.cpp).
-  static constexpr std::size_t kMin = 2 * K + 3, kAll = kMin + 2;
+  std::string invalid_;  // this rank's reason, empty when its arguments are fine
+  // [v..., ~v..., ~bad, ~invalid, w, ~w, sum lo, sum hi]: the first 2K + 4 reduced with min
+  // (minimum, bitwise-not of maximum, any bad vote, any invalid rank, weight range), the last two
+  // as one 128-bit sum of the weights, in one MPI_Iallreduce with hma's own op (check.cpp).
+  static constexpr std::size_t kMin = 2 * K + 4, kAll = kMin + 2;
   std::array<std::uint64_t, kAll> in_{}, out_{};
   MPI_Request req_ = MPI_REQUEST_NULL;
   bool complete_ = false;

@@ -3,9 +3,10 @@
 ! Handles (parameter sets, averagers, requests) are integer(c_intptr_t), 0 for none. Every
 ! function returns an integer status, HMA_OK (0) or an HMA_ERR_* code; on anything but HMA_OK,
 ! hma_last_error() gives the message (the C++ library's, naming the argument, rank, level or
-! step). Collective calls (create, step, start, average, set_step, restore) must be made by
-! every rank of the averager's communicator in the same order; a rank that diverges gets an
-! error on every rank (HMA_ERR_MISMATCH or HMA_ERR_TIMEOUT), never a hang. You own MPI: call
+! step). Collective calls (create, step, start, average, restore) must be made by every rank
+! of the averager's communicator in the same order; a rank that diverges gets an error on every
+! rank (HMA_ERR_MISMATCH or HMA_ERR_TIMEOUT), never a hang. set_step is local: set the same step
+! on every rank (the next average compares the step counters; 0 <= step <= 2**62). You own MPI: call
 ! MPI_Init before and MPI_Finalize after (free the handles first).
 !
 !   use, intrinsic :: iso_c_binding
@@ -316,7 +317,7 @@ contains
     step = 0
     status = ret(c_step_count(ptr(avg), step))
   end function
-  integer function hma_set_step(avg, step) result(status)  ! collective
+  integer function hma_set_step(avg, step) result(status)  ! local; checked at the next average
     integer(c_intptr_t), intent(in) :: avg
     integer(c_int64_t), intent(in) :: step
     status = ret(c_set_step(ptr(avg), step))
