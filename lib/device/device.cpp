@@ -113,7 +113,10 @@ DeviceParamSet::~DeviceParamSet() {
     std::fprintf(stderr, "hma: ~DeviceParamSet: %s\n", e.what());
   }
   for (detail::DeviceBucket* b : {&s.f32, &s.f64}) {
-    if (b->storage != nullptr) s.be->release(b->storage);
+    if (b->storage != nullptr) {
+      if (b->exported) detail::park_exported(s.be, b->storage);  // peers may still map it
+      else s.be->release(b->storage);
+    }
     if (b->table != nullptr) s.be->release_segments(b->table);
   }
   s.be->destroy_stream(s.stream);
@@ -140,10 +143,12 @@ void grow(detail::DeviceState& s, detail::DeviceBucket& b, std::size_t need) {
       s.be->copy(fresh, b.storage, b.owned * b.elem(), s.stream);
       s.sync_stream();
     }
-    s.be->release(b.storage);
+    if (b.exported) detail::park_exported(s.be, b.storage);  // the node transport's peers may map it
+    else s.be->release(b.storage);
   }
   b.storage = fresh;
   b.capacity = cap;
+  b.exported = false;
 }
 }  // namespace
 
@@ -184,16 +189,16 @@ void DeviceParamSet::add_bytes(Dtype d, void* p, std::size_t n) {
                           ", and device " + std::to_string(s.device) + " has no peer access to device " +
                           std::to_string(pd) + "; register it in a set on device " + std::to_string(pd));
   const std::size_t bytes = n * b.elem();
-  for (std::size_t i = 0; i < b.user.size(); ++i)
-    if (detail::overlaps(p, bytes, b.user[i].user, b.user[i].n * b.elem()))
-      throw InvalidArgument("hma: DeviceParamSet::add: the array overlaps user array #" +
-                            std::to_string(i) + " of the same dtype already registered; each "
-                            "element may be averaged once");
+  if (const auto i = b.user_ranges.overlapping(p, bytes))
+    throw InvalidArgument("hma: DeviceParamSet::add: the array overlaps user array #" +
+                          std::to_string(*i) + " of the same dtype already registered; each "
+                          "element may be averaged once");
   if (detail::overlaps(p, bytes, b.storage, b.capacity * b.elem()))
     throw InvalidArgument("hma: DeviceParamSet::add: the array lies inside hma's own buffer (a "
                           "DeviceArray from allocate() is averaged already; do not add() it)");
   grow(s, b, b.size() + n);
   b.user.push_back(detail::Segment{p, 0, n});
+  b.user_ranges.insert(p, bytes, b.user.size() - 1);
   b.user_elems += n;
   b.dirty = true;
   s.layout.push_back({1, d, n});

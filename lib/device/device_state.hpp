@@ -8,7 +8,7 @@
 #include "device/device_backend.hpp"
 #include "device/ipc_peers.hpp"
 #include "pending.hpp"
-#include "transport/staged.hpp"
+#include "device/staging_area.hpp"
 
 namespace hma::detail {
 
@@ -19,10 +19,12 @@ struct DeviceBucket {
   std::size_t capacity = 0;       // elements allocated
   std::size_t owned = 0;          // elements of hma-owned (zero-copy) arrays, at the front
   std::vector<Segment> user;      // user device arrays (their `at` is set by tables())
+  IntervalSet user_ranges;        // their bytes: the overlap check at add() in O(log n)
   std::size_t user_elems = 0;
   std::vector<Segment> segs;      // the owned region, then the user arrays: what the kernels walk
   void* table = nullptr;          // segs uploaded for the kernels
   bool dirty = true;
+  bool exported = false;          // the node transport's peers mapped storage: never freed
   [[nodiscard]] std::size_t size() const noexcept { return owned + user_elems; }
   [[nodiscard]] std::size_t elem() const noexcept { return dtype_size(dtype); }
 };

@@ -17,11 +17,10 @@
 
 namespace hma::detail {
 
-/// A destroyed set's exported buffer: a peer's kernel may still be reading it (its own average
-/// completed, the peer's may not have yet), so it is freed only `kIpcGraceSeconds` later, on the
-/// next call of this function (or never, at process exit).
+/// A destroyed set's exported buffer (or a storage that was exported): peers keep it mapped
+/// until their next exchange, which may never come, and CUDA makes freeing memory a peer still
+/// maps undefined. So it is never freed: kept (reachable) until the process ends.
 void park_exported(DeviceBackend* be, void* p) noexcept;
-constexpr double kIpcGraceSeconds = 10;
 
 struct IpcPeers {
   DeviceBackend* be = nullptr;
@@ -41,13 +40,14 @@ struct IpcPeers {
   std::vector<void*> peer_f, peer_d;  // two-shot: every rank's storage (own storage at me)
   int me = -1;
   bool exchanged = false;
+  std::uint64_t token = 0;          // a hash of every rank's handles at the exchange
   std::uint64_t count = 0;          // averages through these buffers since the exchange
 
   IpcPeers() = default;
   IpcPeers(const IpcPeers&) = delete;
   IpcPeers& operator=(const IpcPeers&) = delete;
   ~IpcPeers() {
-    // The set is going: its exported buffers wait out the peers' last reads (see park_exported).
+    // The set is going: its exported buffers stay allocated (see park_exported).
     park_exported(be, mine);
     park_exported(be, slice);
     mine = slice = nullptr;
@@ -63,15 +63,21 @@ struct IpcPeers {
   [[nodiscard]] void* slice_of(int r, Dtype d) const {
     return static_cast<char*>(peer_slice[static_cast<std::size_t>(r)]) + (d == Dtype::f32 ? 0 : slice_off_d);
   }
-  /// Closes the peers' mappings and frees this rank's buffers (never its storage). Only where no
-  /// peer reads them any more (after a handshake: each peer finished its last average first).
-  void release() noexcept {
+  /// Unmaps the peers' buffers.
+  void close_peers() noexcept {
     if (be == nullptr) return;
     for (auto* v : {&peer, &peer_slice, &peer_f, &peer_d}) {
       for (std::size_t r = 0; r < v->size(); ++r)
         if ((*v)[r] != nullptr && static_cast<int>(r) != me) be->close_shared((*v)[r]);
       v->clear();
     }
+    exchanged = false;
+  }
+  /// Unmaps the peers' buffers and frees this rank's (never its storage). Only once every peer
+  /// has unmapped them (the exchange's collective) or never mapped them.
+  void release() noexcept {
+    if (be == nullptr) return;
+    close_peers();
     if (mine != nullptr) be->release_shared(mine);
     if (slice != nullptr) be->release_shared(slice);
     mine = slice = nullptr;

@@ -4,6 +4,8 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <utility>
 #include <vector>
 
 #include "hma/error.hpp"
@@ -25,8 +27,15 @@ struct Card {
 };
 
 // The handshake: [buffers mapped and current here, f32 elements, f64 elements, averages since
-// the exchange, this rank's weight factor's bits (weighted two-shot sums need every rank's)].
-using Hello = std::array<std::uint64_t, 5>;
+// the exchange, this rank's weight factor's bits (weighted two-shot sums need every rank's),
+// the exchange's token (a hash of every rank's handles: which buffers this rank means)].
+using Hello = std::array<std::uint64_t, 6>;
+
+std::uint64_t token_of(const void* p, std::size_t n) {
+  std::uint64_t h = 1469598103934665603ULL;  // FNV-1a
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ static_cast<const unsigned char*>(p)[i]) * 1099511628211ULL;
+  return h;
+}
 
 std::shared_ptr<IpcPeers> entry_for(DeviceState& s, const std::shared_ptr<IpcLevel>& level) {
   std::erase_if(s.ipc, [](const std::shared_ptr<IpcPeers>& e) { return e->owner.expired(); });
@@ -129,43 +138,75 @@ bool all_ok(MPI_Comm c, bool ok) {
 bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, std::string& why) {
   count_use(Use::device_ipc_exchange);
   const std::size_t nf = s.f32.size(), nd = s.f64.size();
+  // This rank's part may fail (no memory, no IPC): it then says so and still joins every
+  // collective, so the group decides together.
   Card mine;
-  const std::string local = s.be->ipc_unsupported(s.device);
-  e.release();
-  e.two_shot = two;
-  e.nf = nf;
-  e.nd = nd;
-  if (local.empty()) {
-    if (two) {
-      e.lf = (nf + static_cast<std::size_t>(g) - 1) / static_cast<std::size_t>(g);
-      e.ld = (nd + static_cast<std::size_t>(g) - 1) / static_cast<std::size_t>(g);
-      e.slice_off_d = IpcPeers::round_up(e.lf * sizeof(float));
-      e.slice_bytes = e.slice_off_d + IpcPeers::round_up(e.ld * sizeof(double));
-      e.slice = s.be->alloc_shared(e.slice_bytes, mine.buffer);
-      e.store_f = s.f32.storage;
-      e.store_d = s.f64.storage;
+  std::string local;
+  IpcPeers fresh;
+  fresh.be = s.be;
+  fresh.two_shot = two;
+  fresh.nf = nf;
+  fresh.nd = nd;
+  try {
+    local = s.be->ipc_unsupported(s.device);
+    const std::string id = s.be->device_id(s.device);
+    std::strncpy(mine.id, id.c_str(), kIdBytes - 1);
+    if (local.empty() && two) {
+      fresh.lf = (nf + static_cast<std::size_t>(g) - 1) / static_cast<std::size_t>(g);
+      fresh.ld = (nd + static_cast<std::size_t>(g) - 1) / static_cast<std::size_t>(g);
+      fresh.slice_off_d = IpcPeers::round_up(fresh.lf * sizeof(float));
+      fresh.slice_bytes = fresh.slice_off_d + IpcPeers::round_up(fresh.ld * sizeof(double));
+      fresh.slice = s.be->alloc_shared(fresh.slice_bytes, mine.buffer);
+      fresh.store_f = s.f32.storage;
+      fresh.store_d = s.f64.storage;
       if (nf > 0) s.be->export_buffer(s.f32.storage, mine.store_f);
       if (nd > 0) s.be->export_buffer(s.f64.storage, mine.store_d);
+      s.f32.exported = s.f32.exported || nf > 0;  // never freed again (see park_exported)
+      s.f64.exported = s.f64.exported || nd > 0;
       mine.bytes_f = s.f32.capacity * sizeof(float);
       mine.bytes_d = s.f64.capacity * sizeof(double);
-    } else {
-      e.off_d = IpcPeers::round_up(nf * sizeof(float));
-      e.half = e.off_d + IpcPeers::round_up(nd * sizeof(double));
-      e.mine = s.be->alloc_shared(2 * e.half, mine.buffer);
+    } else if (local.empty()) {
+      fresh.off_d = IpcPeers::round_up(nf * sizeof(float));
+      fresh.half = fresh.off_d + IpcPeers::round_up(nd * sizeof(double));
+      fresh.mine = s.be->alloc_shared(2 * fresh.half, mine.buffer);
     }
+  } catch (const std::exception& x) {
+    local = x.what();
   }
-  const std::string id = s.be->device_id(s.device);
-  std::strncpy(mine.id, id.c_str(), kIdBytes - 1);
+  // Peers' old buffers are unmapped before the collective; this rank's old buffers are freed
+  // after it, once every peer has unmapped them (CUDA: freeing memory a peer still maps is
+  // undefined).
+  e.close_peers();
   std::vector<Card> cards(static_cast<std::size_t>(g));
   check(MPI_Allgather(&mine, sizeof(Card), MPI_BYTE, cards.data(), sizeof(Card), MPI_BYTE, c),
         "MPI_Allgather(node transport: handles)");
+  e.release();
+  e.two_shot = fresh.two_shot;
+  e.nf = fresh.nf;
+  e.nd = fresh.nd;
+  e.lf = fresh.lf;
+  e.ld = fresh.ld;
+  e.slice_off_d = fresh.slice_off_d;
+  e.slice_bytes = fresh.slice_bytes;
+  e.off_d = fresh.off_d;
+  e.half = fresh.half;
+  e.store_f = fresh.store_f;
+  e.store_d = fresh.store_d;
+  e.mine = std::exchange(fresh.mine, nullptr);
+  e.slice = std::exchange(fresh.slice, nullptr);
   bool ok = local.empty();
   if (!ok) why = "world rank " + std::to_string(Comm::world_rank()) + ": " + local;
   for (int r = 0; r < g && ok; ++r) {
     const std::string peer_id(cards[static_cast<std::size_t>(r)].id);
-    if (!s.be->can_reach(s.device, peer_id)) {
+    try {
+      if (!s.be->can_reach(s.device, peer_id)) {
+        ok = false;
+        why = "device " + std::string(mine.id) + " cannot read device " + peer_id +
+              " (neither the same device nor peer access)";
+      }
+    } catch (const std::exception& x) {
       ok = false;
-      why = "device " + id + " cannot read device " + peer_id + " (neither the same device nor peer access)";
+      why = x.what();
     }
   }
   if (all_ok(c, ok)) {
@@ -197,11 +238,12 @@ bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, 
   }
   if (!all_ok(c, ok)) {
     if (why.empty()) why = "another rank of the group could not use the node transport";
-    e.release();
-    return false;
+    e.close_peers();
+    return false;  // this rank's buffers stay allocated: peers may have mapped them
   }
   if (e.mine != nullptr) s.be->seal_shared(e.mine);
   if (e.slice != nullptr) s.be->seal_shared(e.slice);
+  e.token = token_of(cards.data(), cards.size() * sizeof(Card));
   e.exchanged = true;
   e.count = 0;
   return true;
@@ -210,7 +252,8 @@ bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, 
 struct Flow {
   Hello mine{};
   std::vector<Hello> all;
-  bool done = false;  // nothing left for the last stage
+  bool done = false;           // nothing left for the last stage
+  std::exception_ptr error;    // a failed stage: the average ends with this error, never as done
 };
 
 double factor_of(std::uint64_t bits) {
@@ -224,7 +267,11 @@ double factor_of(std::uint64_t bits) {
 void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
                const std::function<void(DeviceBucket&, void*)>& pack) {
   IpcLevel& level = *r.level;
-  if (level.comm.is_null()) level.comm = Comm::attach(r.fallback.comm).dup();
+  if (level.comm.is_null()) {
+    // A collective on the level's communicator: what the worker queued there goes first.
+    if (r.worker) r.worker->drain();
+    level.comm = Comm::attach(r.fallback.comm).dup();
+  }
   const MPI_Comm c = level.comm.get();
   const int g = level.comm.size(), me = level.comm.rank();
   auto e = entry_for(s, r.level);
@@ -242,20 +289,21 @@ void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
   auto f = std::make_shared<Flow>();
   std::uint64_t wbits = 0;
   std::memcpy(&wbits, &r.fallback.weight_factor, sizeof wbits);
-  f->mine = {ready ? 1u : 0u, nf, nd, e->count, wbits};
+  f->mine = {ready ? 1u : 0u, nf, nd, e->count, wbits, ready ? e->token : 0u};
   f->all.resize(static_cast<std::size_t>(g));
   MPI_Request q = MPI_REQUEST_NULL;
-  check(MPI_Iallgather(f->mine.data(), 5, MPI_UINT64_T, f->all.data(), 5, MPI_UINT64_T, c, &q),
+  check(MPI_Iallgather(f->mine.data(), 6, MPI_UINT64_T, f->all.data(), 6, MPI_UINT64_T, c, &q),
         "MPI_Iallgather(node transport: handshake)");
   p.reqs.push_back(q);
   DeviceState* sp = &s;
-  p.finish = [sp, user = r.fallback.user] {
+  p.finish = [sp, f, user = r.fallback.user] {
+    if (f->error) std::rethrow_exception(f->error);  // every later wait() says so too
     DeviceGuard on_device(sp->be, sp->device);
     sp->be->stream_wait(user, sp->done);
   };
   const int group = r.fallback.group;
   const bool mul = r.fallback.reciprocal || (group & (group - 1)) == 0;
-  p.stages.push_back([sp, e, f, r, c, me, g, two, group, mul, pack](std::vector<MPI_Request>& reqs) {
+  auto first = [sp, e, f, r, c, me, g, two, group, mul, pack](std::vector<MPI_Request>& reqs) {
     DeviceGuard on_device(sp->be, sp->device);
     bool go = true;
     for (const auto& a : f->all) {
@@ -266,7 +314,7 @@ void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
                     " f64 elements against " + std::to_string(f->mine[1]) + " and " +
                     std::to_string(f->mine[2]) + " here); with HMA_CHECK=0 nothing catches this earlier");
       }
-      go = go && a[0] == 1 && a[3] == f->mine[3];
+      go = go && a[0] == 1 && a[3] == f->mine[3] && a[5] == f->mine[5];
     }
     if (!go) {
       if (!two && f->mine[0] == 1) {
@@ -309,12 +357,31 @@ void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
     MPI_Request b = MPI_REQUEST_NULL;  // every slice is reduced, and no rank reads storage any more
     check(MPI_Ibarrier(c, &b), "MPI_Ibarrier(node transport: slices)");
     reqs.push_back(b);
+  };
+  p.stages.push_back([sp, e, f, first](std::vector<MPI_Request>& reqs) {
+    try {
+      first(reqs);
+    } catch (...) {
+      // Terminal: this average failed here. The entry is no longer trusted (the next average
+      // exchanges anew); stage 2 does nothing and finish rethrows.
+      e->exchanged = false;
+      f->done = true;
+      f->error = std::current_exception();
+      throw;
+    }
   });
   p.stages.push_back([sp, e, f, two](std::vector<MPI_Request>&) {
     if (f->done) return;
-    DeviceGuard on_device(sp->be, sp->device);
-    if (two) gather_slices(*sp, *e);
-    else sum_all(*sp, *e);
+    try {
+      DeviceGuard on_device(sp->be, sp->device);
+      if (two) gather_slices(*sp, *e);
+      else sum_all(*sp, *e);
+    } catch (...) {
+      e->exchanged = false;
+      f->done = true;
+      f->error = std::current_exception();
+      throw;
+    }
   });
 }
 

@@ -4,10 +4,11 @@
 // kernel per dtype that adds all ranks' terms in rank order into its own buffer (the same bits
 // on every rank), and unpacks. Nothing leaves the device but two tiny MPI messages:
 // The pack kernel writes the terms straight into the exported buffer.
-//   1. the handshake (MPI_Iallgather of 4 words, once this rank's terms are exported): it is the
+//   1. the handshake (MPI_Iallgather of 6 words, once this rank's terms are exported): it is the
 //      arrival barrier (a peer's kernel reads a rank's terms only after that rank's export has
-//      finished on the device) and says whether every rank's buffers are still mapped;
-//   2. only after a layout change or on first use: the exchange of handles (MPI_Allgather) and
+//      finished on the device) and says whether every rank's buffers are still the ones of the
+//      same exchange (a token);
+//   2. only when the sizes change or on first use: the exchange of handles (MPI_Allgather) and
 //      whether every rank's device reaches every other (same device or peer access), then the
 //      terms again and an MPI_Ibarrier. Where the devices cannot reach each other, the group
 //      turns the node transport off at that level for good, on every rank alike, and this and
