@@ -85,8 +85,7 @@ TEST_CASE("node transport: every call form, exact values, one exchange per layou
     REQUIRE_ALL_RANKS(m.averaged(rank(), g, t));
     m.fill(rank(), ++t);
     {
-      auto r = avg.start(m.ps);
-      REQUIRE(m.ps.in_flight());
+      auto r = avg.start(m.ps);  // may complete inside start() (MPICH: the peers already arrived)
       r.wait();
     }
     m.ps.synchronize();
