@@ -13,23 +13,11 @@
 #include "device/device_backend.hpp"
 #include "hma/error.hpp"
 #include "device/segments.hpp"
+#include "device/cuda_launch.cuh"
 
 namespace hma::detail {
 
 namespace {
-
-void cu(cudaError_t rc, const char* what) {
-  if (rc != cudaSuccess) {
-    (void)cudaGetLastError();  // hma's own error: not left for the caller's next check
-    throw Error(std::string("hma: CUDA: ") + what + ": " + cudaGetErrorName(rc) + ": " +
-                cudaGetErrorString(rc));
-  }
-}
-
-struct DevSeg {
-  void* user;
-  std::uint64_t at, n;
-};
 
 template <class T, bool Pow2>
 __global__ void scale_pack_kernel(const T* storage, const DevSeg* segs, int nsegs, std::uint64_t total,
@@ -86,92 +74,6 @@ __global__ void nonfinite_kernel(const T* storage, const DevSeg* segs, int nsegs
     bad |= !isfinite(x);
   }
   if (bad) atomicOr(flag, 1);
-}
-
-// The node transport's sum: every rank's terms, read through CUDA IPC, added in rank order.
-struct PeerPtrs {
-  const void* p[kMaxIpcPeers];
-};
-
-template <class T, class V, int W>
-__global__ void sum_peers_kernel(T* dst, PeerPtrs src, int k, std::uint64_t n) {
-  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
-  const std::uint64_t first = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const std::uint64_t nv = n / W;  // whole vectors (every buffer is 256-byte aligned)
-  for (std::uint64_t i = first; i < nv; i += stride) {
-    V acc = static_cast<const V*>(src.p[0])[i];
-    for (int j = 1; j < k; ++j) {
-      const V x = static_cast<const V*>(src.p[j])[i];
-      if constexpr (W == 4) {
-        acc.x += x.x;
-        acc.y += x.y;
-        acc.z += x.z;
-        acc.w += x.w;
-      } else if constexpr (W == 2) {
-        acc.x += x.x;
-        acc.y += x.y;
-      } else {
-        acc += x;
-      }
-    }
-    reinterpret_cast<V*>(dst)[i] = acc;
-  }
-  for (std::uint64_t e = nv * W + first; e < n; e += stride) {  // the tail
-    T acc = static_cast<const T*>(src.p[0])[e];
-    for (int j = 1; j < k; ++j) acc += static_cast<const T*>(src.p[j])[e];
-    dst[e] = acc;
-  }
-}
-
-// The two-shot sum: each rank's slice of every rank's raw values, scaled as the pack kernel
-// scales them (same terms, same bits), added in rank order.
-struct PeerFactors {
-  double f[kMaxIpcPeers];
-};
-
-template <class T>
-__device__ T term(T x, double factor, T g, T inv, bool mul) {
-  return factor >= 0 ? static_cast<T>(static_cast<double>(x) * factor) : mul ? x * inv : x / g;
-}
-
-template <class T>
-__global__ void sum_terms_kernel(T* dst, PeerPtrs src, PeerFactors f, int k, std::uint64_t n, T g, T inv,
-                                 bool mul) {
-  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
-  for (std::uint64_t i = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    T acc = term(static_cast<const T*>(src.p[0])[i], f.f[0], g, inv, mul);
-    for (int j = 1; j < k; ++j) acc += term(static_cast<const T*>(src.p[j])[i], f.f[j], g, inv, mul);
-    dst[i] = acc;
-  }
-}
-
-// The user arrays into storage, unscaled (the owned front is left alone).
-template <class T>
-__global__ void pack_only_kernel(T* storage, const DevSeg* segs, int nsegs, std::uint64_t from,
-                                 std::uint64_t total) {
-  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
-  for (std::uint64_t e = from + static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       e < total; e += stride) {
-    const DevSeg s = segs[find_segment(segs, nsegs, e)];
-    if (s.user != nullptr) storage[e] = static_cast<const T*>(s.user)[e - s.at];
-  }
-}
-
-constexpr int kThreads = 256;
-unsigned blocks_for(std::uint64_t n) {
-  const std::uint64_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(b < 1 ? 1 : b > 65535 * 8 ? 65535 * 8 : b);
-}
-
-// Launches `kernel` with `args` (pointers to arguments of exactly the kernel's parameter types)
-// and reports THIS launch's error only: cudaLaunchKernel returns its own status, where
-// cudaGetLastError() after a <<<>>> launch would also return the caller's earlier errors.
-void launch(const void* kernel, unsigned blocks, void** args, cudaStream_t s, const char* what) {
-  const cudaError_t rc = cudaLaunchKernel(kernel, dim3(blocks), dim3(kThreads), args, 0, s);
-  if (rc != cudaSuccess) {
-    (void)cudaGetLastError();  // the error is hma's own: do not leave it for the caller
-    cu(rc, what);
-  }
 }
 
 struct Table {
@@ -287,39 +189,16 @@ class Cuda final : public DeviceBackend {
     cu(cudaIpcGetMemHandle(&m, p), "cudaIpcGetMemHandle");
     std::memcpy(h.bytes, &m, sizeof m);
   }
-  void sum_terms(Dtype d, void* dst, const void* const* src, const double* factor, int k, std::size_t n,
-                 int group, bool mul, Stream s) override {
-    if (n == 0) return;
-    if (k < 1 || k > kMaxIpcPeers) throw Error("hma: internal: sum_terms over " + std::to_string(k) + " buffers");
-    PeerPtrs p{};
-    PeerFactors f{};
-    for (int j = 0; j < k; ++j) {
-      p.p[j] = src[j];
-      f.f[j] = factor[j];
-    }
-    std::uint64_t count = n;
-    if (d == Dtype::f32) {
-      float g = static_cast<float>(group), inv = 1.0f / g;
-      void* args[] = {&dst, &p, &f, &k, &count, &g, &inv, &mul};
-      launch(reinterpret_cast<const void*>(&sum_terms_kernel<float>), blocks_for(n), args, s, "slice sum kernel launch");
-    } else {
-      double g = group, inv = 1.0 / g;
-      void* args[] = {&dst, &p, &f, &k, &count, &g, &inv, &mul};
-      launch(reinterpret_cast<const void*>(&sum_terms_kernel<double>), blocks_for(n), args, s, "slice sum kernel launch");
-    }
-  }
   void pack_only(Dtype d, void* storage, void* table, const std::vector<Segment>& segs, std::size_t total,
                  Stream s) override {
-    const auto* t = static_cast<Table*>(table);
-    std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
-    if (total <= from || t->n == 0) return;
-    const DevSeg* dev = t->dev;
-    int n = t->n;
-    std::uint64_t end = total;
-    void* args[] = {&storage, &dev, &n, &from, &end};
-    const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&pack_only_kernel<float>)
-                                    : reinterpret_cast<const void*>(&pack_only_kernel<double>);
-    launch(k, blocks_for(total - from), args, s, "pack kernel launch");
+    over_user_segments(pack_only_kernel_for(d), storage, table, segs, total, s, "pack kernel launch");
+  }
+  void sum_terms(Dtype d, void* dst, const void* const* src, const double* factor, int k, std::size_t n,
+                 int group, bool mul, Stream s) override {
+    launch_sum_terms(d, dst, src, factor, k, n, group, mul, s);
+  }
+  void sum_peers(Dtype d, void* dst, const void* const* src, int k, std::size_t n, Stream s) override {
+    launch_sum_peers(d, dst, src, k, n, s);
   }
   void seal_shared(void*) noexcept override {}
   void* open_shared(const IpcHandle& h, std::size_t) override {
@@ -331,21 +210,6 @@ class Cuda final : public DeviceBackend {
   }
   void close_shared(void* p) noexcept override {
     if (p != nullptr) (void)cudaIpcCloseMemHandle(p);
-  }
-  void sum_peers(Dtype d, void* dst, const void* const* src, int k, std::size_t n, Stream s) override {
-    if (n == 0) return;
-    if (k < 1 || k > kMaxIpcPeers) throw Error("hma: internal: sum_peers over " + std::to_string(k) + " buffers");
-    PeerPtrs p{};
-    for (int j = 0; j < k; ++j) p.p[j] = src[j];
-    std::uint64_t count = n;
-    void* args[] = {&dst, &p, &k, &count};
-    const bool f32 = d == Dtype::f32;
-    const void* kern = f32 ? reinterpret_cast<const void*>(&sum_peers_kernel<float, float4, 4>)
-                           : reinterpret_cast<const void*>(&sum_peers_kernel<double, double2, 2>);
-    const std::uint64_t vec = f32 ? (n + 3) / 4 : (n + 1) / 2;
-    // A few waves of blocks: each thread strides over several vectors.
-    const std::uint64_t b = (vec + kThreads - 1) / kThreads;
-    launch(kern, static_cast<unsigned>(b < 1 ? 1 : b > 132 * 16 ? 132 * 16 : b), args, s, "peer sum kernel launch");
   }
   int* alloc_flag() override {
     int* f = nullptr;  // mapped, portable pinned memory: written by kernels on any device
@@ -454,17 +318,9 @@ class Cuda final : public DeviceBackend {
   }
   void unpack(Dtype d, const void* storage, void* table, const std::vector<Segment>& segs,
               std::size_t total, Stream s) override {
-    const auto* t = static_cast<Table*>(table);
-    std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
-    if (total <= from || t->n == 0) return;
-    const DevSeg* dev = t->dev;
-    int n = t->n;
-    std::uint64_t end = total;
-    const void* src = storage;
-    void* args[] = {&src, &dev, &n, &from, &end};
-    const void* k = d == Dtype::f32 ? reinterpret_cast<const void*>(&unpack_kernel<float>)
-                                    : reinterpret_cast<const void*>(&unpack_kernel<double>);
-    launch(k, blocks_for(total - from), args, s, "unpack kernel launch");
+    over_user_segments(d == Dtype::f32 ? reinterpret_cast<const void*>(&unpack_kernel<float>)
+                                       : reinterpret_cast<const void*>(&unpack_kernel<double>),
+                       const_cast<void*>(storage), table, segs, total, s, "unpack kernel launch");
   }
   bool any_nonfinite(Dtype d, const void* storage, void* table, const std::vector<Segment>&,
                      std::size_t total, Stream s, int* flag) override {
@@ -489,6 +345,19 @@ class Cuda final : public DeviceBackend {
   }
 
  private:
+  // Launches `kernel` (storage, segments, count, from, end) over the user arrays' part of a
+  // bucket: the elements from the first user segment on (unpack and pack_only).
+  void over_user_segments(const void* kernel, void* storage, void* table, const std::vector<Segment>& segs,
+                          std::size_t total, Stream s, const char* what) {
+    const auto* t = static_cast<Table*>(table);
+    std::uint64_t from = unpack_start(segs.data(), static_cast<int>(segs.size()));
+    if (total <= from || t->n == 0) return;
+    const DevSeg* dev = t->dev;
+    int n = t->n;
+    std::uint64_t end = total;
+    void* args[] = {&storage, &dev, &n, &from, &end};
+    launch(kernel, blocks_for(total - from), args, s, what);
+  }
   template <class T>
   void scale_pack_as(void* storage, const Table* t, std::size_t total, int group, bool mul, Stream s, void* out) {
     const T* src = static_cast<const T*>(storage);
