@@ -164,7 +164,6 @@ class HostEmulation final : public DeviceBackend {
   }
   void export_buffer(void* p, IpcHandle& h) override { shm_export(p, h); }
   void release_shared(void* p) noexcept override { (void)shm_release(p); }
-  void seal_shared(void*) noexcept override {}
   void* open_shared(const IpcHandle& h, std::size_t bytes) override { return shm_open_peer(h, bytes); }
   void close_shared(void* p) noexcept override { (void)shm_release(p); }
   void sum_terms(Dtype d, void* dst, const void* const* src, const double* factor, int k, std::size_t n,

@@ -106,8 +106,6 @@ class DeviceBackend {
   /// Device memory of the current device that other processes may map, and its handle.
   virtual void* alloc_shared(std::size_t bytes, IpcHandle& h) = 0;
   virtual void release_shared(void* p) noexcept = 0;
-  /// Every peer has mapped `p` (nothing to do for CUDA or the emulation today).
-  virtual void seal_shared(void* p) noexcept = 0;
   /// The handle of memory from alloc() (its base address), for other processes to map.
   virtual void export_buffer(void* p, IpcHandle& h) = 0;
   /// Maps a peer's buffer (never this process's own: CUDA refuses that).

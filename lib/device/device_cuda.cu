@@ -200,7 +200,6 @@ class Cuda final : public DeviceBackend {
   void sum_peers(Dtype d, void* dst, const void* const* src, int k, std::size_t n, Stream s) override {
     launch_sum_peers(d, dst, src, k, n, s);
   }
-  void seal_shared(void*) noexcept override {}
   void* open_shared(const IpcHandle& h, std::size_t) override {
     cudaIpcMemHandle_t m{};
     std::memcpy(&m, h.bytes, sizeof m);

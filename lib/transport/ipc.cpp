@@ -241,8 +241,6 @@ bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, 
     e.close_peers();
     return false;  // this rank's buffers stay allocated: peers may have mapped them
   }
-  if (e.mine != nullptr) s.be->seal_shared(e.mine);
-  if (e.slice != nullptr) s.be->seal_shared(e.slice);
   e.token = token_of(cards.data(), cards.size() * sizeof(Card));
   e.exchanged = true;
   e.count = 0;
