@@ -14,6 +14,7 @@
 #include <memory>
 
 #include "bench_util.hpp"
+#include "control/model.hpp"
 #include "hma/hma.hpp"
 
 namespace {
@@ -28,11 +29,72 @@ const char* kUsage =
     "  --post WHAT       none (default), outer (Nesterov, lr 0.7, momentum 0.9), divergence or both:\n"
     "                    every average (host and device) with that work; the exact column then\n"
     "                    compares the first average of each size (it only anchors the outer state)\n"
+    "  --calibrate FILE  instead of the table: time staged and direct (device pointers to a\n"
+    "                    CUDA-aware MPI) per size, node transport off, and write the device\n"
+    "                    calibration (device_direct_from_bytes) for HMA_MODEL to FILE\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
 void cu(cudaError_t rc, const char* what) {
   if (rc != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(rc));
+}
+
+// --calibrate: staged against direct at each size on this MPI, and the size from which auto
+// should hand device pointers to MPI (control/device_path.cpp reads it from HMA_MODEL).
+int calibrate(const std::vector<long long>& sizes, int warm, int iters, double max_s, const std::string& out,
+              const bench::Meta& meta) {
+  hma::AveragerOptions staged, direct;
+  staged.device_ipc = direct.device_ipc = false;
+  staged.device_path = hma::DevicePath::staged;
+  direct.device_path = hma::DevicePath::direct;  // refused, with the reason, where MPI is not CUDA-aware
+  hma::PeriodicAverager avg_staged(MPI_COMM_WORLD, 1, 0, staged);
+  std::unique_ptr<hma::PeriodicAverager> avg_direct;
+  try {
+    avg_direct = std::make_unique<hma::PeriodicAverager>(MPI_COMM_WORLD, 1, 0, direct);
+  } catch (const hma::InvalidArgument& e) {
+    if (bench::rank() == 0)
+      std::printf("hma-bench-device --calibrate: no direct path to measure (%s); auto stays staged, "
+                  "nothing written\n", e.what());
+    return 1;
+  }
+  const MPI_Comm comm = avg_staged.hierarchy().level(0).get();
+  cudaStream_t stream = nullptr;
+  cu(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  std::vector<double> bytes, t_staged, t_direct;
+  if (bench::rank() == 0) std::printf("%10s %10s %10s\n", "bytes", "staged", "direct");
+  for (const long long b : sizes) {
+    const std::size_t n = static_cast<std::size_t>(b) / sizeof(float);
+    hma::DeviceParamSet dps;
+    auto dw = dps.allocate<float>(n);
+    cu(cudaMemset(dw.data(), 0, n * sizeof(float)), "cudaMemset");
+    auto time = [&](hma::PeriodicAverager& a) {
+      return bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+               a.average(dps, 0, stream);
+               dps.synchronize();
+             })).median;
+    };
+    bytes.push_back(static_cast<double>(n * sizeof(float)));
+    t_staged.push_back(time(avg_staged));
+    t_direct.push_back(time(*avg_direct));
+    if (bench::rank() == 0)
+      std::printf("%10s %10.1f %10.1f\n", bench::human_bytes(bytes.back()).c_str(), t_staged.back(), t_direct.back());
+  }
+  cudaStreamDestroy(stream);
+  const double from = hma::detail::device_direct_from(bytes, t_staged, t_direct);
+  if (bench::rank() == 0) {
+    std::FILE* f = std::fopen(out.c_str(), "w");
+    if (f == nullptr) throw std::runtime_error("cannot write " + out);
+    std::fprintf(f, "# hma-bench-device --calibrate: np %d, %s, %s\n# median us of one average, node transport off:\n",
+                 bench::size(), meta.mpi.c_str(), meta.date.c_str());
+    for (std::size_t i = 0; i < bytes.size(); ++i)
+      std::fprintf(f, "#   %.0f bytes: staged %.1f, direct %.1f\n", bytes[i], t_staged[i], t_direct[i]);
+    if (from > 0) std::fprintf(f, "device_direct_from_bytes = %.0f\n", from);
+    else std::fprintf(f, "# direct never beat staged from some size on: auto stays staged\n");
+    std::fclose(f);
+    std::printf("# %s: %s\n", out.c_str(), from > 0 ? ("direct from " + bench::human_bytes(from)).c_str()
+                                                     : "direct never wins: staged");
+  }
+  return 0;
 }
 
 }  // namespace
@@ -46,6 +108,7 @@ int main(int argc, char** argv) {
   const double max_s = flags.real("max-seconds", 1.0);
   const std::string csv = flags.str("csv", ""), json = flags.str("json", "");
   const std::string post = flags.str("post", "none");
+  const std::string calibration = flags.str("calibrate", "");
   if (post != "none" && post != "outer" && post != "divergence" && post != "both")
     flags.fail("--post must be none, outer, divergence or both, got '" + post + "'");
   flags.done();
@@ -63,6 +126,11 @@ int main(int argc, char** argv) {
     // One GPU per rank: node-local rank modulo the devices this rank sees.
     const int device = hma::use_local_device(MPI_COMM_WORLD);
     if (bench::rank() == 0) std::printf("# rank 0 uses device %d (node-local rank modulo devices)\n", device);
+    if (!calibration.empty()) {
+      const int rc = calibrate(sizes, warm, iters, max_s, calibration, meta);
+      MPI_Finalize();
+      return rc;
+    }
     const int world = bench::size();
     const std::string path = hma::PeriodicAverager(MPI_COMM_WORLD, 1).device_path();
     const bool direct = path.find("step()/average(): device pointers") != std::string::npos;

@@ -53,6 +53,7 @@ std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::s
   });
   auto p = std::make_shared<detail::Pending>();
   inflight_.push_back(p);
+  detail::track(p);
   p->who.level = level;
   p->who.step = step_;
   p->who.bytes = bytes;

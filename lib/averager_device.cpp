@@ -24,13 +24,21 @@ std::string Averager::ipc_why(std::size_t level) const {
   if (!settings_.device_ipc) return "off (HMA_DEVICE_IPC=0, or AveragerOptions::device_ipc)";
   const int g = schedule_.levels()[level].group_size;
   if (g < 2) return "not needed (groups of one rank)";
-  if (g > detail::kMaxIpcPeers)
-    return "not used: groups of " + std::to_string(g) + " ranks (it reads at most " +
-           std::to_string(detail::kMaxIpcPeers) + ")";
   const int rpn = hierarchy_.ranks_per_node();
   const bool one_node = hierarchy_.num_nodes() <= 1 ||
                         (hierarchy_.contiguous_nodes() && rpn > 0 && g <= rpn && rpn % g == 0);
-  if (!one_node) return "not used: the groups span several nodes";
+  const int node = one_node ? g : (hierarchy_.two_level(level) != nullptr ? rpn : 0);
+  if (!one_node) {
+    // Two-level: the node stages on the device, this rank's slice across nodes.
+    if (node == 0) return "not used: the groups span several nodes, not as whole nodes of equal size";
+    if (settings_.algorithm == Algorithm::flat) return "not used: the groups span several nodes (HMA_ALGORITHM=flat)";
+    if (settings_.algorithm == Algorithm::automatic && hierarchy_.emulated_nodes())
+      return "not used: the groups span several emulated nodes (HMA_ALGORITHM=two_level to use it there)";
+    if (node < 2) return "not used: the groups span several nodes of one rank each";
+  }
+  if (node > detail::kMaxIpcPeers)
+    return "not used: groups of " + std::to_string(node) + " ranks in a node (it reads at most " +
+           std::to_string(detail::kMaxIpcPeers) + ")";
   if (level < ipc_.size() && ipc_[level] && ipc_[level]->off)
     return "off since the group's first average there: " + ipc_[level]->why;
   return "";
@@ -41,9 +49,12 @@ std::string Averager::device_path() const {
   std::string why;
   for (std::size_t i = 0; i < schedule_.levels().size(); ++i) {
     const std::string no = ipc_why(i);
+    const bool two = ipc_.size() > i && ipc_[i] && ipc_[i]->two_level();
     why += "level " + std::to_string(i) + ": " +
-           (no.empty() ? "the node transport (on the device, peers' terms through CUDA IPC)"
-                       : "node transport " + no) + "; ";
+           (!no.empty() ? "node transport " + no
+            : two ? "two-level: the node transport (on the device, node peers' slices through CUDA IPC), "
+                    "this rank's slice across nodes through pinned host memory (MPI_Iallreduce)"
+                  : "the node transport (on the device, peers' terms through CUDA IPC)") + "; ";
   }
   why += device_plan_->why;
   if (settings_.outer.enabled || settings_.divergence)

@@ -68,7 +68,18 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
   if (settings_.progress == Progress::thread) worker_ = std::make_unique<detail::Worker>();
   ipc_.resize(sizes.size());
   for (std::size_t i = 0; i < sizes.size(); ++i)
-    if (ipc_why(i).empty()) ipc_[i] = std::make_shared<detail::IpcLevel>();
+    if (ipc_why(i).empty()) {
+      // Its own communicator, made here where every rank is (collective): made lazily, inside
+      // one average's progress, it would wait for ranks that progress another average first.
+      ipc_[i] = std::make_shared<detail::IpcLevel>();
+      if (const auto* t = hierarchy_.two_level(i); t != nullptr) {  // several whole nodes
+        ipc_[i]->comm = t->intra.dup();
+        ipc_[i]->whole = hierarchy_.level(i).dup();
+        ipc_[i]->across = t->inter.dup();
+      } else {
+        ipc_[i]->comm = hierarchy_.level(i).dup();
+      }
+    }
   if (hierarchy_.world().rank() == 0) {
     for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
     detail::log(detail::LogLevel::info, describe());

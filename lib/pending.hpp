@@ -10,6 +10,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <future>
 #include <memory>
@@ -60,6 +61,8 @@ struct Pending {
   std::function<bool(bool)> drive;
   std::function<bool(std::chrono::steady_clock::time_point)> issue_rest;
   double t_start = 0;  // for the timeline
+  // Thrown while another average's wait advanced this one (see track()): complete() throws it.
+  std::exception_ptr deferred;
 };
 
 /// What a set hands the averager for one average (see Averager::issue()).
@@ -93,6 +96,11 @@ bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept;
 /// Keeps `p` (and so its check and requests) alive for the rest of the process: for an average
 /// that may still be in flight when its owners die.
 void keep_forever(std::shared_ptr<Pending> p) noexcept;
+
+/// Registers `p` as in flight in this process: while a rank blocks on one average, it advances
+/// the others (their later stages are issued only when they are advanced; MPI's progress alone
+/// does not issue them), so averages waited for in different orders on different ranks complete.
+void track(const std::shared_ptr<Pending>& p);
 
 /// Copies the packed staging area back into the user arrays of `params`.
 void unpack(ParamSet& params);

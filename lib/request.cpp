@@ -2,6 +2,8 @@
 #include <cstdio>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
@@ -37,6 +39,69 @@ namespace {
                 p.who.level, p.who.step, p.who.bytes, p.who.world_ranks);
 }
 
+// Every average in flight in this process, so that a rank blocked on one keeps the others
+// moving. MPI progresses every non-blocking collective whichever one a rank waits for; hma's
+// averages of several stages (two-level, the node transport, the staged pipeline) issue their
+// next collective only when they are advanced. Without this, rank A waiting for average 1 and
+// rank B waiting for average 2 (of two averagers) would each wait for a stage the other never
+// issues. Safe for the order of collectives: of one averager's averages only the last can have
+// collectives left to issue (every start settles the ones before it), so each communicator's
+// collectives are issued in one order on every rank, whichever wait advances them.
+struct Live {
+  std::mutex mu;
+  std::vector<std::weak_ptr<Pending>> all;
+};
+
+Live& live() {
+  static auto* l = new Live;  // never destroyed: Requests may outlive static destruction
+  return *l;
+}
+
+thread_local bool in_progress_others = false;
+
+bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline);
+bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline);
+
+// Whether another average than `self` is in flight here (then a blocking wait polls).
+bool others_in_flight(const Pending& self) {
+  if (in_progress_others) return false;
+  Live& l = live();
+  std::lock_guard<std::mutex> lock(l.mu);
+  for (const auto& w : l.all)
+    if (auto q = w.lock(); q && q.get() != &self && !q->done && !q->orphaned) return true;
+  return false;
+}
+
+// Advances every other average in flight once, without blocking. What one of them throws is
+// kept for its own wait (Pending::deferred), never thrown at this caller.
+void progress_others(const Pending& self) noexcept {
+  if (in_progress_others) return;
+  std::vector<std::shared_ptr<Pending>> others;
+  try {
+    Live& l = live();
+    std::lock_guard<std::mutex> lock(l.mu);
+    std::erase_if(l.all, [](const std::weak_ptr<Pending>& w) {
+      auto q = w.lock();
+      return q == nullptr || q->done;
+    });
+    for (const auto& w : l.all)
+      if (auto q = w.lock(); q && q.get() != &self && !q->orphaned && !q->deferred) others.push_back(std::move(q));
+  } catch (...) {
+    return;  // out of memory: this wait still completes its own average
+  }
+  in_progress_others = true;
+  for (const auto& q : others) {
+    if (q->done || q->threaded) continue;  // a worker's average moves by itself
+    try {
+      const auto never = std::chrono::steady_clock::time_point::max();
+      if (launch(*q, false, never) && !q->done) (void)complete_data(*q, false, never);
+    } catch (...) {
+      q->deferred = std::current_exception();
+    }
+  }
+  in_progress_others = false;
+}
+
 // What the group does with non-finite votes; every rank of the group decides alike.
 bool proceed_after(const Verdict& v, const Pending& p) {
   if (v.nonfinite_ranks.empty() || p.nonfinite == NonFinite::ignore) return true;
@@ -69,7 +134,13 @@ double weight_factor(const Verdict& v, const Pending& p) {
 bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
   if (p.launched) return true;
   if (p.control.started()) {
-    if (blocking) {
+    if (blocking && others_in_flight(p)) {
+      while (!p.control.test()) {
+        progress_others(p);
+        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        std::this_thread::yield();
+      }
+    } else if (blocking) {
       if (!p.control.wait_until(deadline)) throw_timeout(p);
     } else if (!p.control.test()) {
       return false;
@@ -106,11 +177,12 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
 bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
   if (p.reqs.empty()) return true;
   const int n = static_cast<int>(p.reqs.size());
-  if (blocking && deadline != std::chrono::steady_clock::time_point::max()) {
+  if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || others_in_flight(p))) {
     int flag = 0;
     while (true) {
       check(MPI_Testall(n, p.reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(average)");
       if (flag) return true;
+      progress_others(p);
       if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
       std::this_thread::yield();
     }
@@ -143,28 +215,50 @@ void launch_data(Pending& p) {
 }
 
 bool complete(Pending& p, bool blocking) {
+  if (p.deferred) {  // thrown while another wait advanced it: reported here, once
+    auto e = std::exchange(p.deferred, nullptr);
+    std::rethrow_exception(e);
+  }
   if (p.done) return true;
   require_usable(p);
   // One deadline for the whole wait: the check and the data share it.
   const auto deadline = deadline_after(p.timeout_s);
-  if (!launch(p, blocking, deadline)) return false;
+  if (!launch(p, blocking, deadline)) {
+    progress_others(p);  // a rank that only test()s this one still moves the others
+    return false;
+  }
   if (p.done) return true;  // skipped, or run to the end by a blocking launch
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.who.level), p.who.step,
                   p.who.bytes, static_cast<int>(p.who.world_ranks.size()));
+  if (complete_data(p, blocking, deadline)) return true;
+  progress_others(p);
+  return false;
+}
+
+namespace {
+bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
   if (p.threaded) {
     if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
       return false;
-    if (blocking && deadline != std::chrono::steady_clock::time_point::max() &&
-        p.result.wait_until(deadline) != std::future_status::ready)
+    if (blocking && others_in_flight(p)) {
+      while (p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+        progress_others(p);
+        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        std::this_thread::yield();
+      }
+    } else if (blocking && deadline != std::chrono::steady_clock::time_point::max() &&
+               p.result.wait_until(deadline) != std::future_status::ready) {
       throw_timeout(p);
+    }
     p.done = true;  // even if the worker failed: the error is reported once, here
     p.result.get();
     if (p.finish) p.finish();
     return true;
   }
   if (p.drive) {
-    if (blocking && deadline != std::chrono::steady_clock::time_point::max()) {
+    if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || others_in_flight(p))) {
       while (!p.drive(false)) {
+        progress_others(p);
         if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
         std::this_thread::yield();
       }
@@ -177,6 +271,13 @@ bool complete(Pending& p, bool blocking) {
       if (p.next_stage >= p.stages.size()) break;
       p.reqs.clear();
       p.stages[p.next_stage++](p.reqs);  // issue the next stage's collective
+      if (p.drive || p.threaded) {
+        // The stage handed the rest of the average to another path (the node transport's
+        // fallback): that path completes it.
+        p.stages.clear();
+        p.next_stage = 0;
+        return complete_data(p, blocking, deadline);
+      }
     }
   }
   p.done = true;
@@ -187,6 +288,7 @@ bool complete(Pending& p, bool blocking) {
               p.who.step, p.who.bytes, static_cast<int>(p.who.world_ranks.size()), 1);
   return true;
 }
+}  // namespace
 
 void finish_issuing(Pending& p) {
   if (p.done) return;
@@ -202,7 +304,23 @@ void finish_issuing(Pending& p) {
     complete_requests(p, true, deadline);
     p.reqs.clear();
     p.stages[p.next_stage++](p.reqs);
+    if (p.drive || p.threaded) {  // handed over (see complete_data)
+      p.stages.clear();
+      p.next_stage = 0;
+      if (p.drive && p.issue_rest && !p.issue_rest(deadline)) throw_timeout(p);
+      return;
+    }
   }
+}
+
+void track(const std::shared_ptr<Pending>& p) {
+  Live& l = live();
+  std::lock_guard<std::mutex> lock(l.mu);
+  std::erase_if(l.all, [](const std::weak_ptr<Pending>& w) {
+    auto q = w.lock();
+    return q == nullptr || q->done;
+  });
+  l.all.push_back(p);
 }
 
 void keep_forever(std::shared_ptr<Pending> p) noexcept {

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "hma/hma.hpp"
@@ -336,6 +337,41 @@ TEST_CASE("several ParamSets in flight complete in any order on each rank") {
         ok &= arr[k][i] == static_cast<float>(block_mean(rank(), g, static_cast<std::int64_t>(k), i));
     INFO("round " << round);
     REQUIRE_ALL_RANKS(ok);  // the average of equal values is the same values: round 2 too
+  }
+}
+
+TEST_CASE("two averagers' averages waited for in different orders on different ranks complete",
+          "[np>=2]") {
+  // Multi-stage averages (two-level, the ring) issue their next collective only when advanced:
+  // a rank blocked on averager 1's average must advance averager 2's too, or a rank that waits
+  // for 2 first never gets its next stage. A hang fails as hma::Timeout.
+  hma::AveragerOptions o;
+  o.timeout_s = 30;
+  hma::PeriodicAverager one(MPI_COMM_WORLD, 1, 0, o), two(MPI_COMM_WORLD, 1, 0, o);
+  const int g = size();
+  hma::ParamSet s1, s2;
+  auto a1 = s1.allocate<float>(40000);  // >= 64 KiB: two-level where enabled
+  auto a2 = s2.allocate<double>(30000);
+  for (std::int64_t t = 0; t < 3; ++t) {
+    for (std::size_t i = 0; i < a1.size(); ++i) a1[i] = static_cast<float>(value(rank(), t, i));
+    for (std::size_t i = 0; i < a2.size(); ++i) a2[i] = value(rank(), t + 50, i);
+    auto r1 = one.start(s1);
+    auto r2 = two.start(s2);
+    if (rank() % 2 == 0) {
+      r1.wait();
+      r2.wait();
+    } else if (t == 2) {
+      while (!r2.test()) std::this_thread::yield();  // only test()s the one, then waits the other
+      r1.wait();
+    } else {
+      r2.wait();
+      r1.wait();
+    }
+    bool ok = true;
+    for (std::size_t i = 0; i < a1.size(); ++i) ok &= a1[i] == static_cast<float>(block_mean(rank(), g, t, i));
+    for (std::size_t i = 0; i < a2.size(); ++i) ok &= a2[i] == block_mean(rank(), g, t + 50, i);
+    INFO("t " << t);
+    REQUIRE_ALL_RANKS(ok);
   }
 }
 

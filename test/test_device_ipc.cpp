@@ -161,6 +161,48 @@ TEST_CASE("node transport: sets in flight together, completed in another order",
   }
 }
 
+TEST_CASE("node transport: two averagers' averages waited for in different orders on different ranks",
+          "[ipc][np>=2]") {
+  // Rank A waits for averager 1's average while rank B waits for averager 2's: each average's
+  // later stages (the exchange of handles, the barrier before the sum) are issued only when it is
+  // advanced, so a wait must advance the others too. Before that fix, a new layout (an exchange)
+  // hung here. Each round: new sets (an exchange), the same sets again (the steady state), one
+  // pair on devices that cannot reach each other (the fallback takes over mid-average), and a
+  // rank that only test()s. A hang fails as hma::Timeout, not as the suite's timeout.
+  Emulated emu;
+  const int g = size();
+  hma::AveragerOptions o;
+  o.timeout_s = 30;
+  hma::PeriodicAverager one(MPI_COMM_WORLD, 1, 0, o), two(MPI_COMM_WORLD, 1, 0, o);
+  std::int64_t t = 0;
+  for (const int pair : {0, 1}) {
+    const int device = pair == 1 && rank() == 0 ? 1 : 0;  // the second pair cannot reach: fallback
+    Model m1(3000 + 7 * static_cast<std::size_t>(pair), device), m2(1500, device);
+    for (int round = 0; round < 3; ++round, ++t) {
+      m1.fill(rank(), t);
+      m2.fill(rank(), t + 100);
+      auto r1 = one.start(m1.ps);
+      auto r2 = two.start(m2.ps);
+      if (rank() % 2 == 0) {
+        r1.wait();
+        r2.wait();
+      } else if (round == 2) {
+        while (!r2.test()) std::this_thread::yield();
+        r1.wait();
+      } else {
+        r2.wait();
+        r1.wait();
+      }
+      m1.ps.synchronize();
+      m2.ps.synchronize();
+      INFO("pair " << pair << " round " << round);
+      REQUIRE_ALL_RANKS(m1.averaged(rank(), g, t) && m2.averaged(rank(), g, t + 100));
+    }
+  }
+  REQUIRE_ALL_RANKS(one.device_path().find("cannot read device") != std::string::npos);
+  REQUIRE_ALL_RANKS(two.device_path().find("cannot read device") != std::string::npos);
+}
+
 TEST_CASE("node transport: hierarchical levels and weights", "[ipc][np_even>=4]") {
   Emulated emu;
   REQUIRE_ALL_RANKS(size() >= 4 && size() % 2 == 0);
@@ -188,6 +230,148 @@ TEST_CASE("node transport: hierarchical levels and weights", "[ipc][np_even>=4]"
     ok = ok && std::abs(static_cast<double>(x) - want) <= 1e-5 * (1 + std::abs(want));
   });
   REQUIRE_ALL_RANKS(ok);
+}
+
+namespace {
+// Every node size that splits the world into at least two whole nodes of two ranks or more.
+std::vector<int> node_sizes() {
+  std::vector<int> out;
+  for (int l = 2; l <= size() / 2; ++l)
+    if (size() % l == 0) out.push_back(l);
+  return out;
+}
+
+hma::AveragerOptions two_level_on(int ranks_per_node) {
+  hma::AveragerOptions o;
+  o.hierarchy.ranks_per_node = ranks_per_node;
+  o.algorithm = hma::Algorithm::two_level;
+  o.timeout_s = 30;
+  return o;
+}
+
+// True when this rank's set holds rank 0's bits.
+bool same_bits_as_rank0(Model& m) {
+  std::vector<double> v;
+  m.each([&](auto& x, std::size_t) { v.push_back(static_cast<double>(x)); });
+  std::vector<double> r0 = v;
+  MPI_Bcast(r0.data(), static_cast<int>(r0.size()), MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  return std::memcmp(v.data(), r0.data(), v.size() * sizeof(double)) == 0;
+}
+}  // namespace
+
+TEST_CASE("two-level device sets: node stages on the device, slices across nodes, exact values",
+          "[ipc][np_even>=4]") {
+  // Nodes of l ranks (emulated): each node reduces its slices over IPC, each rank's slice is
+  // summed across nodes (MPI_Iallreduce), the node gathers the slices. Exactly representable
+  // values: the result is the exact mean whatever the order; every call form; sizes from one
+  // element (most slices empty) to uneven slices; a new layout exchanges again.
+  Emulated emu;
+  const int g = size();
+  for (const int l : node_sizes()) {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, two_level_on(l));
+    INFO("ranks per node " << l << ": " << avg.device_path());
+    REQUIRE_ALL_RANKS(avg.device_path().find("level 0: two-level: the node transport") != std::string::npos);
+    std::int64_t t = 0;
+    for (const std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{5003}}) {
+      Model m(n);
+      const auto two0 = used(hd::Use::device_ipc_two_level), ex0 = used(hd::Use::device_ipc_exchange);
+      const auto staged0 = used(hd::Use::device_staged);
+      for (int form = 0; form < 3; ++form, ++t) {
+        m.fill(rank(), t);
+        if (form == 0) {
+          avg.step(m.ps);
+        } else if (form == 1) {
+          auto r = avg.start(m.ps);
+          r.wait();
+        } else {
+          auto r = avg.start(m.ps);
+          while (!r.test()) std::this_thread::yield();
+        }
+        m.ps.synchronize();
+        INFO("n " << n << " form " << form);
+        REQUIRE_ALL_RANKS(m.averaged(rank(), g, t));
+      }
+      REQUIRE_ALL_RANKS(used(hd::Use::device_ipc_two_level) - two0 == 3);
+      REQUIRE_ALL_RANKS(used(hd::Use::device_ipc_exchange) - ex0 == 1);  // per layout, per node
+      REQUIRE_ALL_RANKS(used(hd::Use::device_staged) == staged0);
+    }
+  }
+}
+
+TEST_CASE("two-level device sets: the same bits on every rank, weights, and a node that cannot reach",
+          "[ipc][np_even>=4]") {
+  Emulated emu;
+  const int l = node_sizes().front();
+  // Values that round when scaled and added: every rank still holds the same bits.
+  {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, two_level_on(l));
+    Model m(4099);
+    for (int t = 0; t < 2; ++t) {
+      m.each([&](auto& v, std::size_t k) {
+        v = static_cast<std::remove_reference_t<decltype(v)>>((rank() + 1) * 0.1 + static_cast<double>((k * 7 + t) % 1013) / 7.0);
+      });
+      avg.set_weight(t == 1 ? 1.0 + rank() % 3 : 1.0);
+      avg.step(m.ps);
+      m.ps.synchronize();
+      INFO("t " << t);
+      REQUIRE_ALL_RANKS(same_bits_as_rank0(m));
+    }
+    // Weights: rank r weighs r + 1; the weighted mean of exactly representable values.
+    avg.set_weight(rank() + 1.0);
+    m.fill(rank(), 7);
+    avg.step(m.ps);
+    m.ps.synchronize();
+    bool ok = true;
+    double wsum = 0;
+    for (int r = 0; r < size(); ++r) wsum += r + 1.0;
+    m.each([&](auto& x, std::size_t k) {
+      double want = 0;
+      for (int r = 0; r < size(); ++r) want += value(r, 7, k) * ((r + 1.0) / wsum);
+      ok = ok && std::abs(static_cast<double>(x) - want) <= 1e-5 * (1 + std::abs(want));
+    });
+    REQUIRE_ALL_RANKS(ok);
+  }
+  // One node's devices cannot reach each other: the whole group falls back (every node alike),
+  // to the flat staged path, for good.
+  {
+    hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, two_level_on(l));
+    Model m(3000, rank() == 0 ? 1 : 0);
+    const auto two0 = used(hd::Use::device_ipc_two_level), staged0 = used(hd::Use::device_staged);
+    for (std::int64_t t = 0; t < 2; ++t) {
+      m.fill(rank(), t);
+      avg.step(m.ps);
+      m.ps.synchronize();
+      REQUIRE_ALL_RANKS(m.averaged(rank(), size(), t));
+    }
+    REQUIRE_ALL_RANKS(used(hd::Use::device_ipc_two_level) == two0);
+    REQUIRE_ALL_RANKS(used(hd::Use::device_staged) - staged0 == 2);
+    // The ranks of node 0 say why; the other nodes' that another rank could not.
+    INFO(avg.device_path());
+    REQUIRE_ALL_RANKS(avg.device_path().find(rank() < l ? "cannot read device" : "another rank of the group could not") !=
+                      std::string::npos);
+  }
+}
+
+TEST_CASE("two-level device sets: hierarchical, the node level on the device and the world two-level",
+          "[ipc][np_even>=4]") {
+  Emulated emu;
+  const int l = node_sizes().front();
+  hma::AveragerOptions o = two_level_on(l);
+  hma::HierarchicalAverager avg(MPI_COMM_WORLD, std::vector<hma::Level>{{1, l}, {2, size()}}, 0, o);
+  INFO(avg.device_path());
+  REQUIRE_ALL_RANKS(avg.device_path().find("level 0: the node transport") != std::string::npos);
+  REQUIRE_ALL_RANKS(avg.device_path().find("level 1: two-level") != std::string::npos);
+  Model m(2500);
+  const auto ipc0 = used(hd::Use::device_ipc), two0 = used(hd::Use::device_ipc_two_level);
+  for (std::int64_t t = 0; t < 4; ++t) {
+    m.fill(rank(), t);
+    auto r = avg.start(m.ps);
+    r.wait();
+    m.ps.synchronize();
+    REQUIRE_ALL_RANKS(m.averaged(rank(), t % 2 == 0 ? size() : l, t));
+  }
+  REQUIRE_ALL_RANKS(used(hd::Use::device_ipc) - ipc0 == 4);
+  REQUIRE_ALL_RANKS(used(hd::Use::device_ipc_two_level) - two0 == 2);
 }
 
 TEST_CASE("node transport: devices that cannot reach each other fall back for good", "[ipc][np>=2]") {

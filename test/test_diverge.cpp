@@ -261,7 +261,8 @@ TEST_CASE("divergence: every setting that differs on one rank is refused at cons
       {"timeout", [](O& o) { o.timeout_s = 0; }},
       {"staging chunk bytes", [](O& o) { o.staging_chunk_bytes = 8192; }},
       {"ranks per node", [](O& o) { o.hierarchy.ranks_per_node = 1; }},
-      {"device path", [](O& o) { o.cuda_aware = true; }},  // direct instead of staged
+      // Direct instead of staged (a CUDA-aware MPI alone no longer changes auto's choice).
+      {"device path", [](O& o) { o.cuda_aware = true; o.device_path = hma::DevicePath::direct; }},
   };
   for (const auto& [name, set] : settings) {
     if (std::string(name) == "progress" && !thread_multiple()) continue;

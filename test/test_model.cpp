@@ -82,6 +82,19 @@ TEST_CASE("the direction split where its fewer bytes outweigh its messages") {
   CHECK(hma::detail::best_across(m, {1250, 8}, static_cast<double>(c) / 1.2) == Across::mpi);
 }
 
+TEST_CASE("device calibration: direct from the smallest size where it wins from there on") {
+  using hma::detail::device_direct_from;
+  const std::vector<double> sizes = {1 << 20, 16 << 20, 128 << 20};
+  CHECK(device_direct_from(sizes, {800, 7000, 53000}, {1000, 29000, 250000}) == 0);  // Open MPI 4.1 on an H200
+  CHECK(device_direct_from(sizes, {800, 7000, 53000}, {1000, 6000, 40000}) == 16 << 20);
+  CHECK(device_direct_from(sizes, {800, 7000, 53000}, {700, 6000, 40000}) == 1 << 20);
+  CHECK(device_direct_from(sizes, {800, 7000, 53000}, {700, 8000, 40000}) == 128 << 20);  // not from 1 MiB
+  CHECK(device_direct_from(sizes, {800, 7000, 53000}, {700, 6000, 53000}) == 0);  // a tie is no win
+  CHECK(device_direct_from({}, {}, {}) == 0);
+  CHECK_THROWS_WITH(device_direct_from(sizes, {1, 2}, {1, 2, 3}), Catch::Matchers::Contains("one time of each path"));
+  CHECK_THROWS_WITH(device_direct_from({2, 1}, {2, 2}, {1, 1}), Catch::Matchers::Contains("ascend"));
+}
+
 TEST_CASE("calibration files: written, read back, and errors that name the file and line") {
   const LinkModel m = round_model();
   const std::string path = temp_file("# from a test\n" + hma::detail::format_link_model(m));
@@ -92,6 +105,12 @@ TEST_CASE("calibration files: written, read back, and errors that name the file 
   CHECK(r.intra_alpha_us == m.intra_alpha_us);
   CHECK(r.intra_bytes_per_s == m.intra_bytes_per_s);
   CHECK(r.flat_bytes_per_s == m.flat_bytes_per_s);
+  CHECK(r.device_direct_from_bytes == 0);  // not calibrated: the key is left out
+  CHECK(hma::detail::format_link_model(m).find("device_direct_from_bytes") == std::string::npos);
+  LinkModel d = m;
+  d.device_direct_from_bytes = 3 << 20;  // a device calibration (hma-bench-device --calibrate)
+  CHECK(hma::detail::read_link_model(temp_file(hma::detail::format_link_model(d))).device_direct_from_bytes ==
+        3 << 20);
   CHECK_THROWS_WITH(hma::detail::read_link_model(temp_file("inter_alpha_us = 3\nspeed = 9\n")),
                     Catch::Matchers::Contains("line 2: unknown key `speed`"));
   CHECK_THROWS_WITH(hma::detail::read_link_model(temp_file("inter_duplex = -1\n")),

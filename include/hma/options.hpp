@@ -66,9 +66,13 @@ enum class Algorithm {
 /// How device buffers (DeviceParamSet) go through MPI. Chosen once per averager, logged at
 /// construction (HMA_LOG=info) and shown by describe(). See README "Device buffers".
 enum class DevicePath {
-  /// direct where the MPI is CUDA-aware (blocking calls: MPI_Allreduce on device pointers;
+  /// staged, except where device pointers are known to pay: MVAPICH2 with MV2_USE_CUDA=1 (it
+  /// reduces on the device), and a CUDA-aware MPI from the size a device calibration measured
+  /// direct faster (HMA_MODEL's device_direct_from_bytes, `hma-bench-device --calibrate`). A
+  /// CUDA-aware Open MPI alone is not enough: its coll/cuda reduces on the host, 4-5x slower
+  /// than staged on an H200. Direct means blocking calls: MPI_Allreduce on device pointers;
   /// start(): MPI_Allreduce on the progress thread with Progress::thread, MPI_Iallreduce only on
-  /// MVAPICH2, else staged), staged elsewhere (Debian's Open MPI is not CUDA-aware).
+  /// MVAPICH2, else staged.
   automatic,
   /// Always through pinned host memory in chunks, pipelined (copies overlap the reductions).
   staged,
@@ -189,7 +193,9 @@ struct AveragerOptions {
   /// direct path. Where the group's devices cannot reach each other (neither the same device nor
   /// peer access), the group turns it off at that level on its first average there, and
   /// device_path() says why. Averages with the outer optimizer or the divergence metric stay
-  /// staged. nullopt: the environment variable HMA_DEVICE_IPC (0 or 1), default on.
+  /// staged. At a level of several whole nodes averaged two-level (Algorithm), the node stages
+  /// run on the device and only each rank's slice crosses nodes (README "Two-level device
+  /// sets"). nullopt: the environment variable HMA_DEVICE_IPC (0 or 1), default on.
   std::optional<bool> device_ipc;
   /// The outer optimizer. nullopt: the environment variable HMA_OUTER, e.g.
   /// "lr=0.7,momentum=0.9,nesterov" (keys lr, momentum, nesterov, level), default none.
@@ -232,6 +238,9 @@ struct LinkModel {
   double intra_alpha_us = 5;         // within a node: a reduce-scatter + allgather pair
   double intra_bytes_per_s = 2e9;    // ... bytes of the buffer per second
   double flat_bytes_per_s = 0.625e9; // MPI_Allreduce over the group: bytes per node across
+  /// Device buffers: direct (device pointers to a CUDA-aware MPI) measured faster than staged
+  /// from this many bytes (`hma-bench-device --calibrate`); 0: not calibrated, auto stages.
+  double device_direct_from_bytes = 0;
 };
 
 /// The outer optimizer as resolved (enabled false: none); level SIZE_MAX: the last level.

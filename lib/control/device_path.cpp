@@ -5,7 +5,10 @@
 #include <mpi-ext.h>
 #endif
 
+#include <cmath>
 #include <cstdlib>
+
+#include "control/model.hpp"
 
 #include "hma/error.hpp"
 
@@ -50,35 +53,58 @@ DevicePlan choose_device_plan(const DevicePathInputs& in) {
                           "AveragerOptions::device_path) hands device pointers to MPI, but " +
                           aware_why + "; use 'staged' or 'auto', or set HMA_CUDA_AWARE=1 if "
                           "this MPI really is CUDA-aware");
-  const bool direct = in.requested != DevicePath::staged && p.cuda_aware;
-  p.blocking_direct = direct;
+  // Where device pointers pay: a CUDA-aware MPI is not a fast one. Open MPI's coll/cuda (4.1)
+  // and coll/accelerator (5.0), and MPICH, copy device buffers to host memory and reduce there;
+  // on an H200 Open MPI 4.1's direct path measured 4-5x slower than hma's staged pipeline at
+  // 16-128 MiB (README "Device buffers"). So auto hands device pointers to MPI only where the
+  // MPI reduces on the device (MVAPICH2-GDR), or where a calibration measured direct faster.
+  std::string direct_why;
+  if (in.requested == DevicePath::staged) {
+    direct_why = "HMA_DEVICE_PATH=staged (your setting, or AveragerOptions::device_path)";
+  } else if (!p.cuda_aware) {
+    direct_why = aware_why;
+  } else if (in.requested == DevicePath::direct) {
+    p.direct_from = 0;
+    direct_why = aware_why + "; HMA_DEVICE_PATH=direct (your setting, or AveragerOptions::device_path)";
+  } else if (mvapich) {
+    p.direct_from = 0;
+    direct_why = aware_why + "; MVAPICH2 reduces device buffers on the device";
+  } else if (in.calibrated_direct_from > 0) {
+    p.direct_from = in.calibrated_direct_from >= 1e18 ? SIZE_MAX
+                                                      : static_cast<std::size_t>(std::ceil(in.calibrated_direct_from));
+    direct_why = aware_why + "; the calibration (HMA_MODEL device_direct_from_bytes) measured direct faster "
+                 "than staged from " + format_bytes(p.direct_from);
+  } else {
+    direct_why = aware_why + "; but " + (in.library.find("Open MPI") != std::string::npos ? "Open MPI" : "this MPI") +
+                 " reduces device buffers on the host (Open MPI 4.1's coll/cuda through pageable copies: "
+                 "4-5x slower than staged on an H200), so auto stages (HMA_DEVICE_PATH=direct, or a "
+                 "calibration from hma-bench-device --calibrate, hands it device pointers)";
+  }
   std::string nb_why;
-  if (!direct) {
+  if (p.direct_from == SIZE_MAX) {
     p.nonblocking = in.thread_progress ? DeviceNonblocking::staged_thread : DeviceNonblocking::staged_poll;
-    nb_why = in.requested == DevicePath::staged
-                 ? "HMA_DEVICE_PATH=staged (your setting, or AveragerOptions::device_path)"
-                 : aware_why;
+    nb_why = direct_why;
   } else if (in.thread_progress) {
     p.nonblocking = DeviceNonblocking::thread_direct;
-    nb_why = aware_why + "; progress thread: the blocking MPI_Allreduce runs on it";
+    nb_why = direct_why + "; progress thread: the blocking MPI_Allreduce runs on it";
   } else if (in.requested == DevicePath::direct || mvapich) {
     p.nonblocking = DeviceNonblocking::iallreduce;
-    nb_why = aware_why + (in.requested == DevicePath::direct
-                              ? "; HMA_DEVICE_PATH=direct (your setting, or AveragerOptions::device_path): "
-                                "device pointers go to "
-                                "MPI_Iallreduce even where the MPI does not document it (Open MPI "
-                                "does not: ompi#9845)"
-                              : "; MVAPICH2 accepts device buffers in non-blocking collectives");
+    nb_why = direct_why + (in.requested == DevicePath::direct
+                               ? ": device pointers go to MPI_Iallreduce even where the MPI does not "
+                                 "document it (Open MPI does not: ompi#9845)"
+                               : "; MVAPICH2 accepts device buffers in non-blocking collectives");
   } else {
     p.nonblocking = DeviceNonblocking::staged_poll;
-    nb_why = aware_why + "; but " + (in.library.empty() ? "this MPI" : "Open MPI and most MPIs") +
+    nb_why = direct_why + "; but " + (in.library.empty() ? "this MPI" : "Open MPI and most MPIs") +
              " do not accept device buffers in non-blocking collectives (ompi#9845), so start() "
              "stages (HMA_PROGRESS=thread runs MPI_Allreduce on device pointers instead)";
   }
+  const std::string from = p.direct_from == 0 ? "" : " from " + format_bytes(p.direct_from) + ", staged below";
+  const std::string sized = p.nonblocking == DeviceNonblocking::thread_direct ? from : "";
   p.why = std::string("device buffers: step()/average(): ") +
-          (p.blocking_direct ? "device pointers to MPI_Allreduce"
-                             : "staged through pinned host memory, MPI_Allreduce per chunk") +
-          "; start(): " + nonblocking_name(p.nonblocking) + " (" + nb_why + ")";
+          (p.direct_from != SIZE_MAX ? "device pointers to MPI_Allreduce" + from
+                                     : std::string("staged through pinned host memory, MPI_Allreduce per chunk")) +
+          "; start(): " + nonblocking_name(p.nonblocking) + sized + " (" + nb_why + ")";
   return p;
 }
 

@@ -3,9 +3,10 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
-#include "hma/averager.hpp"
+#include "hma/options.hpp"
 
 namespace hma::detail {
 
@@ -17,6 +18,9 @@ struct DevicePathInputs {
   bool mv2_use_cuda = false;     // MVAPICH2 with MV2_USE_CUDA=1 (it has no MPIX query)
   std::string library;           // MPI_Get_library_version(), first line
   bool thread_progress = false;  // Progress::thread (a worker thread runs the averages)
+  /// A calibration's word (HMA_MODEL's device_direct_from_bytes, written by `hma-bench-device
+  /// --calibrate`): direct measured faster than staged from this many bytes; 0: no calibration.
+  double calibrated_direct_from = 0;
 };
 
 /// How start() (non-blocking) moves a device buffer.
@@ -29,9 +33,12 @@ enum class DeviceNonblocking {
 
 struct DevicePlan {
   bool cuda_aware = false;
-  bool blocking_direct = false;  // step()/average(): device pointers to MPI_Allreduce, else staged
+  /// step()/average() (and start() on the progress thread) hand device pointers to MPI for
+  /// averages of at least this many bytes, and stage smaller ones; SIZE_MAX: always staged.
+  std::size_t direct_from = SIZE_MAX;
   DeviceNonblocking nonblocking = DeviceNonblocking::staged_poll;
   std::string why;  // one line for the log: the path of each call form and the reason
+  bool direct_at(std::size_t bytes) const { return bytes >= direct_from; }
 };
 
 /// Pure: the plan for these inputs. Throws hma::InvalidArgument when DevicePath::direct is asked

@@ -67,6 +67,12 @@ double predict_two_level_us(const LinkModel& m, Shape s, double bytes, std::size
   return node + pieces * std::max(across, node);
 }
 
+std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes) {
+  // At least four pieces where that keeps them >= 256 KiB, so that small averages pipeline too.
+  const std::size_t quarter = std::max(bytes / 4, std::size_t{256} << 10);
+  return std::min({chunk_bytes == 0 ? quarter : chunk_bytes, std::size_t{1} << 20, quarter});
+}
+
 std::string format_bytes(std::size_t b) {
   const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
   int u = 0;
@@ -75,6 +81,20 @@ std::string format_bytes(std::size_t b) {
     ++u;
   }
   return std::to_string(b) + " " + unit[u];
+}
+
+double device_direct_from(const std::vector<double>& sizes, const std::vector<double>& staged_us,
+                          const std::vector<double>& direct_us) {
+  if (sizes.size() != staged_us.size() || sizes.size() != direct_us.size())
+    throw InvalidArgument("hma: device_direct_from: one time of each path per size");
+  double from = 0;
+  for (std::size_t i = sizes.size(); i-- > 0;) {
+    if (i + 1 < sizes.size() && !(sizes[i] < sizes[i + 1]))
+      throw InvalidArgument("hma: device_direct_from: sizes must ascend");
+    if (!(direct_us[i] < staged_us[i])) break;
+    from = sizes[i];
+  }
+  return from;
 }
 
 LinkModel read_link_model(const std::string& path) {
@@ -108,6 +128,7 @@ LinkModel read_link_model(const std::string& path) {
     else if (key == "intra_alpha_us") m.intra_alpha_us = v;
     else if (key == "intra_bytes_per_s") m.intra_bytes_per_s = v;
     else if (key == "flat_bytes_per_s") m.flat_bytes_per_s = v;
+    else if (key == "device_direct_from_bytes") m.device_direct_from_bytes = v;
     else
       throw InvalidArgument("hma: HMA_MODEL " + path + " line " + std::to_string(no) + ": unknown key `" +
                             key + "`");
@@ -122,7 +143,12 @@ std::string format_link_model(const LinkModel& m) {
                 "intra_alpha_us = %.6g\nintra_bytes_per_s = %.6g\nflat_bytes_per_s = %.6g\n",
                 m.inter_alpha_us, m.inter_bytes_per_s, m.inter_duplex, m.intra_alpha_us,
                 m.intra_bytes_per_s, m.flat_bytes_per_s);
-  return buf;
+  std::string t = buf;
+  if (m.device_direct_from_bytes > 0) {
+    std::snprintf(buf, sizeof buf, "device_direct_from_bytes = %.17g\n", m.device_direct_from_bytes);
+    t += buf;
+  }
+  return t;
 }
 
 }  // namespace hma::detail

@@ -19,9 +19,9 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
-#include "hma/averager.hpp"
-#include "transport/two_level.hpp"
+#include "hma/options.hpp"
 
 namespace hma::detail {
 
@@ -29,6 +29,11 @@ struct Shape {
   int nodes = 1;
   int per_node = 1;
 };
+
+/// The piece size (bytes) of the blocking two-level pipeline (transport/two_level.cpp) for a
+/// bucket of `bytes`: at most 1 MiB, at least four pieces where that keeps them >= 256 KiB, at
+/// most `chunk_bytes` when non-zero. The model's predictions cut the buffer the same way.
+std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes);
 
 /// How the two-level pipeline sums a piece across nodes.
 enum class Across { split, mpi };
@@ -49,6 +54,12 @@ Across best_across(const LinkModel& m, Shape s, double piece_bytes);
 
 /// "512 B", "64 KiB", "3 MiB", "1 GiB": powers of two as describe() prints them.
 std::string format_bytes(std::size_t bytes);
+
+/// A device calibration's answer (HMA_MODEL's device_direct_from_bytes): the smallest measured
+/// size from which direct beat staged at that size and at every larger one (sizes ascending);
+/// 0 where direct never did (auto then stays staged).
+double device_direct_from(const std::vector<double>& sizes, const std::vector<double>& staged_us,
+                          const std::vector<double>& direct_us);
 
 /// Reads a calibration file (lines `key = value`; keys as LinkModel's fields; # comments).
 /// Throws hma::InvalidArgument naming the file and the line it cannot use.

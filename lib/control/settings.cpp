@@ -195,6 +195,7 @@ DevicePlan resolve_device_plan(const AveragerOptions& o, const Settings& s) {
   else if (!env_str("HMA_CUDA_AWARE", "").empty())
     in.cuda_aware_override = env_bool("HMA_CUDA_AWARE", false) ? 1 : 0;
   in.thread_progress = s.progress == Progress::thread;
+  in.calibrated_direct_from = s.model.device_direct_from_bytes;
   return choose_device_plan(in);
 }
 
@@ -234,7 +235,7 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              timeout_bits,
                              static_cast<std::uint64_t>(s.ranks_per_node),
                              static_cast<std::uint64_t>(s.device_division),
-                             plan.blocking_direct ? 1u : 0u,
+                             static_cast<std::uint64_t>(plan.direct_from),
                              static_cast<std::uint64_t>(plan.nonblocking),
                              s.staging_chunk_bytes,
                              bits(s.model.inter_alpha_us),
@@ -243,6 +244,7 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              bits(s.model.intra_alpha_us),
                              bits(s.model.intra_bytes_per_s),
                              bits(s.model.flat_bytes_per_s),
+                             bits(s.model.device_direct_from_bytes),
                              s.outer.enabled ? 1u : 0u,
                              bits(s.outer.lr),
                              bits(s.outer.momentum),

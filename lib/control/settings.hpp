@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "control/device_path.hpp"
-#include "hma/averager.hpp"
+#include "hma/options.hpp"
 
 namespace hma::detail {
 

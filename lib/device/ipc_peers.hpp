@@ -42,6 +42,8 @@ struct IpcPeers {
   bool exchanged = false;
   std::uint64_t token = 0;          // a hash of every rank's handles at the exchange
   std::uint64_t count = 0;          // averages through these buffers since the exchange
+  void* host = nullptr;             // two-level: pinned host memory for this rank's slice
+  std::size_t host_bytes = 0;
 
   IpcPeers() = default;
   IpcPeers(const IpcPeers&) = delete;
@@ -52,6 +54,7 @@ struct IpcPeers {
     park_exported(be, slice);
     mine = slice = nullptr;
     release();
+    if (host != nullptr && be != nullptr) be->release_pinned(host);
   }
 
   static std::size_t round_up(std::size_t b) { return (b + 255) / 256 * 256; }

@@ -58,7 +58,8 @@ class Recorder {
     std::fprintf(f, "{\"displayTimeUnit\": \"ms\", \"traceEvents\": [\n");
     std::fprintf(f, "{\"name\": \"process_name\", \"ph\": \"M\", \"pid\": %d, \"args\": {\"name\": \"rank %d\"}},\n", pid, pid);
     std::fprintf(f, "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": 0, \"args\": {\"name\": \"calls\"}},\n", pid);
-    std::fprintf(f, "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": 1, \"args\": {\"name\": \"in flight\"}}", pid);
+    std::fprintf(f, "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": 1, \"args\": {\"name\": \"in flight\"}},\n", pid);
+    std::fprintf(f, "{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": 2, \"args\": {\"name\": \"staged chunks (level -1; step: first element, group: bucket)\"}}", pid);
     for (const auto& e : events_)
       std::fprintf(f,
                    ",\n{\"name\": \"%s\", \"cat\": \"hma\", \"ph\": \"X\", \"pid\": %d, \"tid\": %d, "

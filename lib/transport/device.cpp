@@ -16,6 +16,9 @@ namespace hma::detail {
 
 namespace {
 
+// The bytes one average of the set moves (the plan's size threshold for device pointers).
+std::size_t bytes_of(const DeviceState& s) { return s.f32.size() * s.f32.elem() + s.f64.size() * s.f64.elem(); }
+
 std::vector<StagedJob> jobs_of(DeviceState& s) {
   std::vector<StagedJob> jobs;
   for (DeviceBucket* b : {&s.f32, &s.f64})
@@ -72,7 +75,7 @@ std::shared_ptr<StagedPipeline> staged(DeviceState& s, const DeviceRoute& r, boo
 }  // namespace
 
 void average_device(DeviceState& s, const DeviceRoute& r) {
-  if (r.plan->blocking_direct && r.post == nullptr) {
+  if (r.plan->direct_at(bytes_of(s)) && r.post == nullptr) {
     s.be->synchronize(s.packed);
     allreduce_direct(s, r.comm);
   } else {
@@ -93,6 +96,8 @@ void start_device(DeviceState& s, const DeviceRoute& r, Pending& p, Worker* work
   DeviceNonblocking how = r.plan->nonblocking;
   if (r.post != nullptr)  // its passes run on the host chunks
     how = worker != nullptr ? DeviceNonblocking::staged_thread : DeviceNonblocking::staged_poll;
+  else if (how == DeviceNonblocking::thread_direct && !r.plan->direct_at(bytes_of(s)))
+    how = DeviceNonblocking::staged_thread;  // below the calibrated size: staged wins
   switch (how) {
     case DeviceNonblocking::thread_direct:
     case DeviceNonblocking::staged_thread: {

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "hma/error.hpp"
-#include "support/worker.hpp"
 #include "transport/uses.hpp"
 
 namespace hma::detail {
@@ -123,35 +122,45 @@ void gather_slices(DeviceState& s, IpcPeers& e) {
   s.unpack_and_record();
 }
 
-// The group's verdict: 1 on every rank when `ok` holds on every rank.
-bool all_ok(MPI_Comm c, bool ok) {
-  int v = ok ? 1 : 0, all = 0;
-  check(MPI_Allreduce(&v, &all, 1, MPI_INT, MPI_MIN, c), "MPI_Allreduce(node transport: reach)");
-  return all == 1;
-}
+// One average's state across its stages. The exchange, when one is needed, runs as
+// non-blocking collectives between stages like the rest: a blocking collective inside one
+// average's progress would wait for ranks that progress another average (of another averager)
+// first, and neither would ever get there.
+struct Flow {
+  Hello mine{};
+  std::vector<Hello> all;
+  bool done = false;           // nothing left for the last stage
+  std::exception_ptr error;    // a failed stage: the average ends with this error, never as done
+  // The exchange (see begin_exchange):
+  bool exchanging = false;
+  Card card;                   // this rank's
+  std::vector<Card> cards;     // every rank's
+  IpcPeers fresh;              // the new buffers until the handles are out
+  std::string why;             // why this rank cannot take part ("" if it can)
+  int ok = 0, all_ok = 0;      // the group's verdict (MPI_MIN)
+  bool crossing = false;       // two-level: this rank's slice is on its way across nodes
+};
 
-// New buffers, the handles and device names to every rank, the peers' buffers mapped. False (on
-// every rank alike) when some device cannot reach another: then nothing is mapped and this
-// rank's buffers are freed. Blocking; every rank is here (the handshake before it completed),
-// and no peer reads this rank's old buffers any more (each finished its last average's kernels
-// before it joined the handshake).
-bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, std::string& why) {
+// The exchange, part 1: new buffers and this rank's card, the peers' old buffers unmapped, the
+// cards to every rank (MPI_Iallgather). This rank's part may fail (no memory, no IPC): it then
+// says so and still joins every collective, so the group decides together. Every rank is here
+// (the handshake completed), and no peer reads this rank's old buffers any more (each finished
+// its last average's kernels before it joined the handshake).
+void begin_exchange(DeviceState& s, IpcPeers& e, Flow& f, MPI_Comm c, int g, bool two,
+                    std::vector<MPI_Request>& reqs) {
   count_use(Use::device_ipc_exchange);
   const std::size_t nf = s.f32.size(), nd = s.f64.size();
-  // This rank's part may fail (no memory, no IPC): it then says so and still joins every
-  // collective, so the group decides together.
-  Card mine;
-  std::string local;
-  IpcPeers fresh;
+  Card& mine = f.card;
+  IpcPeers& fresh = f.fresh;
   fresh.be = s.be;
   fresh.two_shot = two;
   fresh.nf = nf;
   fresh.nd = nd;
   try {
-    local = s.be->ipc_unsupported(s.device);
+    f.why = s.be->ipc_unsupported(s.device);
     const std::string id = s.be->device_id(s.device);
     std::strncpy(mine.id, id.c_str(), kIdBytes - 1);
-    if (local.empty() && two) {
+    if (f.why.empty() && two) {
       fresh.lf = (nf + static_cast<std::size_t>(g) - 1) / static_cast<std::size_t>(g);
       fresh.ld = (nd + static_cast<std::size_t>(g) - 1) / static_cast<std::size_t>(g);
       fresh.slice_off_d = IpcPeers::round_up(fresh.lf * sizeof(float));
@@ -165,22 +174,41 @@ bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, 
       s.f64.exported = s.f64.exported || nd > 0;
       mine.bytes_f = s.f32.capacity * sizeof(float);
       mine.bytes_d = s.f64.capacity * sizeof(double);
-    } else if (local.empty()) {
+    } else if (f.why.empty()) {
       fresh.off_d = IpcPeers::round_up(nf * sizeof(float));
       fresh.half = fresh.off_d + IpcPeers::round_up(nd * sizeof(double));
       fresh.mine = s.be->alloc_shared(2 * fresh.half, mine.buffer);
     }
   } catch (const std::exception& x) {
-    local = x.what();
+    f.why = x.what();
   }
+  if (!f.why.empty()) f.why = "world rank " + std::to_string(Comm::world_rank()) + ": " + f.why;
   // Peers' old buffers are unmapped before the collective; this rank's old buffers are freed
   // after it, once every peer has unmapped them (CUDA: freeing memory a peer still maps is
   // undefined).
+  e.exchanged = false;
   e.close_peers();
-  std::vector<Card> cards(static_cast<std::size_t>(g));
-  check(MPI_Allgather(&mine, sizeof(Card), MPI_BYTE, cards.data(), sizeof(Card), MPI_BYTE, c),
-        "MPI_Allgather(node transport: handles)");
+  f.cards.resize(static_cast<std::size_t>(g));
+  MPI_Request q = MPI_REQUEST_NULL;
+  check(MPI_Iallgather(&mine, sizeof(Card), MPI_BYTE, f.cards.data(), sizeof(Card), MPI_BYTE, c, &q),
+        "MPI_Iallgather(node transport: handles)");
+  reqs.push_back(q);
+  f.exchanging = true;
+}
+
+// The group's verdict on `f.ok` (MPI_MIN into f.all_ok), issued into `reqs`.
+void vote(Flow& f, MPI_Comm c, bool ok, std::vector<MPI_Request>& reqs) {
+  f.ok = ok ? 1 : 0;
+  MPI_Request q = MPI_REQUEST_NULL;
+  check(MPI_Iallreduce(&f.ok, &f.all_ok, 1, MPI_INT, MPI_MIN, c, &q), "MPI_Iallreduce(node transport: reach)");
+  reqs.push_back(q);
+}
+
+// Part 2, every card in: the new buffers adopted (the old ones freed: every peer has unmapped
+// them), whether this rank reaches every rank's device, voted.
+void reach(DeviceState& s, IpcPeers& e, Flow& f, MPI_Comm c, int g, std::vector<MPI_Request>& reqs) {
   e.release();
+  IpcPeers& fresh = f.fresh;
   e.two_shot = fresh.two_shot;
   e.nf = fresh.nf;
   e.nd = fresh.nd;
@@ -194,31 +222,38 @@ bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, 
   e.store_d = fresh.store_d;
   e.mine = std::exchange(fresh.mine, nullptr);
   e.slice = std::exchange(fresh.slice, nullptr);
-  bool ok = local.empty();
-  if (!ok) why = "world rank " + std::to_string(Comm::world_rank()) + ": " + local;
+  bool ok = f.why.empty();
   for (int r = 0; r < g && ok; ++r) {
-    const std::string peer_id(cards[static_cast<std::size_t>(r)].id);
+    const std::string peer_id(f.cards[static_cast<std::size_t>(r)].id);
     try {
       if (!s.be->can_reach(s.device, peer_id)) {
         ok = false;
-        why = "device " + std::string(mine.id) + " cannot read device " + peer_id +
-              " (neither the same device nor peer access)";
+        f.why = "device " + std::string(f.card.id) + " cannot read device " + peer_id +
+                " (neither the same device nor peer access)";
       }
     } catch (const std::exception& x) {
       ok = false;
-      why = x.what();
+      f.why = x.what();
     }
   }
-  if (all_ok(c, ok)) {
+  vote(f, c, ok, reqs);
+}
+
+// Part 3, every rank reaches every other: the peers' buffers mapped, voted.
+void map_peers(DeviceState& s, IpcPeers& e, Flow& f, MPI_Comm c, int me, int g, std::vector<MPI_Request>& reqs) {
+  bool ok = f.all_ok == 1;
+  if (ok) {
     e.me = me;
     const auto n = static_cast<std::size_t>(g);
+    const bool two = e.two_shot;
+    const std::size_t nf = e.nf, nd = e.nd;
     try {
       if (two) {
         e.peer_slice.assign(n, nullptr);
         e.peer_f.assign(n, nullptr);
         e.peer_d.assign(n, nullptr);
         for (std::size_t r = 0; r < n; ++r) {
-          const Card& k = cards[r];
+          const Card& k = f.cards[r];
           const bool self = static_cast<int>(r) == me;
           e.peer_slice[r] = self ? e.slice : s.be->open_shared(k.buffer, e.slice_bytes);
           if (nf > 0) e.peer_f[r] = self ? s.f32.storage : s.be->open_shared(k.store_f, k.bytes_f);
@@ -227,32 +262,69 @@ bool exchange(DeviceState& s, IpcPeers& e, MPI_Comm c, int me, int g, bool two, 
       } else {
         e.peer.assign(n, nullptr);
         for (std::size_t r = 0; r < n; ++r)
-          e.peer[r] = static_cast<int>(r) == me ? e.mine : s.be->open_shared(cards[r].buffer, 2 * e.half);
+          e.peer[r] = static_cast<int>(r) == me ? e.mine : s.be->open_shared(f.cards[r].buffer, 2 * e.half);
       }
     } catch (const std::exception& x) {
       ok = false;
-      why = x.what();
+      f.why = x.what();
     }
-  } else {
-    ok = false;
   }
-  if (!all_ok(c, ok)) {
-    if (why.empty()) why = "another rank of the group could not use the node transport";
+  vote(f, c, ok, reqs);
+}
+
+// Part 4: true when the group may use the node transport (the exchange is complete); false on
+// every rank alike when some rank cannot: nothing stays mapped, and this rank's buffers stay
+// allocated (peers may have mapped them).
+bool conclude_exchange(IpcPeers& e, Flow& f) {
+  f.exchanging = false;
+  if (f.all_ok != 1) {
+    if (f.why.empty()) f.why = "another rank of the group could not use the node transport";
     e.close_peers();
-    return false;  // this rank's buffers stay allocated: peers may have mapped them
+    return false;
   }
-  e.token = token_of(cards.data(), cards.size() * sizeof(Card));
+  e.token = token_of(f.cards.data(), f.cards.size() * sizeof(Card));
   e.exchanged = true;
   e.count = 0;
   return true;
 }
 
-struct Flow {
-  Hello mine{};
-  std::vector<Hello> all;
-  bool done = false;           // nothing left for the last stage
-  std::exception_ptr error;    // a failed stage: the average ends with this error, never as done
-};
+// Two-level, after reduce_slice: this rank's reduced slice (its node's sum) to pinned host
+// memory, and its sum over the nodes (MPI_Iallreduce on `across`, in place) issued into `reqs`.
+// Every rank of `across` holds the same slice index of a set of the same sizes: the counts
+// agree.
+void cross(DeviceState& s, IpcPeers& e, MPI_Comm across, std::vector<MPI_Request>& reqs) {
+  if (e.host_bytes < e.slice_bytes) {
+    if (e.host != nullptr) s.be->release_pinned(e.host);
+    e.host = nullptr;
+    e.host_bytes = 0;
+    e.host = s.be->alloc_pinned(e.slice_bytes);
+    e.host_bytes = e.slice_bytes;
+  }
+  s.be->copy(e.host, e.slice, e.slice_bytes, s.stream);
+  wait_stream(s);
+  for (DeviceBucket* b : {&s.f32, &s.f64}) {
+    if (b->size() == 0) continue;
+    const bool f32 = b->dtype == Dtype::f32;
+    const auto [lo, hi] = slice_range(e.me, b->size(), f32 ? e.lf : e.ld);
+    if (hi == lo) continue;
+    if (hi - lo > static_cast<std::size_t>(INT32_MAX))
+      throw Error("hma: the node transport: a slice of " + std::to_string(hi - lo) +
+                  " elements is more than one MPI call carries");
+    MPI_Request q = MPI_REQUEST_NULL;
+    check(MPI_Iallreduce(MPI_IN_PLACE, static_cast<char*>(e.host) + (f32 ? 0 : e.slice_off_d),
+                         static_cast<int>(hi - lo), f32 ? MPI_FLOAT : MPI_DOUBLE, MPI_SUM, across, &q),
+          "MPI_Iallreduce(node transport: this rank's slice across nodes)");
+    reqs.push_back(q);
+  }
+}
+
+// Two-level, the slice summed over the nodes: back into this rank's exported slice; the host
+// waits for it (a peer gathers it once the barrier after this says so).
+void cross_back(DeviceState& s, IpcPeers& e) {
+  s.be->copy(e.slice, e.host, e.slice_bytes, s.stream);
+  wait_stream(s);
+  count_use(Use::device_ipc_two_level);
+}
 
 double factor_of(std::uint64_t bits) {
   double f = 0;
@@ -265,16 +337,19 @@ double factor_of(std::uint64_t bits) {
 void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
                const std::function<void(DeviceBucket&, void*)>& pack) {
   IpcLevel& level = *r.level;
-  if (level.comm.is_null()) {
-    // A collective on the level's communicator: what the worker queued there goes first.
-    if (r.worker) r.worker->drain();
-    level.comm = Comm::attach(r.fallback.comm).dup();
-  }
-  const MPI_Comm c = level.comm.get();
+  if (level.comm.is_null()) throw Error("hma: internal: the node transport's communicator was not made");
+  const MPI_Comm c = level.comm.get();  // this node's ranks of the group
   const int g = level.comm.size(), me = level.comm.rank();
+  // The hello and the votes: over the whole group (two-level: every node decides alike), where
+  // this node's ranks are `g` contiguous ranks from `off`.
+  const MPI_Comm hc = level.control();
+  const int hg = level.two_level() ? level.whole.size() : g;
+  const int off = level.two_level() ? level.whole.rank() - me : 0;
+  const MPI_Comm across = level.two_level() ? level.across.get() : MPI_COMM_NULL;
   auto e = entry_for(s, r.level);
   const std::size_t nf = s.f32.size(), nd = s.f64.size();
-  const bool two = nf * sizeof(float) + nd * sizeof(double) >= r.two_shot_from;
+  // Two-level moves slices across nodes: always the two-shot sum.
+  const bool two = level.two_level() || nf * sizeof(float) + nd * sizeof(double) >= r.two_shot_from;
   const bool ready = fits(*e, s, two);
   // One-shot: the terms straight into the exported half (or into storage before an exchange).
   // Two-shot: the raw values stay in storage, which the peers read; user arrays are copied in.
@@ -288,12 +363,13 @@ void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
   std::uint64_t wbits = 0;
   std::memcpy(&wbits, &r.fallback.weight_factor, sizeof wbits);
   f->mine = {ready ? 1u : 0u, nf, nd, e->count, wbits, ready ? e->token : 0u};
-  f->all.resize(static_cast<std::size_t>(g));
+  f->all.resize(static_cast<std::size_t>(hg));
   MPI_Request q = MPI_REQUEST_NULL;
-  check(MPI_Iallgather(f->mine.data(), 6, MPI_UINT64_T, f->all.data(), 6, MPI_UINT64_T, c, &q),
+  check(MPI_Iallgather(f->mine.data(), 6, MPI_UINT64_T, f->all.data(), 6, MPI_UINT64_T, hc, &q),
         "MPI_Iallgather(node transport: handshake)");
   p.reqs.push_back(q);
   DeviceState* sp = &s;
+  Pending* pp = &p;  // heap-stable, like the state: it outlives its stages
   p.finish = [sp, f, user = r.fallback.user] {
     if (f->error) std::rethrow_exception(f->error);  // every later wait() says so too
     DeviceGuard on_device(sp->be, sp->device);
@@ -301,86 +377,124 @@ void start_ipc(DeviceState& s, const IpcRoute& r, Pending& p,
   };
   const int group = r.fallback.group;
   const bool mul = r.fallback.reciprocal || (group & (group - 1)) == 0;
-  auto first = [sp, e, f, r, c, me, g, two, group, mul, pack](std::vector<MPI_Request>& reqs) {
-    DeviceGuard on_device(sp->be, sp->device);
-    bool go = true;
-    for (const auto& a : f->all) {
-      if (a[1] != f->mine[1] || a[2] != f->mine[2]) {
-        f->done = true;  // nothing more to do: the stage after this one must not sum
-        throw Error("hma: the node transport: the ranks of the group hold device sets of different "
-                    "sizes (" + std::to_string(a[1]) + " f32 and " + std::to_string(a[2]) +
-                    " f64 elements against " + std::to_string(f->mine[1]) + " and " +
-                    std::to_string(f->mine[2]) + " here); with HMA_CHECK=0 nothing catches this earlier");
-      }
-      go = go && a[0] == 1 && a[3] == f->mine[3] && a[5] == f->mine[5];
-    }
-    if (!go) {
-      if (!two && f->mine[0] == 1) {
-        // This rank packed into its exported half, which the exchange frees: the terms go to
-        // storage first (the fallback reads them there too).
-        for (DeviceBucket* b : {&sp->f32, &sp->f64})
-          if (b->size() > 0)
-            sp->be->copy(b->storage, e->at(e->me, e->count % 2, b->dtype), b->size() * b->elem(), sp->stream);
-        wait_stream(*sp);
-      }
-      std::string why;
-      if (!exchange(*sp, *e, c, me, g, two, why)) {
-        r.level->off = true;
-        r.level->why = why;
-        if (two)  // the raw values are in storage: scale them as the MPI paths expect
-          for (DeviceBucket* b : {&sp->f32, &sp->f64})
-            if (b->size() > 0) pack(*b, b->storage);
-        sp->be->record(sp->packed, sp->stream);
-        if (r.worker) r.worker->drain();  // its collectives on the level's communicator come first
-        average_device(*sp, r.fallback);
-        f->done = true;
-        return;
-      }
-      if (!two) {
-        export_terms(*sp, *e, 0);
-        MPI_Request b = MPI_REQUEST_NULL;  // every rank's terms are exported once this completes
-        check(MPI_Ibarrier(c, &b), "MPI_Ibarrier(node transport)");
-        reqs.push_back(b);
-        return;
-      }
-      // Two-shot: the raw values were in storage before the handshake; the peers map it now.
-    } else if (!two) {
+  // The sum once the group's buffers are mapped: one-shot exports this rank's terms and waits
+  // for every rank's (the last stage sums); two-shot reduces this rank's slice and waits for
+  // every slice (the last stage gathers).
+  auto sum_after = [sp, e, f, c, g, off, across, two, group, mul](bool exported, std::vector<MPI_Request>& reqs) {
+    if (!two && exported) {
       sum_all(*sp, *e);
       f->done = true;
       return;
     }
-    std::vector<double> factor(static_cast<std::size_t>(g));
-    for (int k = 0; k < g; ++k) factor[static_cast<std::size_t>(k)] = factor_of(f->all[static_cast<std::size_t>(k)][4]);
-    reduce_slice(*sp, *e, factor, group, mul);
-    MPI_Request b = MPI_REQUEST_NULL;  // every slice is reduced, and no rank reads storage any more
+    MPI_Request b = MPI_REQUEST_NULL;
+    if (!two) {
+      export_terms(*sp, *e, 0);
+      check(MPI_Ibarrier(c, &b), "MPI_Ibarrier(node transport)");  // every rank's terms exported
+    } else {
+      std::vector<double> factor(static_cast<std::size_t>(g));
+      for (int k = 0; k < g; ++k)
+        factor[static_cast<std::size_t>(k)] = factor_of(f->all[static_cast<std::size_t>(off + k)][4]);
+      reduce_slice(*sp, *e, factor, group, mul);
+      if (across != MPI_COMM_NULL) {  // the slice across nodes first; the barrier after it
+        cross(*sp, *e, across, reqs);
+        f->crossing = true;
+        return;
+      }
+      // Every slice is reduced, and no rank reads storage any more.
+      check(MPI_Ibarrier(c, &b), "MPI_Ibarrier(node transport: slices)");
+    }
+    reqs.push_back(b);
+  };
+  // Stage 1, the handshake in: sum, or begin the exchange.
+  auto hello = [sp, e, f, c, g, off, two, pack, sum_after](std::vector<MPI_Request>& reqs) {
+    for (const auto& a : f->all)
+      if (a[1] != f->mine[1] || a[2] != f->mine[2])
+        throw Error("hma: the node transport: the ranks of the group hold device sets of different "
+                    "sizes (" + std::to_string(a[1]) + " f32 and " + std::to_string(a[2]) +
+                    " f64 elements against " + std::to_string(f->mine[1]) + " and " +
+                    std::to_string(f->mine[2]) + " here); with HMA_CHECK=0 nothing catches this earlier");
+    // Every rank's buffers mapped and current (the token: this node's exchange; each node has
+    // its own), in the same average since the exchange.
+    bool go = true;
+    for (std::size_t k = 0; k < f->all.size(); ++k) {
+      const auto& a = f->all[k];
+      const bool node = static_cast<int>(k) >= off && static_cast<int>(k) < off + g;
+      go = go && a[0] == 1 && a[3] == f->mine[3] && (!node || a[5] == f->mine[5]);
+    }
+    if (go) {
+      sum_after(true, reqs);
+      return;
+    }
+    if (!two && f->mine[0] == 1) {
+      // This rank packed into its exported half, which the exchange frees: the terms go to
+      // storage first (the fallback reads them there too).
+      for (DeviceBucket* b : {&sp->f32, &sp->f64})
+        if (b->size() > 0)
+          sp->be->copy(b->storage, e->at(e->me, e->count % 2, b->dtype), b->size() * b->elem(), sp->stream);
+      wait_stream(*sp);
+    }
+    begin_exchange(*sp, *e, *f, c, g, two, reqs);
+  };
+  // Stages 2-4, only while exchanging: reach, map, then sum (or hand over to the fallback).
+  auto reach_stage = [sp, e, f, hc, g](std::vector<MPI_Request>& reqs) {
+    if (f->exchanging) reach(*sp, *e, *f, hc, g, reqs);
+  };
+  auto map_stage = [sp, e, f, hc, me, g](std::vector<MPI_Request>& reqs) {
+    if (f->exchanging) map_peers(*sp, *e, *f, hc, me, g, reqs);
+  };
+  auto settle = [sp, pp, e, f, r, two, pack, sum_after](std::vector<MPI_Request>& reqs) {
+    if (!f->exchanging) return;
+    if (conclude_exchange(*e, *f)) {
+      sum_after(false, reqs);
+      return;
+    }
+    // The devices cannot reach each other: off at this level for good, on every rank alike;
+    // this average hands over to the staged or direct path (it replaces this average's stages,
+    // see complete()).
+    r.level->off = true;
+    r.level->why = f->why;
+    if (two)  // the raw values are in storage: scale them as the MPI paths expect
+      for (DeviceBucket* b : {&sp->f32, &sp->f64})
+        if (b->size() > 0) pack(*b, b->storage);
+    sp->be->record(sp->packed, sp->stream);
+    f->done = true;
+    start_device(*sp, r.fallback, *pp, r.worker);
+  };
+  // Stage 5, two-level: the slice summed over the nodes back on the device, then the barrier
+  // before the gather.
+  auto back = [sp, e, f, c](std::vector<MPI_Request>& reqs) {
+    if (!f->crossing) return;
+    f->crossing = false;
+    cross_back(*sp, *e);
+    MPI_Request b = MPI_REQUEST_NULL;  // every slice is final, and no rank reads storage any more
     check(MPI_Ibarrier(c, &b), "MPI_Ibarrier(node transport: slices)");
     reqs.push_back(b);
   };
-  p.stages.push_back([sp, e, f, first](std::vector<MPI_Request>& reqs) {
-    try {
-      first(reqs);
-    } catch (...) {
-      // Terminal: this average failed here. The entry is no longer trusted (the next average
-      // exchanges anew); stage 2 does nothing and finish rethrows.
-      e->exchanged = false;
-      f->done = true;
-      f->error = std::current_exception();
-      throw;
-    }
-  });
-  p.stages.push_back([sp, e, f, two](std::vector<MPI_Request>&) {
+  // Stage 6: the sum (one-shot after an exchange) or the gather (two-shot).
+  auto last = [sp, e, f, two](std::vector<MPI_Request>&) {
     if (f->done) return;
-    try {
-      DeviceGuard on_device(sp->be, sp->device);
-      if (two) gather_slices(*sp, *e);
-      else sum_all(*sp, *e);
-    } catch (...) {
-      e->exchanged = false;
-      f->done = true;
-      f->error = std::current_exception();
-      throw;
-    }
-  });
+    DeviceGuard on_device(sp->be, sp->device);
+    if (two) gather_slices(*sp, *e);
+    else sum_all(*sp, *e);
+  };
+  using Stage = std::function<void(std::vector<MPI_Request>&)>;
+  for (Stage st : {Stage(hello), Stage(reach_stage), Stage(map_stage), Stage(settle), Stage(back), Stage(last)}) {
+    p.stages.push_back([sp, e, f, st = std::move(st)](std::vector<MPI_Request>& reqs) {
+      if (f->error) return;
+      try {
+        DeviceGuard on_device(sp->be, sp->device);
+        st(reqs);
+      } catch (...) {
+        // Terminal: this average failed here. The entry is no longer trusted (the next average
+        // exchanges anew); the later stages do nothing and finish rethrows.
+        e->exchanged = false;
+        f->exchanging = false;
+        f->done = true;
+        f->error = std::current_exception();
+        throw;
+      }
+    });
+  }
 }
 
 }  // namespace hma::detail

@@ -8,11 +8,14 @@
 //      arrival barrier (a peer's kernel reads a rank's terms only after that rank's export has
 //      finished on the device) and says whether every rank's buffers are still the ones of the
 //      same exchange (a token);
-//   2. only when the sizes change or on first use: the exchange of handles (MPI_Allgather) and
-//      whether every rank's device reaches every other (same device or peer access), then the
-//      terms again and an MPI_Ibarrier. Where the devices cannot reach each other, the group
-//      turns the node transport off at that level for good, on every rank alike, and this and
-//      later averages take the staged or direct path.
+//   2. only when the sizes change or on first use: the exchange of handles (MPI_Iallgather) and
+//      whether every rank's device reaches every other (same device or peer access; two
+//      MPI_Iallreduce votes), then the terms again and an MPI_Ibarrier. Where the devices cannot
+//      reach each other, the group turns the node transport off at that level for good, on
+//      every rank alike, and this and later averages take the staged or direct path (this one
+//      hands over to it: start_device).
+// Every collective of it is non-blocking, issued from the average's stages: a blocking one
+// inside one average's progress would wait for ranks that progress another average first.
 // That is the one-shot sum: every rank reads (group + 1) x the set's bytes. From
 // HMA_IPC_TWO_SHOT_BYTES (set bytes; by default never: not yet measured on a GPU) the two-shot sum runs
 // instead: the peers map the set's own storage; each rank reduces its 1/group slice of every
@@ -20,7 +23,12 @@
 // as one-shot) into a slice buffer, an MPI_Ibarrier, then each rank copies every rank's slice
 // into its storage. It reads about 2 x and writes 1 + 1/group x the set's bytes, and needs no
 // pack pass over the owned arrays.
-// Both on a communicator of their own (IpcLevel::comm), never one that carries data.
+// Two-level (a level of several whole nodes): always the two-shot sum within each node, scaled
+// by the whole group; after stage 1 each rank's slice goes to pinned host memory and is summed
+// across nodes (MPI_Iallreduce on IpcLevel::across), comes back, then the MPI_Ibarrier and the
+// gather. The handshake and the exchange's votes run over the whole group (IpcLevel::whole), so
+// every node decides alike; the handles and the barriers stay within the node.
+// All on communicators of their own (IpcLevel), never one that carries other data.
 #pragma once
 
 #include <mpi.h>
@@ -39,18 +47,27 @@ namespace hma::detail {
 
 class Worker;
 
-/// One level of one averager: the node transport's communicator and whether it is on.
+/// One level of one averager: the node transport's communicators and whether it is on.
+/// A level whose groups lie in one node uses `comm` alone. A level of several whole nodes
+/// (two-level) reduces each node's slices on the device over `comm` (the node's ranks), moves
+/// this rank's slice across nodes over `across` (MPI_Iallreduce through pinned host memory),
+/// and says hello and votes over `whole` (the level's ranks), so that every node decides alike
+/// (exchange, fall back). All made with the averager (collective), none carries other data.
 struct IpcLevel {
-  Comm comm;           // made on first use (a duplicate of the level's communicator)
+  Comm comm;           // this node's ranks of the group (the group itself below two-level)
+  Comm whole;          // two-level only: the group
+  Comm across;         // two-level only: the ranks of the group with this node-local rank
   bool off = false;    // the group found its devices cannot reach each other
   std::string why;     // why off
+  [[nodiscard]] bool two_level() const { return !across.is_null(); }
+  [[nodiscard]] MPI_Comm control() const { return two_level() ? whole.get() : comm.get(); }
 };
 
 struct IpcRoute {
   std::shared_ptr<IpcLevel> level;
   DeviceRoute fallback;  // the staged or direct route, if the devices cannot reach; its comm
                          // (the level's) is duplicated for IpcLevel::comm on first use
-  Worker* worker = nullptr;     // drained before a fallback's blocking collectives
+  Worker* worker = nullptr;     // for the fallback, when it takes over (start_device)
   std::size_t two_shot_from = SIZE_MAX;  // set bytes from which the two-shot sum runs
 };
 

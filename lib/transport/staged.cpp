@@ -42,6 +42,17 @@ StagedPipeline::StagedPipeline(DeviceBackend& be, StagingArea& area, std::vector
   if (area_.slots == 0 || area_.slot_bytes < staged_slot_bytes(jobs_, chunk_bytes))
     throw Error("hma: internal: staging area too small for the pipeline");
   req_.assign(area_.slots, MPI_REQUEST_NULL);
+  tl_ = Timeline::get();
+  if (tl_ != nullptr) {
+    t_in_.assign(area_.slots, 0);
+    t_mpi_.assign(area_.slots, 0);
+    t_out_.assign(area_.slots, 0);
+  }
+}
+
+void StagedPipeline::mark(const char* stage, double t0, const Chunk& c) const noexcept {
+  tl_->event(stage, t0, Timeline::now_us(), -1, static_cast<std::int64_t>(c.lo), c.n * dtype_size(jobs_[c.job].dtype),
+             static_cast<int>(c.job), 2);
 }
 
 bool StagedPipeline::step(bool one_mpi) {
@@ -55,6 +66,7 @@ bool StagedPipeline::step(bool one_mpi) {
   while (c_in_ < N && c_in_ - c_free_ < S) {
     const Chunk& c = chunks_[c_in_];
     const std::size_t s = c_in_ % S;
+    if (tl_ != nullptr) t_in_[s] = Timeline::now_us();
     be_.copy(area_.send(s), dev(c), bytes(c), to_host_);
     be_.record(area_.in[s], to_host_);
     ++c_in_;
@@ -66,10 +78,15 @@ bool StagedPipeline::step(bool one_mpi) {
     const Chunk& c = chunks_[c_mpi_];
     const std::size_t s = c_mpi_ % S;
     const MPI_Datatype t = mpi_type(jobs_[c.job].dtype);
+    if (tl_ != nullptr) {
+      mark("staged d2h", t_in_[s], c);
+      t_mpi_[s] = Timeline::now_us();
+    }
     if (sent_) sent_(jobs_[c.job].dtype, c.lo, c.n, area_.send(s));
     if (blocking_mpi_) {
       check(MPI_Allreduce(area_.send(s), area_.recv(s), static_cast<int>(c.n), t, MPI_SUM, comm_),
             "MPI_Allreduce(staged chunk)");
+      if (tl_ != nullptr) mark("staged allreduce", t_mpi_[s], c);
     } else {
       check(MPI_Iallreduce(area_.send(s), area_.recv(s), static_cast<int>(c.n), t, MPI_SUM, comm_,
                            &req_[s]),
@@ -86,6 +103,10 @@ bool StagedPipeline::step(bool one_mpi) {
     if (req_[s] != MPI_REQUEST_NULL) check(MPI_Test(&req_[s], &done, MPI_STATUS_IGNORE), "MPI_Test(staged chunk)");
     if (!done) break;
     const Chunk& c = chunks_[c_red_];
+    if (tl_ != nullptr) {
+      if (!blocking_mpi_) mark("staged iallreduce", t_mpi_[s], c);
+      t_out_[s] = Timeline::now_us();
+    }
     if (reduced_) reduced_(jobs_[c.job].dtype, c.lo, c.n, area_.recv(s));
     be_.copy(dev(c), area_.recv(s), bytes(c), to_device_);
     be_.record(area_.out[s], to_device_);
@@ -94,6 +115,7 @@ bool StagedPipeline::step(bool one_mpi) {
   }
   // 4. A slot is free again once its chunk is back in device memory.
   while (c_free_ < c_red_ && be_.query(area_.out[c_free_ % S])) {
+    if (tl_ != nullptr) mark("staged h2d", t_out_[c_free_ % S], chunks_[c_free_]);
     ++c_free_;
     progress = true;
   }

@@ -15,6 +15,7 @@
 
 #include "device/device_backend.hpp"
 #include "device/staging_area.hpp"
+#include "support/timeline.hpp"
 
 namespace hma::detail {
 
@@ -83,6 +84,11 @@ class StagedPipeline {
   // their copy back queued), [0, c_free_) back in device memory with their slot free.
   std::size_t c_in_ = 0, c_mpi_ = 0, c_red_ = 0, c_free_ = 0;
   std::size_t max_in_flight_ = 0;
+  // HMA_TIMELINE (null: off): per slot, when its chunk's copy to the host, reduction and copy
+  // back were issued; each stage becomes an event on track 2 once the host sees it complete.
+  Timeline* tl_ = nullptr;
+  std::vector<double> t_in_, t_mpi_, t_out_;
+  void mark(const char* stage, double t0, const Chunk& c) const noexcept;
 };
 
 }  // namespace hma::detail

@@ -128,12 +128,6 @@ bool split_across(const Route& route, std::size_t piece_bytes, std::size_t block
 
 }  // namespace
 
-std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes) {
-  // At least four pieces where that keeps them >= 256 KiB, so that small averages pipeline too.
-  const std::size_t quarter = std::max(bytes / 4, std::size_t{256} << 10);
-  return std::min({chunk_bytes == 0 ? quarter : chunk_bytes, std::size_t{1} << 20, quarter});
-}
-
 // Blocking, pipelined over pieces: while piece p crosses the network (blocking point-to-point
 // or MPI_Allreduce, whose progress also drives the non-blocking collectives in flight), the
 // reduce-scatter of piece p+1 and the allgather of piece p-1 run within the node. Three slots

@@ -5,14 +5,10 @@
 
 #include <cstddef>
 
+#include "control/model.hpp"  // two_level_piece_bytes
 #include "transport/host.hpp"
 
 namespace hma::detail {
-
-/// The piece size (bytes) of the blocking two-level pipeline for a bucket of `bytes`: at most
-/// 1 MiB, at least four pieces where that keeps them >= 256 KiB, at most `chunk_bytes` when
-/// non-zero. The cost model (control/model.hpp) cuts its predictions the same way.
-std::size_t two_level_piece_bytes(std::size_t bytes, std::size_t chunk_bytes);
 
 /// Blocking, pipelined in pieces of two_level_piece_bytes().
 template <Element T>

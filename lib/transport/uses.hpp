@@ -21,6 +21,7 @@ enum class Use : int {
   device_ipc,         // the node transport's sum on the device, per set average
   device_ipc_exchange,  // the node transport's exchange of handles, per set and layout
   device_ipc_two_shot,  // ... of which the two-shot sum (reduce-scatter + all-gather), per average
+  device_ipc_two_level,  // ... of which two-level (this rank's slice across nodes), per average
   wire_piece,         // a 16-bit wire's blocking MPI_Allreduce, per piece
   wire_start,         // a 16-bit wire's MPI_Iallreduce, per call
   count_
