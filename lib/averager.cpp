@@ -59,6 +59,8 @@ std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::s
   p->who.bytes = bytes;
   p->who.world_ranks = hierarchy_.world_ranks(level);
   p->timeout_s = settings_.timeout_s;
+  p->averager = id();
+  p->stall_warn_s = settings_.stall_warn_s;
   p->nonfinite = settings_.nonfinite;
   p->weight = weight_;
   p->t_start = detail::Timeline::get() != nullptr ? detail::Timeline::now_us() : 0.0;
@@ -146,6 +148,7 @@ void Averager::refuse(std::optional<std::size_t> level, const std::string& reaso
 
 bool Averager::issue(detail::Prepared job, std::size_t level, bool blocking, Request* out) {
   detail::Pending& p = *job.p;
+  p.call = static_cast<std::int64_t>(job.header.v[detail::Header::call]);
   if (settings_.check || settings_.nonfinite != NonFinite::ignore)
     p.control.start(hierarchy_.control(level).get(), job.header, job.nonfinite_here, p.weight);
   try {

@@ -6,6 +6,7 @@
 #include "control/device_path.hpp"
 #include "control/model.hpp"
 #include "control/settings.hpp"
+#include "control/stall.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
 #include "pending.hpp"
@@ -60,6 +61,8 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
   // before the first collective that depends on them (ranks per node: before any split).
   detail::check_settings(ctrl.get(), settings_, *device_plan_);
   hierarchy_ = Hierarchy(comm, sizes, HierarchyOptions{settings_.ranks_per_node});
+  diag_ = std::make_shared<detail::Diagnostics>(detail::next_averager_id(), hierarchy_.world().get(),
+                                                schedule_.to_string());
   if (settings_.outer.enabled) {
     outer_ = std::make_shared<detail::OuterState>();
     outer_->opt = settings_.outer;
@@ -102,6 +105,7 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   device_plan_ = std::move(o.device_plan_);
   ipc_ = std::move(o.ipc_);
   inflight_ = std::move(o.inflight_);
+  diag_ = std::move(o.diag_);
   worker_ = std::move(o.worker_);
   return *this;
 }
@@ -187,6 +191,8 @@ std::string Averager::algorithm_line(std::size_t i) const {
   }
   return "    algorithm: " + chosen + "\n";
 }
+
+std::int64_t Averager::id() const noexcept { return diag_ ? diag_->id : 0; }
 
 std::string Averager::describe() const {
   if (!member()) return "hma: this rank is outside the averaging group\n";

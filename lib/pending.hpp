@@ -9,6 +9,7 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -63,6 +64,14 @@ struct Pending {
   double t_start = 0;  // for the timeline
   // Thrown while another average's wait advanced this one (see track()): complete() throws it.
   std::exception_ptr deferred;
+  // Who is missing (control/stall.hpp): the averager's id, the call (0 scheduled, 1 average()),
+  // the stall warning's interval (0: off), when the current wait began and its warnings so far.
+  std::int64_t averager = 0;
+  std::int64_t call = 0;
+  double stall_warn_s = 0;
+  std::chrono::steady_clock::time_point wait_start{};
+  int warnings = 0;
+  int polls = 0;  // of the current wait (the first ones spin, see request.cpp)
 };
 
 /// What a set hands the averager for one average (see Averager::issue()).

@@ -1,12 +1,15 @@
 // A started average from its agreement check to its last byte (see pending.hpp), and Request.
+#include <algorithm>
 #include <cstdio>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
+#include "control/stall.hpp"
 #include "pending.hpp"
 #include "support/log.hpp"
 #include "support/timeline.hpp"
@@ -22,7 +25,12 @@ bool mpi_finalized() noexcept {
 
 namespace {
 
-// Composed only from what the average captured when it started.
+Position position_of(const Pending& p) {
+  return Position{p.averager, p.who.step, static_cast<std::int64_t>(p.who.level), p.call, p.launched ? 1 : 0};
+}
+
+// Composed from what the average captured when it started, and where the group's ranks say
+// they are.
 [[noreturn]] void throw_timeout(Pending& p) {
   p.timed_out = true;
   char secs[32];
@@ -33,9 +41,18 @@ namespace {
                  : "was not reached by every rank of the group within " + std::string(secs) +
                        " s (HMA_TIMEOUT_S): a rank is slow, stuck or dead, or called step()/"
                        "average() a different number of times (its data has not moved)";
+  // Where every rank of the group is (asked now, answers awaited at most 1 s or a quarter of the
+  // timeout).
+  std::string where;
+  try {
+    where = where_is_everyone(p.averager, p.who.world_ranks, position_of(p), std::min(1.0, p.timeout_s / 4));
+  } catch (...) {
+    where.clear();  // out of memory: the message without it
+  }
   throw Timeout("hma: step " + std::to_string(p.who.step) + ": the average over " +
                     p.who.describe() + ", " + std::to_string(p.who.bytes) + " bytes, " + what +
-                    ". It is still pending: wait() on it again, or end the job",
+                    ". It is still pending: wait() on it again, or end the job" +
+                    (where.empty() ? "" : ". Where the group is: " + where),
                 p.who.level, p.who.step, p.who.bytes, p.who.world_ranks);
 }
 
@@ -102,6 +119,62 @@ void progress_others(const Pending& self) noexcept {
   in_progress_others = false;
 }
 
+// Whether a blocking wait on `p` polls (instead of blocking inside MPI): always for an
+// averager's average (it serves "where are you?" and warns of a stall), and whenever another
+// average is in flight (it advances them).
+bool polls(const Pending& p) { return p.averager != 0 || others_in_flight(p); }
+
+using Clock = std::chrono::steady_clock;
+
+Clock::duration seconds(double s) { return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s)); }
+
+// A wait shorter than this costs nothing more than its own polls: only after it does a wait
+// advance the other averages, answer "where are you?" and count towards the stall warning.
+constexpr auto kQuietWait = std::chrono::milliseconds(1);
+
+// True when `p`'s current wait (or run of test()s) has lasted kQuietWait; starts its clock.
+bool waited_long(Pending& p, Clock::time_point now) {
+  if (p.wait_start == Clock::time_point{}) {
+    p.wait_start = now;
+    return false;
+  }
+  return now - p.wait_start >= kQuietWait;
+}
+
+// One poll of a blocking wait on `p` that found it incomplete: a few fast polls first (the usual
+// case: the group is there), then it yields the core each time (oversubscribed ranks, and the
+// emulated cluster, need idle ranks to); after kQuietWait it also advances the other averages,
+// answers the queries and warns of a stall.
+void poll(Pending& p) {
+  if (++p.polls > 100) std::this_thread::yield();
+  const auto now = Clock::now();
+  if (!waited_long(p, now)) return;
+  progress_others(p);
+  update_here(position_of(p));
+  serve_queries();
+  if (p.stall_warn_s > 0 && now - p.wait_start >= seconds(p.stall_warn_s) * (p.warnings + 1)) {
+    ++p.warnings;
+    char secs[32];
+    std::snprintf(secs, sizeof secs, "%g", p.stall_warn_s);
+    try {
+      const std::string where =
+          where_is_everyone(p.averager, p.who.world_ranks, position_of(p), std::min(1.0, p.stall_warn_s / 4));
+      report_stall("hma: warning: stall: step " + std::to_string(p.who.step) + ": the average over " +
+                   p.who.describe() + " has waited another " + secs + " s (HMA_STALL_WARN_S; the wait goes on): " +
+                   where);
+    } catch (...) {
+      // out of memory: no warning this time
+    }
+  }
+}
+
+// One test() of `p` that did not complete it: after a while, the other averages and the queries.
+void poll_test(Pending& p) {
+  if (!waited_long(p, Clock::now())) return;
+  progress_others(p);
+  serve_queries();
+}
+
 // What the group does with non-finite votes; every rank of the group decides alike.
 bool proceed_after(const Verdict& v, const Pending& p) {
   if (v.nonfinite_ranks.empty() || p.nonfinite == NonFinite::ignore) return true;
@@ -134,11 +207,10 @@ double weight_factor(const Verdict& v, const Pending& p) {
 bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
   if (p.launched) return true;
   if (p.control.started()) {
-    if (blocking && others_in_flight(p)) {
+    if (blocking && polls(p)) {
       while (!p.control.test()) {
-        progress_others(p);
+        poll(p);
         if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
-        std::this_thread::yield();
       }
     } else if (blocking) {
       if (!p.control.wait_until(deadline)) throw_timeout(p);
@@ -177,14 +249,13 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
 bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline) {
   if (p.reqs.empty()) return true;
   const int n = static_cast<int>(p.reqs.size());
-  if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || others_in_flight(p))) {
+  if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || polls(p))) {
     int flag = 0;
     while (true) {
       check(MPI_Testall(n, p.reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(average)");
       if (flag) return true;
-      progress_others(p);
+      poll(p);
       if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
-      std::this_thread::yield();
     }
   }
   if (blocking) {
@@ -210,11 +281,26 @@ void require_usable(const Pending& p) {
 
 void launch_data(Pending& p) {
   if (p.done) return;
+  std::optional<Waiting> here;
+  if (p.averager != 0) {
+    here.emplace(position_of(p));
+    p.wait_start = {};
+    p.warnings = 0;
+    p.polls = 0;
+  }
   require_usable(p);
   (void)launch(p, true, deadline_after(p.timeout_s));
 }
 
 bool complete(Pending& p, bool blocking) {
+  // Blocking: this rank answers "where are you?" with this average meanwhile.
+  std::optional<Waiting> here;
+  if (blocking && p.averager != 0) {
+    here.emplace(position_of(p));
+    p.wait_start = {};  // the stall warning counts from this wait's start
+    p.warnings = 0;
+    p.polls = 0;
+  }
   if (p.deferred) {  // thrown while another wait advanced it: reported here, once
     auto e = std::exchange(p.deferred, nullptr);
     std::rethrow_exception(e);
@@ -224,14 +310,14 @@ bool complete(Pending& p, bool blocking) {
   // One deadline for the whole wait: the check and the data share it.
   const auto deadline = deadline_after(p.timeout_s);
   if (!launch(p, blocking, deadline)) {
-    progress_others(p);  // a rank that only test()s this one still moves the others
+    poll_test(p);  // a rank that only test()s this one still moves the others
     return false;
   }
   if (p.done) return true;  // skipped, or run to the end by a blocking launch
   TimelineScope t(blocking ? "wait" : "test", static_cast<int>(p.who.level), p.who.step,
                   p.who.bytes, static_cast<int>(p.who.world_ranks.size()));
   if (complete_data(p, blocking, deadline)) return true;
-  progress_others(p);
+  poll_test(p);
   return false;
 }
 
@@ -240,11 +326,10 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
   if (p.threaded) {
     if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
       return false;
-    if (blocking && others_in_flight(p)) {
+    if (blocking && polls(p)) {
       while (p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-        progress_others(p);
+        poll(p);
         if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
-        std::this_thread::yield();
       }
     } else if (blocking && deadline != std::chrono::steady_clock::time_point::max() &&
                p.result.wait_until(deadline) != std::future_status::ready) {
@@ -256,11 +341,10 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
     return true;
   }
   if (p.drive) {
-    if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || others_in_flight(p))) {
+    if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || polls(p))) {
       while (!p.drive(false)) {
-        progress_others(p);
+        poll(p);
         if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
-        std::this_thread::yield();
       }
     } else if (!p.drive(blocking)) {
       return false;
@@ -292,6 +376,13 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
 
 void finish_issuing(Pending& p) {
   if (p.done) return;
+  std::optional<Waiting> here;
+  if (p.averager != 0) {
+    here.emplace(position_of(p));
+    p.wait_start = {};
+    p.warnings = 0;
+    p.polls = 0;
+  }
   require_usable(p);
   const auto deadline = deadline_after(p.timeout_s);
   launch(p, true, deadline);

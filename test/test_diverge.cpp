@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "control/stall.hpp"
 #include "device/device_backend.hpp"
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
@@ -427,4 +428,136 @@ TEST_CASE("a set destroyed after a timeout never starts its data stage, even onc
     REQUIRE_ALL_RANKS(out.error == "Timeout");
     REQUIRE_ALL_RANKS(rank() == 0 || out.what.find("did not complete within 0.4 s") != std::string::npos);
   }
+}
+
+namespace {
+std::vector<std::string> g_stalls;  // the stall warnings this rank logged
+void capture_stall(const std::string& line) { g_stalls.push_back(line); }
+bool any_stall_has(const std::string& a, const std::string& b = "") {
+  for (const auto& l : g_stalls)
+    if (l.find(a) != std::string::npos && l.find(b) != std::string::npos) return true;
+  return false;
+}
+struct StallHook {
+  StallHook() { g_stalls.clear(); hma::detail::set_stall_hook_for_testing(&capture_stall); }
+  ~StallHook() { hma::detail::set_stall_hook_for_testing(nullptr); }
+};
+// A set of 8 f32 values 2r + t; true when it holds their mean over the world.
+struct Small {
+  hma::ParamSet ps;
+  hma::Array<float> a = ps.allocate<float>(8);
+  void fill(int t) { for (std::size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(2 * rank() + t); }
+  [[nodiscard]] bool averaged(int t) const {
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (a[i] != static_cast<float>(size() - 1 + t)) return false;
+    return true;
+  }
+};
+std::string world_rank(int r) { return "world rank " + std::to_string(r); }
+std::string others_than(int x) { return x == 1 ? "world rank 0" : "world ranks 0-" + std::to_string(x - 1); }
+}  // namespace
+
+TEST_CASE("stalls: a rank that sleeps outside hma is named by the waiting ranks, and the wait goes on",
+          "[np>=2]") {
+  StallHook hook;
+  const int x = size() - 1;
+  hma::AveragerOptions o;
+  o.stall_warn_s = 0.2;
+  o.timeout_s = 60;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  Small m;
+  m.fill(0);
+  if (rank() == x) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  avg.step(m.ps);
+  REQUIRE_ALL_RANKS(m.averaged(0));
+  INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
+  // Rank x did not wait long enough to warn; the others named it, and where they wait.
+  const std::string avg_here = "averager " + std::to_string(avg.id()) + " step 0 level 0";
+  REQUIRE_ALL_RANKS(rank() == x ? !any_stall_has("has not reached")
+                                : any_stall_has(world_rank(x) + " has not reached this average",
+                                                world_rank(x) + " is outside hma (no answer within 0.05 s"));
+  REQUIRE_ALL_RANKS(rank() == x || any_stall_has("HMA_STALL_WARN_S", avg_here + " (the agreement check)"));
+}
+
+TEST_CASE("stalls: two averagers called in another order on one rank: both sides named, in the warning and the Timeout",
+          "[np>=2]") {
+  StallHook hook;
+  const int x = size() - 1;
+  hma::AveragerOptions o;
+  o.stall_warn_s = 0.2;
+  o.timeout_s = 2;
+  hma::PeriodicAverager a1(MPI_COMM_WORLD, 1, 0, o), a2(MPI_COMM_WORLD, 1, 0, o);
+  const std::string at1 = "averager " + std::to_string(a1.id()) + " step 0 level 0 (the agreement check)";
+  const std::string at2 = "averager " + std::to_string(a2.id()) + " step 0 level 0 (the agreement check)";
+  REQUIRE_ALL_RANKS(a1.id() > 0 && a2.id() == a1.id() + 1);
+  Small s1, s2;
+  s1.fill(1);
+  s2.fill(2);
+  std::string what;
+  try {
+    if (rank() == x) a2.step(s2.ps);
+    else a1.step(s1.ps);
+  } catch (const hma::Timeout& e) {
+    what = e.what();
+  }
+  // Every rank has timed out (and asked) before any makes the other call.
+  MPI_Barrier(MPI_COMM_WORLD);
+  INFO("Timeout: " << what);
+  INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
+  // Each side names the other and where it is; the Timeout names who has not reached it.
+  REQUIRE_ALL_RANKS(rank() == x ? any_stall_has(others_than(x) + (x == 1 ? " is at " : " are at ") + at1,
+                                                world_rank(x) + " waits at " + at2)
+                                : any_stall_has(world_rank(x) + " is at " + at2, " at " + at1));
+  // (Ranks that timed out first and left the wait may be missing too by then.)
+  const auto from = what.find("Where the group is: "), to = what.find(" not reached this average");
+  const std::string missing = from != std::string::npos && to != std::string::npos ? what.substr(from, to - from) : "";
+  REQUIRE_ALL_RANKS(rank() == x ? missing.find(others_than(x)) != std::string::npos
+                                : missing.find(std::to_string(x)) != std::string::npos);
+  // Each side then makes the other's call: both averages complete.
+  if (rank() == x) {
+    a1.step(s1.ps);
+    (void)hma_test::wait_through_timeouts(s2.ps);
+  } else {
+    (void)hma_test::wait_through_timeouts(s1.ps);
+    a2.step(s2.ps);
+  }
+  REQUIRE_ALL_RANKS(s1.averaged(1) && s2.averaged(2));
+}
+
+TEST_CASE("stalls: a rank that has left (blocked in MPI elsewhere) is outside hma in the Timeout", "[np>=2]") {
+  StallHook hook;
+  const int x = size() - 1;
+  hma::AveragerOptions o;
+  o.stall_warn_s = 0;  // off: only the Timeout says it
+  o.timeout_s = 1;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  Small m;
+  m.fill(3);
+  std::string what;
+  if (rank() == x) {
+    MPI_Barrier(MPI_COMM_WORLD);  // left: waits for the others outside hma
+  } else {
+    try {
+      avg.step(m.ps);
+    } catch (const hma::Timeout& e) {
+      what = e.what();
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+  }
+  INFO("Timeout: " << what);
+  REQUIRE_ALL_RANKS(g_stalls.empty());
+  REQUIRE_ALL_RANKS(rank() == x || what.find(world_rank(x) + " is outside hma (no answer within 0.25 s: computing, "
+                                             "blocked elsewhere, or dead)") != std::string::npos);
+  // It comes back: the average completes.
+  if (rank() == x) avg.step(m.ps);
+  else (void)hma_test::wait_through_timeouts(m.ps);
+  REQUIRE_ALL_RANKS(m.averaged(3));
+  // Bad values are refused, naming them.
+  o.stall_warn_s = -1;
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, o),
+                           "stall_warn_s must be a finite number of seconds >= 0");
+  setenv("HMA_STALL_WARN_S", "soon", 1);
+  REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0),
+                           "HMA_STALL_WARN_S='soon' must be a finite number of seconds >= 0");
+  unsetenv("HMA_STALL_WARN_S");
 }

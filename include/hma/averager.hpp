@@ -28,6 +28,7 @@ struct DivergenceLog;
 class Post;
 class Worker;
 struct IpcLevel;
+struct Diagnostics;
 struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
   std::vector<float> f;
   std::vector<double> d;
@@ -196,6 +197,10 @@ class Averager {
 
   /// The torch-style log of the hierarchy: which group averages how often.
   [[nodiscard]] std::string describe() const;
+  /// This averager's id in stall warnings and hma::Timeout messages ("averager 2 step 5 level
+  /// 0"): 1, 2, ... in the order this process constructed averagers (equal on every rank when
+  /// every rank constructs the same averagers in the same order). 0 for a moved-from averager.
+  [[nodiscard]] std::int64_t id() const noexcept;
 
   /// For bindings (the C API uses it for a NULL set): collective like the call it stands for,
   /// average(level) or, with nullopt, step()/start(). Takes part in that average's agreement check
@@ -270,6 +275,7 @@ class Averager {
   std::shared_ptr<detail::OuterState> outer_;          // AveragerOptions::outer
   std::shared_ptr<detail::DivergenceLog> divergence_;  // AveragerOptions::divergence
   std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()
+  std::shared_ptr<detail::Diagnostics> diag_;  // id() and "where are you?" (control/stall.hpp)
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
 };
 

@@ -161,6 +161,15 @@ struct AveragerOptions {
   /// as torch's process groups). Must agree across ranks (checked at construction).
   std::optional<double> timeout_s;
   static constexpr double kDefaultTimeoutS = 1800;
+  /// Seconds a wait inside hma lasts before the waiting rank logs a stall warning (and again
+  /// every as many seconds; the wait goes on): it asks the ranks of the group where they are and
+  /// names those that have not reached this average, each with its averager (Averager::id()),
+  /// step, level and call, or "outside hma" when a rank does not answer within 1 s or a quarter
+  /// of the threshold, if shorter (computing, blocked elsewhere, or dead). hma::Timeout messages carry the same facts. Nothing is sent
+  /// before a wait passes it. 0: no warning. nullopt: the environment variable HMA_STALL_WARN_S,
+  /// default kDefaultStallWarnS. May differ across ranks.
+  std::optional<double> stall_warn_s;
+  static constexpr double kDefaultStallWarnS = 60;
   /// Non-finite guard: scans the local buffers (one pass) and votes in the agreement check, so a
   /// group never averages on some ranks and not on others. nullopt: the environment variable
   /// HMA_NONFINITE (off, throw, skip), default off.
@@ -259,6 +268,7 @@ struct Settings {
   Reduction reduction = Reduction::automatic;
   std::size_t ring_min_block_bytes = AveragerOptions::kDefaultRingMinBlockBytes;
   double timeout_s = AveragerOptions::kDefaultTimeoutS;  // 0: no limit
+  double stall_warn_s = AveragerOptions::kDefaultStallWarnS;  // 0: off
   NonFinite nonfinite = NonFinite::ignore;
   Algorithm algorithm = Algorithm::automatic;
   Progress progress = Progress::poll;

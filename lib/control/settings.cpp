@@ -42,6 +42,24 @@ double resolve_timeout(const std::optional<double>& option) {
   return t;
 }
 
+// HMA_STALL_WARN_S / AveragerOptions::stall_warn_s: seconds, 0 off.
+double resolve_stall_warn(const std::optional<double>& option) {
+  if (option) {
+    if (!(*option >= 0) || *option == std::numeric_limits<double>::infinity())
+      throw InvalidArgument("hma: AveragerOptions::stall_warn_s must be a finite number of seconds >= 0 "
+                            "(0: no warning), got " + std::to_string(*option));
+    return *option;
+  }
+  const std::string v = env_str("HMA_STALL_WARN_S", "");
+  if (v.empty()) return AveragerOptions::kDefaultStallWarnS;
+  char* end = nullptr;
+  const double t = std::strtod(v.c_str(), &end);
+  if (end == v.c_str() || *end != '\0' || !(t >= 0) || t == std::numeric_limits<double>::infinity())
+    throw InvalidArgument("hma: environment variable HMA_STALL_WARN_S='" + v +
+                          "' must be a finite number of seconds >= 0 (0: no warning; default 60)");
+  return t;
+}
+
 }  // namespace
 
 std::vector<Wire> parse_wire(const std::string& v, const std::string& what) {
@@ -136,6 +154,7 @@ Settings resolve_settings(const AveragerOptions& o) {
   s.ring_min_block_bytes =
       env_bytes("HMA_RING_MIN_BLOCK_BYTES", AveragerOptions::kDefaultRingMinBlockBytes);
   s.timeout_s = resolve_timeout(o.timeout_s);
+  s.stall_warn_s = resolve_stall_warn(o.stall_warn_s);
   if (const char* m = std::getenv("HMA_MODEL"); m != nullptr && *m != 0) {
     s.model = read_link_model(m);
     s.model_source = m;
