@@ -126,6 +126,8 @@ for groups in (False, True):
 ah = run(lambda: hma.torch.PeriodicModelAverager(period=2),
          lambda: torch_averagers.PeriodicModelAverager(period=2), 8, False, "realloc", realloc_at=3)
 check(ah.registrations == 2, f"realloc: registered {ah.registrations} times, twice expected")
+ah.step = 5  # torch's step counter is settable (a restart): hma's follows
+check(ah.averager.step_count == 5 and ah.step == 5, f"step set to 5, hma's counter {ah.averager.step_count}")
 
 # hierarchical (contiguous groups of 2, or 1 at odd sizes, every 2 steps; all every 4)
 sub = 2 if size % 2 == 0 else 1
@@ -150,6 +152,26 @@ run(lambda: hma.torch.HierarchicalModelAverager(levels, warmup_steps=1), torch_h
 # random values: bit for bit at 2 ranks, within the bound above
 run(lambda: hma.torch.PeriodicModelAverager(period=1),
     lambda: torch_averagers.PeriodicModelAverager(period=1), 3, True, "random")
+
+
+# hma only (torch's gloo has no reference for these): bfloat16 and float16 parameters, and
+# hma's weight= keyword, against the mean computed here from every rank's values
+def rank_values(r, shape, dtype):
+    g = torch.Generator().manual_seed(77 + r)
+    return (12.0 * torch.randint(-5, 6, shape, generator=g).float()).to(dtype)
+
+
+for dtype in (torch.bfloat16, torch.float16):
+    p = torch.nn.Parameter(rank_values(rank, (33,), dtype))
+    p.grad = torch.zeros_like(p)
+    hma.torch.PeriodicModelAverager(period=2).average_parameters([p])
+    mean = sum(rank_values(r, (33,), torch.float32) for r in range(size)) / size
+    check(torch.equal(p.data, mean.to(dtype)), f"{dtype}: not the mean of the ranks' values")
+p = torch.nn.Parameter(rank_values(rank, (50,), torch.float64))
+p.grad = torch.zeros_like(p)
+hma.torch.PeriodicModelAverager(period=2, weight=rank + 1).average_parameters([p])
+weighted = sum((r + 1) * rank_values(r, (50,), torch.float64) for r in range(size)) / sum(range(1, size + 1))
+check(bool(((p.data - weighted).abs() <= 1e-12 * weighted.abs().max()).all()), "weight=: not the weighted mean")
 
 dist.destroy_process_group()
 comm.Barrier()
