@@ -197,6 +197,34 @@ except hma.Error as e:
     check(f"hma was built with {built}" in str(e) and other.splitlines()[0].rstrip(", ") in str(e),
           f"foreign MPI message: {e}")
 
+# ---- 8. hma's extras as keywords reach the C++ options (order-proof values: exact results)
+xs = [values(9, r, 64) for r in range(size)]
+mean = expect_mean(9, size, 64)
+z = values(9, rank, 64).astype(np.float32)
+zp = hma.ParamSet()
+zp.add(z)
+div = hma.PeriodicAverager(comm, 1, divergence=True, timeout_s=60)
+check(div.last_divergence() is None, "divergence before any average")
+div.step(zp)
+check(np.array_equal(z, mean), "divergence=True: not the average")
+d = div.last_divergence()
+ref = max(np.linalg.norm(x - mean) for x in xs) / np.linalg.norm(mean)
+check(d is not None and abs(d[0] - ref) <= 1e-6 * ref and d[1] == 0 and d[2] == 0,
+      f"last_divergence {d}, expected ({ref}, 0, 0)")
+z[:] = values(9, rank, 64)
+hma.PeriodicAverager(comm, 1, wire="bf16").step(zp)  # small multiples of 12: exact in bf16
+check(np.array_equal(z, mean), "wire='bf16': not the average of values exact in bf16")
+outer = hma.PeriodicAverager(comm, 1, outer={"lr": 1.0})  # lr 1, no momentum: the plain average
+for s in (9, 10):
+    z[:] = values(s, rank, 64)
+    outer.step(zp)
+    check(np.array_equal(z, expect_mean(s, size, 64)), f"outer lr=1 step {s}: not the average")
+try:
+    hma.PeriodicAverager(comm, 1, wire=["bf16", "exact"])
+    check(False, "two wires for one level accepted")
+except hma.InvalidArgument as e:
+    check("lists 2 levels, the schedule has 1" in str(e), f"wire message: {e}")
+
 n = comm.allreduce(len(failures))
 if rank == 0:
     print(f"test_numpy at {size} ranks: {'ok' if n == 0 else f'{n} failures'}", flush=True)

@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstring>
 #include <functional>
@@ -309,6 +310,22 @@ PYBIND11_MODULE(_hma, m) {
              }
              if (averaged) ps.scatter();
              return averaged;
+           })
+      // For bench/bench_python.py: step() with the seconds the C++ call took (the binding's
+      // overhead is the Python caller's time less these).
+      .def("_timed_step",
+           [](hma::Averager& a, PyParamSet& ps) {
+             ps.gather();
+             bool averaged = false;
+             double seconds = 0;
+             {
+               py::gil_scoped_release nogil;
+               const auto t0 = std::chrono::steady_clock::now();
+               averaged = a.step(ps.set());
+               seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+             }
+             if (averaged) ps.scatter();
+             return py::make_tuple(averaged, seconds);
            })
       .def("start",
            [](hma::Averager& a, py::object ps) {
