@@ -88,7 +88,9 @@ class ModelAverager:
         return self._avg
 
     def _params(self, tensors):
-        key = tuple((t.data_ptr(), t.numel(), t.dtype, t.stride(), t.device) for t in tensors)
+        # Memory that moved has a new data_ptr (the old storage is still held by the registered
+        # arrays, so no new tensor can reuse its address); numel and dtype catch a view of it.
+        key = [(t.data_ptr(), t.numel(), t.dtype) for t in tensors]
         if key != self._key:
             ps = hma.ParamSet()
             for t in tensors:
