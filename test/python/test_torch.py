@@ -64,7 +64,6 @@ def compare(h, t, step, random, what):
     for (name, ph), pt in zip(h.named_parameters(), t.parameters()):
         if random and size > 2:
             # the inputs of every rank: the same generator as fill()
-            g = torch.Generator().manual_seed(1000 * step)
             ins = []
             for r in range(size):
                 g = torch.Generator().manual_seed(1000 * step + r)
