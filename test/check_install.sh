@@ -4,6 +4,9 @@
 # find_package (examples/cmake) and as a meson subproject (examples/subproject, hma's source
 # linked at subprojects/hma), and run each at np 4, checking its answer. The subproject must build
 # no hma tests. Prints each consumer command and its output.
+# Also: hma-fortran.pc and an rpath-only Fortran program; with CMake, no MPI C++ bindings on a
+# C++-only project's link line, and a project that found the other MPI first is stopped with
+# both named.
 # Usage: check_install.sh BUILD_DIR SOURCE_DIR MPI_IMPL MPIRUN MPIRUN_FLAGS...
 set -euo pipefail
 build=$(cd "$1" && pwd) src=$(cd "$2" && pwd) impl=$3 mpirun=$4
@@ -29,6 +32,13 @@ echo "installed under $root: headers, libhma, hma.pc, the CMake package$([ -f "$
 # The files say prefix=$pfx; a user installs there. Here the root stands in for it.
 sed -i "s|^prefix=.*|prefix=$root|" "$lib/pkgconfig/hma.pc"
 grep -E '^(Requires|Cflags|Libs):' "$lib/pkgconfig/hma.pc"
+fortran=0
+if [ -f "$root/$incdir/hma/hma.mod" ]; then
+  fortran=1
+  [ -f "$lib/pkgconfig/hma-fortran.pc" ] || { echo "FAIL: hma.mod without hma-fortran.pc"; exit 1; }
+  sed -i "s|^prefix=.*|prefix=$root|" "$lib/pkgconfig/hma-fortran.pc"
+  grep -E '^(Requires|Cflags|Libs):' "$lib/pkgconfig/hma-fortran.pc"
+fi
 
 run() {  # run NAME EXE: at np 4 on 2 emulated nodes; the example checks its own answer
   say HMA_RANKS_PER_NODE=2 mpirun -np 4 "$1"
@@ -42,6 +52,18 @@ mkdir -p "$work/pc"
 say PKG_CONFIG_PATH=PREFIX/$libdir/pkgconfig examples/pkgconfig/build.sh
 PKG_CONFIG_PATH="$lib/pkgconfig" "$src/examples/pkgconfig/build.sh" "$work/pc"
 for x in "$work"/pc/heat_*; do run "pkg-config $(basename "$x")" "$x"; done
+if [ $fortran = 1 ]; then
+  [ -x "$work/pc/heat_fortran" ] || { echo "FAIL: no Fortran program built with pkg-config hma-fortran"; exit 1; }
+  # An rpath-only Fortran program: no LD_LIBRARY_PATH; libhma_fortran finds libhma by its RUNPATH.
+  readelf -d "$lib/libhma_fortran.so" | grep -q 'RUNPATH.*\$ORIGIN' ||
+    { echo "FAIL: the installed libhma_fortran.so has no RUNPATH \$ORIGIN"; readelf -d "$lib/libhma_fortran.so"; exit 1; }
+  say gfortran heat.f90 '$(pkg-config --cflags --libs hma-fortran)' -Wl,-rpath,PREFIX/$libdir
+  PKG_CONFIG_PATH="$lib/pkgconfig" gfortran "$src/examples/fortran/heat.f90" \
+    $(PKG_CONFIG_PATH="$lib/pkgconfig" pkg-config --cflags --libs hma-fortran) -Wl,-rpath,"$lib" -o "$work/heat_rpath"
+  say "HMA_RANKS_PER_NODE=2 mpirun -np 4 heat_rpath (no LD_LIBRARY_PATH)"
+  env -u LD_LIBRARY_PATH HMA_LOG=off HMA_RANKS_PER_NODE=2 timeout 120 "$mpirun" "${flags[@]}" -np 4 "$work/heat_rpath" | tee "$work/run.txt"
+  grep -q ": ok" "$work/run.txt" || { echo "FAIL: the rpath-only Fortran program did not say ok"; exit 1; }
+fi
 
 # CMake find_package
 if command -v cmake >/dev/null; then
@@ -60,6 +82,33 @@ if command -v cmake >/dev/null; then
   cmake -G Ninja -S "$work/cxxonly" -B "$work/cxxonly/b" -DCMAKE_PREFIX_PATH="$root" >"$work/cmake2.log" 2>&1 &&
     cmake --build "$work/cxxonly/b" >>"$work/cmake2.log" 2>&1 || { cat "$work/cmake2.log"; exit 1; }
   run "cmake C++-only heat_cpp_only" "$work/cxxonly/b/heat_cpp_only"
+  # hma needs MPI's C library only: never the MPI C++ bindings (libmpi_cxx), not even in a
+  # C++-only project (where FindMPI's MPI::MPI_CXX carries them).
+  if grep -q 'mpi_cxx\|mpichcxx' "$work/cxxonly/b/build.ninja"; then
+    echo "FAIL: the MPI C++ bindings are on the link line:"; grep -o '[^ ]*\(mpi_cxx\|mpichcxx\)[^ ]*' "$work/cxxonly/b/build.ninja" | sort -u
+    exit 1
+  fi
+  echo "no MPI C++ bindings on the link line"
+  # A project that found another MPI first: find_package(hma) stops, naming both MPIs.
+  case "$impl" in openmpi) other=mpich want='MPICH' ours='Open MPI' ;; *) other=openmpi want='Open MPI' ours='MPICH' ;; esac
+  if command -v "mpicc.$other" >/dev/null && command -v "mpicxx.$other" >/dev/null; then
+    mkdir -p "$work/conflict"
+    cp "$src/examples/cpp/heat.cpp" "$work/conflict/"
+    printf '%s\n' 'cmake_minimum_required(VERSION 3.18)' 'project(conflict LANGUAGES C CXX)' \
+      'find_package(MPI REQUIRED)' 'find_package(hma 0.2 REQUIRED)' 'add_executable(heat heat.cpp)' \
+      'target_link_libraries(heat PRIVATE hma::hma)' >"$work/conflict/CMakeLists.txt"
+    say cmake "(a project that found $want first: -DMPI_C_COMPILER=mpicc.$other)"
+    if cmake -G Ninja -S "$work/conflict" -B "$work/conflict/b" -DCMAKE_PREFIX_PATH="$root" \
+         -DMPI_C_COMPILER="$(command -v "mpicc.$other")" -DMPI_CXX_COMPILER="$(command -v "mpicxx.$other")" \
+         >"$work/cmake3.log" 2>&1; then
+      cat "$work/cmake3.log"; echo "FAIL: find_package(hma) accepted a project that found $want"; exit 1
+    fi
+    grep -A8 'CMake Error' "$work/cmake3.log"
+    tr -s ' \n' ' ' <"$work/cmake3.log" | grep -q "hma was built with $ours.*this project found $want" ||
+      { echo "FAIL: the error does not name both MPIs"; exit 1; }
+  else
+    echo "(not checked: the other MPI's wrappers, mpicc.$other, are not installed)"
+  fi
 else
   echo "FAIL: cmake is not installed (tools/bootstrap installs it)"; exit 1
 fi

@@ -2,7 +2,9 @@
 # Every C++, C and Fortran code block of README.md is compiled against this build and run at 2
 # ranks: complete programs as they are; a C++ fragment (no main) inside a main of its own, with
 # its #includes hoisted and stubs for the names it leaves to the reader (n, m, iters,
-# train_step). ```cuda and ```sh blocks are not compiled here.
+# train_step). ```python blocks run at 2 ranks with `python3 -m mpi4py` against this build's
+# Python package (HMA_PYTHON, HMA_PYTHONPATH from meson; a FAIL when the build has none).
+# ```cuda and ```sh blocks are not compiled here.
 # Usage: check_readme.sh BUILD_DIR SOURCE_DIR MPI_IMPL MPIRUN MPIRUN_FLAGS...
 set -euo pipefail
 build=$(cd "$1" && pwd) src=$(cd "$2" && pwd) impl=$3 mpirun=$4
@@ -13,8 +15,8 @@ trap 'rm -rf "$work"' EXIT
 python3 - "$src/README.md" "$work" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-blocks = re.findall(r"^```(cpp|c|fortran)\n(.*?)^```", text, re.S | re.M)
-ext = {"cpp": "cpp", "c": "c", "fortran": "f90"}
+blocks = re.findall(r"^```(cpp|c|fortran|python)\n(.*?)^```", text, re.S | re.M)
+ext = {"cpp": "cpp", "c": "c", "fortran": "f90", "python": "py"}
 prelude = """#include <cstddef>
 #include <span>
 #include <vector>
@@ -47,6 +49,12 @@ for f in "$work"/block*; do
         echo "FAIL: a Fortran block, but no mpif90.$impl or hma.mod in this build"; exit 1
       fi
       "$fc" -I"$mod" "$f" -L"$mod" -lhma_fortran -Wl,-rpath,"$mod" "${lib[@]}" -o "$exe" ;;
+    *.py)
+      if [ -z "${HMA_PYTHON:-}" ]; then echo "FAIL: a Python block, but this build has no Python package"; exit 1; fi
+      PYTHONPATH=$HMA_PYTHONPATH HMA_LOG=off timeout 120 "$mpirun" "${flags[@]}" -np 2 "$HMA_PYTHON" -m mpi4py "$f"
+      echo "ok: $(basename "$f") ran at 2 ranks"
+      n=$((n + 1))
+      continue ;;
   esac
   HMA_LOG=off timeout 60 "$mpirun" "${flags[@]}" -np 2 "$exe"
   echo "ok: $(basename "$f") compiled and ran at 2 ranks"

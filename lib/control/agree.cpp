@@ -7,6 +7,7 @@
 #include "hma/comm.hpp"
 #include "hma/error.hpp"
 #include "support/env.hpp"
+#include "support/mpi_library.hpp"
 
 namespace hma::detail {
 
@@ -35,6 +36,7 @@ std::string bcast_string(MPI_Comm comm, std::string text, int root) {
 }  // namespace
 
 void require_mpi(const char* who) {
+  require_same_mpi(who);  // first: with another MPI loaded, nothing below means anything
   int init = 0, fin = 0;
   MPI_Initialized(&init);
   MPI_Finalized(&fin);
