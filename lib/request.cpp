@@ -327,7 +327,9 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
     if (!blocking && p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready)
       return false;
     if (blocking && polls(p)) {
-      while (p.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+      // Asleep on the worker's result between polls (it wakes at once when the result is in):
+      // a spinning waiter would take the core from the worker and the other ranks.
+      while (p.result.wait_for(std::chrono::microseconds(200)) != std::future_status::ready) {
         poll(p);
         if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
       }
