@@ -505,8 +505,8 @@ TEST_CASE("stalls: two averagers called in another order on one rank: both sides
   INFO("Timeout: " << what);
   INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
   // Each side names the other and where it is; the Timeout names who has not reached it.
-  REQUIRE_ALL_RANKS(rank() == x ? any_stall_has(others_than(x) + (x == 1 ? " is at " : " are at ") + at1,
-                                                world_rank(x) + " waits at " + at2)
+  // (On a loaded machine a rank may miss one answer's bound: some warning names it where it is.)
+  REQUIRE_ALL_RANKS(rank() == x ? any_stall_has(" at " + at1 + ";", world_rank(x) + " waits at " + at2)
                                 : any_stall_has(world_rank(x) + " is at " + at2, " at " + at1));
   // (Ranks that timed out first and left the wait may be missing too by then.)
   const auto from = what.find("Where the group is: "), to = what.find(" not reached this average");
