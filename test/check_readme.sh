@@ -51,6 +51,15 @@ for f in "$work"/block*; do
       "$fc" -I"$mod" "$f" -L"$mod" -lhma_fortran -Wl,-rpath,"$mod" "${lib[@]}" -o "$exe" ;;
     *.py)
       if [ -z "${HMA_PYTHON:-}" ]; then echo "FAIL: a Python block, but this build has no Python package"; exit 1; fi
+      # Debian's mpi4py is Open MPI's: with an MPICH build the block cannot run (hma names both
+      # MPIs instead; python_mpi_mismatch checks that message).
+      theirs=$("$HMA_PYTHON" -c 'import mpi4py; mpi4py.rc.initialize = False
+from mpi4py import MPI; print(MPI.Get_library_version().replace(chr(0), "").splitlines()[0])')
+      case "$theirs" in *"Open MPI"*) fam=openmpi ;; *MPICH*) fam=mpich ;; *) fam=other ;; esac
+      if [ "$fam" != "$impl" ]; then
+        echo "not run: $(basename "$f") (mpi4py uses $fam, this build $impl)"
+        continue
+      fi
       PYTHONPATH=$HMA_PYTHONPATH HMA_LOG=off timeout 120 "$mpirun" "${flags[@]}" -np 2 "$HMA_PYTHON" -m mpi4py "$f"
       echo "ok: $(basename "$f") ran at 2 ranks"
       n=$((n + 1))
