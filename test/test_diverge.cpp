@@ -479,6 +479,74 @@ TEST_CASE("stalls: a rank that sleeps outside hma is named by the waiting ranks,
   REQUIRE_ALL_RANKS(rank() == x || any_stall_has("HMA_STALL_WARN_S", avg_here + " (the agreement check)"));
 }
 
+TEST_CASE("stalls: answers that come after their bound (a loaded machine) still place the ranks that sent them",
+          "[np>=3]") {
+  StallHook hook;
+  // Every rank answers 0.1 s after a query arrives, past the 0.05 s bound: each query's answers
+  // come late, during the next one (0.2 s on), which places the waiting ranks by them.
+  hma::detail::set_answer_delay_for_testing(0.1);
+  struct Undelay {
+    ~Undelay() { hma::detail::set_answer_delay_for_testing(0); }
+  } undelay;
+  const int x = size() - 1;
+  hma::AveragerOptions o;
+  o.stall_warn_s = 0.2;
+  o.timeout_s = 60;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  Small m;
+  m.fill(4);
+  if (rank() == x) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  avg.step(m.ps);
+  REQUIRE_ALL_RANKS(m.averaged(4));
+  INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.back()));
+  const std::string avg_here = "averager " + std::to_string(avg.id()) + " step 0 level 0 (the agreement check)";
+  REQUIRE_ALL_RANKS(rank() == x ||
+                    any_stall_has(world_rank(x) + " has not reached this average; " + world_rank(x) +
+                                      " is outside hma (no answer within 0.05 s",
+                                  "; " + others_than(x) + " wait at " + avg_here));
+}
+
+TEST_CASE("stalls: an answer that comes after its query's bound counts only for the next query about the same average",
+          "[np>=2]") {
+  namespace hd = hma::detail;
+  const int x = size() - 1;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0);
+  const std::vector<int> asked{rank(), x};  // each rank asks x only
+  const hd::Position at7{avg.id(), 7, 0, 0, 0}, at8{avg.id(), 8, 0, 0, 0};
+  // Rank x answers 0.2 s after a query arrives; the others ask with a 0.05 s bound, so its
+  // answers (from step 7) always come after it.
+  auto serve_as = [&](const hd::Position& where, int ms) {
+    hd::update_here(where);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+    while (std::chrono::steady_clock::now() < until) {
+      hd::serve_queries();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    hd::update_here(hd::Position{});
+  };
+  std::vector<std::string> said;
+  if (rank() == x) hd::set_answer_delay_for_testing(0.2);
+  for (const auto& [here, pause] : {std::pair{at7, 0}, std::pair{at7, 0}, std::pair{at8, 400}}) {
+    if (rank() == x) {
+      serve_as(at7, 400);  // answers every query of this round late, from step 7
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(pause));  // x's last answer is in
+      said.push_back(hd::where_is_everyone(avg.id(), asked, here, 0.05));
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+  }
+  hd::set_answer_delay_for_testing(0);
+  INFO("first: " << (said.empty() ? "" : said[0]));
+  INFO("second: " << (said.size() > 1 ? said[1] : ""));
+  INFO("third: " << (said.size() > 2 ? said[2] : ""));
+  const std::string out = world_rank(x) + " is outside hma (no answer within 0.05 s";
+  // 1: nothing yet. 2: the late answer to query 1, about the same average, places x at step 7.
+  // 3: about step 8; the late answer to query 2 (about step 7) is stale: x is outside hma.
+  REQUIRE_ALL_RANKS(rank() == x || (said.size() == 3 && said[0].find(out) != std::string::npos &&
+                                    said[1].find("every rank of the group is in this average") == 0 &&
+                                    said[2].find(out) != std::string::npos));
+}
+
 TEST_CASE("stalls: two averagers called in another order on one rank: both sides named, in the warning and the Timeout",
           "[np>=2]") {
   StallHook hook;

@@ -52,6 +52,17 @@ struct State {
   std::int64_t next_query = 1;
   std::int64_t next_id = 1;
   void (*hook)(const std::string&) = nullptr;
+  // Test hook: queries are answered only this long after they arrive (a loaded machine).
+  std::chrono::steady_clock::duration answer_delay{};
+  struct Held {
+    MPI_Comm comm;
+    int source;
+    std::int64_t query;
+    std::chrono::steady_clock::time_point due;
+  };
+  std::vector<Held> held;
+  // By averager: its last query, and the average it asked about (late answers to it count).
+  std::map<std::int64_t, std::pair<std::int64_t, Position>> previous;
 };
 
 State& state() {
@@ -65,18 +76,28 @@ int finalized() {
   return f;
 }
 
+void answer(State& st, MPI_Comm comm, int source, std::int64_t q) {
+  auto a = std::make_unique<Answer>(Answer{q, st.here.averager, st.here.step, st.here.level, st.here.call, st.here.stage});
+  MPI_Request r = MPI_REQUEST_NULL;
+  if (MPI_Isend(a->data(), 6, MPI_INT64_T, source, kAnswer, comm, &r) == MPI_SUCCESS) st.out.add(r, std::move(a));
+}
+
 // Answers the queries that have arrived on `comm` (mu held).
 void serve(State& st, MPI_Comm comm) {
+  const auto now = std::chrono::steady_clock::now();
+  std::erase_if(st.held, [&](const State::Held& h) {
+    if (h.comm != comm || h.due > now) return false;
+    answer(st, h.comm, h.source, h.query);
+    return true;
+  });
   while (true) {
     int flag = 0;
     MPI_Status status;
     if (MPI_Iprobe(MPI_ANY_SOURCE, kQuery, comm, &flag, &status) != MPI_SUCCESS || !flag) return;
     std::int64_t q = 0;
     if (MPI_Recv(&q, 1, MPI_INT64_T, status.MPI_SOURCE, kQuery, comm, MPI_STATUS_IGNORE) != MPI_SUCCESS) return;
-    auto a = std::make_unique<Answer>(Answer{q, st.here.averager, st.here.step, st.here.level, st.here.call, st.here.stage});
-    MPI_Request r = MPI_REQUEST_NULL;
-    if (MPI_Isend(a->data(), 6, MPI_INT64_T, status.MPI_SOURCE, kAnswer, comm, &r) == MPI_SUCCESS)
-      st.out.add(r, std::move(a));
+    if (st.answer_delay.count() > 0) st.held.push_back({comm, status.MPI_SOURCE, q, now + st.answer_delay});
+    else answer(st, comm, status.MPI_SOURCE, q);
   }
 }
 
@@ -124,6 +145,7 @@ Diagnostics::~Diagnostics() {
   State& st = state();
   std::lock_guard<std::recursive_mutex> lock(st.mu);
   st.diags.erase(id);
+  st.previous.erase(id);
 }
 
 std::int64_t next_averager_id() noexcept {
@@ -186,6 +208,14 @@ std::string where_is_everyone(std::int64_t id, const std::vector<int>& world_ran
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                                           std::chrono::duration<double>(answer_s));
   std::size_t got = 0;
+  // Answers to this averager's previous query about the same average that came after their
+  // bound (a loaded machine): a rank that answered late is in hma, and was where it said a
+  // moment ago. Used for the ranks silent now. (Answers to older queries are stale: dropped.)
+  std::int64_t late_q = 0;
+  if (auto prev = st.previous.find(id); prev != st.previous.end() && prev->second.second.same_average(here))
+    late_q = prev->second.first;
+  st.previous[id] = {q, here};
+  std::map<int, Position> late;
   while (got < asked && std::chrono::steady_clock::now() < until) {
     for (const auto& [ranks, c] : st.comms) serve(st, c);  // askers answer each other
     int flag = 0;
@@ -199,13 +229,18 @@ std::string where_is_everyone(std::int64_t id, const std::vector<int>& world_ran
     }
     Answer a{};
     if (MPI_Recv(a.data(), 6, MPI_INT64_T, status.MPI_SOURCE, kAnswer, d.comm, MPI_STATUS_IGNORE) != MPI_SUCCESS) break;
-    if (a[0] != q) continue;  // the answer to an earlier query, come late
     const int w = d.world[static_cast<std::size_t>(status.MPI_SOURCE)];
+    if (a[0] != q) {  // the answer to an earlier query, come late
+      if (a[0] == late_q) late[w] = Position{a[1], a[2], a[3], a[4], a[5]};
+      continue;
+    }
     if (answers.count(w)) continue;
     answers[w] = Position{a[1], a[2], a[3], a[4], a[5]};
     ++got;
   }
   st.out.prune();
+  for (const auto& [w, l] : late)
+    if (!answers.count(w)) answers[w] = l;
   // Group by where each rank is: first the ranks that have not reached this average.
   std::vector<int> here_ranks, silent;
   std::map<std::array<std::int64_t, 5>, std::vector<int>> elsewhere;
@@ -250,6 +285,12 @@ void set_stall_hook_for_testing(void (*hook)(const std::string&)) {
   State& st = state();
   std::lock_guard<std::recursive_mutex> lock(st.mu);
   st.hook = hook;
+}
+
+void set_answer_delay_for_testing(double s) {
+  State& st = state();
+  std::lock_guard<std::recursive_mutex> lock(st.mu);
+  st.answer_delay = std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(s));
 }
 
 void report_stall(const std::string& line) {

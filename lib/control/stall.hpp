@@ -1,11 +1,13 @@
-// Internal, control plane: who is missing when an average stalls. Each averager registers a
-// diagnostics communicator of its own (a duplicate of its world, made at construction). While a
+// Internal, control plane: who is missing when an average stalls. Each averager registers with
+// the diagnostics communicator of its group (a duplicate of its world made by the first averager
+// over that group, kept for the process). While a
 // rank waits inside hma it serves "where are you?" queries on every registered diagnostics
 // communicator (point-to-point, never on a communicator that carries a check or data). A waiting
 // rank asks the ranks of its group only once its wait passes the stall warning (or times out):
 // nothing is sent before, so the fast path pays one MPI_Iprobe per registered averager per poll.
 // A rank that does not answer within a short bound is outside hma (computing, blocked elsewhere,
-// or dead).
+// or dead), unless its late answer to an earlier query arrives meanwhile (then it is where that
+// answer says).
 #pragma once
 
 #include <mpi.h>
@@ -75,6 +77,10 @@ std::string where_is_everyone(std::int64_t id, const std::vector<int>& world_ran
 
 /// Test hook: receives every stall warning (whatever HMA_LOG says). Null: none.
 void set_stall_hook_for_testing(void (*hook)(const std::string&));
+
+/// Test hook: this rank answers each query only `s` seconds after it arrives (0: at once), as a
+/// loaded machine may.
+void set_answer_delay_for_testing(double s);
 /// Logs a stall warning (and hands it to the test hook).
 void report_stall(const std::string& line);
 
