@@ -1,5 +1,6 @@
 // Averager set-up and lifetime: settings agreed across ranks, the hierarchy, moves, and the
 // destructor that never frees a communicator under a collective; torch-named averagers.
+#include <algorithm>
 #include <cstdio>
 
 #include "control/agree.hpp"
@@ -63,6 +64,14 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
   hierarchy_ = Hierarchy(comm, sizes, HierarchyOptions{settings_.ranks_per_node});
   diag_ = std::make_shared<detail::Diagnostics>(detail::next_averager_id(), hierarchy_.world().get(),
                                                 schedule_.to_string());
+  {
+    std::vector<MPI_Comm> controls;
+    for (std::size_t i = 0; hierarchy_.member() && i < sizes.size(); ++i)
+      if (const MPI_Comm c = hierarchy_.control(i).get();
+          c != MPI_COMM_NULL && std::find(controls.begin(), controls.end(), c) == controls.end())
+        controls.push_back(c);
+    checks_ = std::make_shared<detail::CheckChannels>(controls);
+  }
   if (settings_.outer.enabled) {
     outer_ = std::make_shared<detail::OuterState>();
     outer_->opt = settings_.outer;
@@ -106,6 +115,7 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   ipc_ = std::move(o.ipc_);
   inflight_ = std::move(o.inflight_);
   diag_ = std::move(o.diag_);
+  checks_ = std::move(o.checks_);
   worker_ = std::move(o.worker_);
   return *this;
 }

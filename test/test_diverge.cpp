@@ -408,7 +408,7 @@ TEST_CASE("a set destroyed after a timeout never starts its data stage, even onc
           }
         } else {
           std::this_thread::sleep_for(std::chrono::milliseconds(1000));
-          auto r = avg.start(*ps);  // rank 0's check contribution is there: passes
+          auto r = avg.start(*ps);  // rank 0's check contribution is there: passes (2 ranks)
           // Keep waiting past the moment rank 0 destroys its set (1.9 s): rank 0 must never
           // join the data, so this ends in Timeout, not in an average with a dying set.
           const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2500);
@@ -426,7 +426,12 @@ TEST_CASE("a set destroyed after a timeout never starts its data stage, even onc
     }
     INFO("rank " << rank() << ": " << out.error << ": " << out.what);
     REQUIRE_ALL_RANKS(out.error == "Timeout");
-    REQUIRE_ALL_RANKS(rank() == 0 || out.what.find("did not complete within 0.4 s") != std::string::npos);
+    // The peers' check completes where rank 0's one message was all it needed (2 ranks), and
+    // they then time out in the data; with more ranks the check's later rounds need rank 0,
+    // which has left: they time out in the check. Never an average with the dying set.
+    REQUIRE_ALL_RANKS(rank() == 0 || out.what.find("did not complete within 0.4 s") != std::string::npos ||
+                      (size() > 2 && out.what.find("was not reached by every rank of the group within 0.4 s") !=
+                                         std::string::npos));
   }
 }
 

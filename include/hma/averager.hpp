@@ -29,6 +29,7 @@ class Post;
 class Worker;
 struct IpcLevel;
 struct Diagnostics;
+struct CheckChannels;
 struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
   std::vector<float> f;
   std::vector<double> d;
@@ -276,6 +277,7 @@ class Averager {
   std::shared_ptr<detail::DivergenceLog> divergence_;  // AveragerOptions::divergence
   std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()
   std::shared_ptr<detail::Diagnostics> diag_;  // id() and "where are you?" (control/stall.hpp)
+  std::shared_ptr<detail::CheckChannels> checks_;  // where its agreement checks travel (control/check.hpp)
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first
 };
 

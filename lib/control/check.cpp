@@ -4,12 +4,13 @@
 #include <cinttypes>
 #include <cstdio>
 #include <limits>
+#include <cstring>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include "buffer_common.hpp"
 #include "hma/error.hpp"
-#include "support/mpi_static.hpp"
 
 namespace hma::detail {
 
@@ -41,77 +42,250 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
 
 namespace {
 
-// The check's record as one MPI datatype and its reduction: min over the first `kMin` words,
-// a 128-bit sum over the last two. Made on first use, freed by MPI_Finalize.
-template <std::size_t kMin, std::size_t kAll>
-struct CheckOp {
-  MPI_Datatype type = MPI_DATATYPE_NULL;
-  MPI_Op op = MPI_OP_NULL;
-
-  static void reduce(void* in, void* inout, int* len, MPI_Datatype*) {
-    const auto* a = static_cast<const std::uint64_t*>(in);
-    auto* b = static_cast<std::uint64_t*>(inout);
-    for (int r = 0; r < *len; ++r, a += kAll, b += kAll) {
-      for (std::size_t i = 0; i < kMin; ++i) b[i] = std::min(a[i], b[i]);
-      const WeightSum s = ((WeightSum{a[kMin + 1]} << 64) | a[kMin]) + ((WeightSum{b[kMin + 1]} << 64) | b[kMin]);
-      b[kMin] = static_cast<std::uint64_t>(s);
-      b[kMin + 1] = static_cast<std::uint64_t>(s >> 64);
-    }
-  }
-  static const CheckOp& get() {
-    static const CheckOp made = [] {
-      CheckOp c;
-      check(MPI_Type_contiguous(static_cast<int>(kAll), MPI_UINT64_T, &c.type), "MPI_Type_contiguous(check)");
-      check(MPI_Type_commit(&c.type), "MPI_Type_commit(check)");
-      check(MPI_Op_create(&CheckOp::reduce, 1, &c.op), "MPI_Op_create(check)");
-      free_at_finalize(c.op, c.type);
-      return c;
-    }();
-    return made;
-  }
+// The check communicators (one per distinct group, kept for the process) and, by control
+// communicator, the slot and the next check number of each averager level.
+struct Channel {
+  MPI_Comm comm = MPI_COMM_NULL;
+  std::uint64_t slot = 0;
+  std::uint64_t next = 0;
 };
+struct Channels {
+  std::mutex mu;
+  std::map<std::vector<int>, std::pair<MPI_Comm, std::uint64_t>> groups;  // by world ranks: comm, slots used
+  std::map<MPI_Comm, Channel> by_control;
+};
+Channels& channels() {
+  static auto* c = new Channels;  // never destroyed: checks may end during static destruction
+  return *c;
+}
+
+std::vector<int> world_ranks_of(MPI_Comm comm) {
+  int n = 0;
+  check(MPI_Comm_size(comm, &n), "MPI_Comm_size(check channel)");
+  std::vector<int> mine(static_cast<std::size_t>(n)), world(static_cast<std::size_t>(n));
+  for (int k = 0; k < n; ++k) mine[static_cast<std::size_t>(k)] = k;
+  MPI_Group g = MPI_GROUP_NULL, w = MPI_GROUP_NULL;
+  check(MPI_Comm_group(comm, &g), "MPI_Comm_group(check channel)");
+  check(MPI_Comm_group(MPI_COMM_WORLD, &w), "MPI_Comm_group(check channel)");
+  MPI_Group_translate_ranks(g, n, mine.data(), w, world.data());
+  MPI_Group_free(&g);
+  MPI_Group_free(&w);
+  return world;
+}
+
+// Tags: the round (0: the fold in, 1-30: recursive doubling, 31: the fold out), the check's
+// number and, where MPI's tags are wide enough (Open MPI and MPICH: 2^28 and more), the slot.
+constexpr std::uint64_t kRounds = 32, kNumbers = 2048, kPerSlot = kRounds * kNumbers;
+int tag_of(std::uint64_t slot, std::uint64_t number, int round) {
+  static const std::uint64_t tag_ub = [] {
+    void* v = nullptr;
+    int found = 0;
+    MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &v, &found);
+    return found ? static_cast<std::uint64_t>(*static_cast<int*>(v)) : std::uint64_t{32767};
+  }();
+  const std::uint64_t slots = tag_ub / kPerSlot;
+  if (slots >= 2) return static_cast<int>((slot % slots) * kPerSlot + (number % kNumbers) * kRounds + static_cast<std::uint64_t>(round));
+  return static_cast<int>((number % (tag_ub / kRounds)) * kRounds + static_cast<std::uint64_t>(round));
+}
+
+template <class T>
+void add_into(unsigned char* a, const unsigned char* b, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    T x, y;
+    std::memcpy(&x, a + i * sizeof(T), sizeof(T));
+    std::memcpy(&y, b + i * sizeof(T), sizeof(T));
+    x = x + y;
+    std::memcpy(a + i * sizeof(T), &x, sizeof(T));
+  }
+}
 
 }  // namespace
 
+CheckChannels::CheckChannels(const std::vector<MPI_Comm>& controls) {
+  Channels& c = channels();
+  for (MPI_Comm ctrl : controls) {
+    if (ctrl == MPI_COMM_NULL) continue;
+    const std::vector<int> world = world_ranks_of(ctrl);
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.groups.find(world);
+    if (it == c.groups.end()) {  // every rank of the group is here, and none has it yet
+      MPI_Comm comm = MPI_COMM_NULL;
+      check(MPI_Comm_dup(ctrl, &comm), "MPI_Comm_dup(check channel)");
+      MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+      it = c.groups.emplace(world, std::pair{comm, std::uint64_t{0}}).first;
+    }
+    c.by_control[ctrl] = Channel{it->second.first, it->second.second++, 0};
+    controls_.push_back(ctrl);
+  }
+}
+
+CheckChannels::~CheckChannels() {
+  Channels& c = channels();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (MPI_Comm ctrl : controls_) c.by_control.erase(ctrl);
+}
+
+ControlCheck::~ControlCheck() {
+  if (complete_ || !posted_) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;
+  if (reqs_[0] != MPI_REQUEST_NULL) {
+    MPI_Cancel(&reqs_[0]);
+    MPI_Wait(&reqs_[0], MPI_STATUS_IGNORE);
+  }
+  if (reqs_[1] != MPI_REQUEST_NULL) MPI_Request_free(&reqs_[1]);
+}
+
+std::size_t ControlCheck::payload_words(std::uint64_t counts) const noexcept {
+  const std::uint64_t nf = counts >> 32, nd = counts & 0xffffffffu;
+  return static_cast<std::size_t>((nf + 1) / 2 + nd);
+}
+
+ControlCheck::Payload ControlCheck::stage_payload(std::size_t nf, std::size_t nd) {
+  if (nf * sizeof(float) + nd * sizeof(double) > kFusedBytes)
+    throw Error("hma: internal: a fused payload larger than the check carries");
+  state_[kCounts] = (std::uint64_t{nf} << 32) | nd;
+  state_.resize(kWords + payload_words(state_[kCounts]));
+  auto* base = reinterpret_cast<unsigned char*>(state_.data() + kWords);
+  return Payload{reinterpret_cast<float*>(base), reinterpret_cast<double*>(base + (nf + 1) / 2 * 8)};
+}
+
+const float* ControlCheck::fused_f() const noexcept {
+  return reinterpret_cast<const float*>(state_.data() + kWords);
+}
+
+const double* ControlCheck::fused_d() const noexcept {
+  return reinterpret_cast<const double*>(state_.data() + kWords + ((state_[kCounts] >> 32) + 1) / 2);
+}
+
 void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight,
                          std::string invalid_here) {
-  ctrl_ = ctrl;
   mine_ = h;
   bad_ = nonfinite_here ? 1 : 0;
   invalid_ = std::move(invalid_here);
-  for (std::size_t i = 0; i < K; ++i) {
-    in_[i] = h.v[i];
-    in_[K + i] = ~h.v[i];
+  for (std::size_t i = 0; i < K; ++i) state_[i] = h.v[i];
+  state_[kFlags] = (bad_ ? kBad : 0) | (invalid_.empty() ? 0 : kInvalid) | (state_[kCounts] == 0 ? kUnfused : 0);
+  state_[kWMin] = state_[kWMax] = weight;
+  state_[kSumLo] = weight;
+  state_[kSumHi] = 0;
+  int r = 0, n = 0;
+  check(MPI_Comm_rank(ctrl, &r), "MPI_Comm_rank(agreement check)");
+  check(MPI_Comm_size(ctrl, &n), "MPI_Comm_size(agreement check)");
+  std::uint64_t slot = 0, number = 0;
+  {
+    Channels& c = channels();
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto it = c.by_control.find(ctrl);
+    if (it == c.by_control.end()) throw Error("hma: internal: an agreement check on a level without a check channel");
+    p2p_ = it->second.comm;
+    slot = it->second.slot;
+    number = it->second.next++;
   }
-  in_[2 * K] = ~bad_;
-  in_[2 * K + 1] = invalid_.empty() ? ~std::uint64_t{0} : ~std::uint64_t{1};
-  in_[2 * K + 2] = weight;
-  in_[2 * K + 3] = ~weight;
-  in_[kMin] = weight;
-  in_[kMin + 1] = 0;
-  const auto& c = CheckOp<kMin, kAll>::get();
-  check(MPI_Iallreduce(in_.data(), out_.data(), 1, c.type, c.op, ctrl_, &req_),
-        "MPI_Iallreduce(agreement check)");
+  // Recursive doubling over the largest power of two p <= n; the first 2 (n - p) ranks fold in
+  // pairs first (the even one hands its state to the odd one and gets the result back).
+  int p = 1;
+  while (p <= n / 2) p *= 2;
+  const int rem = n - p;
+  plan_.clear();
+  int v = r - rem;  // this rank's place among the p
+  if (r < 2 * rem) {
+    if (r % 2 == 0) {
+      plan_.push_back(Round{r + 1, tag_of(slot, number, 0), true, false, false});
+      plan_.push_back(Round{r + 1, tag_of(slot, number, kRounds - 1), false, true, true});
+      v = -1;
+    } else {
+      plan_.push_back(Round{r - 1, tag_of(slot, number, 0), false, true, false});
+      v = r / 2;
+    }
+  }
+  if (v >= 0) {
+    int round = 1;
+    for (int mask = 1; mask < p; mask *= 2, ++round) {
+      const int u = v ^ mask;
+      plan_.push_back(Round{u < rem ? 2 * u + 1 : u + rem, tag_of(slot, number, round), true, true, false});
+    }
+    if (r < 2 * rem) plan_.push_back(Round{r - 1, tag_of(slot, number, kRounds - 1), true, false, false});
+  }
+  in_.resize(kWords + kFusedBytes / 8 + 1);
+  next_ = 0;
+  posted_ = false;
+  complete_ = fused_ = false;
+  ctrl_ = ctrl;
+  (void)test();  // the first messages go out now
+}
+
+void ControlCheck::post(const Round& r) {
+  if (r.recv)
+    check(MPI_Irecv(in_.data(), static_cast<int>(in_.size()), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
+          "MPI_Irecv(agreement check)");
+  if (r.send)
+    check(MPI_Isend(state_.data(), static_cast<int>(state_.size()), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
+          "MPI_Isend(agreement check)");
+}
+
+void ControlCheck::apply(const Round& r) {
+  if (!r.recv) return;
+  int words = 0;
+  check(MPI_Get_count(&status_, MPI_UINT64_T, &words), "MPI_Get_count(agreement check)");
+  if (words < static_cast<int>(kWords)) throw Error("hma: internal: a short agreement check message");
+  if (r.take) {
+    state_.assign(in_.begin(), in_.begin() + words);
+  } else {
+    combine(static_cast<std::size_t>(words));
+  }
+}
+
+void ControlCheck::combine(std::size_t words) {
+  std::uint64_t* a = state_.data();
+  const std::uint64_t* b = in_.data();
+  std::uint64_t flags = a[kFlags] | b[kFlags];
+  for (std::size_t i = 0; i < K; ++i)
+    if (a[i] != b[i]) flags |= kDiffer;
+  a[kWMin] = std::min(a[kWMin], b[kWMin]);
+  a[kWMax] = std::max(a[kWMax], b[kWMax]);
+  const WeightSum sum = ((WeightSum{a[kSumHi]} << 64) | a[kSumLo]) + ((WeightSum{b[kSumHi]} << 64) | b[kSumLo]);
+  a[kSumLo] = static_cast<std::uint64_t>(sum);
+  a[kSumHi] = static_cast<std::uint64_t>(sum >> 64);
+  if (a[kCounts] != b[kCounts] || words != state_.size()) flags |= kUnfused;
+  // The payloads are added only where both sides are in the same average so far.
+  if ((flags & (kDiffer | kUnfused | kInvalid)) == 0) {
+    const std::size_t nf = a[kCounts] >> 32, nd = a[kCounts] & 0xffffffffu;
+    auto* pa = reinterpret_cast<unsigned char*>(a + kWords);
+    const auto* pb = reinterpret_cast<const unsigned char*>(b + kWords);
+    add_into<float>(pa, pb, nf);
+    const std::size_t at = (nf + 1) / 2 * 8;
+    add_into<double>(pa + at, pb + at, nd);
+  }
+  a[kFlags] = flags;
 }
 
 bool ControlCheck::test() {
   if (complete_) return true;
-  int flag = 0;
-  check(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
-  complete_ = flag != 0;
-  return complete_;
+  while (next_ < plan_.size()) {
+    const Round& r = plan_[next_];
+    if (!posted_) {
+      post(r);
+      posted_ = true;
+    }
+    int flag = 0;
+    std::array<MPI_Status, 2> st{};
+    check(MPI_Testall(2, reqs_.data(), &flag, st.data()), "MPI_Testall(agreement check)");
+    if (!flag) return false;
+    status_ = st[0];
+    apply(r);
+    posted_ = false;
+    ++next_;
+  }
+  complete_ = true;
+  return true;
 }
 
 bool ControlCheck::wait_until(std::chrono::steady_clock::time_point deadline) {
-  if (complete_) return true;
-  if (deadline == std::chrono::steady_clock::time_point::max()) {
-    check(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait(agreement check)");
-    complete_ = true;
-    return true;
-  }
   // A few fast polls first (the usual case: the group is there), then yield the core.
   for (int i = 0; !test(); ++i) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
+    if (deadline != std::chrono::steady_clock::time_point::max() && std::chrono::steady_clock::now() >= deadline)
+      return false;
     if (i > 1000) std::this_thread::yield();
   }
   return true;
@@ -153,13 +327,13 @@ const char* field_name(std::size_t field) {
 }  // namespace
 
 Verdict ControlCheck::resolve(const GroupInfo& who) {
-  bool same = true;
-  for (std::size_t i = 0; i < K; ++i) same = same && out_[i] == ~out_[K + i];
-  const bool any_bad = ~out_[2 * K] != 0, any_invalid = ~out_[2 * K + 1] != 0;
+  const std::uint64_t flags = state_[kFlags];
+  const bool same = (flags & kDiffer) == 0, any_bad = (flags & kBad) != 0, any_invalid = (flags & kInvalid) != 0;
   Verdict verdict;
-  verdict.weight_min = out_[2 * K + 2];
-  verdict.weight_max = ~out_[2 * K + 3];
-  verdict.weight_sum = (static_cast<WeightSum>(out_[kMin + 1]) << 64) | out_[kMin];
+  verdict.weight_min = state_[kWMin];
+  verdict.weight_max = state_[kWMax];
+  verdict.weight_sum = (static_cast<WeightSum>(state_[kSumHi]) << 64) | state_[kSumLo];
+  fused_ = same && !any_invalid && (flags & kUnfused) == 0;
   if (same && !any_bad && !any_invalid) return verdict;
   // Every rank of the group saw the same reduction, so all of them are here.
   const std::size_t n = who.world_ranks.size();

@@ -1,9 +1,18 @@
 // Internal, control plane: before an average moves any data, every rank of its group agrees that
 // they are all in the SAME average (step, kind of call, level, kind of set, buffer layout) and
-// votes on non-finite values. One tiny non-blocking MPI_Iallreduce on the level's CONTROL
-// communicator (never a data communicator, so it can never pair with a data collective), waited
-// for with a deadline. Only when headers differ (or a rank votes non-finite) does a second small
+// votes on non-finite values. One exchange by recursive doubling (point-to-point messages, log2 g
+// rounds, driven by test()) on the level's CONTROL communicator (never a data communicator, so it
+// can never pair with a data collective), waited for with a deadline. Its messages are tagged
+// with the check's number on that communicator, so checks pair up in call order across ranks,
+// as collectives do. Only when headers differ (or a rank votes non-finite) does a small
 // collective (MPI_Allgather, same communicator) learn who holds what, to name them.
+//
+// A small average can ride along (fused): each rank adds its terms x/g (at most kFusedBytes)
+// to its message, and every round adds the partner's payload to its own where both carry the
+// same counts and the same header so far. When the check passes on every rank with every rank's
+// payload summed (fused()), the sums are the average and no data collective follows; otherwise
+// the payload is ignored and the average moves as usual. Every rank gets the same bits (each
+// round's two partners add the same two numbers).
 #pragma once
 
 #include <mpi.h>
@@ -59,13 +68,44 @@ struct Verdict {
   WeightSum weight_sum = 0;       // exact
 };
 
-/// One agreement check. Neither copied nor moved: MPI writes into it while in flight (it lives
-/// inside a heap-allocated Pending).
+/// Where an averager's checks travel, one per level (made at its construction, collective over
+/// each level's group; dropped with the averager). A check's messages go point-to-point on a
+/// communicator per distinct group of ranks, made by the first averager over that group and kept
+/// for the process: never freed, so that a message of an abandoned check (after a timeout) can
+/// never land on a communicator that reuses its context. Each averager level has a slot among
+/// those over its group, and its checks are numbered in call order: the tags say both.
+struct CheckChannels {
+  explicit CheckChannels(const std::vector<MPI_Comm>& controls);
+  ~CheckChannels();
+  CheckChannels(const CheckChannels&) = delete;
+  CheckChannels& operator=(const CheckChannels&) = delete;
+
+ private:
+  std::vector<MPI_Comm> controls_;
+};
+
+/// Largest payload carried by the check (bytes of f32 and f64 terms): the message then stays
+/// within the eager limit of shared-memory transports (Open MPI's vader: 4 KiB with its header).
+constexpr std::size_t kFusedBytes = 3840;
+
+/// One agreement check. Neither copied nor moved: MPI reads and writes its buffers while in
+/// flight (it lives inside a heap-allocated Pending).
 class ControlCheck {
  public:
   ControlCheck() = default;
   ControlCheck(const ControlCheck&) = delete;
   ControlCheck& operator=(const ControlCheck&) = delete;
+  /// An exchange left unfinished (a timeout, then the set or averager gone): its receive is
+  /// cancelled, its send left to MPI (eager: already copied out).
+  ~ControlCheck();
+
+  /// Before start(): room for a payload of nf floats then nd doubles (nf * 4 + nd * 8 <=
+  /// kFusedBytes), for the caller to fill with this rank's terms.
+  struct Payload {
+    float* f = nullptr;
+    double* d = nullptr;
+  };
+  Payload stage_payload(std::size_t nf, std::size_t nd);
 
   /// Non-blocking, collective over `ctrl` (the group's control communicator): issues the check.
   /// `weight`: this rank's weight in the group's sum (weighted averaging; 2^32 = weight 1).
@@ -73,7 +113,7 @@ class ControlCheck {
   /// check then fails with it on every rank of the group (resolve()).
   void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight, std::string invalid_here = {});
   [[nodiscard]] bool started() const noexcept { return ctrl_ != MPI_COMM_NULL; }
-  /// True once every rank of the group has contributed (drives MPI progress).
+  /// True once every rank of the group has contributed (drives the exchange: call it to progress).
   bool test();
   /// Waits until complete (true) or until `deadline` (false). Yields between polls.
   bool wait_until(std::chrono::steady_clock::time_point deadline);
@@ -83,20 +123,43 @@ class ControlCheck {
   /// holding each; else the non-finite votes.
   /// May issue one MPI_Allgather on the control communicator (every rank of the group does).
   Verdict resolve(const GroupInfo& who);
+  /// After resolve(): every rank carried a payload of the same counts, all of them summed (the
+  /// same on every rank of the group). The sums, in the staged order:
+  [[nodiscard]] bool fused() const noexcept { return fused_; }
+  [[nodiscard]] const float* fused_f() const noexcept;
+  [[nodiscard]] const double* fused_d() const noexcept;
 
  private:
   static constexpr std::size_t K = Header::kFields;
-  MPI_Comm ctrl_ = MPI_COMM_NULL;
+  // The state exchanged: [header (K words), flags, weight min, weight max, weight sum lo, hi,
+  // payload counts (f32 << 32 | f64)], then the payload (the f32 terms padded to 8 bytes, the
+  // f64 terms).
+  enum : std::size_t { kFlags = K, kWMin, kWMax, kSumLo, kSumHi, kCounts, kWords };
+  static constexpr std::uint64_t kDiffer = 1, kBad = 2, kInvalid = 4, kUnfused = 8;  // flags
+  struct Round {
+    int peer = -1;
+    int tag = 0;
+    bool send = false, recv = false;
+    bool take = false;  // the received state replaces this rank's (the fold's last message)
+  };
+  void post(const Round& r);
+  void apply(const Round& r);
+  void combine(std::size_t words);
+  [[nodiscard]] std::size_t payload_words(std::uint64_t counts) const noexcept;
+
+  MPI_Comm ctrl_ = MPI_COMM_NULL;  // the level's control communicator (resolve's collectives)
+  MPI_Comm p2p_ = MPI_COMM_NULL;   // the group's check communicator (the exchange)
   Header mine_;
   std::uint64_t bad_ = 0;
   std::string invalid_;  // this rank's reason, empty when its arguments are fine
-  // [v..., ~v..., ~bad, ~invalid, w, ~w, sum lo, sum hi]: the first 2K + 4 reduced with min
-  // (minimum, bitwise-not of maximum, any bad vote, any invalid rank, weight range), the last two
-  // as one 128-bit sum of the weights, in one MPI_Iallreduce with hma's own op (check.cpp).
-  static constexpr std::size_t kMin = 2 * K + 4, kAll = kMin + 2;
-  std::array<std::uint64_t, kAll> in_{}, out_{};
-  MPI_Request req_ = MPI_REQUEST_NULL;
+  std::vector<std::uint64_t> state_ = std::vector<std::uint64_t>(kWords), in_;
+  std::vector<Round> plan_;
+  std::size_t next_ = 0;
+  bool posted_ = false;
+  std::array<MPI_Request, 2> reqs_{MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  MPI_Status status_{};
   bool complete_ = false;
+  bool fused_ = false;
 };
 
 }  // namespace hma::detail
