@@ -253,6 +253,12 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
                     std::to_string(step_) + ": level " + std::to_string(level) + " (group of " +
                     std::to_string(r.group) + "), " + std::to_string(params.bytes()) + " bytes" +
                     (r.two ? ", two-level" : ""));
+  // Small enough to ride in the agreement check: the flat exact average (the same terms and one
+  // order of additions per element; HMA_REDUCTION=mpi keeps MPI_Allreduce's own order).
+  if ((settings_.check || settings_.nonfinite != NonFinite::ignore) && post == nullptr &&
+      r.wire == Wire::exact && r.two == nullptr && settings_.reduction == Reduction::automatic &&
+      params.count16() == 0 && params.bytes() > 0 && params.bytes() <= detail::kFusedBytes)
+    job.p->land_fused = detail::stage_fused(buckets, r.group, job.p->control);
   // The buckets and the scratch live on the heap: the data stage may run later (after a
   // timeout, from the set's wait()) or on the worker thread while the ParamSet moves.
   detail::Worker* w = worker_.get();

@@ -45,6 +45,9 @@ struct Pending {
   // weight is equal), else this rank's factor w_i / sum(w) (Route::weight).
   double weight_factor = -1;
   std::function<void(Pending&)> launch;  // the data stage: issues it, or runs it (blocking)
+  // Set when the average rides in its check (small host averages): lands the group's sums when
+  // the check fused on every rank (control.fused(), equal weights); the data stage is then skipped.
+  std::function<void(const ControlCheck&)> land_fused;
 
   std::vector<MPI_Request> reqs;
   // Multi-stage averages (two-level): when reqs complete, the next stage issues new requests;

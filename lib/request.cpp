@@ -231,6 +231,17 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
       p.done = p.skipped = true;
       return true;
     }
+    if (p.land_fused && p.control.fused() && p.weight_factor < 0) {
+      p.land_fused(p.control);  // the check carried the whole average
+      p.done = true;
+      if (auto* tl = Timeline::get()) {
+        const double now = Timeline::now_us();
+        const int g = static_cast<int>(p.who.world_ranks.size()), level = static_cast<int>(p.who.level);
+        tl->event("fused (in the check)", p.t_start, now, level, p.who.step, p.who.bytes, g, 1);
+        tl->event("in flight", p.t_start, now, level, p.who.step, p.who.bytes, g, 1);
+      }
+      return true;
+    }
   } catch (...) {
     p.done = true;  // none of its data moved: the set may be used and freed again
     throw;

@@ -7,7 +7,9 @@
 // Flat schedules average at every step, so the first differing average is a MismatchError on
 // every rank; hierarchical ones may leave ranks waiting for different groups, which the
 // (short) timeout turns into hma::Timeout. Needs 2+ ranks: test/meson.build runs it at 2, 3, 4.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -18,10 +20,12 @@
 #include <thread>
 #include <vector>
 
+#include "control/check.hpp"
 #include "control/stall.hpp"
 #include "device/device_backend.hpp"
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
+#include "transport/uses.hpp"
 
 using hma_test::rank;
 using hma_test::size;
@@ -378,15 +382,23 @@ TEST_CASE("a set destroyed after a timeout never starts its data stage, even onc
   // in its wait, never silently complete with rank 0's data. Poll progress only: with a
   // progress thread the peers' worker would stay blocked in the data collective for good (the
   // case README "Reliability" says no library can bound: end such a job with MPI_Abort).
-  for (bool thread : {false}) {
-    CAPTURE(thread);
+  //
+  // A small set (64 floats) rides in its check (fused): rank 0's terms, copied when it started,
+  // are in its first message. Peers whose rounds needed nothing more from rank 0 then complete
+  // with the average of every rank's values at start() (a copy: the dying set is never touched);
+  // the others time out in the check. Either way, never wrong values. A large set (2048 floats)
+  // has a data stage: every peer times out.
+  const bool thread = false;
+  for (std::size_t n : {std::size_t{64}, std::size_t{2048}}) {
+    CAPTURE(n);
+    const std::uint64_t fused_before = hma::detail::uses(hma::detail::Use::fused);
     hma::AveragerOptions o;
     o.timeout_s = 0.4;
     o.progress = thread ? hma::Progress::thread : hma::Progress::poll;
     Outcome out;
+    std::vector<float> v(n, static_cast<float>(rank()));
     {
       hma::HierarchicalAverager avg(MPI_COMM_WORLD, std::vector<hma::Level>{{1, size()}}, 0, o);
-      std::vector<float> v(64, static_cast<float>(rank()));
       auto ps = std::make_unique<hma::ParamSet>();
       ps->add(v);
       MPI_Barrier(MPI_COMM_WORLD);
@@ -425,11 +437,20 @@ TEST_CASE("a set destroyed after a timeout never starts its data stage, even onc
       MPI_Barrier(MPI_COMM_WORLD);
     }
     INFO("rank " << rank() << ": " << out.error << ": " << out.what);
-    REQUIRE_ALL_RANKS(out.error == "Timeout");
-    // The peers' check completes where rank 0's one message was all it needed (2 ranks), and
+    const bool fused = n * sizeof(float) <= hma::detail::kFusedBytes;
+    const bool averaged =
+        std::all_of(v.begin(), v.end(), [](float x) { return std::fabs(x - (size() - 1) / 2.0f) < 1e-6f; });
+    REQUIRE_ALL_RANKS(out.error != "none" || (fused && hma::detail::uses(hma::detail::Use::fused) > fused_before));
+    REQUIRE_ALL_RANKS(rank() == 0 ? out.error == "Timeout" && v[0] == 0.0f
+                                  : (out.error == "Timeout" && v[0] == static_cast<float>(rank())) ||
+                                        (fused && out.error == "none" && averaged));
+    // At 2 ranks rank 0's one message is all a peer needs: the fused average completes there.
+    REQUIRE_ALL_RANKS(!(fused && size() == 2 && rank() == 1) || out.error == "none");
+    // The peers' check completes where rank 0's first message was all it needed (2 ranks), and
     // they then time out in the data; with more ranks the check's later rounds need rank 0,
     // which has left: they time out in the check. Never an average with the dying set.
-    REQUIRE_ALL_RANKS(rank() == 0 || out.what.find("did not complete within 0.4 s") != std::string::npos ||
+    REQUIRE_ALL_RANKS(rank() == 0 || out.error == "none" ||
+                      out.what.find("did not complete within 0.4 s") != std::string::npos ||
                       (size() > 2 && out.what.find("was not reached by every rank of the group within 0.4 s") !=
                                          std::string::npos));
   }

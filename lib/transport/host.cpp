@@ -136,4 +136,17 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
   }
 }
 
+std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c) {
+  Bucket<float>& f = *s.f;
+  Bucket<double>& d = *s.d;
+  const ControlCheck::Payload out = c.stage_payload(f.size(), d.size());
+  scale_out(f, 0, f.size(), Scaler<float>(group), out.f);
+  scale_out(d, 0, d.size(), Scaler<double>(group), out.d);
+  return [fp = &f, dp = &d](const ControlCheck& done) {
+    count_use(Use::fused);
+    copy_back(*fp, 0, fp->size(), done.fused_f());
+    copy_back(*dp, 0, dp->size(), done.fused_d());
+  };
+}
+
 }  // namespace hma::detail

@@ -63,4 +63,9 @@ void average_host(const HostBuckets& s, const Route& route, Scratch& scratch);
 /// one non-blocking collective.
 void start_host(const HostBuckets& s, const Route& route, Pending& p);
 
+/// A small average carried by its agreement check (control/check.hpp): stages this rank's terms
+/// (x / group, as the flat average divides) of the f32 and f64 buckets as the check's payload.
+/// Returns what lands the group's sums in the arrays when the check fused, to run then.
+std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c);
+
 }  // namespace hma::detail

@@ -24,6 +24,7 @@ enum class Use : int {
   device_ipc_two_level,  // ... of which two-level (this rank's slice across nodes), per average
   wire_piece,         // a 16-bit wire's blocking MPI_Allreduce, per piece
   wire_start,         // a 16-bit wire's MPI_Iallreduce, per call
+  fused,              // a small average carried by its agreement check (no data collective), per average
   count_
 };
 
