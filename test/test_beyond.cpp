@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -483,6 +484,184 @@ TEST_CASE("16-bit formats: round trips of every pattern, narrowing against an in
   REQUIRE(std::isinf(hd::from_fp16(hd::to_fp16(65520.0f))));
   REQUIRE(hd::from_fp16(hd::to_fp16(65519.0f)) == 65504.0f);
   REQUIRE(std::isinf(hd::from_bf16(hd::to_bf16(3.4e38f))));
+}
+
+namespace {
+
+// clang-format off
+// Edge cases of the 16-bit conversions, expected bits from torch 1.13 (c10's round to nearest
+// even), regenerated with (B: the first column as a Python list):
+//   python3 -c 'import torch; B=[...]; [print("{0x%08xu, 0x%04xu, 0x%04xu}," % (b, *(torch.tensor([b - (b >> 31 << 32)], dtype=torch.int32).view(torch.float32).to(t).view(torch.int16).item() & 0xffff for t in (torch.bfloat16, torch.float16)))) for b in B]'
+// Every row that is not a NaN also agrees with exact rational rounding (Python's fractions).
+// NaN rows keep torch's bits for the record, but torch 1.13 gives bf16 0xffff for every NaN
+// (its sign lost): only "NaN in, NaN of the same sign out" is checked there, which is what hma
+// keeps (bf16: the input's sign and top 7 payload bits, quieted; fp16: sign | 0x7e00).
+struct Narrow16 {
+  std::uint32_t in;
+  std::uint16_t bf16, fp16;
+};
+constexpr Narrow16 kNarrow16[] = {
+  // NaNs: payload only in the low 16 bits (both signs; 0x7f808000 whose rounding would carry
+  // into infinity), only in the low 13 bits (those fp16 drops), payload above them, quiet
+  {0x7f800001u, 0xffffu, 0x7e00u}, {0x7f80ffffu, 0xffffu, 0x7e00u}, {0x7f808000u, 0xffffu, 0x7e00u},
+  {0x7f807fffu, 0xffffu, 0x7e00u}, {0xff800001u, 0xffffu, 0xfe00u}, {0xff80ffffu, 0xffffu, 0xfe00u},
+  {0xff808000u, 0xffffu, 0xfe00u}, {0x7f810000u, 0xffffu, 0x7e00u}, {0x7fa00000u, 0xffffu, 0x7e00u},
+  {0x7fc00000u, 0xffffu, 0x7e00u}, {0x7fc00001u, 0xffffu, 0x7e00u}, {0x7fffffffu, 0xffffu, 0x7e00u},
+  {0xffc00000u, 0xffffu, 0xfe00u}, {0xffffffffu, 0xffffu, 0xfe00u}, {0x7f801fffu, 0xffffu, 0x7e00u},
+  {0xff801fffu, 0xffffu, 0xfe00u},
+  // infinities, zeros
+  {0x7f800000u, 0x7f80u, 0x7c00u}, {0xff800000u, 0xff80u, 0xfc00u},
+  {0x00000000u, 0x0000u, 0x0000u}, {0x80000000u, 0x8000u, 0x8000u},
+  // float subnormals: smallest, largest (rounds up to bf16's smallest normal), ties to even
+  // (0x8000 -> 0, 0x18000 -> 2), around the tie, exact bf16 subnormal, 2^-126
+  {0x00000001u, 0x0000u, 0x0000u}, {0x80000001u, 0x8000u, 0x8000u}, {0x007fffffu, 0x0080u, 0x0000u},
+  {0x807fffffu, 0x8080u, 0x8000u}, {0x00007fffu, 0x0000u, 0x0000u}, {0x00008000u, 0x0000u, 0x0000u},
+  {0x00008001u, 0x0001u, 0x0000u}, {0x00018000u, 0x0002u, 0x0000u}, {0x00010000u, 0x0001u, 0x0000u},
+  {0x80008000u, 0x8000u, 0x8000u}, {0x80018000u, 0x8002u, 0x8000u}, {0x007f8000u, 0x0080u, 0x0000u},
+  {0x00800000u, 0x0080u, 0x0000u},
+  // bf16 ties (low 16 bits 0x8000) with the kept bit even and odd, both signs, just below and
+  // above, a carry into the exponent
+  {0x3f800000u, 0x3f80u, 0x3c00u}, {0x3f808000u, 0x3f80u, 0x3c04u}, {0x3f818000u, 0x3f82u, 0x3c0cu},
+  {0x3f807fffu, 0x3f80u, 0x3c04u}, {0x3f808001u, 0x3f81u, 0x3c04u}, {0x3f817fffu, 0x3f81u, 0x3c0cu},
+  {0xbf808000u, 0xbf80u, 0xbc04u}, {0xbf818000u, 0xbf82u, 0xbc0cu}, {0x3fff8000u, 0x4000u, 0x3ffcu},
+  {0x3f7f8000u, 0x3f80u, 0x3bfcu},
+  // bf16's largest finite (0x7f7f), around the tie to infinity, FLT_MAX
+  {0x7f7f0000u, 0x7f7fu, 0x7c00u}, {0x7f7f7fffu, 0x7f7fu, 0x7c00u}, {0x7f7f8000u, 0x7f80u, 0x7c00u},
+  {0x7f7effffu, 0x7f7fu, 0x7c00u}, {0x7f7e8000u, 0x7f7eu, 0x7c00u}, {0x7f7fffffu, 0x7f80u, 0x7c00u},
+  {0xff7fffffu, 0xff80u, 0xfc00u}, {0xff7f7fffu, 0xff7fu, 0xfc00u},
+  // fp16 ties (low 13 bits 0x1000) with the kept bit even and odd, around them, a carry
+  {0x3f801000u, 0x3f80u, 0x3c00u}, {0x3f803000u, 0x3f80u, 0x3c02u}, {0x3f800fffu, 0x3f80u, 0x3c00u},
+  {0x3f801001u, 0x3f80u, 0x3c01u}, {0x3f802fffu, 0x3f80u, 0x3c01u}, {0xbf803000u, 0xbf80u, 0xbc02u},
+  {0x3ffff000u, 0x4000u, 0x4000u},
+  // fp16's top: 65504, 65519.996, 65520 (-> infinity), 65536, negatives, 65512 (tie), 65488
+  {0x477fe000u, 0x4780u, 0x7bffu}, {0x477fefffu, 0x4780u, 0x7bffu}, {0x477ff000u, 0x4780u, 0x7c00u},
+  {0x47800000u, 0x4780u, 0x7c00u}, {0xc77ff000u, 0xc780u, 0xfc00u}, {0xc77fefffu, 0xc780u, 0xfbffu},
+  {0x477fe800u, 0x4780u, 0x7bffu}, {0x477fd000u, 0x4780u, 0x7bfeu},
+  // fp16's subnormal range: 2^-14 and just below, 1023, 1022 and 1022.5 (tie) times 2^-24, 2^-24,
+  // the 2^-25 tie (-> 0) and around it, 3*2^-26, 3*2^-25 and 5*2^-25 (ties to 2), 2^-26,
+  // negatives, 1.25*2^-24, 1023.5*2^-24 (tie to 2^-14)
+  {0x38800000u, 0x3880u, 0x0400u}, {0x387fffffu, 0x3880u, 0x0400u}, {0x387fc000u, 0x3880u, 0x03ffu},
+  {0x387f8000u, 0x3880u, 0x03feu}, {0x387fa000u, 0x3880u, 0x03feu}, {0x33800000u, 0x3380u, 0x0001u},
+  {0x33000000u, 0x3300u, 0x0000u}, {0x33000001u, 0x3300u, 0x0001u}, {0x32ffffffu, 0x3300u, 0x0000u},
+  {0x33400000u, 0x3340u, 0x0001u}, {0x33c00000u, 0x33c0u, 0x0002u}, {0x34200000u, 0x3420u, 0x0002u},
+  {0x32800000u, 0x3280u, 0x0000u}, {0xb3000000u, 0xb300u, 0x8000u}, {0xb3400000u, 0xb340u, 0x8001u},
+  {0x33a00000u, 0x33a0u, 0x0001u}, {0x387fe000u, 0x3880u, 0x0400u},
+};
+
+// Widening: 16-bit bits, then torch's float bits from them as bf16 and as fp16, regenerated with
+//   python3 -c 'import torch; B=[...]; [print("{0x%04xu, 0x%08xu, 0x%08xu}," % (h, *(torch.tensor([h - (h >> 15 << 16)], dtype=torch.int16).view(t).float().view(torch.int32).item() & 0xffffffff for t in (torch.bfloat16, torch.float16)))) for h in B]'
+// torch quiets fp16 NaNs (0x7c01 -> 0x7fc02000), hma keeps the bits (0x7f802000): NaN rows
+// check NaN and sign only.
+struct Widen16 {
+  std::uint16_t in;
+  std::uint32_t bf16, fp16;
+};
+constexpr Widen16 kWiden16[] = {
+  {0x0000u, 0x00000000u, 0x00000000u}, {0x8000u, 0x80000000u, 0x80000000u},
+  {0x0001u, 0x00010000u, 0x33800000u}, {0x8001u, 0x80010000u, 0xb3800000u},
+  {0x007fu, 0x007f0000u, 0x36fe0000u}, {0x0080u, 0x00800000u, 0x37000000u},
+  {0x03ffu, 0x03ff0000u, 0x387fc000u}, {0x0400u, 0x04000000u, 0x38800000u},
+  {0x3c00u, 0x3c000000u, 0x3f800000u}, {0x3c01u, 0x3c010000u, 0x3f802000u},
+  {0x7bffu, 0x7bff0000u, 0x477fe000u}, {0xfbffu, 0xfbff0000u, 0xc77fe000u},
+  {0x7f7fu, 0x7f7f0000u, 0x7fefe000u}, {0xff7fu, 0xff7f0000u, 0xffefe000u},
+  {0x7c00u, 0x7c000000u, 0x7f800000u}, {0xfc00u, 0xfc000000u, 0xff800000u},
+  {0x7f80u, 0x7f800000u, 0x7ff00000u}, {0xff80u, 0xff800000u, 0xfff00000u},
+  {0x7c01u, 0x7c010000u, 0x7fc02000u}, {0xfc01u, 0xfc010000u, 0xffc02000u},
+  {0x7e00u, 0x7e000000u, 0x7fc00000u}, {0xfe00u, 0xfe000000u, 0xffc00000u},
+  {0x7f81u, 0x7f810000u, 0x7ff02000u}, {0xff81u, 0xff810000u, 0xfff02000u},
+  {0x7fc0u, 0x7fc00000u, 0x7ff80000u}, {0xffffu, 0xffff0000u, 0xffffe000u},
+};
+
+// Doubles through to_float_for_16 (round to odd to float, then to 16 bits): one rounding. Not
+// torch's double -> 16 bits: torch 1.13 rounds to float first (two roundings; it gives 0x3f80 for
+// the first row and 0x7c00 for 65520 - 2^-30). Expected bits from exact rounding in Python (round()
+// of a Fraction rounds half to even; torch only encodes the exact result), regenerated with
+// (X: the first column as Python strings, the infinities left out):
+//   python3 -c 'import math, torch; from fractions import Fraction as F; X=[...]; [print(s, *(hex(torch.tensor([math.copysign(float(round(F(x) * 2**(p - max(math.frexp(x)[1], lo))) * F(2)**(max(math.frexp(x)[1], lo) - p)), x)]).to(t).view(torch.int16).item() & 0xffff) for p, lo, t in ((8, -125, torch.bfloat16), (11, -13, torch.float16)))) for s in X for x in [float.fromhex(s) if "x" in s else float(s)]]'
+// The fp16 column also equals numpy's float64 -> float16 (one rounding).
+struct Narrow16d {
+  double in;
+  std::uint16_t bf16, fp16;
+};
+constexpr Narrow16d kNarrow16d[] = {
+  {0x1.01000004p+0, 0x3f81u, 0x3c04u},       // 1 + 2^-8 + 2^-30: above the bf16 tie
+  {0x1.02ffffffffp+0, 0x3f81u, 0x3c0cu},     // 1 + 3*2^-8 - 2^-40: below the bf16 tie
+  {0x1.01p+0, 0x3f80u, 0x3c04u},             // 1 + 2^-8: the tie, to even
+  {0x1.03p+0, 0x3f82u, 0x3c0cu},             // 1 + 3*2^-8: the tie, to even (up)
+  {0x1.0020000001p+0, 0x3f80u, 0x3c01u},     // 1 + 2^-11 + 2^-40: above the fp16 tie
+  {0x1.005fffffffp+0, 0x3f80u, 0x3c01u},     // 1 + 3*2^-11 - 2^-40: below the fp16 tie
+  {-0x1.0020000001p+0, 0xbf80u, 0xbc01u},
+  {0x1.ffdffffffff8p+15, 0x4780u, 0x7bffu},  // 65520 - 2^-30: 65504, not infinity
+  {0x1.ffep+15, 0x4780u, 0x7c00u},           // 65520
+  {0x1.000000002p-25, 0x3300u, 0x0001u},     // 2^-25 + 2^-60: above the fp16 subnormal tie
+  {0x1p-25, 0x3300u, 0x0000u},               // 2^-25: the tie, to 0
+  {-0x1.000000002p-25, 0xb300u, 0x8001u},
+  {0x1.fefffffffp+127, 0x7f7fu, 0x7c00u},    // below bf16's tie to infinity (float rounds onto it)
+  {0x1.ff00000001p+127, 0x7f80u, 0x7c00u},   // above it
+  {1e300, 0x7f80u, 0x7c00u}, {-1e300, 0xff80u, 0xfc00u},
+  {0x0.0000000000001p-1022, 0x0000u, 0x0000u}, {-0x0.0000000000001p-1022, 0x8000u, 0x8000u},
+  {std::numeric_limits<double>::infinity(), 0x7f80u, 0x7c00u},
+  {-std::numeric_limits<double>::infinity(), 0xff80u, 0xfc00u},
+  {0.0, 0x0000u, 0x0000u}, {-0.0, 0x8000u, 0x8000u},
+};
+// clang-format on
+
+bool nan16(std::uint16_t h, std::uint16_t exponent) {
+  return (h & exponent) == exponent && (h & 0x7fffu & ~exponent) != 0;
+}
+
+std::string hex(std::uint64_t v) {
+  char s[24];
+  std::snprintf(s, sizeof s, "0x%llx", static_cast<unsigned long long>(v));
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("16-bit formats: NaN payloads, ties, overflow, subnormals against torch's bits") {
+  namespace hd = hma::detail;
+  // Every rank checks every row (no collective inside) and the disagreements are reported once.
+  std::string bad;
+  auto narrowed = [&](const std::string& what, std::uint64_t in, bool in_nan, bool in_neg,
+                      std::uint16_t got, std::uint16_t want, std::uint16_t exponent) {
+    const bool ok = in_nan ? nan16(got, exponent) && (got >> 15 != 0) == in_neg : got == want;
+    if (!ok)
+      bad += what + "(" + hex(in) + ") = " + hex(got) + ", want " +
+             (in_nan ? "a NaN of that sign" : hex(want)) + "; ";
+  };
+  for (const auto& r : kNarrow16) {
+    const float x = std::bit_cast<float>(r.in);
+    const bool nan = std::isnan(x), neg = (r.in >> 31) != 0;
+    narrowed("to_bf16", r.in, nan, neg, hd::to_bf16(x), r.bf16, 0x7f80u);
+    narrowed("to_fp16", r.in, nan, neg, hd::to_fp16(x), r.fp16, 0x7c00u);
+  }
+  for (const auto& r : kNarrow16d) {
+    const float f = hd::to_float_for_16(r.in);
+    const auto in = std::bit_cast<std::uint64_t>(r.in);
+    narrowed("to_bf16(to_float_for_16)", in, false, false, hd::to_bf16(f), r.bf16, 0x7f80u);
+    narrowed("to_fp16(to_float_for_16)", in, false, false, hd::to_fp16(f), r.fp16, 0x7c00u);
+  }
+  // Double NaNs (quiet, and one whose payload is only in the low 29 bits that float drops).
+  for (std::uint64_t in : {0x7ff8000000000000ull, 0xfff8000000000000ull, 0x7ff0000000000001ull,
+                           0xfff00000ffffffffull}) {
+    const float f = hd::to_float_for_16(std::bit_cast<double>(in));
+    narrowed("to_bf16(to_float_for_16)", in, true, (in >> 63) != 0, hd::to_bf16(f), 0, 0x7f80u);
+    narrowed("to_fp16(to_float_for_16)", in, true, (in >> 63) != 0, hd::to_fp16(f), 0, 0x7c00u);
+  }
+  auto widened = [&](const std::string& what, std::uint16_t in, float got, std::uint32_t want) {
+    const float w = std::bit_cast<float>(want);
+    const bool ok = std::isnan(w) ? std::isnan(got) && std::signbit(got) == std::signbit(w)
+                                  : std::bit_cast<std::uint32_t>(got) == want;
+    if (!ok)
+      bad += what + "(" + hex(in) + ") = " + hex(std::bit_cast<std::uint32_t>(got)) + ", want " +
+             hex(want) + "; ";
+  };
+  for (const auto& r : kWiden16) {
+    widened("from_bf16", r.in, hd::from_bf16(r.in), r.bf16);
+    widened("from_fp16", r.in, hd::from_fp16(r.in), r.fp16);
+  }
+  INFO("disagreements: " << bad);
+  REQUIRE_ALL_RANKS(bad.empty());
 }
 
 TEST_CASE("16-bit wires: the average within the stated bound, 16-bit values, same bits everywhere") {
