@@ -468,41 +468,129 @@ struct StallHook {
   StallHook() { g_stalls.clear(); hma::detail::set_stall_hook_for_testing(&capture_stall); }
   ~StallHook() { hma::detail::set_stall_hook_for_testing(nullptr); }
 };
-// A set of 8 f32 values 2r + t; true when it holds their mean over the world.
+// A set of 8 f32 values 2r + t, host or emulated device (as `c` says); true when it holds their
+// mean over the world.
 struct Small {
-  hma::ParamSet ps;
-  hma::Array<float> a = ps.allocate<float>(8);
-  void fill(int t) { for (std::size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(2 * rank() + t); }
+  std::vector<float> a = std::vector<float>(8);  // registered: outlives the set
+  std::unique_ptr<hma::ParamSet> host;
+  std::unique_ptr<hma::DeviceParamSet> dev;
+  explicit Small(const Config& c = {}) {
+    if (c.device) {
+      hma::detail::set_device_backend_for_testing(hma::detail::host_emulation_backend());
+      dev = std::make_unique<hma::DeviceParamSet>();
+      hma::detail::set_device_backend_for_testing(nullptr);
+      dev->add(a.data(), a.size());
+    } else {
+      host = std::make_unique<hma::ParamSet>();
+      host->add(a);
+    }
+  }
+  void fill(int t) { std::fill(a.begin(), a.end(), static_cast<float>(2 * rank() + t)); }
+  void step(hma::Averager& avg) {
+    if (dev) avg.step(*dev);
+    else avg.step(*host);
+  }
+  void average_world(hma::Averager& avg) {
+    const std::size_t top = avg.schedule().levels().size() - 1;
+    if (dev) avg.average(*dev, top);
+    else avg.average(*host, top);
+  }
+  void wait_through_timeouts() {
+    if (dev) (void)hma_test::wait_through_timeouts(*dev);
+    else (void)hma_test::wait_through_timeouts(*host);
+  }
+  // Exact where the group size is a power of two; else within 1e-6 (each term is divided by the
+  // group size, which rounds, and the sum's order follows the communicator's).
   [[nodiscard]] bool averaged(int t) const {
-    for (std::size_t i = 0; i < a.size(); ++i)
-      if (a[i] != static_cast<float>(size() - 1 + t)) return false;
+    if (dev) dev->synchronize();
+    const float mean = static_cast<float>(size() - 1 + t);
+    const float tol = (size() & (size() - 1)) == 0 ? 0.0f : 1e-6f * mean;
+    for (float v : a)
+      if (!(std::abs(v - mean) <= tol)) return false;
     return true;
   }
 };
+// The stall matrix: poll and thread progress (where MPI gives MPI_THREAD_MULTIPLE), host and
+// emulated device sets; flat schedules unless a case asks for the hierarchical one.
+std::vector<Config> stall_configs() {
+  std::vector<Config> out;
+  for (const Config& c : configs())
+    if (!c.hierarchical) out.push_back(c);
+  return out;
+}
+// An averager over `comm` in `c`: periodic 1 (flat), or levels 1:node_size(), 2:world
+// (hierarchical).
+std::unique_ptr<hma::Averager> averager_in(const Config& c, hma::AveragerOptions o,
+                                           MPI_Comm comm = MPI_COMM_WORLD) {
+  o.progress = c.thread ? hma::Progress::thread : hma::Progress::poll;
+  if (c.hierarchical)
+    return std::make_unique<hma::HierarchicalAverager>(
+        comm, std::vector<hma::Level>{{1, node_size()}, {2, size()}}, 0, o);
+  return std::make_unique<hma::PeriodicAverager>(comm, 1, 0, o);
+}
+// MPI_COMM_WORLD with its ranks in reverse order: a communicator whose ranks are not the world
+// ranks (which the stall lines must name).
+struct Reversed {
+  MPI_Comm comm = MPI_COMM_NULL;
+  Reversed() { MPI_Comm_split(MPI_COMM_WORLD, 0, size() - 1 - rank(), &comm); }
+  ~Reversed() { MPI_Comm_free(&comm); }
+  Reversed(const Reversed&) = delete;
+  Reversed& operator=(const Reversed&) = delete;
+};
 std::string world_rank(int r) { return "world rank " + std::to_string(r); }
 std::string others_than(int x) { return x == 1 ? "world rank 0" : "world ranks 0-" + std::to_string(x - 1); }
+// The world ranks a Timeout message says have not reached its average ("Where the group is:
+// world ranks 0,2-3 have not reached this average; ..."); empty when it names none.
+std::vector<int> missing_in(const std::string& what) {
+  const std::string head = "Where the group is: world rank";
+  const auto at = what.find(head);
+  if (at == std::string::npos) return {};
+  const auto from = what.find(' ', at + head.size()), to = what.find(" not reached this average", at);
+  if (from == std::string::npos || to == std::string::npos || to < from) return {};
+  std::vector<int> out;
+  std::string list = what.substr(from + 1, to - from - 1);  // "0,2-3 have"
+  list = list.substr(0, list.find(' '));
+  for (std::size_t i = 0; i < list.size();) {
+    std::size_t end = list.find(',', i);
+    if (end == std::string::npos) end = list.size();
+    const std::string item = list.substr(i, end - i);
+    const auto dash = item.find('-');
+    const int lo = std::atoi(item.substr(0, dash).c_str());
+    const int hi = dash == std::string::npos ? lo : std::atoi(item.substr(dash + 1).c_str());
+    for (int r = lo; r <= hi; ++r) out.push_back(r);
+    i = end + 1;
+  }
+  return out;
+}
+bool named_missing(const std::string& what, int r) {
+  const std::vector<int> m = missing_in(what);
+  return std::find(m.begin(), m.end(), r) != m.end();
+}
 }  // namespace
 
 TEST_CASE("stalls: a rank that sleeps outside hma is named by the waiting ranks, and the wait goes on",
           "[np>=2]") {
-  StallHook hook;
   const int x = size() - 1;
-  hma::AveragerOptions o;
-  o.stall_warn_s = 0.2;
-  o.timeout_s = 60;
-  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
-  Small m;
-  m.fill(0);
-  if (rank() == x) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  avg.step(m.ps);
-  REQUIRE_ALL_RANKS(m.averaged(0));
-  INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
-  // Rank x did not wait long enough to warn; the others named it, and where they wait.
-  const std::string avg_here = "averager " + std::to_string(avg.id()) + " step 0 level 0";
-  REQUIRE_ALL_RANKS(rank() == x ? !any_stall_has("has not reached")
-                                : any_stall_has(world_rank(x) + " has not reached this average",
-                                                world_rank(x) + " is outside hma (no answer within 0.05 s"));
-  REQUIRE_ALL_RANKS(rank() == x || any_stall_has("HMA_STALL_WARN_S", avg_here + " (the agreement check)"));
+  for (const Config& c : stall_configs()) {
+    CAPTURE(c.name());
+    StallHook hook;
+    hma::AveragerOptions o;
+    o.stall_warn_s = 0.2;
+    o.timeout_s = 60;
+    const auto avg = averager_in(c, o);
+    Small m(c);
+    m.fill(0);
+    if (rank() == x) std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    m.step(*avg);
+    REQUIRE_ALL_RANKS(m.averaged(0));
+    INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
+    // Rank x did not wait long enough to warn; the others named it, and where they wait.
+    const std::string avg_here = "averager " + std::to_string(avg->id()) + " step 0 level 0";
+    REQUIRE_ALL_RANKS(rank() == x ? !any_stall_has("has not reached")
+                                  : any_stall_has(world_rank(x) + " has not reached this average",
+                                                  world_rank(x) + " is outside hma (no answer within 0.05 s"));
+    REQUIRE_ALL_RANKS(rank() == x || any_stall_has("HMA_STALL_WARN_S", avg_here + " (the agreement check)"));
+  }
 }
 
 TEST_CASE("stalls: answers that come after their bound (a loaded machine) still place the ranks that sent them",
@@ -522,7 +610,7 @@ TEST_CASE("stalls: answers that come after their bound (a loaded machine) still 
   Small m;
   m.fill(4);
   if (rank() == x) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  avg.step(m.ps);
+  m.step(avg);
   REQUIRE_ALL_RANKS(m.averaged(4));
   INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.back()));
   const std::string avg_here = "averager " + std::to_string(avg.id()) + " step 0 level 0 (the agreement check)";
@@ -575,78 +663,154 @@ TEST_CASE("stalls: an answer that comes after its query's bound counts only for 
 
 TEST_CASE("stalls: two averagers called in another order on one rank: both sides named, in the warning and the Timeout",
           "[np>=2]") {
-  StallHook hook;
   const int x = size() - 1;
-  hma::AveragerOptions o;
-  o.stall_warn_s = 0.2;
-  o.timeout_s = 2;
-  hma::PeriodicAverager a1(MPI_COMM_WORLD, 1, 0, o), a2(MPI_COMM_WORLD, 1, 0, o);
-  const std::string at1 = "averager " + std::to_string(a1.id()) + " step 0 level 0 (the agreement check)";
-  const std::string at2 = "averager " + std::to_string(a2.id()) + " step 0 level 0 (the agreement check)";
-  REQUIRE_ALL_RANKS(a1.id() > 0 && a2.id() == a1.id() + 1);
-  Small s1, s2;
-  s1.fill(1);
-  s2.fill(2);
-  std::string what;
-  try {
-    if (rank() == x) a2.step(s2.ps);
-    else a1.step(s1.ps);
-  } catch (const hma::Timeout& e) {
-    what = e.what();
-  }
-  // Every rank has timed out (and asked) before any makes the other call.
-  MPI_Barrier(MPI_COMM_WORLD);
-  INFO("Timeout: " << what);
-  INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
-  // Each side names the other and where it is; the Timeout names who has not reached it.
-  // (On a loaded machine a rank may miss one answer's bound: some warning names it where it is.)
-  REQUIRE_ALL_RANKS(rank() == x ? any_stall_has(" at " + at1 + ";", world_rank(x) + " waits at " + at2)
-                                : any_stall_has(world_rank(x) + " is at " + at2, " at " + at1));
-  // (Ranks that timed out first and left the wait may be missing too by then.)
-  const auto from = what.find("Where the group is: "), to = what.find(" not reached this average");
-  const std::string missing = from != std::string::npos && to != std::string::npos ? what.substr(from, to - from) : "";
-  REQUIRE_ALL_RANKS(rank() == x ? missing.find(others_than(x)) != std::string::npos
-                                : missing.find(std::to_string(x)) != std::string::npos);
-  // Each side then makes the other's call: both averages complete.
-  if (rank() == x) {
-    a1.step(s1.ps);
-    (void)hma_test::wait_through_timeouts(s2.ps);
-  } else {
-    (void)hma_test::wait_through_timeouts(s1.ps);
-    a2.step(s2.ps);
-  }
-  REQUIRE_ALL_RANKS(s1.averaged(1) && s2.averaged(2));
-}
-
-TEST_CASE("stalls: a rank that has left (blocked in MPI elsewhere) is outside hma in the Timeout", "[np>=2]") {
-  StallHook hook;
-  const int x = size() - 1;
-  hma::AveragerOptions o;
-  o.stall_warn_s = 0;  // off: only the Timeout says it
-  o.timeout_s = 1;
-  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
-  Small m;
-  m.fill(3);
-  std::string what;
-  if (rank() == x) {
-    MPI_Barrier(MPI_COMM_WORLD);  // left: waits for the others outside hma
-  } else {
+  const Reversed reversed;
+  // Every configuration over MPI_COMM_WORLD; then poll and host over the reversed world.
+  std::vector<std::pair<Config, MPI_Comm>> runs;
+  for (const Config& c : stall_configs()) runs.emplace_back(c, MPI_COMM_WORLD);
+  runs.emplace_back(Config{}, reversed.comm);
+  for (const auto& [c, comm] : runs) {
+    CAPTURE(c.name(), comm == MPI_COMM_WORLD ? "MPI_COMM_WORLD" : "its ranks reversed");
+    StallHook hook;
+    hma::AveragerOptions o;
+    o.stall_warn_s = 0.2;
+    o.timeout_s = 1;
+    const auto a1 = averager_in(c, o, comm);
+    const auto a2 = averager_in(c, o, comm);
+    const std::string at1 = "averager " + std::to_string(a1->id()) + " step 0 level 0 (the agreement check)";
+    const std::string at2 = "averager " + std::to_string(a2->id()) + " step 0 level 0 (the agreement check)";
+    REQUIRE_ALL_RANKS(a1->id() > 0 && a2->id() == a1->id() + 1);
+    Small s1(c), s2(c);
+    s1.fill(1);
+    s2.fill(2);
+    std::string what;
     try {
-      avg.step(m.ps);
+      if (rank() == x) s2.step(*a2);
+      else s1.step(*a1);
     } catch (const hma::Timeout& e) {
       what = e.what();
     }
+    // Every rank has timed out (and asked) before any makes the other call.
     MPI_Barrier(MPI_COMM_WORLD);
+    INFO("Timeout: " << what);
+    INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
+    // Each side names the other and where it is; the Timeout names who has not reached it.
+    // (On a loaded machine a rank may miss one answer's bound: some warning names it where it is.)
+    REQUIRE_ALL_RANKS(rank() == x ? any_stall_has(" at " + at1 + ";", world_rank(x) + " waits at " + at2)
+                                  : any_stall_has(world_rank(x) + " is at " + at2, " at " + at1));
+    // The waiting ranks by world rank, in ascending order, whatever the communicator's order.
+    REQUIRE_ALL_RANKS(rank() == x ||
+                      any_stall_has("; " + others_than(x) + (x == 1 ? " waits at " : " wait at ") + at1));
+    // (Ranks that timed out first and left the wait may be missing too by then.)
+    REQUIRE_ALL_RANKS(rank() == x ? missing_in(what).size() == static_cast<std::size_t>(x)
+                                  : named_missing(what, x));
+    // Each side then makes the other's call: both averages complete.
+    if (rank() == x) {
+      s1.step(*a1);
+      s2.wait_through_timeouts();
+    } else {
+      s1.wait_through_timeouts();
+      s2.step(*a2);
+    }
+    REQUIRE_ALL_RANKS(s1.averaged(1) && s2.averaged(2));
   }
-  INFO("Timeout: " << what);
-  REQUIRE_ALL_RANKS(g_stalls.empty());
-  REQUIRE_ALL_RANKS(rank() == x || what.find(world_rank(x) + " is outside hma (no answer within 0.25 s: computing, "
-                                             "blocked elsewhere, or dead)") != std::string::npos);
-  // It comes back: the average completes.
-  if (rank() == x) avg.step(m.ps);
-  else (void)hma_test::wait_through_timeouts(m.ps);
-  REQUIRE_ALL_RANKS(m.averaged(3));
+}
+
+TEST_CASE("stalls: a rank that skipped a step() waits in another group than its partners: every side named",
+          "[np>=2]") {
+  // Levels 1:node_size() and 2:world: step 0 averages over the world, step 1 over the node
+  // groups. Every rank calls step() twice and then average() over the world, but rank x skips
+  // its second step(). With node groups of 2 ranks in a larger world (even rank counts >= 4),
+  // the ranks wait in three places (the hierarchical skip of the matrix above, named): x's node
+  // partner p in step 1 at level 0 (for x), x in average() at step 1 (for p), the others in
+  // average() at step 2. Where the node groups are one rank (odd counts) or the world (np 2),
+  // the ranks meet in one check: a MismatchError on every rank, no wait.
+  const int x = size() - 1, p = x - 1;
+  const bool stalls = node_size() > 1 && node_size() < size();
+  for (Config c : stall_configs()) {
+    c.hierarchical = true;
+    CAPTURE(c.name());
+    StallHook hook;
+    hma::AveragerOptions o;
+    o.stall_warn_s = 0.2;
+    o.timeout_s = 1;
+    const auto avg = averager_in(c, o);
+    Small m(c);
+    m.fill(5);
+    const Outcome out = run([&] {
+      m.step(*avg);  // step 0: the world
+      if (rank() != x) m.step(*avg);  // step 1: the node groups
+      m.average_world(*avg);
+    });
+    MPI_Barrier(MPI_COMM_WORLD);
+    INFO("rank " << rank() << ": " << out.error << ": " << out.what);
+    INFO((g_stalls.empty() ? std::string("no stall warning") : g_stalls.front()));
+    const std::string id = "averager " + std::to_string(avg->id());
+    const std::string at_p = id + " step 1 level 0 (the agreement check)";
+    const std::string at_x = id + " step 1 level 1 (average()) (the agreement check)";
+    const std::string at_others = id + " step 2 level 1 (average()) (the agreement check)";
+    if (!stalls) {  // np 2: x's average() meets p's step 1; odd counts: the others' average()
+      const std::string field =
+          node_size() == size()
+              ? "call: step()/start() on " + others_than(x) + ", average()/start_average() on " + world_rank(x)
+              : "step counter: step 2 on " + others_than(x) + ", step 1 on " + world_rank(x);
+      REQUIRE_ALL_RANKS(out.error == "MismatchError" && out.what.find(field) != std::string::npos);
+      continue;
+    }
+    // Each rank names the ranks of its group that are elsewhere, and where each of them is. (On a
+    // loaded machine a rank may miss one answer's bound: some warning names it where it is.)
+    const std::string others = p == 1 ? "world rank 0" : "world ranks 0-" + std::to_string(p - 1);
+    const std::string both = "world ranks " + std::to_string(p) + "-" + std::to_string(x);
+    if (rank() == x)
+      REQUIRE_ALL_RANKS(any_stall_has(world_rank(p) + " is at " + at_p + "; " + others + " are at " +
+                                      at_others + "; " + world_rank(x) + " waits at " + at_x));
+    else if (rank() == p)
+      REQUIRE_ALL_RANKS(any_stall_has(world_rank(x) + " has not reached this average; " + world_rank(x) +
+                                      " is at " + at_x + "; " + world_rank(p) + " waits at " + at_p));
+    else
+      REQUIRE_ALL_RANKS(any_stall_has(both + " have not reached this average; " + world_rank(p) + " is at " +
+                                      at_p + "; " + world_rank(x) + " is at " + at_x + "; " + others +
+                                      " wait at " + at_others));
+    // Every rank times out; its Timeout names who has not reached its average (ranks that timed
+    // out first and left their wait may be missing too by then). Nothing can resume: x's partner
+    // waits for a step() that x never makes (the averager and the set leak what is in flight).
+    REQUIRE_ALL_RANKS(out.error == "Timeout" && named_missing(out.what, rank() == p ? x : p));
+  }
+}
+
+TEST_CASE("stalls: a rank that has left (blocked in MPI elsewhere) is outside hma in the Timeout", "[np>=2]") {
+  const int x = size() - 1;
+  for (const Config& c : stall_configs()) {
+    CAPTURE(c.name());
+    StallHook hook;
+    hma::AveragerOptions o;
+    o.stall_warn_s = 0;  // off: only the Timeout says it
+    o.timeout_s = 1;
+    const auto avg = averager_in(c, o);
+    Small m(c);
+    m.fill(3);
+    std::string what;
+    if (rank() == x) {
+      MPI_Barrier(MPI_COMM_WORLD);  // left: waits for the others outside hma
+    } else {
+      try {
+        m.step(*avg);
+      } catch (const hma::Timeout& e) {
+        what = e.what();
+      }
+      MPI_Barrier(MPI_COMM_WORLD);
+    }
+    INFO("Timeout: " << what);
+    REQUIRE_ALL_RANKS(g_stalls.empty());
+    REQUIRE_ALL_RANKS(rank() == x || what.find(world_rank(x) + " is outside hma (no answer within 0.25 s: computing, "
+                                               "blocked elsewhere, or dead)") != std::string::npos);
+    // It comes back: the average completes.
+    if (rank() == x) m.step(*avg);
+    else m.wait_through_timeouts();
+    REQUIRE_ALL_RANKS(m.averaged(3));
+  }
   // Bad values are refused, naming them.
+  hma::AveragerOptions o;
   o.stall_warn_s = -1;
   REQUIRE_THROWS_ALL_RANKS(hma::InvalidArgument, hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, o),
                            "stall_warn_s must be a finite number of seconds >= 0");

@@ -241,10 +241,13 @@ std::string where_is_everyone(std::int64_t id, const std::vector<int>& world_ran
   st.out.prune();
   for (const auto& [w, l] : late)
     if (!answers.count(w)) answers[w] = l;
-  // Group by where each rank is: first the ranks that have not reached this average.
+  // Group by where each rank is: first the ranks that have not reached this average. Every list
+  // in ascending world rank (a group's communicator may order its ranks otherwise).
+  std::vector<int> ranks = world_ranks;
+  std::sort(ranks.begin(), ranks.end());
   std::vector<int> here_ranks, silent;
   std::map<std::array<std::int64_t, 5>, std::vector<int>> elsewhere;
-  for (int w : world_ranks) {
+  for (int w : ranks) {
     auto a = answers.find(w);
     if (a == answers.end()) silent.push_back(w);
     else if (a->second.same_average(here)) here_ranks.push_back(w);
