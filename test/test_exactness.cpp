@@ -27,8 +27,10 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "control/check.hpp"
 #include "device/device_backend.hpp"
 #include "transport/elements.hpp"
 #include "transport/uses.hpp"
@@ -68,7 +70,11 @@ struct Mode {
   std::string describe;       // a text describe() must hold
   std::size_t split_min = 0;  // two-level: a lowered direction-split threshold (0: the default)
   std::int64_t splits = -1;   // two-level: pieces that must take the direction split (-1: unchecked)
+  std::size_t nf = kF, nd = kD;  // elements of each dtype
 };
+// A set small enough to ride in the agreement check (3836 bytes of at most 3840).
+constexpr std::size_t kSmallF = 601, kSmallD = 179;
+static_assert(kSmallF * 4 + kSmallD * 8 <= hma::detail::kFusedBytes);
 
 std::int64_t pieces(std::size_t n, std::size_t per) { return static_cast<std::int64_t>((n + per - 1) / per); }
 // Pieces of both buckets for a piece size in bytes.
@@ -109,6 +115,15 @@ std::vector<Mode> modes() {
        .calls = pieces(kF, 1000) + pieces(kD, 1000)});
   add({.name = "auto (default)", .options = {}});
   add({.name = "start/wait (MPI_Iallreduce)", .options = {}, .start = true, .path = Use::iallreduce, .calls = 2});
+  // Small sets: carried by the agreement check (recursive doubling, every rank's terms summed on
+  // the way), unless HMA_REDUCTION=mpi asks for MPI_Allreduce's own order.
+  add({.name = "small: fused in the check", .options = {}, .path = Use::fused, .nf = kSmallF, .nd = kSmallD});
+  add({.name = "small: fused, packed arrays", .options = {}, .scattered = true, .path = Use::fused,
+       .nf = kSmallF, .nd = kSmallD});
+  add({.name = "small: fused, start/wait", .options = {}, .start = true, .path = Use::fused, .nf = kSmallF,
+       .nd = kSmallD});
+  add({.name = "small: mpi, one piece (torch's recipe, not fused)", .options = mpi0, .bitwise_mpi = true,
+       .path = Use::allreduce_piece, .calls = 2, .nf = kSmallF, .nd = kSmallD});
   add({.name = "start/wait, packed arrays", .options = {}, .start = true, .scattered = true, .path = Use::iallreduce,
        .calls = 2});
   add({.name = "start/wait, count limit 1000", .options = {}, .start = true, .max_count = 1000,
@@ -286,6 +301,7 @@ std::vector<Mode> modes() {
     add({.name = "ring, packed arrays" + of, .options = ring0, .scattered = true, .group = g,
          .path = Use::ring_piece, .calls = 2});
     add({.name = "start/wait" + of, .options = {}, .start = true, .group = g, .path = Use::iallreduce, .calls = 2});
+    add({.name = "small: fused" + of, .options = {}, .group = g, .path = Use::fused, .nf = kSmallF, .nd = kSmallD});
     add({.name = "device (emulated), staged" + of, .options = staged, .device = true, .group = g,
          .path = Use::device_staged});
     if (one_node) add({.name = "device (emulated), node transport" + of, .options = {}, .device = true, .group = g,
@@ -316,8 +332,9 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
   for (const Mode& mode : modes()) {
     const int g = mode.group ? mode.group : size();
     CAPTURE(mode.name, g);
-    const std::vector<float> f0 = random_values<float>(kF, 1);
-    const std::vector<double> d0 = random_values<double>(kD, 2);
+    const std::size_t nf = mode.nf, nd = mode.nd;
+    const std::vector<float> f0 = random_values<float>(nf, 1);
+    const std::vector<double> d0 = random_values<double>(nd, 2);
     std::unique_ptr<hma::Averager> avg;
     if (mode.group) avg = std::make_unique<hma::HierarchicalAverager>(
                         MPI_COMM_WORLD, std::vector<hma::Level>{{1, g}, {2, size()}}, 0, mode.options);
@@ -347,8 +364,8 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
         ps.add(f);
         ps.add(d);
       } else {
-        wf = ps.allocate<float>(kF);
-        wd = ps.allocate<double>(kD);
+        wf = ps.allocate<float>(nf);
+        wd = ps.allocate<double>(nd);
         std::copy(f0.begin(), f0.end(), wf.begin());
         std::copy(d0.begin(), d0.end(), wd.begin());
       }
@@ -381,8 +398,8 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
       std::vector<float> tf_terms;
       std::vector<double> td_terms;
     };
-    static std::map<std::pair<int, bool>, Reference> references;
-    const auto [at, fresh] = references.try_emplace({g, mode.reciprocal});
+    static std::map<std::tuple<int, bool, std::size_t>, Reference> references;
+    const auto [at, fresh] = references.try_emplace({g, mode.reciprocal, nf});
     Reference& ref = at->second;
     if (fresh) {
       reference(f0, g, ref.sf, ref.bf, ref.tf_terms, mode.reciprocal);
@@ -397,8 +414,8 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
     // Promise 3: two terms have one order.
     if (g == 2) {
       bool exact = true;
-      for (std::size_t i = 0; i < kF; ++i) exact = exact && f[i] == static_cast<float>(sf[i]);
-      for (std::size_t i = 0; i < kD; ++i) exact = exact && d[i] == static_cast<double>(sd[i]);
+      for (std::size_t i = 0; i < nf; ++i) exact = exact && f[i] == static_cast<float>(sf[i]);
+      for (std::size_t i = 0; i < nd; ++i) exact = exact && d[i] == static_cast<double>(sd[i]);
       REQUIRE_ALL_RANKS(exact);
     }
     // Promise 2: torch's recipe, done here by hand with the same MPI.
@@ -407,10 +424,10 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
       std::vector<double> td(d0);
       for (auto& x : tf) x /= static_cast<float>(g);
       for (auto& x : td) x /= static_cast<double>(g);
-      MPI_Allreduce(MPI_IN_PLACE, tf.data(), static_cast<int>(kF), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-      MPI_Allreduce(MPI_IN_PLACE, td.data(), static_cast<int>(kD), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-      REQUIRE_ALL_RANKS(std::memcmp(tf.data(), f.data(), kF * sizeof(float)) == 0 &&
-                        std::memcmp(td.data(), d.data(), kD * sizeof(double)) == 0);
+      MPI_Allreduce(MPI_IN_PLACE, tf.data(), static_cast<int>(nf), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+      MPI_Allreduce(MPI_IN_PLACE, td.data(), static_cast<int>(nd), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+      REQUIRE_ALL_RANKS(std::memcmp(tf.data(), f.data(), nf * sizeof(float)) == 0 &&
+                        std::memcmp(td.data(), d.data(), nd * sizeof(double)) == 0);
     }
   }
 }

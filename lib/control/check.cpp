@@ -207,7 +207,7 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
     }
     if (r < 2 * rem) plan_.push_back(Round{r - 1, tag_of(slot, number, kRounds - 1), true, false, false});
   }
-  in_.resize(kWords + kFusedBytes / 8 + 1);
+  if (!in_) in_.reset(new std::uint64_t[kInWords]);  // uninitialised: MPI fills what it receives
   next_ = 0;
   posted_ = false;
   complete_ = fused_ = false;
@@ -217,7 +217,7 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
 
 void ControlCheck::post(const Round& r) {
   if (r.recv)
-    check(MPI_Irecv(in_.data(), static_cast<int>(in_.size()), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
+    check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
           "MPI_Irecv(agreement check)");
   if (r.send)
     check(MPI_Isend(state_.data(), static_cast<int>(state_.size()), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
@@ -230,7 +230,7 @@ void ControlCheck::apply(const Round& r) {
   check(MPI_Get_count(&status_, MPI_UINT64_T, &words), "MPI_Get_count(agreement check)");
   if (words < static_cast<int>(kWords)) throw Error("hma: internal: a short agreement check message");
   if (r.take) {
-    state_.assign(in_.begin(), in_.begin() + words);
+    state_.assign(in_.get(), in_.get() + words);
   } else {
     combine(static_cast<std::size_t>(words));
   }
@@ -238,7 +238,7 @@ void ControlCheck::apply(const Round& r) {
 
 void ControlCheck::combine(std::size_t words) {
   std::uint64_t* a = state_.data();
-  const std::uint64_t* b = in_.data();
+  const std::uint64_t* b = in_.get();
   std::uint64_t flags = a[kFlags] | b[kFlags];
   for (std::size_t i = 0; i < K; ++i)
     if (a[i] != b[i]) flags |= kDiffer;

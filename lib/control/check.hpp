@@ -20,6 +20,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -152,7 +153,9 @@ class ControlCheck {
   Header mine_;
   std::uint64_t bad_ = 0;
   std::string invalid_;  // this rank's reason, empty when its arguments are fine
-  std::vector<std::uint64_t> state_ = std::vector<std::uint64_t>(kWords), in_;
+  static constexpr std::size_t kInWords = kWords + kFusedBytes / 8 + 1;  // the largest message
+  std::vector<std::uint64_t> state_ = std::vector<std::uint64_t>(kWords);
+  std::unique_ptr<std::uint64_t[]> in_;
   std::vector<Round> plan_;
   std::size_t next_ = 0;
   bool posted_ = false;
