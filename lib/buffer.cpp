@@ -5,8 +5,8 @@
 
 #include "hma/error.hpp"
 #include "buffer_common.hpp"
-#include "pending.hpp"
-#include "transport/wire.hpp"
+#include "half.hpp"
+#include "in_flight.hpp"
 
 namespace hma {
 
@@ -93,7 +93,7 @@ ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
 
 ParamSet::~ParamSet() {
   if (!finish_quietly(pending_)) {
-    (void)f32_.release();  // deliberately leaked: see finish_quietly
+    (void)f32_.release();  // deliberately leaked: see InFlight::settle
     (void)f64_.release();
     (void)b16_.release();
     (void)h16_.release();
@@ -101,12 +101,12 @@ ParamSet::~ParamSet() {
 }
 
 void ParamSet::wait() {
-  if (pending_ && !pending_->done) detail::complete(*pending_, true);
+  if (pending_ && !pending_->done) pending_->wait();
 }
 
 bool ParamSet::in_flight() const noexcept { return pending_ && !pending_->done; }
 
-void ParamSet::set_pending(std::shared_ptr<detail::Pending> p) noexcept { pending_ = std::move(p); }
+void ParamSet::set_pending(std::shared_ptr<detail::InFlight> p) noexcept { pending_ = std::move(p); }
 
 void detail::check_not_in_flight(bool in_flight, const std::string& who) {
   if (in_flight)

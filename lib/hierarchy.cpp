@@ -3,7 +3,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "control/agree.hpp"
+#include "agree.hpp"
 #include "support/env.hpp"
 #include "support/keep.hpp"
 #include "hma/error.hpp"

@@ -22,7 +22,7 @@
 #include "device/device_backend.hpp"
 #include "device/emulation.hpp"
 #include "transport/uses.hpp"
-#include "transport/wire.hpp"
+#include "half.hpp"
 
 using hma_test::rank;
 using hma_test::size;

@@ -14,7 +14,7 @@
 #include "device/emulation.hpp"
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
-#include "pending.hpp"
+#include "transport/pending.hpp"
 
 using hma_test::rank;
 using hma_test::size;
@@ -105,10 +105,10 @@ TEST_CASE("an error while completing a dying set's average leaks the buffers ins
   hma::DeviceParamSet ps;
   (void)ps.allocate<float>(1000, 1.0f);
   hma::Request r = avg.start(ps);
-  std::shared_ptr<hd::Pending> p = ps.state().pending;
+  auto p = std::static_pointer_cast<hd::Pending>(ps.state().pending);
   REQUIRE_ALL_RANKS(p != nullptr && !p->done && p->launched);
   hd::emulation_fail_queries(1 << 20);  // every event query fails from now on
-  const bool freed = hd::finish_quietly(p);  // what ~DeviceParamSet does first
+  const bool freed = p->settle();  // what ~DeviceParamSet does first
   hd::emulation_fail_queries(0);
   // Completing it failed, so MPI may still use the buffers: they must be leaked, and nothing
   // may complete the average later into arrays that are going away.

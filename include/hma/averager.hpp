@@ -30,10 +30,7 @@ class Worker;
 struct IpcLevel;
 struct Diagnostics;
 struct CheckChannels;
-struct Scratch {  // the ring's receive buffers; on the heap so a worker job can keep using them
-  std::vector<float> f;
-  std::vector<double> d;
-};
+struct Scratch;
 }  // namespace detail
 
 
@@ -221,7 +218,7 @@ class Averager {
  private:
   // What a set (host or device) hands the orchestrator for one average: the pending average
   // with its data launch, the header its group must agree on, its non-finite vote, and how to
-  // hang the average on the set. See lib/averager.cpp.
+  // hang the average on the set. See lib/averager/averager.cpp.
   using Prepare = std::function<detail::Prepared(std::size_t level, bool blocking, bool scheduled)>;
   // step()/start() and average()/start_average() for either kind of set.
   bool scheduled(bool blocking, Request* out, const Prepare& prepare);
@@ -269,7 +266,7 @@ class Averager {
   std::int64_t step_ = 0;
   std::uint64_t weight_ = std::uint64_t{1} << 32;  // set_weight(): in 2^-32 units
   detail::Settings settings_;
-  std::unique_ptr<detail::Scratch> scratch_ = std::make_unique<detail::Scratch>();
+  std::unique_ptr<detail::Scratch> scratch_;  // the ring's receive buffers (transport/host.hpp)
   std::unique_ptr<detail::DevicePlan> device_plan_;
   // Per level: the node transport for device sets (null where it does not apply; see ipc_why()).
   std::vector<std::shared_ptr<detail::IpcLevel>> ipc_;

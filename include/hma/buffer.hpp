@@ -58,7 +58,7 @@ constexpr Dtype dtype_of() noexcept {
 [[nodiscard]] std::size_t dtype_size(Dtype d) noexcept;
 
 namespace detail {
-struct Pending;
+struct InFlight;
 /// True when the byte ranges [a, a + abytes) and [b, b + bbytes) share a byte (empty ranges
 /// never do).
 inline bool overlaps(const void* a, std::size_t abytes, const void* b, std::size_t bbytes) noexcept {
@@ -196,7 +196,7 @@ class ParamSet {
   // Used by the averager; not for users.
   template <Storable T>
   detail::Bucket<T>& bucket() noexcept;
-  void set_pending(std::shared_ptr<detail::Pending> p) noexcept;
+  void set_pending(std::shared_ptr<detail::InFlight> p) noexcept;
 
  private:
   void check_mutable(const char* what) const;
@@ -221,7 +221,7 @@ class ParamSet {
   std::vector<detail::LayoutEntry> layout_;
   std::uint64_t version_ = 0;
   std::uint64_t id_ = 0;
-  std::shared_ptr<detail::Pending> pending_;
+  std::shared_ptr<detail::InFlight> pending_;
 };
 
 template <>

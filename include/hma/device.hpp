@@ -41,7 +41,7 @@ struct DeviceInfo {
 namespace detail {
 struct DeviceBucket;
 struct DeviceState;
-struct Pending;
+struct InFlight;
 void* device_storage(const DeviceBucket* b) noexcept;
 }  // namespace detail
 
@@ -118,7 +118,7 @@ class DeviceParamSet {
 
   // Used by the averager; not for users.
   detail::DeviceState& state() noexcept { return *s_; }
-  void set_pending(std::shared_ptr<detail::Pending> p) noexcept;
+  void set_pending(std::shared_ptr<detail::InFlight> p) noexcept;
 
  private:
   void check_mutable(const char* what) const;

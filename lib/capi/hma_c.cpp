@@ -17,7 +17,7 @@
 #include <variant>
 #include <vector>
 
-#include "control/agree.hpp"
+#include "agree.hpp"
 #include "control/settings.hpp"
 #include "hma/hma.hpp"
 

@@ -4,7 +4,7 @@
 #include <cstdio>
 
 #include "buffer_common.hpp"
-#include "control/agree.hpp"
+#include "agree.hpp"
 #include "hma/comm.hpp"
 #include "hma/local_device.hpp"
 #include "device/device_state.hpp"
@@ -214,7 +214,7 @@ int DeviceParamSet::device() const noexcept { return s_->device; }
 bool DeviceParamSet::in_flight() const noexcept { return s_->pending && !s_->pending->done; }
 
 void DeviceParamSet::wait() {
-  if (in_flight()) detail::complete(*s_->pending, true);
+  if (in_flight()) s_->pending->wait();
 }
 
 void DeviceParamSet::synchronize() {
@@ -223,7 +223,7 @@ void DeviceParamSet::synchronize() {
   s_->be->synchronize(s_->done);
 }
 
-void DeviceParamSet::set_pending(std::shared_ptr<detail::Pending> p) noexcept { s_->pending = std::move(p); }
+void DeviceParamSet::set_pending(std::shared_ptr<detail::InFlight> p) noexcept { s_->pending = std::move(p); }
 
 std::uint64_t DeviceParamSet::id() const noexcept { return s_->id; }
 std::uint64_t DeviceParamSet::layout_version() const noexcept { return s_->version; }

@@ -7,7 +7,7 @@
 
 #include "device/device_backend.hpp"
 #include "device/ipc_peers.hpp"
-#include "pending.hpp"
+#include "in_flight.hpp"
 #include "device/staging_area.hpp"
 
 namespace hma::detail {
@@ -43,7 +43,7 @@ struct DeviceState {
   StagingArea staging;
   std::vector<LayoutEntry> layout;
   std::uint64_t version = 0, id = 0;
-  std::shared_ptr<Pending> pending;
+  std::shared_ptr<InFlight> pending;  // the last average issued on it
   std::vector<std::shared_ptr<IpcPeers>> ipc;  // the node transport's buffers, per averager level
 
   DeviceBucket& bucket(Dtype d) noexcept { return d == Dtype::f32 ? f32 : f64; }

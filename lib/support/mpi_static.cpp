@@ -25,4 +25,10 @@ void free_at_finalize(MPI_Op op, MPI_Datatype type) {
   check(MPI_Comm_set_attr(MPI_COMM_SELF, key, new Owned{op, type}), "MPI_Comm_set_attr(free at finalize)");
 }
 
+bool mpi_finalized() noexcept {
+  int fin = 0;
+  MPI_Finalized(&fin);
+  return fin != 0;
+}
+
 }  // namespace hma::detail

@@ -1,5 +1,5 @@
 // Internal: MPI objects hma makes once per process (its own reduction ops and their datatypes)
-// and hands to MPI_Finalize to free.
+// and hands to MPI_Finalize to free; whether MPI is still there.
 #pragma once
 
 #include <mpi.h>
@@ -9,5 +9,8 @@ namespace hma::detail {
 /// Frees `op` and `type` (either may be the null handle) when MPI_Finalize runs, through an
 /// attribute on MPI_COMM_SELF, whose deletion MPI performs first thing in MPI_Finalize.
 void free_at_finalize(MPI_Op op, MPI_Datatype type);
+
+/// True when MPI has been finalised (no MPI call may be made).
+bool mpi_finalized() noexcept;
 
 }  // namespace hma::detail

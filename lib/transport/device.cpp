@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "hma/error.hpp"
+#include "support/mpi_static.hpp"
 #include "support/worker.hpp"
 #include "transport/elements.hpp"
 #include "transport/post.hpp"

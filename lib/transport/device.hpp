@@ -10,7 +10,7 @@
 
 #include "control/device_path.hpp"
 #include "device/device_state.hpp"
-#include "pending.hpp"
+#include "transport/pending.hpp"
 
 namespace hma::detail {
 

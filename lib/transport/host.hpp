@@ -12,12 +12,23 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "hma/averager.hpp"
-#include "pending.hpp"
+#include <vector>
+
+#include "hma/buffer.hpp"
+#include "hma/hierarchy.hpp"
+#include "hma/options.hpp"
+#include "transport/pending.hpp"
 
 namespace hma::detail {
 
 class Post;
+
+/// The ring's receive buffers: on the heap (owned by the averager), so a worker job can keep
+/// using them.
+struct Scratch {
+  std::vector<float> f;
+  std::vector<double> d;
+};
 
 /// Where and how one average moves: the group's data communicator and the chosen algorithm.
 struct Route {

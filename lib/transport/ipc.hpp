@@ -40,7 +40,7 @@
 
 #include "device/device_state.hpp"
 #include "hma/comm.hpp"
-#include "pending.hpp"
+#include "transport/pending.hpp"
 #include "transport/device.hpp"
 
 namespace hma::detail {

@@ -18,13 +18,12 @@
 #include <optional>
 #include <vector>
 
-#include "hma/averager.hpp"
+#include "hma/buffer.hpp"
+#include "hma/options.hpp"
 
 namespace hma::detail {
+
 struct Pending;
-}
-
-namespace hma::detail {
 
 /// The outer optimizer's state: the anchor (the parameters after the last average at its level)
 /// and the momentum buffer, per element type, for one set layout.

@@ -1,5 +1,6 @@
-// Internal: one average from its agreement check to its last byte, shared by its Request and its
-// set (ParamSet or DeviceParamSet). Two stages:
+// Internal: the record of one average from its agreement check to its last byte, shared by the
+// transports that issue its data stage and the averager that drives it (averager/request.hpp),
+// and held by its set as an InFlight (in_flight.hpp). Two stages:
 //   1. control: the group's agreement check (control/check.hpp), waited with a deadline;
 //   2. data: `launch` issues the transport's collectives (or runs a blocking one), then they are
 //      completed (reqs/stages, a device state machine `drive`, or a worker thread's future).
@@ -19,18 +20,18 @@
 #include <vector>
 
 #include "control/check.hpp"
-#include "hma/averager.hpp"
 #include "hma/buffer.hpp"
+#include "hma/options.hpp"
+#include "in_flight.hpp"
 
 namespace hma::detail {
 
-struct Pending {
-  ParamSet* params = nullptr;  // kept current when the ParamSet moves
+// `params` (kept current when the ParamSet moves) and `done` are InFlight's.
+struct Pending final : InFlight {
   GroupInfo who;               // level, step, bytes, world ranks: captured at start for messages
   double timeout_s = 0;        // 0: wait forever
   bool timed_out = false;      // a wait on it has hit the deadline (a destructor then only tests)
   bool orphaned = false;       // its averager is gone while it was still in flight
-  bool done = false;
 
   ControlCheck control;        // not started: checks off (HMA_CHECK=0 and no non-finite guard)
   NonFinite nonfinite = NonFinite::ignore;
@@ -74,50 +75,12 @@ struct Pending {
   double stall_warn_s = 0;
   std::chrono::steady_clock::time_point wait_start{};
   int warnings = 0;
-  int polls = 0;  // of the current wait (the first ones spin, see request.cpp)
+  int polls = 0;  // of the current wait (the first ones spin, see averager/request.cpp)
+
+  // InFlight, implemented by the averager (averager/request.cpp): complete(*this, true), and
+  // what a dying set does with an average that may still be in flight.
+  void wait() override;
+  bool settle() noexcept override;
 };
-
-/// What a set hands the averager for one average (see Averager::issue()).
-struct Prepared {
-  std::shared_ptr<Pending> p;
-  Header header;
-  bool nonfinite_here = false;
-  std::function<void(std::shared_ptr<Pending>)> attach;  // hangs `p` on its set
-};
-
-/// Completes `p`: the agreement check, then the data. Blocking: waits (up to p.timeout_s, then
-/// throws hma::Timeout, leaving it resumable); else tests once. Throws hma::MismatchError or
-/// hma::NonFiniteError from the check (then done: nothing was moved), hma::Error after
-/// MPI_Finalize or when its averager is gone. Returns true when complete. Idempotent.
-bool complete(Pending& p, bool blocking);
-
-/// Blocks (up to the deadline, then hma::Timeout) until the agreement check of `p` has completed,
-/// then launches its data stage (issues its first collectives). Throws what complete() throws.
-void launch_data(Pending& p);
-
-/// Blocks (up to the deadline) until every collective of `p` has been ISSUED (not completed), so
-/// that the caller may issue other collectives on the same communicators in the same order on
-/// every rank.
-void finish_issuing(Pending& p);
-
-/// Completes an in-flight average before its buffers go away (a destructor cannot throw). After
-/// a timeout it only tests, never waits a second timeout. Returns false when it may still be in
-/// flight: the buffers must then be leaked.
-bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept;
-
-/// Keeps `p` (and so its check and requests) alive for the rest of the process: for an average
-/// that may still be in flight when its owners die.
-void keep_forever(std::shared_ptr<Pending> p) noexcept;
-
-/// Registers `p` as in flight in this process: while a rank blocks on one average, it advances
-/// the others (their later stages are issued only when they are advanced; MPI's progress alone
-/// does not issue them), so averages waited for in different orders on different ranks complete.
-void track(const std::shared_ptr<Pending>& p);
-
-/// Copies the packed staging area back into the user arrays of `params`.
-void unpack(ParamSet& params);
-
-/// True when MPI has been finalised (no MPI call may be made).
-bool mpi_finalized() noexcept;
 
 }  // namespace hma::detail

@@ -1,4 +1,4 @@
-// A started average from its agreement check to its last byte (see pending.hpp), and Request.
+// A started average from its agreement check to its last byte (see request.hpp), and Request.
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
@@ -10,18 +10,13 @@
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
 #include "control/stall.hpp"
-#include "pending.hpp"
+#include "averager/request.hpp"
+#include "support/mpi_static.hpp"
 #include "support/log.hpp"
 #include "support/timeline.hpp"
 #include "transport/elements.hpp"
 
 namespace hma::detail {
-
-bool mpi_finalized() noexcept {
-  int fin = 0;
-  MPI_Finalized(&fin);
-  return fin != 0;
-}
 
 namespace {
 
@@ -249,7 +244,7 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
   try {
     p.launch(p);
   } catch (...) {
-    // Whatever it issued before failing stays in flight: complete() and finish_quietly() finish
+    // Whatever it issued before failing stays in flight: complete() and settle() finish
     // those requests; with none issued, nothing is in flight.
     if (p.reqs.empty() && !p.threaded && !p.drive) p.done = true;
     throw;
@@ -440,26 +435,28 @@ void keep_forever(std::shared_ptr<Pending> p) noexcept {
   }
 }
 
-bool finish_quietly(const std::shared_ptr<Pending>& p) noexcept {
-  if (!p || p->done) return true;
+void Pending::wait() { (void)complete(*this, true); }
+
+bool Pending::settle() noexcept {
+  if (done) return true;
   if (mpi_finalized()) return true;  // MPI is gone: it can no longer write anywhere
   try {
     // Never launch the data stage of a dying set (it would read and write arrays that are about
     // to go); finish one already launched, looking only once after a timeout (never a second
     // timeout).
-    if (p->launched && !p->orphaned) (void)complete(*p, !p->timed_out);
+    if (launched && !orphaned) (void)complete(*this, !timed_out);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "hma: completing the in-flight average of a dying set: %s\n", e.what());
   }
-  p->params = nullptr;
-  if (!p->done) {
-    p->orphaned = true;  // a Request that outlives the set can no longer complete it
+  params = nullptr;
+  if (!done) {
+    orphaned = true;  // a Request that outlives the set can no longer complete it
     std::fprintf(stderr, "hma: a dying set's average (step %lld, %s) is still in flight; its "
                  "buffers are leaked so MPI cannot write into freed memory\n",
-                 static_cast<long long>(p->who.step), p->who.describe().c_str());
-    keep_forever(p);
+                 static_cast<long long>(who.step), who.describe().c_str());
+    keep_forever(std::static_pointer_cast<Pending>(shared_from_this()));
   }
-  return p->done;
+  return done;
 }
 
 void unpack(ParamSet& params) {
@@ -492,7 +489,7 @@ Request& Request::operator=(Request&& other) noexcept {
 
 Request::~Request() {
   if (!active()) return;
-  // After a timeout, or once MPI or the averager is gone, the set decides (see finish_quietly).
+  // After a timeout, or once MPI or the averager is gone, the set decides (see Pending::settle).
   if (pending_->timed_out || pending_->orphaned || detail::mpi_finalized()) return;
   try {
     wait();

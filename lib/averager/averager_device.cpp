@@ -11,7 +11,7 @@
 #include "hma/averager.hpp"
 #include "control/settings.hpp"
 #include "hma/error.hpp"
-#include "pending.hpp"
+#include "averager/request.hpp"
 #include "support/timeline.hpp"
 #include "support/worker.hpp"
 #include "transport/device.hpp"

@@ -3,17 +3,19 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "control/agree.hpp"
+#include "agree.hpp"
 #include "control/device_path.hpp"
 #include "control/model.hpp"
 #include "control/settings.hpp"
 #include "control/stall.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
-#include "pending.hpp"
+#include "averager/request.hpp"
+#include "support/mpi_static.hpp"
 #include "support/log.hpp"
 #include "support/keep.hpp"
 #include "support/worker.hpp"
+#include "transport/host.hpp"
 #include "transport/ipc.hpp"
 #include "transport/post.hpp"
 
@@ -26,7 +28,9 @@ Schedule Averager::agreed(MPI_Comm comm, const std::function<Schedule(MPI_Comm)>
 }
 
 Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
-    : schedule_(std::move(schedule)), hierarchy_(MPI_COMM_NULL, {}) {
+    : schedule_(std::move(schedule)),
+      hierarchy_(MPI_COMM_NULL, {}),
+      scratch_(std::make_unique<detail::Scratch>()) {
   detail::require_mpi("averager");
   if (comm == MPI_COMM_NULL) return;  // not a member: count steps only
   // Construction's agreement runs on a duplicate: the caller's communicator sees only the dups.

@@ -1,4 +1,4 @@
-#include "control/agree.hpp"
+#include "agree.hpp"
 
 #include <exception>
 #include <stdexcept>

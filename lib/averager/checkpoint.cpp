@@ -6,10 +6,10 @@
 #include <sstream>
 
 #include "checkpoint_text.hpp"
-#include "control/agree.hpp"
+#include "agree.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
-#include "pending.hpp"
+#include "averager/request.hpp"
 #include "transport/post.hpp"
 
 namespace hma {

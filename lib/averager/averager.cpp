@@ -5,10 +5,11 @@
 
 #include <cmath>
 
-#include "control/agree.hpp"
+#include "agree.hpp"
 #include "control/model.hpp"
 #include "hma/error.hpp"
-#include "pending.hpp"
+#include "averager/request.hpp"
+#include "support/mpi_static.hpp"
 #include "support/log.hpp"
 #include "support/timeline.hpp"
 #include "support/worker.hpp"
