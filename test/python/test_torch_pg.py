@@ -2,11 +2,13 @@
 data with the same process group and against the mean computed here from every rank's inputs, at
 any rank count (run with `python3 -m mpi4py`):
 - the world group, the even ranks, the odd ranks and ranks 1.. (3 ranks at np 4): periodic
-  averaging, bit for bit with torch on order-proof values (multiples of 12) and on random values
-  in groups of 2 or fewer, within twice the README's bound (g-1) u sum|x/g| in larger groups; a
-  rank outside the group changes nothing and only counts steps, as torch's;
+  averaging, bit for bit with torch on order-proof values (multiples of 60: x/g is exact for
+  every group size here) and on random values in groups of 2 or fewer, within twice the
+  README's bound (g-1) u sum|x/g| in larger groups; a rank outside the group changes nothing
+  and only counts steps, as torch's;
 - the hierarchical averager over the world group (against torch's) and over ranks 1.. (against
-  the mean: hma's groups are contiguous blocks of the process group's ranks; refused with
+  the mean: hma's groups are contiguous blocks of the process group's ranks, [1, 2] and [3, 4]
+  at np 5; refused with
   hma.InvalidArgument on a rank outside the group, where torch's cannot be built either);
 - torch ranks that are not MPI.COMM_WORLD's (torch.distributed initialised again with the ranks
   reversed): every rank raises hma.InvalidArgument naming a torch rank and its MPI rank, also a
@@ -46,7 +48,7 @@ def inputs(step, r, random):
     g = torch.Generator().manual_seed(7919 * step + r)
     if random:
         return [torch.randn(s, generator=g) for s in SHAPES]
-    return [12.0 * torch.randint(-20, 21, s, generator=g).float() for s in SHAPES]
+    return [60.0 * torch.randint(-20, 21, s, generator=g).float() for s in SHAPES]
 
 
 def params(step, random):
