@@ -6,9 +6,10 @@
         loss(model(batch)).backward(); opt.step(); opt.zero_grad()
         averager.average_parameters(model.parameters())
 
-Same signatures and schedules as torch's, with two differences: `process_group` is an mpi4py
-communicator (None: MPI.COMM_WORLD), not a torch ProcessGroup, and parameters are averaged in
-place (torch rebinds each p.data to a slice of one flat tensor). Like torch, only parameters with
+Same signatures and schedules as torch's. `process_group` is a torch.distributed ProcessGroup
+(its ranks must be MPI.COMM_WORLD's: see communicator()) or an mpi4py communicator (None:
+MPI.COMM_WORLD, with or without torch.distributed). Parameters are averaged in place (torch
+rebinds each p.data to a slice of one flat tensor). Like torch, only parameters with
 a gradient are averaged; `skipped` says how many were left out at the last average (with a
 warning whenever that number changes). Parameters are registered with hma once and averaged
 through their memory; a parameter whose memory changed (p.data reassigned, .to(), an optimizer
@@ -20,10 +21,70 @@ float16 and bfloat16.
 import warnings
 
 import torch
+import torch.distributed as dist
+from mpi4py import MPI
 
 import hma
 
-__all__ = ["ModelAverager", "PeriodicModelAverager", "HierarchicalModelAverager", "get_params_to_average"]
+__all__ = ["ModelAverager", "PeriodicModelAverager", "HierarchicalModelAverager", "communicator",
+           "get_params_to_average"]
+
+
+def communicator(process_group):
+    """The mpi4py communicator for `process_group`: None or an mpi4py communicator as it is; a
+    torch.distributed ProcessGroup as the communicator of the same processes in the same order
+    (MPI_Comm_create_group over MPI.COMM_WORLD; MPI.COMM_NULL on a rank outside the group,
+    which then only counts steps, as torch's averagers do). Every process must have the same rank
+    in torch.distributed as in MPI.COMM_WORLD (init_process_group(rank=MPI.COMM_WORLD.rank,
+    world_size=MPI.COMM_WORLD.size)); the members check it together (one all_gather_object over
+    the group) and all raise hma.InvalidArgument naming both ranks where it does not hold.
+    Collective over the group's members."""
+    if process_group is None or isinstance(process_group, MPI.Comm):
+        return process_group
+    # What dist.new_group returns on a rank outside the new group.
+    outside = process_group is dist.GroupMember.NON_GROUP_MEMBER
+    if not outside and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"hma.torch: process_group must be a torch.distributed ProcessGroup, an mpi4py "
+                        f"MPI.Comm or None (MPI.COMM_WORLD), got {type(process_group).__name__}")
+    if not dist.is_initialized():
+        raise hma.InvalidArgument("hma.torch: process_group is a torch ProcessGroup, but "
+                                  "torch.distributed is not initialised")
+    world = MPI.COMM_WORLD
+    mine = (dist.get_rank(), dist.get_world_size(), world.rank, world.size)
+    outside = outside or dist.get_rank(process_group) < 0
+    if outside:  # not a member: only its own ranks can be checked
+        table = [mine]
+    else:
+        ranks = dist.get_process_group_ranks(process_group)
+        table = [None] * len(ranks)
+        dist.all_gather_object(table, mine, group=process_group)
+    for torch_rank, torch_size, mpi_rank, mpi_size in table:
+        if torch_rank != mpi_rank or torch_size != mpi_size:
+            raise hma.InvalidArgument(
+                f"hma.torch: torch.distributed's world rank {torch_rank} (of {torch_size}) is MPI "
+                f"world rank {mpi_rank} (of {mpi_size}): hma maps a torch ProcessGroup to MPI "
+                f"through equal ranks; initialise torch.distributed with "
+                f"rank=MPI.COMM_WORLD.rank, world_size=MPI.COMM_WORLD.size")
+    if outside:
+        return MPI.COMM_NULL
+    group = world.Get_group()
+    members = group.Incl(ranks)  # in the group's rank order: group rank i is hma's rank i
+    try:
+        return world.Create_group(members)
+    finally:
+        members.Free()
+        group.Free()
+
+
+def _over(process_group, make):
+    """make(communicator(process_group)), freeing the communicator made for a torch ProcessGroup
+    (the averager holds its own duplicate)."""
+    comm = communicator(process_group)
+    try:
+        return make(comm)
+    finally:
+        if comm is not process_group and comm != MPI.COMM_NULL:
+            comm.Free()
 
 
 def get_params_to_average(params):
@@ -130,7 +191,7 @@ class PeriodicModelAverager(ModelAverager):
                           "DistributedDataParallel should be used for this case.")
         self.warmup_steps = warmup_steps
         self.period = period
-        super().__init__(hma.PeriodicAverager(process_group, period, warmup_steps, **options),
+        super().__init__(_over(process_group, lambda c: hma.PeriodicAverager(c, period, warmup_steps, **options)),
                          process_group, weight)
 
 
@@ -157,5 +218,15 @@ class HierarchicalModelAverager(ModelAverager):
             raise ValueError("Arg ``warmup_steps`` must be a non-negative number.")
         self.warmup_steps = warmup_steps
         self.period_group_size_dict = dict(period_group_size_dict)
-        super().__init__(hma.HierarchicalAverager(process_group, period_group_size_dict, warmup_steps,
-                                                  **options), process_group, weight)
+        super().__init__(_over(process_group, self._make(period_group_size_dict, warmup_steps, options)),
+                         process_group, weight)
+
+    @staticmethod
+    def _make(levels, warmup_steps, options):
+        def make(comm):
+            if comm == MPI.COMM_NULL:  # torch cannot build one there either (a group size of -1)
+                raise hma.InvalidArgument(
+                    f"hma.torch: HierarchicalModelAverager: MPI world rank {MPI.COMM_WORLD.rank} is not "
+                    f"in process_group: build it only on the group's ranks")
+            return hma.HierarchicalAverager(comm, levels, warmup_steps, **options)
+        return make
