@@ -1,6 +1,7 @@
 #include "hma/comm.hpp"
 
 #include "hma/error.hpp"
+#include "support/mpi_static.hpp"
 
 namespace hma {
 
@@ -69,14 +70,6 @@ int Comm::size() const {
   return s;
 }
 
-int Comm::world_rank() noexcept {
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  if (!init || fin) return -1;
-  int r = -1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
+int Comm::world_rank() noexcept { return detail::mpi_world_rank(); }
 
 }  // namespace hma

@@ -31,4 +31,13 @@ bool mpi_finalized() noexcept {
   return fin != 0;
 }
 
+int mpi_world_rank() noexcept {
+  int init = 0;
+  MPI_Initialized(&init);
+  if (!init || mpi_finalized()) return -1;
+  int r = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
 }  // namespace hma::detail

@@ -13,4 +13,7 @@ void free_at_finalize(MPI_Op op, MPI_Datatype type);
 /// True when MPI has been finalised (no MPI call may be made).
 bool mpi_finalized() noexcept;
 
+/// This process's rank in MPI_COMM_WORLD; -1 before MPI_Init or after MPI_Finalize.
+int mpi_world_rank() noexcept;
+
 }  // namespace hma::detail

@@ -1,7 +1,5 @@
 #include "support/timeline.hpp"
 
-#include <mpi.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -9,20 +7,11 @@
 #include <string>
 #include <vector>
 
+#include "support/mpi_static.hpp"
+
 namespace hma::detail {
 
 namespace {
-
-// This process's rank in MPI_COMM_WORLD, -1 outside MPI_Init .. MPI_Finalize.
-int world_rank() noexcept {
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  if (!init || fin) return -1;
-  int r = -1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
 
 struct Event {
   const char* name;
@@ -41,7 +30,7 @@ class Recorder {
   ~Recorder() { write(); }
   void add(const Event& e) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (rank_ < 0) rank_ = world_rank();
+    if (rank_ < 0) rank_ = mpi_world_rank();
     if (events_.size() < kMaxEvents) events_.push_back(e);
     else ++dropped_;
   }
