@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "agree.hpp"
+#include "control/agree.hpp"
 #include "control/model.hpp"
 #include "hma/error.hpp"
 #include "averager/request.hpp"
@@ -255,7 +255,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
                     std::to_string(r.group) + "), " + std::to_string(params.bytes()) + " bytes" +
                     (r.two ? ", two-level" : ""));
   // Small enough to ride in the agreement check: the flat exact average (the same terms and one
-  // order of additions per element; HMA_REDUCTION=mpi keeps MPI_Allreduce's own order).
+  // order of additions per element; HMA_REDUCTION=mpi keeps the MPI library's own order).
   if ((settings_.check || settings_.nonfinite != NonFinite::ignore) && post == nullptr &&
       r.wire == Wire::exact && r.two == nullptr && settings_.reduction == Reduction::automatic &&
       params.count16() == 0 && params.bytes() > 0 && params.bytes() <= detail::kFusedBytes)

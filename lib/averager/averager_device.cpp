@@ -50,11 +50,7 @@ std::string Averager::device_path() const {
   for (std::size_t i = 0; i < schedule_.levels().size(); ++i) {
     const std::string no = ipc_why(i);
     const bool two = ipc_.size() > i && ipc_[i] && ipc_[i]->two_level();
-    why += "level " + std::to_string(i) + ": " +
-           (!no.empty() ? "node transport " + no
-            : two ? "two-level: the node transport (on the device, node peers' slices through CUDA IPC), "
-                    "this rank's slice across nodes through pinned host memory (MPI_Iallreduce)"
-                  : "the node transport (on the device, peers' terms through CUDA IPC)") + "; ";
+    why += "level " + std::to_string(i) + ": " + (!no.empty() ? "node transport " + no : detail::describe_ipc(two)) + "; ";
   }
   why += device_plan_->why;
   if (settings_.outer.enabled || settings_.divergence)

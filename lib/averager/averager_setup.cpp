@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "agree.hpp"
+#include "control/agree.hpp"
 #include "control/device_path.hpp"
 #include "control/model.hpp"
 #include "control/settings.hpp"
@@ -11,6 +11,7 @@
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
 #include "averager/request.hpp"
+#include "support/mpi_library.hpp"
 #include "support/mpi_static.hpp"
 #include "support/log.hpp"
 #include "support/keep.hpp"

@@ -6,7 +6,7 @@
 #include <sstream>
 
 #include "checkpoint_text.hpp"
-#include "agree.hpp"
+#include "control/agree.hpp"
 #include "hma/averager.hpp"
 #include "hma/error.hpp"
 #include "averager/request.hpp"

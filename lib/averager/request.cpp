@@ -1,4 +1,5 @@
-// A started average from its agreement check to its last byte (see request.hpp), and Request.
+// A started average from its agreement check to its last byte (see request.hpp); what lives
+// beyond one wait (other averages in flight, dying sets, Request) is in averager/live.cpp.
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
@@ -51,68 +52,7 @@ Position position_of(const Pending& p) {
                 p.who.level, p.who.step, p.who.bytes, p.who.world_ranks);
 }
 
-// Every average in flight in this process, so that a rank blocked on one keeps the others
-// moving. MPI progresses every non-blocking collective whichever one a rank waits for; hma's
-// averages of several stages (two-level, the node transport, the staged pipeline) issue their
-// next collective only when they are advanced. Without this, rank A waiting for average 1 and
-// rank B waiting for average 2 (of two averagers) would each wait for a stage the other never
-// issues. Safe for the order of collectives: of one averager's averages only the last can have
-// collectives left to issue (every start settles the ones before it), so each communicator's
-// collectives are issued in one order on every rank, whichever wait advances them.
-struct Live {
-  std::mutex mu;
-  std::vector<std::weak_ptr<Pending>> all;
-};
-
-Live& live() {
-  static auto* l = new Live;  // never destroyed: Requests may outlive static destruction
-  return *l;
-}
-
-thread_local bool in_progress_others = false;
-
 bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline);
-bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point deadline);
-
-// Whether another average than `self` is in flight here (then a blocking wait polls).
-bool others_in_flight(const Pending& self) {
-  if (in_progress_others) return false;
-  Live& l = live();
-  std::lock_guard<std::mutex> lock(l.mu);
-  for (const auto& w : l.all)
-    if (auto q = w.lock(); q && q.get() != &self && !q->done && !q->orphaned) return true;
-  return false;
-}
-
-// Advances every other average in flight once, without blocking. What one of them throws is
-// kept for its own wait (Pending::deferred), never thrown at this caller.
-void progress_others(const Pending& self) noexcept {
-  if (in_progress_others) return;
-  std::vector<std::shared_ptr<Pending>> others;
-  try {
-    Live& l = live();
-    std::lock_guard<std::mutex> lock(l.mu);
-    std::erase_if(l.all, [](const std::weak_ptr<Pending>& w) {
-      auto q = w.lock();
-      return q == nullptr || q->done;
-    });
-    for (const auto& w : l.all)
-      if (auto q = w.lock(); q && q.get() != &self && !q->orphaned && !q->deferred) others.push_back(std::move(q));
-  } catch (...) {
-    return;  // out of memory: this wait still completes its own average
-  }
-  in_progress_others = true;
-  for (const auto& q : others) {
-    if (q->done || q->threaded) continue;  // a worker's average moves by itself
-    try {
-      const auto never = std::chrono::steady_clock::time_point::max();
-      if (launch(*q, false, never) && !q->done) (void)complete_data(*q, false, never);
-    } catch (...) {
-      q->deferred = std::current_exception();
-    }
-  }
-  in_progress_others = false;
-}
 
 // Whether a blocking wait on `p` polls (instead of blocking inside MPI): always for an
 // averager's average (it serves "where are you?" and warns of a stall), and whenever another
@@ -273,6 +213,16 @@ bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::tim
   return flag != 0;
 }
 
+// A blocking wait on `p` begins: this rank answers "where are you?" with this average meanwhile
+// (`here`, for the wait's scope), and the stall warning and the polls count from now.
+void begin_wait(Pending& p, std::optional<Waiting>& here) {
+  if (p.averager == 0) return;
+  here.emplace(position_of(p));
+  p.wait_start = {};
+  p.warnings = 0;
+  p.polls = 0;
+}
+
 void require_usable(const Pending& p) {
   if (p.orphaned)
     throw Error("hma: step " + std::to_string(p.who.step) + ": the set or the averager of this "
@@ -288,25 +238,14 @@ void require_usable(const Pending& p) {
 void launch_data(Pending& p) {
   if (p.done) return;
   std::optional<Waiting> here;
-  if (p.averager != 0) {
-    here.emplace(position_of(p));
-    p.wait_start = {};
-    p.warnings = 0;
-    p.polls = 0;
-  }
+  begin_wait(p, here);
   require_usable(p);
   (void)launch(p, true, deadline_after(p.timeout_s));
 }
 
 bool complete(Pending& p, bool blocking) {
-  // Blocking: this rank answers "where are you?" with this average meanwhile.
   std::optional<Waiting> here;
-  if (blocking && p.averager != 0) {
-    here.emplace(position_of(p));
-    p.wait_start = {};  // the stall warning counts from this wait's start
-    p.warnings = 0;
-    p.polls = 0;
-  }
+  if (blocking) begin_wait(p, here);
   if (p.deferred) {  // thrown while another wait advanced it: reported here, once
     auto e = std::exchange(p.deferred, nullptr);
     std::rethrow_exception(e);
@@ -382,15 +321,15 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
 }
 }  // namespace
 
+bool advance(Pending& p) {
+  const auto never = std::chrono::steady_clock::time_point::max();
+  return launch(p, false, never) && (p.done || complete_data(p, false, never));
+}
+
 void finish_issuing(Pending& p) {
   if (p.done) return;
   std::optional<Waiting> here;
-  if (p.averager != 0) {
-    here.emplace(position_of(p));
-    p.wait_start = {};
-    p.warnings = 0;
-    p.polls = 0;
-  }
+  begin_wait(p, here);
   require_usable(p);
   const auto deadline = deadline_after(p.timeout_s);
   launch(p, true, deadline);
@@ -412,53 +351,6 @@ void finish_issuing(Pending& p) {
   }
 }
 
-void track(const std::shared_ptr<Pending>& p) {
-  Live& l = live();
-  std::lock_guard<std::mutex> lock(l.mu);
-  std::erase_if(l.all, [](const std::weak_ptr<Pending>& w) {
-    auto q = w.lock();
-    return q == nullptr || q->done;
-  });
-  l.all.push_back(p);
-}
-
-void keep_forever(std::shared_ptr<Pending> p) noexcept {
-  // MPI may still write into its control check, its requests and its buffers: never free them.
-  // Reachable from a static, so leak checkers do not report it.
-  static auto* graveyard = new std::vector<std::shared_ptr<Pending>>;
-  static std::mutex mu;
-  try {
-    std::lock_guard<std::mutex> lock(mu);
-    graveyard->push_back(std::move(p));
-  } catch (...) {
-    (void)new std::shared_ptr<Pending>(std::move(p));  // out of memory: leak it another way
-  }
-}
-
-void Pending::wait() { (void)complete(*this, true); }
-
-bool Pending::settle() noexcept {
-  if (done) return true;
-  if (mpi_finalized()) return true;  // MPI is gone: it can no longer write anywhere
-  try {
-    // Never launch the data stage of a dying set (it would read and write arrays that are about
-    // to go); finish one already launched, looking only once after a timeout (never a second
-    // timeout).
-    if (launched && !orphaned) (void)complete(*this, !timed_out);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "hma: completing the in-flight average of a dying set: %s\n", e.what());
-  }
-  params = nullptr;
-  if (!done) {
-    orphaned = true;  // a Request that outlives the set can no longer complete it
-    std::fprintf(stderr, "hma: a dying set's average (step %lld, %s) is still in flight; its "
-                 "buffers are leaked so MPI cannot write into freed memory\n",
-                 static_cast<long long>(who.step), who.describe().c_str());
-    keep_forever(std::static_pointer_cast<Pending>(shared_from_this()));
-  }
-  return done;
-}
-
 void unpack(ParamSet& params) {
   unpack_bucket(params.bucket<float>());
   unpack_bucket(params.bucket<double>());
@@ -467,43 +359,3 @@ void unpack(ParamSet& params) {
 }
 
 }  // namespace hma::detail
-
-namespace hma {
-
-Request& Request::operator=(Request&& other) noexcept {
-  if (this != &other) {
-    if (active() && !pending_->timed_out && !pending_->orphaned && !detail::mpi_finalized()) {
-      try {
-        wait();
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "hma: Request::operator=: completing an in-flight average: %s\n",
-                     e.what());
-      }
-    }
-    pending_ = std::move(other.pending_);
-    level_ = other.level_;
-    other.level_.reset();
-  }
-  return *this;
-}
-
-Request::~Request() {
-  if (!active()) return;
-  // After a timeout, or once MPI or the averager is gone, the set decides (see Pending::settle).
-  if (pending_->timed_out || pending_->orphaned || detail::mpi_finalized()) return;
-  try {
-    wait();
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "hma: ~Request: completing an in-flight average: %s\n", e.what());
-  }
-}
-
-void Request::wait() {
-  if (pending_) detail::complete(*pending_, true);
-}
-
-bool Request::test() { return !pending_ || detail::complete(*pending_, false); }
-
-bool Request::active() const noexcept { return pending_ && !pending_->done; }
-
-}  // namespace hma

@@ -43,6 +43,18 @@ void keep_forever(std::shared_ptr<Pending> p) noexcept;
 /// does not issue them), so averages waited for in different orders on different ranks complete.
 void track(const std::shared_ptr<Pending>& p);
 
+/// Whether another average than `self` is in flight in this process (then a blocking wait
+/// polls, so that it advances them).
+bool others_in_flight(const Pending& self);
+
+/// Advances every other average in flight once, without blocking. What one of them throws is
+/// kept for its own wait (Pending::deferred), never thrown at this caller.
+void progress_others(const Pending& self) noexcept;
+
+/// Advances `p` once without blocking: launches its data stage when its check is done, tests
+/// its collectives. True when it is complete. Throws what complete() throws.
+bool advance(Pending& p);
+
 /// Copies the packed staging area back into the user arrays of `params`.
 void unpack(ParamSet& params);
 

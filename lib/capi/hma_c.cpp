@@ -17,7 +17,7 @@
 #include <variant>
 #include <vector>
 
-#include "agree.hpp"
+#include "control/agree.hpp"
 #include "control/settings.hpp"
 #include "hma/hma.hpp"
 

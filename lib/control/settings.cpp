@@ -8,7 +8,7 @@
 #include <functional>
 #include <string>
 
-#include "agree.hpp"
+#include "control/agree.hpp"
 #include "control/model.hpp"
 #include "hma/error.hpp"
 #include "support/env.hpp"

@@ -4,7 +4,7 @@
 #include <cstdio>
 
 #include "buffer_common.hpp"
-#include "agree.hpp"
+#include "support/mpi_library.hpp"
 #include "hma/comm.hpp"
 #include "hma/local_device.hpp"
 #include "device/device_state.hpp"

@@ -57,5 +57,17 @@ void require_same_mpi(const char* who) {
               "are meaningless to the other");
 }
 
+void require_mpi(const char* who) {
+  require_same_mpi(who);  // first: with another MPI loaded, nothing below means anything
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (!init)
+    throw Error(std::string("hma: ") + who +
+                ": MPI is not initialised; call MPI_Init (or MPI_Init_thread) first: hma never "
+                "initialises MPI itself");
+  if (fin) throw Error(std::string("hma: ") + who + ": MPI is already finalised");
+}
+
 }  // namespace detail
 }  // namespace hma

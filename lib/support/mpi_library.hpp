@@ -15,4 +15,8 @@ namespace hma::detail {
 /// Local; the comparison is made once per process.
 void require_same_mpi(const char* who);
 
+/// Throws hma::Error naming `who` unless MPI is initialised and not yet finalised (hma never
+/// initialises MPI itself), and is the MPI hma was built with (require_same_mpi).
+void require_mpi(const char* who);
+
 }  // namespace hma::detail

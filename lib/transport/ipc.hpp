@@ -63,6 +63,13 @@ struct IpcLevel {
   [[nodiscard]] MPI_Comm control() const { return two_level() ? whole.get() : comm.get(); }
 };
 
+/// How an average on the node transport moves, for Averager::device_path().
+inline const char* describe_ipc(bool two_level) {
+  return two_level ? "two-level: the node transport (on the device, node peers' slices through CUDA IPC), "
+                     "this rank's slice across nodes through pinned host memory (MPI_Iallreduce)"
+                   : "the node transport (on the device, peers' terms through CUDA IPC)";
+}
+
 struct IpcRoute {
   std::shared_ptr<IpcLevel> level;
   DeviceRoute fallback;  // the staged or direct route, if the devices cannot reach; its comm

@@ -3,7 +3,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "agree.hpp"
+#include "control/agree.hpp"
+#include "support/mpi_library.hpp"
 #include "support/env.hpp"
 #include "support/keep.hpp"
 #include "hma/error.hpp"

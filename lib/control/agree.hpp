@@ -12,10 +12,6 @@
 
 namespace hma::detail {
 
-/// Throws hma::Error naming `who` unless MPI is initialised and not yet finalised (hma never
-/// initialises MPI itself).
-void require_mpi(const char* who);
-
 /// Collective: the minimum and maximum of `v` over `comm`, in one MPI_Allreduce.
 std::pair<int, int> min_max(MPI_Comm comm, int v);
 

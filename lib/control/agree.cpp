@@ -1,4 +1,4 @@
-#include "agree.hpp"
+#include "control/agree.hpp"
 
 #include <exception>
 #include <stdexcept>
@@ -34,18 +34,6 @@ std::string bcast_string(MPI_Comm comm, std::string text, int root) {
 }
 
 }  // namespace
-
-void require_mpi(const char* who) {
-  require_same_mpi(who);  // first: with another MPI loaded, nothing below means anything
-  int init = 0, fin = 0;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  if (!init)
-    throw Error(std::string("hma: ") + who +
-                ": MPI is not initialised; call MPI_Init (or MPI_Init_thread) first: hma never "
-                "initialises MPI itself");
-  if (fin) throw Error(std::string("hma: ") + who + ": MPI is already finalised");
-}
 
 std::pair<int, int> min_max(MPI_Comm comm, int v) {
   int in[2] = {v, -v}, out[2] = {0, 0};  // min(-v) = -max(v)
