@@ -242,6 +242,17 @@ raises(ValueError, "names stream 0, which the interface disallows",
 raises(ValueError, f"names stream {S2}, the arrays registered before stream {S}: an average waits on one stream",
        lambda: rs.add(CudaArray(np.zeros(4, np.float32), stream=S2)), "two streams")
 raises(TypeError, "a ndarray has no __cuda_array_interface__", lambda: rs.add(np.zeros(4, np.float32)), "numpy")
+
+
+class DLPackOnly:   # DLPack is not taken: an object with only __dlpack__ is refused
+    def __dlpack__(self, stream=None):
+        return np.zeros(4, np.float32).__dlpack__()
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+raises(TypeError, "a DLPackOnly has no __cuda_array_interface__", lambda: rs.add(DLPackOnly()), "DLPack only")
 raises(ValueError, "overlaps user array #0", lambda: rs.add(CudaArray(good[2:6])), "overlap")
 check(rs.arrays == 1 and rs.bytes == 32, f"after the refusals: {rs.arrays} arrays, {rs.bytes} bytes")
 
