@@ -4,13 +4,13 @@
 # when mpi4py's is another than hma's (Debian's mpi4py is Open MPI's: an MPICH build of hma).
 # Exit 77 (skip) with the reason when a module is missing, for the value tests when mpi4py uses
 # another MPI than this build, and for `mismatch` when it uses the same.
-# Usage: check_python.sh PYTHON PYTHONPATH MPI_IMPL numpy|torch|torch_pg|mismatch NP SCRIPT MPIRUN FLAGS...
+# Usage: check_python.sh PYTHON PYTHONPATH MPI_IMPL numpy|torch|torch_pg|cuda_array|mismatch NP SCRIPT MPIRUN FLAGS...
 set -uo pipefail
 py=$1 pp=$2 impl=$3 mode=$4 np=$5 script=$6 mpirun=$7
 shift 7
 export PYTHONPATH=$pp${PYTHONPATH:+:$PYTHONPATH}
 mods="numpy mpi4py"
-case "$mode" in torch*) mods="$mods torch" ;; esac
+case "$mode" in torch* | cuda_array) mods="$mods torch" ;; esac
 for m in $mods; do
   "$py" -c "import $m" 2>/dev/null || { echo "SKIP: $py cannot import $m (tools/bootstrap installs python3-$m)"; exit 77; }
 done

@@ -200,7 +200,7 @@ class HostEmulation final : public DeviceBackend {
     return reinterpret_cast<Stream>(st.get());
   }
   void destroy_stream(Stream s) noexcept override {
-    if (s == nullptr) return;
+    if (default_stream(s)) return;
     std::lock_guard<std::recursive_mutex> l(mu_);
     run_until(*get(s), get(s)->enqueued);
     streams_.erase(reinterpret_cast<EStream*>(s));
@@ -304,9 +304,15 @@ class HostEmulation final : public DeviceBackend {
     if (p == nullptr) throw std::bad_alloc();
     return p;
   }
-  EStream* get(Stream s) { return s == nullptr ? default_.get() : reinterpret_cast<EStream*>(s); }
+  // CUDA's default-stream handles: nullptr, cudaStreamLegacy (1) and cudaStreamPerThread (2),
+  // which the Python package passes on from __cuda_array_interface__. One default stream here.
+  static bool default_stream(Stream s) {
+    const auto v = reinterpret_cast<std::uintptr_t>(s);
+    return v == 0 || v == 1 || v == 2;
+  }
+  EStream* get(Stream s) { return default_stream(s) ? default_.get() : reinterpret_cast<EStream*>(s); }
   std::shared_ptr<EStream> shared(Stream s) {
-    if (s == nullptr) return default_;
+    if (default_stream(s)) return default_;
     const auto it = streams_.find(reinterpret_cast<EStream*>(s));
     if (it == streams_.end()) throw Error("hma: host emulation: unknown stream");
     return it->second;

@@ -14,7 +14,12 @@
 Communicators are mpi4py's (importing this package imports mpi4py.MPI, which initialises MPI
 as mpi4py always does; hma never initialises MPI itself). Arrays are any writable buffer
 (numpy, torch CPU tensors through .numpy()): dense ones averaged where they are, strided ones
-through a staging copy. hma.torch has drop-in replacements for torch's model averagers.
+through a staging copy. CUDA arrays (anything with __cuda_array_interface__ version 2 or 3:
+CuPy, Numba, torch CUDA tensors) go in a DeviceParamSet, float32/float64, dense, averaged in place
+on the caller's stream (avg.step(params, stream=None): the stream the arrays' interface named,
+else torch's current stream for torch tensors, else the default stream; call
+params.synchronize() before host code reads them). hma.torch has drop-in replacements for
+torch's model averagers.
 Options are keywords (timeout_s, chunk_bytes, check, divergence, ranks_per_node, progress,
 reduction, algorithm, nonfinite, wire, outer), as AveragerOptions in C++.
 """
@@ -22,6 +27,7 @@ from mpi4py import MPI
 
 from ._hma import (  # noqa: F401
     Averager,
+    DeviceParamSet,
     Error,
     InvalidArgument,
     MismatchError,

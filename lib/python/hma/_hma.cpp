@@ -3,7 +3,7 @@
 // are registered as they are (no copy on the Python side), strided ones through a staging array
 // gathered before and scattered after each average. The averagers take a communicator handle
 // (mpi4py's Comm.py2f()); hma/__init__.py and hma/torch.py build the Python faces on them.
-// The GIL is released while an average runs.
+// The GIL is released while an average runs. Device sets (__cuda_array_interface__): _hma_device.cpp.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,9 +18,11 @@
 #include <utility>
 #include <vector>
 
+#include "binding.hpp"
 #include "hma/hma.hpp"
 
 namespace py = pybind11;
+using hma_py::PyRequest;
 
 namespace {
 
@@ -31,22 +33,7 @@ struct Registered {
   std::vector<std::byte> staging;
 };
 
-// True when the elements fill one block of memory with no gaps, in any order of the dimensions
-// (C, Fortran or permuted): averaging is elementwise, so such an array is averaged in place.
-bool dense(const py::buffer_info& b) {
-  std::vector<std::pair<py::ssize_t, py::ssize_t>> dims;  // (stride, extent)
-  for (py::ssize_t i = 0; i < b.ndim; ++i) {
-    if (b.shape[i] == 0) return true;
-    if (b.shape[i] != 1) dims.emplace_back(b.strides[i], b.shape[i]);
-  }
-  std::sort(dims.begin(), dims.end());
-  py::ssize_t want = b.itemsize;
-  for (const auto& [stride, extent] : dims) {
-    if (stride != want) return false;
-    want *= extent;
-  }
-  return true;
-}
+bool dense(const py::buffer_info& b) { return hma_py::dense(b.shape, b.strides, b.itemsize); }
 
 // Copies between a strided array and its dense staging (gather: array -> staging).
 void copy_strided(const py::buffer_info& b, std::byte* flat, bool gather) {
@@ -138,49 +125,6 @@ class PyParamSet {
   std::vector<Registered> regs_;  // declared first: destroyed after ps_ (which waits)
   std::size_t strided_ = 0;
   hma::ParamSet ps_;
-};
-
-class PyRequest {
- public:
-  PyRequest(hma::Request r, py::object owner, PyParamSet* ps) : req_(std::move(r)), owner_(std::move(owner)), ps_(ps) {}
-  PyRequest(const PyRequest&) = delete;
-  PyRequest& operator=(const PyRequest&) = delete;
-  ~PyRequest() {
-    try {
-      wait();
-    } catch (...) {  // a destructor cannot report; wait() first to see errors
-    }
-  }
-  void wait() {
-    if (done_) return;
-    {
-      py::gil_scoped_release nogil;
-      req_.wait();
-    }
-    finish();
-  }
-  bool test() {
-    if (done_) return true;
-    bool ok = false;
-    {
-      py::gil_scoped_release nogil;
-      ok = req_.test();
-    }
-    if (ok) finish();
-    return ok;
-  }
-  [[nodiscard]] bool active() const { return req_.active(); }
-  [[nodiscard]] std::optional<std::size_t> level() const { return req_.level(); }
-
- private:
-  void finish() {
-    done_ = true;
-    if (ps_ != nullptr) ps_->scatter();
-  }
-  hma::Request req_;
-  py::object owner_;  // keeps the ParamSet alive while the average is in flight
-  PyParamSet* ps_;
-  bool done_ = false;
 };
 
 template <class E>
@@ -299,7 +243,8 @@ PYBIND11_MODULE(_hma, m) {
       .def_property_readonly("active", &PyRequest::active)
       .def_property_readonly("level", &PyRequest::level);
 
-  py::class_<hma::Averager>(m, "Averager")
+  py::class_<hma::Averager> averager(m, "Averager");
+  averager
       .def("step",
            [](hma::Averager& a, PyParamSet& ps) {
              ps.gather();
@@ -328,9 +273,9 @@ PYBIND11_MODULE(_hma, m) {
              return py::make_tuple(averaged, seconds);
            })
       .def("start",
-           [](hma::Averager& a, py::object ps) {
-             auto& p = py::cast<PyParamSet&>(ps);
-             return std::make_unique<PyRequest>(started(a, p, std::nullopt), ps, &p);
+           [](hma::Averager& a, PyParamSet& p) {
+             auto ps = py::cast(&p, py::return_value_policy::reference);  // its Python object
+             return std::make_unique<PyRequest>(started(a, p, std::nullopt), ps, [&p] { p.scatter(); });
            })
       .def("average",
            [](hma::Averager& a, PyParamSet& ps, std::size_t level) {
@@ -342,9 +287,9 @@ PYBIND11_MODULE(_hma, m) {
              ps.scatter();
            })
       .def("start_average",
-           [](hma::Averager& a, py::object ps, std::size_t level) {
-             auto& p = py::cast<PyParamSet&>(ps);
-             return std::make_unique<PyRequest>(started(a, p, level), ps, &p);
+           [](hma::Averager& a, PyParamSet& p, std::size_t level) {
+             auto ps = py::cast(&p, py::return_value_policy::reference);
+             return std::make_unique<PyRequest>(started(a, p, level), ps, [&p] { p.scatter(); });
            })
       .def_property_readonly("step_count", &hma::Averager::step_count)
       .def("set_step", &hma::Averager::set_step)
@@ -365,6 +310,7 @@ PYBIND11_MODULE(_hma, m) {
       })
       .def_property_readonly("member", &hma::Averager::member)
       .def_property_readonly("num_levels", [](const hma::Averager& a) { return a.schedule().levels().size(); });
+  hma_py::bind_device(m, averager);
 
   m.def(
       "periodic",

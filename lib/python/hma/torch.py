@@ -16,7 +16,8 @@ through their memory; a parameter whose memory changed (p.data reassigned, .to()
 that swaps tensors) is seen by its data_ptr and the set is registered anew (`registrations`
 counts them), never averaged through a stale pointer. Keyword options are hma's (weight, outer,
 wire, divergence, timeout_s, ...; see hma.PeriodicAverager). CPU tensors of float32, float64,
-float16 and bfloat16.
+float16 and bfloat16; CUDA tensors of float32 and float64 (an hma.DeviceParamSet, averaged on
+torch's current stream), all parameters of one average on the CPU or all on CUDA.
 """
 import warnings
 
@@ -109,8 +110,7 @@ def get_params_to_average(params):
 def _array(t):
     if t.device.type != "cpu":
         raise NotImplementedError(
-            f"hma.torch: parameters on {t.device} are not supported by this binding yet (CPU "
-            f"tensors only)")
+            f"hma.torch: parameters on {t.device} are not supported (CPU and CUDA tensors only)")
     d = t.detach()
     if d.dtype in (torch.float32, torch.float64, torch.float16):
         return d.numpy(), None
@@ -118,6 +118,25 @@ def _array(t):
         return d.view(torch.int16).numpy(), "bf16"
     raise TypeError(f"hma.torch: a parameter of dtype {d.dtype} cannot be averaged (float32, float64, "
                     f"float16 or bfloat16)")
+
+
+def _device_set(tensors):
+    """CUDA parameters in an hma.DeviceParamSet (on the first one's device), through their
+    __cuda_array_interface__; the binding averages them on torch's current stream."""
+    elsewhere = sorted({str(t.device) for t in tensors if t.device.type != "cuda"})
+    if elsewhere:
+        raise hma.InvalidArgument(
+            f"hma.torch: parameters on CUDA and on {', '.join(elsewhere)} in one average: hma "
+            f"averages host and device memory in separate sets; keep the parameters of one "
+            f"averager on one kind of device")
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"hma.torch: a CUDA parameter of dtype {t.dtype} cannot be averaged "
+                            f"(float32 or float64 on CUDA)")
+    ps = hma.DeviceParamSet(tensors[0].device.index if tensors[0].device.index is not None else -1)
+    for t in tensors:
+        ps.add(t.detach())
+    return ps
 
 
 class ModelAverager:
@@ -151,12 +170,14 @@ class ModelAverager:
     def _params(self, tensors):
         # Memory that moved has a new data_ptr (the old storage is still held by the registered
         # arrays, so no new tensor can reuse its address); numel and dtype catch a view of it.
-        key = [(t.data_ptr(), t.numel(), t.dtype) for t in tensors]
+        key = [(t.data_ptr(), t.numel(), t.dtype, t.device) for t in tensors]
         if key != self._key:
-            ps = hma.ParamSet()
-            for t in tensors:
-                array, dtype = _array(t)
-                ps.add(array, dtype)
+            ps = _device_set(tensors) if any(t.device.type == "cuda" for t in tensors) else None
+            if ps is None:
+                ps = hma.ParamSet()
+                for t in tensors:
+                    array, dtype = _array(t)
+                    ps.add(array, dtype)
             self._set, self._key = ps, key
             self.registrations += 1
         return self._set
