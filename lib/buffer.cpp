@@ -134,6 +134,14 @@ void ParamSet::throw_null_span() {
   throw InvalidArgument("hma: ParamSet::add: the array has a null data pointer but a non-zero size");
 }
 
+void ParamSet::throw_not_contiguous(std::size_t i, std::size_t n) {
+  throw InvalidArgument("hma: ParamSet::add: the range (" + std::to_string(n) +
+                        " elements) is not contiguous: element " + std::to_string(i) +
+                        " does not lie at data() + " + std::to_string(i) +
+                        " (a strided view, e.g. a matrix row?); pass contiguous memory, hma "
+                        "averages it in place");
+}
+
 void ParamSet::overlap_error(std::size_t index) {
   if (index == static_cast<std::size_t>(-1))
     throw InvalidArgument("hma: ParamSet::add: the array lies inside hma's own buffer (an Array "

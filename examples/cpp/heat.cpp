@@ -62,7 +62,9 @@ int main(int argc, char** argv) {
   try {
     std::vector<double> u = initial(rank);
     hma::ParamSet params;
-    params.add(u);  // u stays ours; each average packs it and writes the result back
+    // A pointer and a length (params.add(u) takes the vector itself): u stays ours; each average
+    // packs it and writes the result back.
+    params.add(u.data(), u.size());
     hma::HierarchicalAverager avg(MPI_COMM_WORLD, "2:node,6:world", /*warmup=*/0);
     for (int t = 0; t < Steps; ++t) {
       diffuse(u);

@@ -5,11 +5,14 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
+#include <ranges>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace hma {
@@ -54,6 +57,26 @@ constexpr Dtype dtype_of() noexcept {
   else if constexpr (std::same_as<T, bf16>) return Dtype::bf16;
   else return Dtype::fp16;
 }
+/// A writable array ParamSet::add takes whole, whose elements are Storable:
+/// - a contiguous range (`std::ranges::contiguous_range` and sized: std::vector, std::array,
+///   std::span, a C array, ...), or
+/// - a sized random-access range with a `data()` member (an Eigen 3.4 vector or segment, whose
+///   iterators are not contiguous ones): add() checks at run time that element i lies at
+///   data() + i, and refuses a strided one (an Eigen matrix row) with hma::InvalidArgument.
+/// Ranges of const elements are not accepted (hma writes the average back), nor temporaries
+/// that own their elements (a std::vector returned by value: hma keeps the address); views that
+/// do not own them (std::span) may be temporaries.
+template <class R>
+concept AddableRange =
+    std::ranges::random_access_range<R> && std::ranges::sized_range<R> &&
+    Storable<std::ranges::range_value_t<R>> &&
+    std::same_as<std::ranges::range_reference_t<R>, std::ranges::range_value_t<R>&> &&
+    (std::ranges::contiguous_range<R> ||
+     requires(R& r) {
+       { r.data() } -> std::same_as<std::ranges::range_value_t<R>*>;
+     }) &&
+    (std::is_lvalue_reference_v<R> || std::ranges::borrowed_range<R>);
+
 [[nodiscard]] const char* dtype_name(Dtype d) noexcept;
 [[nodiscard]] std::size_t dtype_size(Dtype d) noexcept;
 
@@ -163,11 +186,21 @@ class ParamSet {
   /// hma::bf16 or hma::fp16.
   template <Storable T>
   Array<T> allocate(std::size_t n, T init = T{});
-  /// Pack/unpack: registers the caller's array; it must outlive the ParamSet's averages.
+  /// Pack/unpack: registers the caller's array; it must outlive the ParamSet's averages. Throws
+  /// hma::InvalidArgument for a null pointer with n > 0, or an array that overlaps one already
+  /// registered (or hma's own buffer).
   template <Storable T>
-  void add(std::span<T> user);
+  void add(std::span<T> user) { add(user.data(), user.size()); }
+  /// The same, for `n` elements at `data` (a Kokkos host View: `add(v.data(), v.size())`).
   template <Storable T>
-  void add(std::vector<T>& user) { add(std::span<T>(user)); }
+  void add(T* data, std::size_t n);
+  template <Storable T>
+  void add(std::vector<T>& user) { add(user.data(), user.size()); }
+  /// The same, for any AddableRange (std::array, a C array, an Eigen vector, ...). A const
+  /// range, or a temporary that owns its elements, does not compile.
+  template <class R>
+    requires AddableRange<R&&>
+  void add(R&& range);
 
   /// Elements of dtype `d` (owned plus user), i.e. the length of that contiguous buffer.
   [[nodiscard]] std::size_t count(Dtype d) const noexcept;
@@ -214,6 +247,7 @@ class ParamSet {
   }
   [[noreturn]] static void overlap_error(std::size_t index);
   [[noreturn]] static void throw_null_span();
+  [[noreturn]] static void throw_not_contiguous(std::size_t i, std::size_t n);
   std::unique_ptr<detail::Bucket<float>> f32_;
   std::unique_ptr<detail::Bucket<double>> f64_;
   std::unique_ptr<detail::Bucket<bf16>> b16_;
@@ -249,12 +283,13 @@ Array<T> ParamSet::allocate(std::size_t n, T init) {
 }
 
 template <Storable T>
-void ParamSet::add(std::span<T> user) {
+void ParamSet::add(T* data, std::size_t n) {
   check_mutable("add");
   auto& b = bucket<T>();
-  check_size(user.size(), b.size(), sizeof(T), "add");
-  if (user.data() == nullptr && !user.empty())
+  check_size(n, b.size(), sizeof(T), "add");
+  if (data == nullptr && n != 0)
     throw_null_span();
+  const std::span<T> user(data, n);
   check_no_overlap(user.data(), user.size_bytes(), b.user_ranges, b.storage);
   b.user.push_back(user);
   b.user_ranges.insert(user.data(), user.size_bytes(), b.user.size() - 1);
@@ -262,6 +297,24 @@ void ParamSet::add(std::span<T> user) {
   b.storage.resize(b.owned + b.user_elems);
   layout_.push_back(detail::LayoutEntry{1, dtype_of<T>(), user.size()});
   ++version_;
+}
+
+template <class R>
+  requires AddableRange<R&&>
+void ParamSet::add(R&& range) {
+  using T = std::ranges::range_value_t<R>;
+  const std::size_t n = static_cast<std::size_t>(std::ranges::size(range));
+  T* data = nullptr;
+  if constexpr (std::ranges::contiguous_range<R>) {
+    data = std::ranges::data(range);
+  } else {
+    // Random access with data(): the elements must lie one after the other from data().
+    data = range.data();
+    auto it = std::ranges::begin(range);
+    for (std::size_t i = 0; i < n; ++i, ++it)
+      if (std::addressof(*it) != data + i) throw_not_contiguous(i, n);
+  }
+  add(data, n);
 }
 
 }  // namespace hma

@@ -1,4 +1,5 @@
-! hma.f90: the Fortran 2008 module `hma`, bind(C) over hma's C API (hma/hma.h).
+! hma.f90: the Fortran 2008 module `hma` (and Fortran 2018's assumed-rank dummies for arrays),
+! bind(C) over hma's C API (hma/hma.h).
 !
 ! Handles (parameter sets, averagers, requests) are integer(c_intptr_t), 0 for none. Every
 ! function returns an integer status, HMA_OK (0) or an HMA_ERR_* code; on anything but HMA_OK,
@@ -20,9 +21,10 @@
 !   do it = 1, iters; call compute(u); st = hma_step(avg, ps); end do
 !   st = hma_averager_free(avg); st = hma_paramset_free(ps)
 !
-! hma_paramset_add takes rank-1 real(c_float) or real(c_double) arrays that are contiguous (a
-! strided section is refused, not copied into a temporary hma would then keep) and outlive the
-! set. Periods, warmups and levels are default integers (levels from 0, as in C); the step
+! hma_paramset_add takes real(c_float) or real(c_double) arrays of any rank (assumed-rank dummies:
+! a 2-D or 3-D state array goes in as it is; a scalar counts as one element) that are contiguous
+! (a strided section is refused, not copied into a temporary hma would then keep) and outlive
+! the set; hma_paramset_add_bf16/_fp16 the same for integer(c_int16_t) bit patterns. Periods, warmups and levels are default integers (levels from 0, as in C); the step
 ! counter is integer(c_int64_t). Texts (hma_describe, hma_checkpoint) come back as allocatable
 ! strings. Device buffers are C and C++ only. Thread safety as in C, except that a refusal made
 ! by this module itself (the contiguity check) is kept in one module variable, not per thread.
@@ -64,7 +66,7 @@ module hma
   public :: hma_set_weight, hma_weight, hma_last_divergence
   public :: hma_paramset_add_bf16, hma_paramset_add_fp16
 
-  ! Registers a contiguous real(c_float) or real(c_double) rank-1 array (TARGET) with a set.
+  ! Registers a contiguous real(c_float) or real(c_double) array of any rank (TARGET) with a set.
   interface hma_paramset_add
     module procedure paramset_add_float, paramset_add_double
   end interface
@@ -183,37 +185,39 @@ contains
     integer(c_intptr_t), intent(inout) :: ps
     status = with_handle(c_paramset_free, ps)
   end function
+  ! Arrays of any rank (assumed rank): the C address of the first element, or null for an empty
+  ! or non-contiguous one (which add() refuses; c_loc needs a contiguous array).
   integer function paramset_add_float(ps, x) result(status)
     integer(c_intptr_t), intent(in) :: ps
-    real(c_float), intent(inout), target :: x(:)
+    real(c_float), intent(inout), target :: x(..)
     type(c_ptr) :: data
     data = c_null_ptr
-    if (size(x) > 0) data = c_loc(x(1))
+    if (size(x) > 0 .and. is_contiguous(x)) data = c_loc(x)
     status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_float)
   end function
   integer function paramset_add_double(ps, x) result(status)
     integer(c_intptr_t), intent(in) :: ps
-    real(c_double), intent(inout), target :: x(:)
+    real(c_double), intent(inout), target :: x(..)
     type(c_ptr) :: data
     data = c_null_ptr
-    if (size(x) > 0) data = c_loc(x(1))
+    if (size(x) > 0 .and. is_contiguous(x)) data = c_loc(x)
     status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_double)
   end function
-  ! 16-bit arrays as bit patterns (integer(c_int16_t)): bfloat16 or IEEE half precision.
+  ! 16-bit arrays as bit patterns (integer(c_int16_t)), any rank: bfloat16 or IEEE half precision.
   integer function hma_paramset_add_bf16(ps, x) result(status)
     integer(c_intptr_t), intent(in) :: ps
-    integer(c_int16_t), intent(inout), target :: x(:)
+    integer(c_int16_t), intent(inout), target :: x(..)
     type(c_ptr) :: data
     data = c_null_ptr
-    if (size(x) > 0) data = c_loc(x(1))
+    if (size(x) > 0 .and. is_contiguous(x)) data = c_loc(x)
     status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_bf16)
   end function
   integer function hma_paramset_add_fp16(ps, x) result(status)
     integer(c_intptr_t), intent(in) :: ps
-    integer(c_int16_t), intent(inout), target :: x(:)
+    integer(c_int16_t), intent(inout), target :: x(..)
     type(c_ptr) :: data
     data = c_null_ptr
-    if (size(x) > 0) data = c_loc(x(1))
+    if (size(x) > 0 .and. is_contiguous(x)) data = c_loc(x)
     status = add(ps, is_contiguous(x), size(x, kind=c_size_t), data, c_add_fp16)
   end function
   integer function hma_paramset_wait(ps) result(status)  ! waits for its average in flight
