@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <utility>
 
 #include "hma/error.hpp"
 #include "buffer_common.hpp"
@@ -54,6 +55,7 @@ ParamSet::ParamSet(ParamSet&& o) noexcept
       b16_(std::move(o.b16_)),
       h16_(std::move(o.h16_)),
       layout_(std::move(o.layout_)),
+      fingerprint_(std::exchange(o.fingerprint_, detail::kLayoutSeed)),
       version_(o.version_),
       id_(o.id_),
       pending_(std::move(o.pending_)) {
@@ -78,6 +80,7 @@ ParamSet& ParamSet::operator=(ParamSet&& o) noexcept {
   b16_ = std::move(o.b16_);
   h16_ = std::move(o.h16_);
   layout_ = std::move(o.layout_);
+  fingerprint_ = std::exchange(o.fingerprint_, detail::kLayoutSeed);
   version_ = o.version_;
   id_ = o.id_;
   pending_ = std::move(o.pending_);
@@ -107,6 +110,10 @@ void ParamSet::wait() {
 bool ParamSet::in_flight() const noexcept { return pending_ && !pending_->done; }
 
 void ParamSet::set_pending(std::shared_ptr<detail::InFlight> p) noexcept { pending_ = std::move(p); }
+
+void ParamSet::drop_finished() noexcept {
+  if (pending_ && pending_->done) pending_.reset();
+}
 
 void detail::check_not_in_flight(bool in_flight, const std::string& who) {
   if (in_flight)
@@ -165,21 +172,34 @@ std::size_t ParamSet::bytes() const noexcept {
   return f32_->size() * 4 + f64_->size() * 8 + (b16_->size() + h16_->size()) * 2;
 }
 
-std::uint64_t detail::layout_fingerprint(std::span<const LayoutEntry> entries, std::uint64_t marker) {
-  std::uint64_t h = 0xcbf29ce484222325ULL;
-  auto fold = [&h](std::uint64_t v) {
-    for (int i = 0; i < 8; ++i) {
-      h ^= (v >> (8 * i)) & 0xff;
-      h *= 0x100000001b3ULL;
-    }
-  };
-  if (marker != 0) fold(marker);
-  for (const auto& e : entries) {
-    fold(e.kind);
-    fold(static_cast<std::uint64_t>(e.dtype));
-    fold(e.n);
+namespace {
+std::uint64_t fold_word(std::uint64_t h, std::uint64_t v) noexcept {
+  for (int i = 0; i < 8; ++i) {
+    h ^= (v >> (8 * i)) & 0xff;
+    h *= 0x100000001b3ULL;
   }
   return h;
+}
+
+std::uint64_t fold_layout(std::uint64_t h, const detail::LayoutEntry& e) noexcept {
+  h = fold_word(h, e.kind);
+  h = fold_word(h, static_cast<std::uint64_t>(e.dtype));
+  return fold_word(h, e.n);
+}
+}  // namespace
+
+
+std::uint64_t detail::layout_fingerprint(std::span<const LayoutEntry> entries, std::uint64_t marker) {
+  std::uint64_t h = kLayoutSeed;
+  if (marker != 0) h = fold_word(h, marker);
+  for (const auto& e : entries) h = fold_layout(h, e);
+  return h;
+}
+
+void ParamSet::record(detail::LayoutEntry e) {
+  layout_.push_back(e);
+  fingerprint_ = fold_layout(fingerprint_, e);
+  ++version_;
 }
 
 std::string detail::describe_bucket(const char* name, std::size_t owned, std::size_t user) {
@@ -187,9 +207,7 @@ std::string detail::describe_bucket(const char* name, std::size_t owned, std::si
          std::to_string(owned) + ", packed " + std::to_string(user) + ")";
 }
 
-std::uint64_t ParamSet::layout_fingerprint() const noexcept {
-  return detail::layout_fingerprint(layout_, 0);
-}
+std::uint64_t ParamSet::layout_fingerprint() const noexcept { return fingerprint_; }
 
 std::string ParamSet::describe() const {
   std::string s = std::to_string(layout_.size()) + " arrays: " +

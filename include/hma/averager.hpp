@@ -273,6 +273,9 @@ class Averager {
   std::shared_ptr<detail::OuterState> outer_;          // AveragerOptions::outer
   std::shared_ptr<detail::DivergenceLog> divergence_;  // AveragerOptions::divergence
   std::vector<std::weak_ptr<detail::Pending>> inflight_;  // see finish_all(), settle_issue()
+  // The record of the last average, reused by the next one when nothing else holds it any more
+  // and it is finished (Pending::reusable): a small average then allocates nothing for it.
+  std::shared_ptr<detail::Pending> spare_;
   std::shared_ptr<detail::Diagnostics> diag_;  // id() and "where are you?" (control/stall.hpp)
   std::shared_ptr<detail::CheckChannels> checks_;  // where its agreement checks travel (control/check.hpp)
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first

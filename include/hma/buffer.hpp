@@ -125,6 +125,8 @@ struct LayoutEntry {
   Dtype dtype;
   std::size_t n;
 };
+/// Where layout fingerprints start (FNV-1a's offset basis).
+inline constexpr std::uint64_t kLayoutSeed = 0xcbf29ce484222325ULL;
 /// One contiguous buffer of one dtype: [hma-owned arrays | staging for user arrays].
 template <Storable T>
 struct Bucket {
@@ -230,9 +232,12 @@ class ParamSet {
   template <Storable T>
   detail::Bucket<T>& bucket() noexcept;
   void set_pending(std::shared_ptr<detail::InFlight> p) noexcept;
+  void drop_finished() noexcept;  // lets go of a finished average's record
 
  private:
   void check_mutable(const char* what) const;
+  // A new array in the layout: its entry, the fingerprint folded over it, the version.
+  void record(detail::LayoutEntry e);
   // Throws hma::InvalidArgument when a bucket would exceed 2^48 bytes (an overflowed size_t,
   // a negative int cast to size_t, ...), instead of std::length_error deep in std::vector.
   static void check_size(std::size_t n, std::size_t have, std::size_t elem, const char* what);
@@ -253,6 +258,7 @@ class ParamSet {
   std::unique_ptr<detail::Bucket<bf16>> b16_;
   std::unique_ptr<detail::Bucket<fp16>> h16_;
   std::vector<detail::LayoutEntry> layout_;
+  std::uint64_t fingerprint_ = detail::kLayoutSeed;  // of layout_, kept as it grows
   std::uint64_t version_ = 0;
   std::uint64_t id_ = 0;
   std::shared_ptr<detail::InFlight> pending_;
@@ -277,8 +283,7 @@ Array<T> ParamSet::allocate(std::size_t n, T init) {
   std::fill(b.storage.begin() + static_cast<std::ptrdiff_t>(off),
             b.storage.begin() + static_cast<std::ptrdiff_t>(off + n), init);
   b.owned += n;
-  layout_.push_back(detail::LayoutEntry{0, dtype_of<T>(), n});
-  ++version_;
+  record(detail::LayoutEntry{0, dtype_of<T>(), n});
   return Array<T>(&b, off, n);
 }
 
@@ -295,8 +300,7 @@ void ParamSet::add(T* data, std::size_t n) {
   b.user_ranges.insert(user.data(), user.size_bytes(), b.user.size() - 1);
   b.user_elems += user.size();
   b.storage.resize(b.owned + b.user_elems);
-  layout_.push_back(detail::LayoutEntry{1, dtype_of<T>(), user.size()});
-  ++version_;
+  record(detail::LayoutEntry{1, dtype_of<T>(), user.size()});
 }
 
 template <class R>

@@ -52,13 +52,22 @@ std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::s
     const auto p = w.lock();
     return p == nullptr || p->done;
   });
-  auto p = std::make_shared<detail::Pending>();
+  // The outer optimizer remembers its level's last average by a weak pointer (settle_outer): a
+  // record it may still point to is never recycled.
+  std::shared_ptr<detail::Pending> p;
+  if (!outer_ && spare_ && spare_.use_count() == 1 && spare_->reusable()) {
+    p = spare_;
+    p->recycle();
+  } else {
+    p = std::make_shared<detail::Pending>();
+    spare_ = p;
+  }
   inflight_.push_back(p);
   detail::track(p);
   p->who.level = level;
   p->who.step = step_;
   p->who.bytes = bytes;
-  p->who.world_ranks = hierarchy_.world_ranks(level);
+  p->who.world_ranks = hierarchy_.world_ranks(level);  // into the recycled capacity
   p->timeout_s = settings_.timeout_s;
   p->averager = id();
   p->stall_warn_s = settings_.stall_warn_s;
@@ -198,6 +207,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   if (params.in_flight())
     throw Error("hma: step " + std::to_string(step_) +
                 ": this ParamSet already has an average in flight; wait() on its Request first");
+  params.drop_finished();  // its last average's record may then serve this one
   const Comm& comm = hierarchy_.level(level);
   detail::Prepared job;
   job.p = new_pending(level, params.bytes());

@@ -119,6 +119,7 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   device_plan_ = std::move(o.device_plan_);
   ipc_ = std::move(o.ipc_);
   inflight_ = std::move(o.inflight_);
+  spare_ = std::move(o.spare_);
   diag_ = std::move(o.diag_);
   checks_ = std::move(o.checks_);
   worker_ = std::move(o.worker_);

@@ -85,6 +85,9 @@ void track(const std::shared_ptr<Pending>& p) {
   Live& l = live();
   std::lock_guard<std::mutex> lock(l.mu);
   prune(l);
+  // A recycled record (Pending::recycle) may still be listed from its last average.
+  for (const auto& w : l.all)
+    if (!w.owner_before(p) && !p.owner_before(w)) return;
   l.all.push_back(p);
 }
 
@@ -99,6 +102,19 @@ void keep_forever(std::shared_ptr<Pending> p) noexcept {
   } catch (...) {
     (void)new std::shared_ptr<Pending>(std::move(p));  // out of memory: leak it another way
   }
+}
+
+bool Pending::reusable() const noexcept {
+  return done && !timed_out && !orphaned && !deferred && control.idle() &&
+         std::all_of(reqs.begin(), reqs.end(), [](MPI_Request q) { return q == MPI_REQUEST_NULL; });
+}
+
+void Pending::recycle() noexcept {
+  static const PendingState fresh{};
+  static_cast<PendingState&>(*this) = fresh;  // copied, not moved: the vectors keep their capacity
+  control.reset();
+  params = nullptr;
+  done = false;
 }
 
 void Pending::wait() { (void)complete(*this, true); }

@@ -76,14 +76,21 @@ bool waited_long(Pending& p, Clock::time_point now) {
   return now - p.wait_start >= kQuietWait;
 }
 
+// Polls between two reads of the clock: a read costs about as much as a poll (tens of ns on a
+// VM), and a small average completes within a few polls.
+constexpr int kPollsPerClock = 16;
+
 // One poll of a blocking wait on `p` that found it incomplete: a few fast polls first (the usual
 // case: the group is there), then it yields the core each time (oversubscribed ranks, and the
 // emulated cluster, need idle ranks to); after kQuietWait it also advances the other averages,
-// answers the queries and warns of a stall.
-void poll(Pending& p) {
+// answers the queries and warns of a stall. True when `deadline` has passed (the clock is read
+// every kPollsPerClock polls).
+bool poll(Pending& p, Clock::time_point deadline) {
   if (++p.polls > 100) std::this_thread::yield();
+  if (p.polls % kPollsPerClock != 0) return false;
   const auto now = Clock::now();
-  if (!waited_long(p, now)) return;
+  if (now >= deadline) return true;
+  if (!waited_long(p, now)) return false;
   progress_others(p);
   update_here(position_of(p));
   serve_queries();
@@ -101,6 +108,7 @@ void poll(Pending& p) {
       // out of memory: no warning this time
     }
   }
+  return false;
 }
 
 // One test() of `p` that did not complete it: after a while, the other averages and the queries.
@@ -144,8 +152,7 @@ bool launch(Pending& p, bool blocking, std::chrono::steady_clock::time_point dea
   if (p.control.started()) {
     if (blocking && polls(p)) {
       while (!p.control.test()) {
-        poll(p);
-        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        if (poll(p, deadline)) throw_timeout(p);
       }
     } else if (blocking) {
       if (!p.control.wait_until(deadline)) throw_timeout(p);
@@ -200,8 +207,7 @@ bool complete_requests(Pending& p, bool blocking, std::chrono::steady_clock::tim
     while (true) {
       check(MPI_Testall(n, p.reqs.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(average)");
       if (flag) return true;
-      poll(p);
-      if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+      if (poll(p, deadline)) throw_timeout(p);
     }
   }
   if (blocking) {
@@ -275,8 +281,7 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
       // Asleep on the worker's result between polls (it wakes at once when the result is in):
       // a spinning waiter would take the core from the worker and the other ranks.
       while (p.result.wait_for(std::chrono::microseconds(200)) != std::future_status::ready) {
-        poll(p);
-        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        if (poll(p, deadline)) throw_timeout(p);
       }
     } else if (blocking && deadline != std::chrono::steady_clock::time_point::max() &&
                p.result.wait_until(deadline) != std::future_status::ready) {
@@ -290,8 +295,7 @@ bool complete_data(Pending& p, bool blocking, std::chrono::steady_clock::time_po
   if (p.drive) {
     if (blocking && (deadline != std::chrono::steady_clock::time_point::max() || polls(p))) {
       while (!p.drive(false)) {
-        poll(p);
-        if (std::chrono::steady_clock::now() >= deadline) throw_timeout(p);
+        if (poll(p, deadline)) throw_timeout(p);
       }
     } else if (!p.drive(blocking)) {
       return false;

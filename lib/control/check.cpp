@@ -88,6 +88,22 @@ int tag_of(std::uint64_t slot, std::uint64_t number, int round) {
   return static_cast<int>((number % (tag_ub / kRounds)) * kRounds + static_cast<std::uint64_t>(round));
 }
 
+// A bijective 64-bit mixer (splitmix64's finaliser).
+std::uint64_t mix(std::uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// The layout's fields (the fingerprint, the array count and the element counts) as one word.
+std::uint64_t layout_word(const Header& h) {
+  std::uint64_t w = 0;
+  for (std::size_t f = Header::fingerprint; f < Header::kFields; ++f) w = mix(w ^ mix(h.v[f] + f));
+  return w;
+}
+
 template <class T>
 void add_into(unsigned char* a, const unsigned char* b, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) {
@@ -137,6 +153,20 @@ ControlCheck::~ControlCheck() {
   if (reqs_[1] != MPI_REQUEST_NULL) MPI_Request_free(&reqs_[1]);
 }
 
+void ControlCheck::reset() noexcept {
+  ctrl_ = p2p_ = MPI_COMM_NULL;
+  mine_ = Header{};
+  bad_ = 0;
+  invalid_.clear();
+  state_.assign(kWords, 0);
+  plan_.clear();
+  next_ = 0;
+  posted_ = false;
+  reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  status_ = MPI_Status{};
+  complete_ = fused_ = false;
+}
+
 std::size_t ControlCheck::payload_words(std::uint64_t counts) const noexcept {
   const std::uint64_t nf = counts >> 32, nd = counts & 0xffffffffu;
   return static_cast<std::size_t>((nf + 1) / 2 + nd);
@@ -164,7 +194,9 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   mine_ = h;
   bad_ = nonfinite_here ? 1 : 0;
   invalid_ = std::move(invalid_here);
-  for (std::size_t i = 0; i < K; ++i) state_[i] = h.v[i];
+  state_[kStep] = h.v[Header::step];
+  state_[kWhere] = h.v[Header::call] | h.v[Header::set] << 8 | h.v[Header::level] << 16;
+  state_[kLayout] = layout_word(h);
   state_[kFlags] = (bad_ ? kBad : 0) | (invalid_.empty() ? 0 : kInvalid) | (state_[kCounts] == 0 ? kUnfused : 0);
   state_[kWMin] = state_[kWMax] = weight;
   state_[kSumLo] = weight;
@@ -240,7 +272,7 @@ void ControlCheck::combine(std::size_t words) {
   std::uint64_t* a = state_.data();
   const std::uint64_t* b = in_.get();
   std::uint64_t flags = a[kFlags] | b[kFlags];
-  for (std::size_t i = 0; i < K; ++i)
+  for (std::size_t i = 0; i < kHeaderWords; ++i)
     if (a[i] != b[i]) flags |= kDiffer;
   a[kWMin] = std::min(a[kWMin], b[kWMin]);
   a[kWMax] = std::max(a[kWMax], b[kWMax]);

@@ -114,6 +114,10 @@ class ControlCheck {
   /// check then fails with it on every rank of the group (resolve()).
   void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight, std::string invalid_here = {});
   [[nodiscard]] bool started() const noexcept { return ctrl_ != MPI_COMM_NULL; }
+  /// True when no message of it is in flight (never started, or complete).
+  [[nodiscard]] bool idle() const noexcept { return complete_ || !posted_; }
+  /// Back to a check never started, keeping its buffers (idle() must hold).
+  void reset() noexcept;
   /// True once every rank of the group has contributed (drives the exchange: call it to progress).
   bool test();
   /// Waits until complete (true) or until `deadline` (false). Yields between polls.
@@ -132,10 +136,14 @@ class ControlCheck {
 
  private:
   static constexpr std::size_t K = Header::kFields;
-  // The state exchanged: [header (K words), flags, weight min, weight max, weight sum lo, hi,
-  // payload counts (f32 << 32 | f64)], then the payload (the f32 terms padded to 8 bytes, the
-  // f64 terms).
-  enum : std::size_t { kFlags = K, kWMin, kWMax, kSumLo, kSumHi, kCounts, kWords };
+  // The state exchanged, 9 words: [the header compacted (the step; call, kind of set and level;
+  // the layout's fields as one 64-bit hash: two layouts that differ pass as one with probability
+  // 2^-64), flags, weight min, weight max, weight sum lo, hi, payload counts (f32 << 32 | f64)],
+  // then the payload (the f32 terms padded to 8 bytes, the f64 terms). Small messages stay
+  // small: a shared-memory MPI sends up to 256 bytes inline (Open MPI's vader), and a message
+  // within that costs half of one beyond it. resolve() gathers the full headers.
+  enum : std::size_t { kStep, kWhere, kLayout, kFlags, kWMin, kWMax, kSumLo, kSumHi, kCounts, kWords };
+  static constexpr std::size_t kHeaderWords = kFlags;  // compared word by word
   static constexpr std::uint64_t kDiffer = 1, kBad = 2, kInvalid = 4, kUnfused = 8;  // flags
   struct Round {
     int peer = -1;

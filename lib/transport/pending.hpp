@@ -26,14 +26,16 @@
 
 namespace hma::detail {
 
-// `params` (kept current when the ParamSet moves) and `done` are InFlight's.
-struct Pending final : InFlight {
+struct Pending;
+
+// What an average carries besides its check: every field has its default, so that a finished
+// average's record can be reset in one assignment (Pending::recycle) and no field is forgotten.
+struct PendingState {
   GroupInfo who;               // level, step, bytes, world ranks: captured at start for messages
   double timeout_s = 0;        // 0: wait forever
   bool timed_out = false;      // a wait on it has hit the deadline (a destructor then only tests)
   bool orphaned = false;       // its averager is gone while it was still in flight
 
-  ControlCheck control;        // not started: checks off (HMA_CHECK=0 and no non-finite guard)
   NonFinite nonfinite = NonFinite::ignore;
   bool launched = false;
   bool skipped = false;                  // the group voted non-finite with NonFinite::skip
@@ -75,7 +77,18 @@ struct Pending final : InFlight {
   double stall_warn_s = 0;
   std::chrono::steady_clock::time_point wait_start{};
   int warnings = 0;
-  int polls = 0;  // of the current wait (the first ones spin, see averager/request.cpp)
+  std::uint64_t polls = 0;  // of the current wait (the first ones spin, see averager/request.cpp)
+};
+
+// `params` (kept current when the ParamSet moves) and `done` are InFlight's.
+struct Pending final : InFlight, PendingState {
+  ControlCheck control;        // not started: checks off (HMA_CHECK=0 and no non-finite guard)
+
+  /// Whether this record may serve a new average (recycle): finished, its check idle, nothing
+  /// left in flight, no error kept for a wait, no timeout or orphaning behind it.
+  [[nodiscard]] bool reusable() const noexcept;
+  /// Back to a fresh record, keeping its buffers' capacity (reusable() must hold).
+  void recycle() noexcept;
 
   // InFlight, implemented by the averager (averager/request.cpp): complete(*this, true), and
   // what a dying set does with an average that may still be in flight.
