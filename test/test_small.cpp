@@ -15,7 +15,13 @@ namespace {
 std::atomic<long> g_news{0};
 }
 
-// Every C++ allocation of this process is counted (MPI's own, in C, are not).
+// Every C++ allocation of this process is counted (MPI's own, in C, are not). Not under
+// AddressSanitizer, whose own operator new the runtime may still call (the count is then not
+// checked; the values are).
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kCounted = false;
+#else
+constexpr bool kCounted = true;
 void* operator new(std::size_t n) {
   g_news.fetch_add(1, std::memory_order_relaxed);
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
@@ -26,6 +32,7 @@ void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+#endif
 
 using hma_test::rank;
 using hma_test::size;
@@ -68,7 +75,7 @@ TEST_CASE("a small host average allocates once after the first, and stays exact"
     const long allocations = g_news.load() - before;
     CAPTURE(blocking, allocations);
     REQUIRE_ALL_RANKS(exact);
-    REQUIRE_ALL_RANKS(blocking <= 25 && allocations <= 50);  // one per average, start/wait too
+    REQUIRE_ALL_RANKS(!kCounted || (blocking <= 25 && allocations <= 50));  // one per average, start/wait too
   }
 }
 
@@ -78,7 +85,7 @@ TEST_CASE("a recycled record still catches a rank whose layout changed", "[np>=2
   o.timeout_s = 30;
   hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
   hma::ParamSet ps;
-  auto w = ps.allocate<double>(4, 1.0);
+  (void)ps.allocate<double>(4, 1.0);
   for (int k = 0; k < 3; ++k) avg.average(ps, 0);
   if (rank() == 1) (void)ps.allocate<double>(1, 1.0);  // one more array on rank 1 only
   std::string what;

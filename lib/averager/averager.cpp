@@ -55,9 +55,8 @@ std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::s
   // The outer optimizer remembers its level's last average by a weak pointer (settle_outer): a
   // record it may still point to is never recycled.
   std::shared_ptr<detail::Pending> p;
-  if (!outer_ && spare_ && spare_.use_count() == 1 && spare_->reusable()) {
+  if (!outer_ && detail::recycle(spare_)) {
     p = spare_;
-    p->recycle();
   } else {
     p = std::make_shared<detail::Pending>();
     spare_ = p;

@@ -91,6 +91,15 @@ void track(const std::shared_ptr<Pending>& p) {
   l.all.push_back(p);
 }
 
+bool recycle(const std::shared_ptr<Pending>& spare) noexcept {
+  if (!spare) return false;
+  Live& l = live();
+  std::lock_guard<std::mutex> lock(l.mu);
+  if (spare.use_count() != 1 || !spare->reusable()) return false;
+  spare->recycle();
+  return true;
+}
+
 void keep_forever(std::shared_ptr<Pending> p) noexcept {
   // MPI may still write into its control check, its requests and its buffers: never free them.
   // Reachable from a static, so leak checkers do not report it.

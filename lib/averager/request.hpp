@@ -43,6 +43,11 @@ void keep_forever(std::shared_ptr<Pending> p) noexcept;
 /// does not issue them), so averages waited for in different orders on different ranks complete.
 void track(const std::shared_ptr<Pending>& p);
 
+/// True when `spare` may serve a new average and was made fresh (Pending::recycle): nothing but
+/// `spare` holds it and it is reusable(). Under the registry's lock, so that no other thread's
+/// wait can take it from the registry while it changes.
+bool recycle(const std::shared_ptr<Pending>& spare) noexcept;
+
 /// Whether another average than `self` is in flight in this process (then a blocking wait
 /// polls, so that it advances them).
 bool others_in_flight(const Pending& self);
