@@ -37,6 +37,18 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 using hma_test::rank;
 using hma_test::size;
 
+namespace {
+// The hma::MismatchError of one average of `ps` at level 0 ("" if none was thrown).
+std::string mismatch_of(hma::Averager& avg, hma::ParamSet& ps) {
+  try {
+    avg.average(ps, 0);
+  } catch (const hma::MismatchError& e) {
+    return e.what();
+  }
+  return {};
+}
+}  // namespace
+
 TEST_CASE("a small host average allocates once after the first, and stays exact", "[np>=2]") {
   REQUIRE_ALL_RANKS(size() >= 2);
   const int g = size();
@@ -88,12 +100,7 @@ TEST_CASE("a recycled record still catches a rank whose layout changed", "[np>=2
   (void)ps.allocate<double>(4, 1.0);
   for (int k = 0; k < 3; ++k) avg.average(ps, 0);
   if (rank() == 1) (void)ps.allocate<double>(1, 1.0);  // one more array on rank 1 only
-  std::string what;
-  try {
-    avg.average(ps, 0);
-  } catch (const hma::MismatchError& e) {
-    what = e.what();
-  }
+  const std::string what = mismatch_of(avg, ps);
   CAPTURE(what);
   REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
   REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
@@ -108,12 +115,7 @@ TEST_CASE("arrays of the same sizes in another order are another layout", "[np>=
   const std::size_t a = rank() == 1 ? 5 : 3, b = rank() == 1 ? 3 : 5;  // same counts, same arrays
   auto x = ps.allocate<double>(a, 1.0);
   auto y = ps.allocate<double>(b, 2.0);
-  std::string what;
-  try {
-    avg.average(ps, 0);
-  } catch (const hma::MismatchError& e) {
-    what = e.what();
-  }
+  const std::string what = mismatch_of(avg, ps);
   CAPTURE(what);
   REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
   REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
