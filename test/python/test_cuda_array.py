@@ -6,7 +6,6 @@ average that does not wait on the right stream reads stale values. Run with
 `python3 -m mpi4py` at any rank count. Values against an independent reference: exact means of
 values whose sums are exact, and random values against their exact sum in rationals within
 README "Exactness"'s bound."""
-import sys
 import types
 from fractions import Fraction
 
@@ -18,15 +17,7 @@ import hma
 import hma.torch
 from hma import _hma
 
-comm = MPI.COMM_WORLD
-rank, size = comm.rank, comm.size
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"rank {rank}: FAIL {what}", flush=True)
+from harness import check, comm, finish, rank, size  # noqa: E402
 
 
 def raises(exc, text, fn, what):
@@ -302,7 +293,4 @@ check(averager.step == 6, f"hma.torch step {averager.step} after refusals")
 
 for st in (S, S2, S3):
     _hma._emulation_destroy_stream(st)
-n_fail = comm.allreduce(len(failures))
-if rank == 0:
-    print(f"test_cuda_array at {size} ranks: {'ok' if n_fail == 0 else f'{n_fail} failures'}", flush=True)
-sys.exit(1 if n_fail else 0)
+finish("test_cuda_array")

@@ -3,22 +3,13 @@ an exception on one rank aborts the job). Values against an independent referenc
 inputs are known to every rank (a function of rank and step, or allgathered), torch's terms
 x / g are formed in numpy and added in rank order, or with MPI_Allreduce through mpi4py for
 torch's recipe. The expected schedule is torch's rule written out here, not hma's."""
-import sys
 
 import numpy as np
 from mpi4py import MPI
 
 import hma
 
-comm = MPI.COMM_WORLD
-rank, size = comm.rank, comm.size
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"rank {rank}: FAIL {what}", flush=True)
+from harness import check, comm, finish, rank, size  # noqa: E402
 
 
 def torch_periodic(s, period, warmup):  # torch's PeriodicModelAverager
@@ -225,7 +216,4 @@ try:
 except hma.InvalidArgument as e:
     check("lists 2 levels, the schedule has 1" in str(e), f"wire message: {e}")
 
-n = comm.allreduce(len(failures))
-if rank == 0:
-    print(f"test_numpy at {size} ranks: {'ok' if n == 0 else f'{n} failures'}", flush=True)
-sys.exit(1 if n else 0)
+finish("test_numpy")

@@ -12,7 +12,6 @@ must agree:
   orders)."""
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 
@@ -24,15 +23,7 @@ from torch.distributed.algorithms.model_averaging import hierarchical_model_aver
 
 import hma.torch
 
-comm = MPI.COMM_WORLD
-rank, size = comm.rank, comm.size
-failures = []
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"rank {rank}: FAIL {what}", flush=True)
+from harness import check, comm, finish, rank, size  # noqa: E402
 
 
 store = comm.bcast(tempfile.mkdtemp(prefix="hma-gloo-") if rank == 0 else None)
@@ -176,7 +167,4 @@ dist.destroy_process_group()
 comm.Barrier()
 if rank == 0:
     shutil.rmtree(store, ignore_errors=True)
-n = comm.allreduce(len(failures))
-if rank == 0:
-    print(f"test_torch at {size} ranks: {'ok' if n == 0 else f'{n} failures'}", flush=True)
-sys.exit(1 if n else 0)
+finish("test_torch")

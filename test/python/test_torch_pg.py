@@ -16,7 +16,6 @@ any rank count (run with `python3 -m mpi4py`):
 - a process_group of another type (TypeError) and a ProcessGroup after torch.distributed was
   destroyed (hma.InvalidArgument)."""
 import shutil
-import sys
 import tempfile
 
 import torch
@@ -27,16 +26,9 @@ from torch.distributed.algorithms.model_averaging import hierarchical_model_aver
 
 import hma.torch
 
-comm = MPI.COMM_WORLD
-rank, size = comm.rank, comm.size
-failures = []
+from harness import check, comm, finish, rank, size  # noqa: E402
+
 SHAPES = [(4, 6), (4,), (9,)]
-
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print(f"rank {rank}: FAIL {what}", flush=True)
 
 
 def init(store, ranks_of):
@@ -199,7 +191,4 @@ comm.Barrier()
 if rank == 0:
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(store2, ignore_errors=True)
-n = comm.allreduce(len(failures))
-if rank == 0:
-    print(f"test_torch_pg at {size} ranks: {'ok' if n == 0 else f'{n} failures'}", flush=True)
-sys.exit(1 if n else 0)
+finish("test_torch_pg")
