@@ -1,7 +1,7 @@
 """hma from Python side by side with torch's own averagers over gloo, on the same tensors.
 
     PYTHONPATH=build/lib/python mpirun -np N /usr/bin/python3 -m mpi4py bench/bench_python.py \
-        [--out FILE.csv] [--sizes 64K,1M,8M,64M]
+        [--out FILE.csv] [--sizes 64K,1M,8M,64M] [--min-iters N]
 
 For each size (float32 bytes per rank) and layout (one contiguous tensor, or 100 parameters of
 equal size), the median over iterations (slowest rank per iteration) of one average:
@@ -73,12 +73,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="64K,1M,8M,64M")
     ap.add_argument("--out", default="")
+    ap.add_argument("--min-iters", type=int, default=5,
+                    help="iterations per figure at least (default 5; up to 50 for small sizes)")
     args = ap.parse_args()
     store = comm.bcast(tempfile.mkdtemp(prefix="hma-bench-gloo-") if rank == 0 else None)
     dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=rank, world_size=size)
     rows = []
     for nbytes in [parse_size(s) for s in args.sizes.split(",")]:
-        iters = max(5, min(50, (64 << 20) // nbytes // 4))
+        iters = max(args.min_iters, min(50, (64 << 20) // nbytes // 4))
         for count in (1, 100):
             # torch (its own tensors: it rebinds p.data)
             tp = params_for(nbytes, count)

@@ -71,6 +71,10 @@ struct Mode {
   std::size_t split_min = 0;  // two-level: a lowered direction-split threshold (0: the default)
   std::int64_t splits = -1;   // two-level: pieces that must take the direction split (-1: unchecked)
   std::size_t nf = kF, nd = kD;  // elements of each dtype
+  // scattered: each dtype's values as many arrays of these sizes in turn (empty: one array each)
+  std::vector<std::size_t> cuts;
+  std::size_t own_message = 0;  // the ring: a lowered own-message size in bytes (0: the default)
+  int ring_splits = -1;         // -1: not asserted; 0: no ring step split its messages; 1: some did
 };
 // A set small enough to ride in the agreement check (3836 bytes of at most 3840).
 constexpr std::size_t kSmallF = 601, kSmallD = 179;
@@ -111,6 +115,17 @@ std::vector<Mode> modes() {
   add({.name = "ring, packed arrays", .options = ring0, .scattered = true, .path = Use::ring_piece, .calls = 2});
   add({.name = "ring, 8 KiB pieces, packed arrays", .options = opt(hma::Reduction::ring, 8192), .scattered = true,
        .path = Use::ring_piece, .calls = pieces_bytes(8192)});
+  // Many arrays of mixed sizes: the ring's messages follow them (a run of at least the
+  // own-message size alone, the smaller ones between together) where the check agreed on the
+  // layout; without the check, one message per step.
+  const std::vector<std::size_t> mixed{700, 3, 90, 257, 1, 1500, 40};
+  add({.name = "ring, many packed arrays: messages follow the arrays", .options = ring0, .scattered = true,
+       .path = Use::ring_piece, .calls = 2, .cuts = mixed, .own_message = 1024, .ring_splits = 1});
+  hma::AveragerOptions ring_unchecked = ring0;
+  ring_unchecked.check_every_average = false;
+  add({.name = "ring, many packed arrays, unchecked: one message per step", .options = ring_unchecked,
+       .scattered = true, .path = Use::ring_piece, .calls = 2, .cuts = mixed, .own_message = 1024,
+       .ring_splits = 0});
   add({.name = "ring, count limit 1000", .options = ring0, .max_count = 1000, .path = Use::ring_piece,
        .calls = pieces(kF, 1000) + pieces(kD, 1000)});
   add({.name = "auto (default)", .options = {}});
@@ -319,6 +334,17 @@ std::vector<Mode> modes() {
   return m;
 }
 
+// `v` into `ps` as arrays of sizes cuts[0], cuts[1], ... in turn (the last one shorter), or as one.
+template <class T>
+void add_cut(hma::ParamSet& ps, std::vector<T>& v, const std::vector<std::size_t>& cuts) {
+  if (cuts.empty()) {
+    ps.add(v);
+    return;
+  }
+  for (std::size_t at = 0, i = 0; at < v.size(); at += cuts[i % cuts.size()], ++i)
+    ps.add(v.data() + at, std::min(cuts[i % cuts.size()], v.size() - at));
+}
+
 std::vector<std::uint64_t> use_counts() {
   std::vector<std::uint64_t> c;
   for (int u = 0; u < static_cast<int>(Use::count_); ++u) c.push_back(hma::detail::uses(static_cast<Use>(u)));
@@ -344,6 +370,7 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
     REQUIRE_ALL_RANKS(said.find(mode.describe) != std::string::npos);
     hma::detail::set_max_count_for_testing(mode.max_count);
     hma::detail::set_split_min_block_for_testing(mode.split_min);
+    hma::detail::set_own_message_bytes_for_testing(mode.own_message);
     const std::vector<std::uint64_t> before = use_counts();
     std::vector<float> f = f0;
     std::vector<double> d = d0;
@@ -361,8 +388,8 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
       hma::Array<float> wf;
       hma::Array<double> wd;
       if (mode.scattered) {
-        ps.add(f);
-        ps.add(d);
+        add_cut(ps, f, mode.cuts);
+        add_cut(ps, d, mode.cuts);
       } else {
         wf = ps.allocate<float>(nf);
         wd = ps.allocate<double>(nd);
@@ -378,7 +405,14 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
     }
     hma::detail::set_max_count_for_testing(0);
     hma::detail::set_split_min_block_for_testing(0);
+    hma::detail::set_own_message_bytes_for_testing(0);
     const std::vector<std::uint64_t> after = use_counts();
+    if (mode.ring_splits >= 0) {
+      const auto split = after[static_cast<std::size_t>(Use::ring_split)] -
+                         before[static_cast<std::size_t>(Use::ring_split)];
+      INFO("ring steps with their messages split: " << split);
+      REQUIRE_ALL_RANKS((split > 0) == (mode.ring_splits == 1));
+    }
     if (mode.splits >= 0) {
       const auto split = static_cast<std::int64_t>(after[static_cast<std::size_t>(Use::two_level_split)] -
                                                    before[static_cast<std::size_t>(Use::two_level_split)]);

@@ -38,7 +38,11 @@ enum class Reduction {
   /// hma's ring allreduce over MPI_Sendrecv (reduce-scatter, then allgather) with the division
   /// folded into its additions: the same terms x / g as torch's recipe, added in the ring's
   /// order (other bits than one MPI_Allreduce for some elements at 3+ ranks; see README
-  /// "Exactness"), without the extra pass over the buffer.
+  /// "Exactness"), without the extra pass over the buffer. In place on packed arrays too: where
+  /// the agreement check compared the layouts (check on), every part of an array of at least
+  /// 32 KiB in a ring step travels as a message of its own (one copy, process to process,
+  /// through shared memory), the smaller arrays between together; without the check, one
+  /// message per step.
   ring,
 };
 

@@ -248,6 +248,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   // the emulated cluster: 1.4-2x slower) Open MPI's own network-aware allreduce wins.
   if (r.reduction == Reduction::automatic && !within_shared_memory(level)) r.reduction = Reduction::mpi;
   r.ring_min_block = settings_.ring_min_block_bytes;
+  r.layout_agreed = settings_.check || settings_.nonfinite != NonFinite::ignore;  // issue() checks then
   r.wire = settings_.wire[level];
   // 16-bit arrays always travel flat: only the f32/f64 bytes decide two-level.
   r.two = use_two_level(level, params.bytes() - 2 * params.count16()) ? hierarchy_.two_level(level) : nullptr;

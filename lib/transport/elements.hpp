@@ -22,6 +22,11 @@ std::size_t max_count();
 /// 0 restores 2^30.
 void set_max_count_for_testing(std::size_t n);
 
+// hma's ring sends runs of at least this many bytes as messages of their own (ring.hpp):
+// contiguous, so shared-memory transports copy them once, process to process; smaller runs
+// travel together. Tests lower it (set_own_message_bytes_for_testing in uses.hpp).
+constexpr std::size_t kOwnMessageBytes = std::size_t{32} << 10;
+
 // Elements per piece for pieces of `chunk_bytes` (0: one piece) of `elem_size`-byte elements:
 // at least one, at most `most` (the count limit, or less).
 inline std::size_t piece_elems(std::size_t chunk_bytes, std::size_t elem_size, std::size_t most) {

@@ -42,9 +42,9 @@ void flat_blocking(Bucket<T>& b, const Route& route, std::vector<T>& scratch) {
         // differ per rank, so each rank scales its own terms first and the ring only adds.
         const Scaler<T> w(route.group, route.weight);
         runs.each(0, runs.N, [&](T* p, std::size_t n, std::size_t) { w.in_place(p, n); });
-        ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(1), scratch);
+        ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(1), scratch, route.layout_agreed);
       } else {
-        ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(route.group), scratch);
+        ring_average(runs, route.comm, route.rank, route.group, Scaler<T>(route.group), scratch, route.layout_agreed);
       }
     }
     if (route.post) {

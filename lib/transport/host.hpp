@@ -38,6 +38,9 @@ struct Route {
   std::size_t chunk_bytes = 0;    // blocking: pieces of this many bytes (0: one piece)
   Reduction reduction = Reduction::mpi;  // automatic: ring where a piece's block >= ring_min_block
   std::size_t ring_min_block = 0;
+  // The agreement check compared the group's layouts before this average: the ring's messages
+  // may follow the arrays (ring_messages), every rank cutting them alike.
+  bool layout_agreed = false;
   const Hierarchy::TwoLevel* two = nullptr;  // non-null: two-level over these
   int per_node = 0;                          // two-level: ranks per node
   // two-level across an even number of nodes: pieces of at least this many bytes are summed

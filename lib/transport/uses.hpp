@@ -11,6 +11,7 @@ namespace hma::detail {
 enum class Use : int {
   allreduce_piece,    // divide + blocking MPI_Allreduce, per call
   ring_piece,         // hma's ring (blocking), per piece
+  ring_split,         // ... a step of it whose messages followed the arrays (ring_messages), per step
   two_level_piece,    // two-level blocking (reduce-scatter, allreduce, allgather), per piece
   two_level_split,    // ... whose across-nodes stage was direction-split (exchange or ring), per piece
   iallreduce,         // non-blocking flat MPI_Iallreduce, per call
@@ -35,5 +36,11 @@ void count_use(Use u) noexcept;
 std::size_t split_min_block_override() noexcept;
 void set_split_min_block_for_testing(std::size_t bytes) noexcept;
 std::uint64_t uses(Use u) noexcept;
+
+/// The ring: runs of at least this many bytes travel as messages of their own (ring.hpp,
+/// kOwnMessageBytes unless a test lowered it; the same value on every rank, between averages).
+std::size_t own_message_bytes() noexcept;
+/// 0 restores kOwnMessageBytes.
+void set_own_message_bytes_for_testing(std::size_t bytes) noexcept;
 
 }  // namespace hma::detail
