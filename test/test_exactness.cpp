@@ -76,9 +76,12 @@ struct Mode {
   std::size_t own_message = 0;  // the ring: a lowered own-message size in bytes (0: the default)
   int ring_splits = -1;         // -1: not asserted; 0: no ring step split its messages; 1: some did
 };
-// A set small enough to ride in the agreement check (3836 bytes of at most 3840).
+// A set small enough to ride in the agreement check's first fragment (3836 bytes of at most
+// 3840), and one that needs its second (7660 bytes of at most 7680).
 constexpr std::size_t kSmallF = 601, kSmallD = 179;
-static_assert(kSmallF * 4 + kSmallD * 8 <= hma::detail::kFusedBytes);
+static_assert(kSmallF * 4 + kSmallD * 8 <= hma::detail::kFragmentBytes);
+constexpr std::size_t kTwoF = 1201, kTwoD = 357;
+static_assert(kTwoF * 4 + kTwoD * 8 > hma::detail::kFragmentBytes && kTwoF * 4 + kTwoD * 8 <= hma::detail::kFusedBytes);
 
 std::int64_t pieces(std::size_t n, std::size_t per) { return static_cast<std::int64_t>((n + per - 1) / per); }
 // Pieces of both buckets for a piece size in bytes.
@@ -137,6 +140,9 @@ std::vector<Mode> modes() {
        .nf = kSmallF, .nd = kSmallD});
   add({.name = "small: fused, start/wait", .options = {}, .start = true, .path = Use::fused, .nf = kSmallF,
        .nd = kSmallD});
+  add({.name = "small: fused in two fragments", .options = {}, .path = Use::fused, .nf = kTwoF, .nd = kTwoD});
+  add({.name = "small: fused in two fragments, packed, start/wait", .options = {}, .start = true, .scattered = true,
+       .path = Use::fused, .nf = kTwoF, .nd = kTwoD});
   add({.name = "small: mpi, one piece (torch's recipe, not fused)", .options = mpi0, .bitwise_mpi = true,
        .path = Use::allreduce_piece, .calls = 2, .nf = kSmallF, .nd = kSmallD});
   add({.name = "start/wait, packed arrays", .options = {}, .start = true, .scattered = true, .path = Use::iallreduce,

@@ -10,6 +10,7 @@
 
 #include "hma/hma.hpp"
 #include "mpi_test.hpp"
+#include "transport/uses.hpp"
 
 namespace {
 std::atomic<long> g_news{0};
@@ -52,13 +53,15 @@ std::string mismatch_of(hma::Averager& avg, hma::ParamSet& ps) {
 TEST_CASE("a small host average allocates once after the first, and stays exact", "[np>=2]") {
   REQUIRE_ALL_RANKS(size() >= 2);
   const int g = size();
-  for (const bool check : {true, false}) {
-    CAPTURE(check);
+  // 16 floats: one message per round; 1500 (6000 bytes): the check's two fragments.
+  for (const auto& [check, n] : {std::pair{true, 16}, {false, 16}, {true, 1500}}) {
+    CAPTURE(check, n);
+    const std::uint64_t fused_before = hma::detail::uses(hma::detail::Use::fused);
     hma::AveragerOptions o;
     o.check_every_average = check;
     hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
     hma::ParamSet ps;
-    auto w = ps.allocate<float>(16, 0.0f);
+    auto w = ps.allocate<float>(static_cast<std::size_t>(n), 0.0f);
     auto fill = [&] {  // terms x / g exact: the average is g (g + 1) / 2 + g i exactly
       for (std::size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(g * (rank() + 1) + static_cast<int>(i) * g);
     };
@@ -88,6 +91,8 @@ TEST_CASE("a small host average allocates once after the first, and stays exact"
     CAPTURE(blocking, allocations);
     REQUIRE_ALL_RANKS(exact);
     REQUIRE_ALL_RANKS(!kCounted || (blocking <= 25 && allocations <= 50));  // one per average, start/wait too
+    // Checked, every one of the 52 averages rode in its check (the values summed on the way).
+    REQUIRE_ALL_RANKS(!check || hma::detail::uses(hma::detail::Use::fused) - fused_before == 52);
   }
 }
 
@@ -104,6 +109,26 @@ TEST_CASE("a recycled record still catches a rank whose layout changed", "[np>=2
   CAPTURE(what);
   REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
   REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
+}
+
+TEST_CASE("a payload in two fragments against one in one fragment: a layout mismatch, no hang", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
+  hma::AveragerOptions o;
+  o.timeout_s = 30;
+  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  hma::ParamSet ps;
+  // 1000 floats (4000 bytes: two fragments) on rank 1, 900 (one) elsewhere.
+  auto x = ps.allocate<float>(rank() == 1 ? 1000 : 900, static_cast<float>(rank() + 1));
+  const std::string what = mismatch_of(avg, ps);
+  CAPTURE(what);
+  REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
+  REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
+  REQUIRE_ALL_RANKS(x[0] == static_cast<float>(rank() + 1));  // nothing averaged
+  // The check channel stays in step: the next average of one layout everywhere is exact.
+  hma::ParamSet same;
+  auto y = same.allocate<float>(1000, static_cast<float>(size() * (rank() + 1)));
+  avg.average(same, 0);
+  REQUIRE_ALL_RANKS(y[999] == static_cast<float>(size() * (size() + 1) / 2));
 }
 
 TEST_CASE("arrays of the same sizes in another order are another layout", "[np>=2]") {

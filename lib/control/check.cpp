@@ -150,7 +150,8 @@ ControlCheck::~ControlCheck() {
     MPI_Cancel(&reqs_[0]);
     MPI_Wait(&reqs_[0], MPI_STATUS_IGNORE);
   }
-  if (reqs_[1] != MPI_REQUEST_NULL) MPI_Request_free(&reqs_[1]);
+  for (std::size_t i = 1; i < reqs_.size(); ++i)
+    if (reqs_[i] != MPI_REQUEST_NULL) MPI_Request_free(&reqs_[i]);
 }
 
 void ControlCheck::reset() noexcept {
@@ -162,7 +163,8 @@ void ControlCheck::reset() noexcept {
   plan_.clear();
   next_ = 0;
   posted_ = false;
-  reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  got_ = 0;
   status_ = MPI_Status{};
   complete_ = fused_ = false;
 }
@@ -251,16 +253,39 @@ void ControlCheck::post(const Round& r) {
   if (r.recv)
     check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
           "MPI_Irecv(agreement check)");
-  if (r.send)
-    check(MPI_Isend(state_.data(), static_cast<int>(state_.size()), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
+  got_ = 0;
+  if (r.send) {
+    // A large payload in two fragments of one tag: MPI keeps their order.
+    const std::size_t first = std::min(state_.size(), kFirstWords);
+    check(MPI_Isend(state_.data(), static_cast<int>(first), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
           "MPI_Isend(agreement check)");
+    if (state_.size() > first)
+      check(MPI_Isend(state_.data() + first, static_cast<int>(state_.size() - first), MPI_UINT64_T, r.peer, r.tag,
+                      p2p_, &reqs_[2]),
+            "MPI_Isend(agreement check, second fragment)");
+  }
+}
+
+bool ControlCheck::whole(const Round& r) {
+  if (!r.recv) return true;
+  int words = 0;
+  check(MPI_Get_count(&status_, MPI_UINT64_T, &words), "MPI_Get_count(agreement check)");
+  if (got_ > 0) {  // the second fragment
+    got_ += static_cast<std::size_t>(words);
+    return true;
+  }
+  got_ = static_cast<std::size_t>(words);
+  if (got_ < kWords) throw Error("hma: internal: a short agreement check message");
+  // The sender's whole message: its header and the payload its counts announce.
+  if (got_ != kFirstWords || kWords + payload_words(in_[kCounts]) <= got_) return true;
+  check(MPI_Irecv(in_.get() + got_, static_cast<int>(kInWords - got_), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
+        "MPI_Irecv(agreement check, second fragment)");
+  return false;
 }
 
 void ControlCheck::apply(const Round& r) {
   if (!r.recv) return;
-  int words = 0;
-  check(MPI_Get_count(&status_, MPI_UINT64_T, &words), "MPI_Get_count(agreement check)");
-  if (words < static_cast<int>(kWords)) throw Error("hma: internal: a short agreement check message");
+  const std::size_t words = got_;
   if (r.take) {
     state_.assign(in_.get(), in_.get() + words);
   } else {
@@ -301,10 +326,11 @@ bool ControlCheck::test() {
       posted_ = true;
     }
     int flag = 0;
-    std::array<MPI_Status, 2> st{};
-    check(MPI_Testall(2, reqs_.data(), &flag, st.data()), "MPI_Testall(agreement check)");
+    std::array<MPI_Status, 3> st{};
+    check(MPI_Testall(3, reqs_.data(), &flag, st.data()), "MPI_Testall(agreement check)");
     if (!flag) return false;
     status_ = st[0];
+    if (!whole(r)) continue;  // its second fragment is on its way
     apply(r);
     posted_ = false;
     ++next_;

@@ -85,9 +85,13 @@ struct CheckChannels {
   std::vector<MPI_Comm> controls_;
 };
 
-/// Largest payload carried by the check (bytes of f32 and f64 terms): the message then stays
-/// within the eager limit of shared-memory transports (Open MPI's vader: 4 KiB with its header).
-constexpr std::size_t kFusedBytes = 3840;
+/// Payload bytes a check message carries in its first fragment: with the header it stays within
+/// the eager limit of shared-memory transports (Open MPI's vader: 4 KiB with its own header).
+constexpr std::size_t kFragmentBytes = 3840;
+/// Largest payload carried by the check (bytes of f32 and f64 terms): two fragments, each within
+/// that eager limit, the second sent at once behind the first (the receiver learns from the
+/// first fragment's header that a second one follows).
+constexpr std::size_t kFusedBytes = 2 * kFragmentBytes;
 
 /// One agreement check. Neither copied nor moved: MPI reads and writes its buffers while in
 /// flight (it lives inside a heap-allocated Pending).
@@ -152,6 +156,9 @@ class ControlCheck {
     bool take = false;  // the received state replaces this rank's (the fold's last message)
   };
   void post(const Round& r);
+  /// After a receive completed: true when the message is whole, else posts the receive of its
+  /// second fragment.
+  bool whole(const Round& r);
   void apply(const Round& r);
   void combine(std::size_t words);
   [[nodiscard]] std::size_t payload_words(std::uint64_t counts) const noexcept;
@@ -162,12 +169,15 @@ class ControlCheck {
   std::uint64_t bad_ = 0;
   std::string invalid_;  // this rank's reason, empty when its arguments are fine
   static constexpr std::size_t kInWords = kWords + kFusedBytes / 8 + 1;  // the largest message
+  static constexpr std::size_t kFirstWords = kWords + kFragmentBytes / 8;  // its first fragment
   std::vector<std::uint64_t> state_ = std::vector<std::uint64_t>(kWords);
   std::unique_ptr<std::uint64_t[]> in_;
   std::vector<Round> plan_;
   std::size_t next_ = 0;
   bool posted_ = false;
-  std::array<MPI_Request, 2> reqs_{MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  // The round's receive, its send of the first fragment, of the second (if any).
+  std::array<MPI_Request, 3> reqs_{MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  std::size_t got_ = 0;  // words of the round's message received so far (its first fragment)
   MPI_Status status_{};
   bool complete_ = false;
   bool fused_ = false;
