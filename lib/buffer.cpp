@@ -188,7 +188,6 @@ std::uint64_t fold_layout(std::uint64_t h, const detail::LayoutEntry& e) noexcep
 }
 }  // namespace
 
-
 std::uint64_t detail::layout_fingerprint(std::span<const LayoutEntry> entries, std::uint64_t marker) {
   std::uint64_t h = kLayoutSeed;
   if (marker != 0) h = fold_word(h, marker);

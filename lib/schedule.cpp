@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "hma/error.hpp"
+#include "support/hash.hpp"
 
 namespace hma {
 
@@ -32,10 +33,7 @@ bool parse_int(std::string_view s, T& out) {
 
 // splitmix64 step, to fold integers into a hash.
 std::uint64_t mix(std::uint64_t h, std::uint64_t v) {
-  std::uint64_t z = h + 0x9e3779b97f4a7c15ULL + v;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
+  return detail::splitmix_finish(h + 0x9e3779b97f4a7c15ULL + v);
 }
 
 }  // namespace

@@ -1,36 +1,15 @@
 #include "control/check.hpp"
 
 #include <algorithm>
-#include <cinttypes>
-#include <cstdio>
-#include <limits>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <thread>
 
-#include "buffer_common.hpp"
 #include "hma/error.hpp"
+#include "support/hash.hpp"
 
 namespace hma::detail {
-
-std::string rank_ranges(const std::vector<int>& r) {
-  std::string s;
-  for (std::size_t i = 0; i < r.size();) {
-    std::size_t j = i;
-    while (j + 1 < r.size() && r[j + 1] == r[j] + 1) ++j;
-    if (!s.empty()) s += ',';
-    s += std::to_string(r[i]);
-    if (j > i) s += '-' + std::to_string(r[j]);
-    i = j + 1;
-  }
-  return s;
-}
-
-std::string GroupInfo::describe() const {
-  return "level " + std::to_string(level) + " (group of " + std::to_string(world_ranks.size()) +
-         " ranks, world ranks " + rank_ranges(world_ranks) + ")";
-}
 
 std::chrono::steady_clock::time_point deadline_after(double seconds) {
   using clock = std::chrono::steady_clock;
@@ -88,19 +67,11 @@ int tag_of(std::uint64_t slot, std::uint64_t number, int round) {
   return static_cast<int>((number % (tag_ub / kRounds)) * kRounds + static_cast<std::uint64_t>(round));
 }
 
-// A bijective 64-bit mixer (splitmix64's finaliser).
-std::uint64_t mix(std::uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
 // The layout's fields (the fingerprint, the array count and the element counts) as one word.
 std::uint64_t layout_word(const Header& h) {
   std::uint64_t w = 0;
-  for (std::size_t f = Header::fingerprint; f < Header::kFields; ++f) w = mix(w ^ mix(h.v[f] + f));
+  for (std::size_t f = Header::fingerprint; f < Header::kFields; ++f)
+    w = splitmix_finish(w ^ splitmix_finish(h.v[f] + f));
   return w;
 }
 
@@ -347,116 +318,6 @@ bool ControlCheck::wait_until(std::chrono::steady_clock::time_point deadline) {
     if (i > 1000) std::this_thread::yield();
   }
   return true;
-}
-
-namespace {
-
-std::string value_text(std::size_t field, const std::uint64_t* row) {
-  switch (field) {
-    case Header::step:
-      return "step " + std::to_string(static_cast<std::int64_t>(row[Header::step]));
-    case Header::call:
-      return row[Header::call] == 0 ? "step()/start()" : "average()/start_average()";
-    case Header::level:
-      return "level " + std::to_string(row[Header::level]);
-    case Header::set:
-      return row[Header::set] == 0 ? "a ParamSet" : "a DeviceParamSet";
-    default: {
-      char fp[20];
-      std::snprintf(fp, sizeof fp, "%016" PRIx64, row[Header::fingerprint]);
-      return std::to_string(row[Header::arrays]) + " arrays: " +
-             describe_bucket("f32", row[Header::f32_owned], row[Header::f32_packed]) + ", " +
-             describe_bucket("f64", row[Header::f64_owned], row[Header::f64_packed]) +
-             " [layout " + fp + "]";
-    }
-  }
-}
-
-const char* field_name(std::size_t field) {
-  switch (field) {
-    case Header::step: return "step counter";
-    case Header::call: return "call";
-    case Header::level: return "level";
-    case Header::set: return "kind of set";
-    default: return "buffer layout";
-  }
-}
-
-}  // namespace
-
-Verdict ControlCheck::resolve(const GroupInfo& who) {
-  const std::uint64_t flags = state_[kFlags];
-  const bool same = (flags & kDiffer) == 0, any_bad = (flags & kBad) != 0, any_invalid = (flags & kInvalid) != 0;
-  Verdict verdict;
-  verdict.weight_min = state_[kWMin];
-  verdict.weight_max = state_[kWMax];
-  verdict.weight_sum = (static_cast<WeightSum>(state_[kSumHi]) << 64) | state_[kSumLo];
-  fused_ = same && !any_invalid && (flags & kUnfused) == 0;
-  if (same && !any_bad && !any_invalid) return verdict;
-  // Every rank of the group saw the same reduction, so all of them are here.
-  const std::size_t n = who.world_ranks.size();
-  constexpr std::size_t R = K + 2;  // a row: the header, the non-finite vote, invalid here
-  std::array<std::uint64_t, R> row{};
-  for (std::size_t i = 0; i < K; ++i) row[i] = mine_.v[i];
-  row[K] = bad_;
-  row[K + 1] = invalid_.empty() ? 0 : 1;
-  std::vector<std::uint64_t> all(n * R);
-  check(MPI_Allgather(row.data(), static_cast<int>(R), MPI_UINT64_T, all.data(), static_cast<int>(R),
-                      MPI_UINT64_T, ctrl_),
-        "MPI_Allgather(agreement check)");
-  auto at = [&](std::size_t r) { return all.data() + r * R; };
-  if (any_invalid) {
-    // A rank's bad argument comes first: its header means nothing. Its reason, from the lowest
-    // such rank, goes to the whole group.
-    std::vector<int> invalid;
-    int first = -1;
-    for (std::size_t r = 0; r < n; ++r)
-      if (at(r)[K + 1] != 0) {
-        if (first < 0) first = static_cast<int>(r);
-        invalid.push_back(who.world_ranks[r]);
-      }
-    int len = static_cast<int>(invalid_.size());
-    check(MPI_Bcast(&len, 1, MPI_INT, first, ctrl_), "MPI_Bcast(invalid argument)");
-    std::string reason = invalid_;
-    reason.resize(static_cast<std::size_t>(len));
-    if (len > 0) check(MPI_Bcast(reason.data(), len, MPI_CHAR, first, ctrl_), "MPI_Bcast(invalid argument)");
-    const std::string others =
-        invalid.size() > 1 ? " (invalid arguments on world ranks " + rank_ranges(invalid) + ")" : "";
-    throw InvalidArgument("hma: " + who.describe() + ": world rank " + std::to_string(invalid.front()) +
-                          " passed an invalid argument: " + reason + others +
-                          "; nothing was averaged on any rank of the group");
-  }
-  if (!same) {
-    std::string detail;
-    int first = -1;
-    // The layout fields are reported together, as one text.
-    for (std::size_t f : {std::size_t{Header::step}, std::size_t{Header::call},
-                          std::size_t{Header::level}, std::size_t{Header::set},
-                          std::size_t{Header::fingerprint}}) {
-      std::map<std::string, std::vector<int>> holders;
-      std::vector<std::string> order;
-      for (std::size_t r = 0; r < n; ++r) {
-        const std::string t = value_text(f, at(r));
-        if (!holders.count(t)) order.push_back(t);
-        holders[t].push_back(who.world_ranks[r]);
-      }
-      if (order.size() < 2) continue;
-      if (first < 0) first = holders[order[1]].front();
-      detail += std::string(detail.empty() ? "" : "; ") + field_name(f) + ": ";
-      for (std::size_t k = 0; k < order.size(); ++k)
-        detail += (k ? ", " : "") + order[k] + " on world rank" +
-                  (holders[order[k]].size() > 1 ? "s " : " ") + rank_ranges(holders[order[k]]);
-    }
-    throw MismatchError("hma: " + who.describe() +
-                            ": the ranks of the group are not in the same average, so nothing was "
-                            "averaged: " + detail +
-                            ". A rank skipped or repeated a step()/average(), set another step "
-                            "(set_step, restore), or changed its set's arrays on its own",
-                        first);
-  }
-  for (std::size_t r = 0; r < n; ++r)
-    if (at(r)[K] != 0) verdict.nonfinite_ranks.push_back(who.world_ranks[r]);
-  return verdict;
 }
 
 }  // namespace hma::detail
