@@ -37,28 +37,14 @@ std::vector<std::pair<std::size_t, std::size_t>> ring_messages(const Runs<T>& x,
 /// One ring step: sends [s0, s1) of `x` to `right` and receives [r0, r1) from `left`, into `x`
 /// itself or, with `into` non-null, into into[0, r1 - r0). `split`: the group's layouts agreed
 /// (the check compared them), so the messages may follow the runs (ring_messages); else one
-/// message each way (an hindexed datatype over the runs).
+/// message each way (an hindexed datatype over the runs where the range spans several).
 template <Element T>
 void ring_exchange(const Runs<T>& x, std::size_t s0, std::size_t s1, std::size_t r0, std::size_t r1,
                    T* into, int right, int left, MPI_Comm comm, bool split, const char* what) {
   constexpr int kTag = 0x686d;  // hma's communicators carry only hma's traffic
   const auto sends = split ? ring_messages(x, s0, s1) : std::vector<std::pair<std::size_t, std::size_t>>{{s0, s1}};
   const auto recvs = split ? ring_messages(x, r0, r1) : std::vector<std::pair<std::size_t, std::size_t>>{{r0, r1}};
-  if (sends.size() <= 1 && recvs.size() <= 1) {
-    const RunsBuffer<T> send(x, s0, s1);
-    if (into != nullptr) {
-      check(MPI_Sendrecv(send.ptr(), send.count(), send.type(), right, kTag, into,
-                         static_cast<int>(r1 - r0), mpi_type<T>(), left, kTag, comm, MPI_STATUS_IGNORE),
-            what);
-    } else {
-      const RunsBuffer<T> recv(x, r0, r1);
-      check(MPI_Sendrecv(send.ptr(), send.count(), send.type(), right, kTag, recv.ptr(), recv.count(),
-                         recv.type(), left, kTag, comm, MPI_STATUS_IGNORE),
-            what);
-    }
-    return;
-  }
-  count_use(Use::ring_split);
+  if (sends.size() > 1 || recvs.size() > 1) count_use(Use::ring_split);
   std::deque<RunsBuffer<T>> bufs;  // alive until every request completes
   std::vector<MPI_Request> reqs;
   reqs.reserve(sends.size() + recvs.size());
