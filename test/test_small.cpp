@@ -39,14 +39,26 @@ using hma_test::rank;
 using hma_test::size;
 
 namespace {
-// The hma::MismatchError of one average of `ps` at level 0 ("" if none was thrown).
-std::string mismatch_of(hma::Averager& avg, hma::ParamSet& ps) {
+// An averager of the world every step whose waits end after 30 s (a mismatch the check missed
+// would hang, not pass).
+hma::PeriodicAverager every_step() {
+  hma::AveragerOptions o;
+  o.timeout_s = 30;
+  return hma::PeriodicAverager(MPI_COMM_WORLD, 1, 0, o);
+}
+
+// One average of `ps` at level 0 must end on every rank in an hma::MismatchError naming the
+// buffer layout and world rank 1.
+void require_layout_mismatch_of_rank1(hma::Averager& avg, hma::ParamSet& ps) {
+  std::string what;
   try {
     avg.average(ps, 0);
   } catch (const hma::MismatchError& e) {
-    return e.what();
+    what = e.what();
   }
-  return {};
+  CAPTURE(what);
+  REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
+  REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
 }
 }  // namespace
 
@@ -98,31 +110,21 @@ TEST_CASE("a small host average allocates once after the first, and stays exact"
 
 TEST_CASE("a recycled record still catches a rank whose layout changed", "[np>=2]") {
   REQUIRE_ALL_RANKS(size() >= 2);
-  hma::AveragerOptions o;
-  o.timeout_s = 30;
-  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  hma::PeriodicAverager avg = every_step();
   hma::ParamSet ps;
   (void)ps.allocate<double>(4, 1.0);
   for (int k = 0; k < 3; ++k) avg.average(ps, 0);
   if (rank() == 1) (void)ps.allocate<double>(1, 1.0);  // one more array on rank 1 only
-  const std::string what = mismatch_of(avg, ps);
-  CAPTURE(what);
-  REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
-  REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
+  require_layout_mismatch_of_rank1(avg, ps);
 }
 
 TEST_CASE("a payload in two fragments against one in one fragment: a layout mismatch, no hang", "[np>=2]") {
   REQUIRE_ALL_RANKS(size() >= 2);
-  hma::AveragerOptions o;
-  o.timeout_s = 30;
-  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  hma::PeriodicAverager avg = every_step();
   hma::ParamSet ps;
   // 1000 floats (4000 bytes: two fragments) on rank 1, 900 (one) elsewhere.
   auto x = ps.allocate<float>(rank() == 1 ? 1000 : 900, static_cast<float>(rank() + 1));
-  const std::string what = mismatch_of(avg, ps);
-  CAPTURE(what);
-  REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
-  REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
+  require_layout_mismatch_of_rank1(avg, ps);
   REQUIRE_ALL_RANKS(x[0] == static_cast<float>(rank() + 1));  // nothing averaged
   // The check channel stays in step: the next average of one layout everywhere is exact.
   hma::ParamSet same;
@@ -133,17 +135,12 @@ TEST_CASE("a payload in two fragments against one in one fragment: a layout mism
 
 TEST_CASE("arrays of the same sizes in another order are another layout", "[np>=2]") {
   REQUIRE_ALL_RANKS(size() >= 2);
-  hma::AveragerOptions o;
-  o.timeout_s = 30;
-  hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
+  hma::PeriodicAverager avg = every_step();
   hma::ParamSet ps;
   const std::size_t a = rank() == 1 ? 5 : 3, b = rank() == 1 ? 3 : 5;  // same counts, same arrays
   auto x = ps.allocate<double>(a, 1.0);
   auto y = ps.allocate<double>(b, 2.0);
-  const std::string what = mismatch_of(avg, ps);
-  CAPTURE(what);
-  REQUIRE_ALL_RANKS(what.find("buffer layout") != std::string::npos);
-  REQUIRE_ALL_RANKS(what.find("world rank 1") != std::string::npos);
+  require_layout_mismatch_of_rank1(avg, ps);
   REQUIRE_ALL_RANKS(x[0] == 1.0);  // nothing averaged
   REQUIRE_ALL_RANKS(y[0] == 2.0);
 }
