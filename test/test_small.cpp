@@ -1,11 +1,16 @@
-// Small averages (issue 23): after the first, an average of a small host set allocates once in
-// hma, the closure of its data stage (its record is recycled, README "Small averages ride in the
-// check"; 7 allocations before), and recycled
-// records still give the exact average and still catch a rank that changed its layout.
+// Small averages (issue 23): a blocking average of a small host set takes the lean path
+// (lib/averager/lean.cpp) and allocates nothing after the first; start/wait and unchecked ones
+// allocate once in hma, the closure of their data stage (their record is recycled, README
+// "Small averages ride in the check"; 7 allocations before). Recycled records and the lean path
+// still give the exact average and still catch a rank that changed its layout; a check the lean
+// path hands to the general wait (a late rank, unequal weights) completes there.
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "hma/hma.hpp"
@@ -62,13 +67,15 @@ void require_layout_mismatch_of_rank1(hma::Averager& avg, hma::ParamSet& ps) {
 }
 }  // namespace
 
-TEST_CASE("a small host average allocates once after the first, and stays exact", "[np>=2]") {
+TEST_CASE("a small host average allocates nothing (blocking, lean) or once after the first, and stays exact",
+          "[np>=2]") {
   REQUIRE_ALL_RANKS(size() >= 2);
   const int g = size();
   // 16 floats: one message per round; 1500 (6000 bytes): the check's two fragments.
   for (const auto& [check, n] : {std::pair{true, 16}, {false, 16}, {true, 1500}}) {
     CAPTURE(check, n);
     const std::uint64_t fused_before = hma::detail::uses(hma::detail::Use::fused);
+    std::uint64_t lean = 0;
     hma::AveragerOptions o;
     o.check_every_average = check;
     hma::PeriodicAverager avg(MPI_COMM_WORLD, 1, 0, o);
@@ -87,8 +94,10 @@ TEST_CASE("a small host average allocates once after the first, and stays exact"
     bool exact = true;
     long blocking = -1;
     const long before = g_news.load();
+    const std::uint64_t lean_before = hma::detail::uses(hma::detail::Use::lean);
     for (int k = 0; k < 50; ++k) {
       fill();
+      if (k == 25) lean = hma::detail::uses(hma::detail::Use::lean) - lean_before;
       if (k < 25) {
         avg.average(ps, 0);
       } else {
@@ -100,9 +109,20 @@ TEST_CASE("a small host average allocates once after the first, and stays exact"
         exact = exact && w[i] == static_cast<float>(g * (g + 1) / 2 + g * static_cast<int>(i));
     }
     const long allocations = g_news.load() - before;
-    CAPTURE(blocking, allocations);
+    CAPTURE(blocking, allocations, lean);
     REQUIRE_ALL_RANKS(exact);
-    REQUIRE_ALL_RANKS(!kCounted || (blocking <= 25 && allocations <= 50));  // one per average, start/wait too
+    // Checked, the blocking ones went the lean way, allocating nothing, or were handed over to
+    // the general wait, which allocates its data stage's closure (and once a registry's slot).
+    // At np 2 the rank that arrives last finds its partner's message there: every average is
+    // lean on one rank at least (more ranks on 2 cores may all hand over: only counted).
+    long group_lean = static_cast<long>(lean);
+    MPI_Allreduce(MPI_IN_PLACE, &group_lean, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+    REQUIRE_ALL_RANKS(!check || size() > 2 || group_lean >= 25);
+    REQUIRE_ALL_RANKS(check || lean == 0);
+    // Unchecked: one per average, start/wait too.
+    const long handed = 25 - static_cast<long>(lean);
+    REQUIRE_ALL_RANKS(!kCounted || !check || (blocking <= 2 * handed && allocations <= 25 + 2 * handed));
+    REQUIRE_ALL_RANKS(!kCounted || check || (blocking <= 25 && allocations <= 50));
     // Checked, every one of the 52 averages rode in its check (the values summed on the way).
     REQUIRE_ALL_RANKS(!check || hma::detail::uses(hma::detail::Use::fused) - fused_before == 52);
   }
@@ -143,4 +163,45 @@ TEST_CASE("arrays of the same sizes in another order are another layout", "[np>=
   require_layout_mismatch_of_rank1(avg, ps);
   REQUIRE_ALL_RANKS(x[0] == 1.0);  // nothing averaged
   REQUIRE_ALL_RANKS(y[0] == 2.0);
+}
+
+TEST_CASE("a late rank: the lean path hands its open check to the general wait, still fused and exact",
+          "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
+  const int g = size();
+  hma::PeriodicAverager avg = every_step();
+  hma::ParamSet ps;
+  auto x = ps.allocate<double>(5, 0.0);
+  for (int k = 0; k < 3; ++k) {
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = g * (rank() + 1.0) + static_cast<double>(i);
+    const std::uint64_t lean = hma::detail::uses(hma::detail::Use::lean);
+    const std::uint64_t fused = hma::detail::uses(hma::detail::Use::fused);
+    if (rank() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    avg.average(ps, 0);
+    bool exact = true;
+    for (std::size_t i = 0; i < x.size(); ++i) exact = exact && x[i] == g * (g + 1) / 2.0 + static_cast<double>(i);
+    REQUIRE_ALL_RANKS(exact);
+    REQUIRE_ALL_RANKS(hma::detail::uses(hma::detail::Use::fused) - fused == 1);  // still in the check
+    // The ranks that waited 50 ms for rank 0 handed over; rank 0 found everyone there.
+    REQUIRE_ALL_RANKS(rank() == 0 || hma::detail::uses(hma::detail::Use::lean) == lean);
+  }
+}
+
+TEST_CASE("unequal weights: the lean path hands over, and the weighted average moves as data", "[np>=2]") {
+  REQUIRE_ALL_RANKS(size() >= 2);
+  const int g = size();
+  hma::PeriodicAverager avg = every_step();
+  avg.set_weight(rank() + 1.0);
+  hma::ParamSet ps;
+  auto x = ps.allocate<float>(8, static_cast<float>(rank() + 1));
+  const std::uint64_t lean = hma::detail::uses(hma::detail::Use::lean);
+  const std::uint64_t fused = hma::detail::uses(hma::detail::Use::fused);
+  avg.average(ps, 0);
+  // sum (r + 1)^2 / sum (r + 1) over r < g = (2g + 1) / 3
+  const double want = (2.0 * g + 1.0) / 3.0;
+  CAPTURE(x[0], want);
+  REQUIRE_ALL_RANKS(std::abs(x[0] - want) <= 1e-6 * want);
+  REQUIRE_ALL_RANKS(x[7] == x[0]);
+  REQUIRE_ALL_RANKS(hma::detail::uses(hma::detail::Use::lean) == lean);
+  REQUIRE_ALL_RANKS(hma::detail::uses(hma::detail::Use::fused) == fused);
 }

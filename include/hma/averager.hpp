@@ -31,6 +31,7 @@ struct IpcLevel;
 struct Diagnostics;
 struct CheckChannels;
 struct Scratch;
+struct Header;
 }  // namespace detail
 
 
@@ -221,13 +222,24 @@ class Averager {
   // hang the average on the set. See lib/averager/averager.cpp.
   using Prepare = std::function<detail::Prepared(std::size_t level, bool blocking, bool scheduled)>;
   // step()/start() and average()/start_average() for either kind of set.
-  bool scheduled(bool blocking, Request* out, const Prepare& prepare);
-  bool at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare);
+  // `lean`: the host set of a blocking call, which may take the lean path (lean()).
+  bool scheduled(bool blocking, Request* out, const Prepare& prepare, ParamSet* lean = nullptr);
+  bool at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare,
+                ParamSet* lean = nullptr);
+  // A small blocking host average that rides in its agreement check, without the general
+  // path's record keeping (lib/averager/lean.cpp): nullopt when it does not apply, else what
+  // step()/average() return (a check still open after a few polls, or one that did not pass
+  // plainly, is handed to the general path, which completes it).
+  std::optional<bool> lean(ParamSet& params, std::size_t level, bool scheduled);
   // The control stage, then the data stage: blocking (out null) or started into *out.
   bool issue(detail::Prepared job, std::size_t level, bool blocking, Request* out);
   // prepare(...), with an hma::InvalidArgument it throws turned into refuse(): the group hears.
   detail::Prepared prepared(const Prepare& prepare, std::size_t level, bool blocking, bool scheduled);
-  detail::Prepared prepare_host(ParamSet& params, std::size_t level, bool blocking, bool scheduled);
+  // `started`: a record whose agreement check the lean path already started (its land_fused set).
+  detail::Prepared prepare_host(ParamSet& params, std::size_t level, bool blocking, bool scheduled,
+                                std::shared_ptr<detail::Pending> started = nullptr);
+  // What every rank of the group must hold alike for an average of a host set.
+  [[nodiscard]] detail::Header host_header(ParamSet& params, std::size_t level, bool scheduled) const;
   detail::Prepared prepare_device(DeviceParamSet& params, std::size_t level, bool blocking,
                                   bool scheduled, Stream stream);
   // MPI needs collectives on a communicator in the same order on every rank: before issuing
@@ -244,8 +256,12 @@ class Averager {
   void settle_outer(std::size_t level);
   // This rank's group at the outer optimizer's level (contiguous blocks of its group size).
   [[nodiscard]] std::size_t outer_group() const;
-  // A new pending average of `bytes` at `level` (registered in inflight_).
-  std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes);
+  // Unlists the finished averages from inflight_ (before one of their records is recycled).
+  void drop_finished();
+  // A new pending average of `bytes` at `level` (registered in inflight_); `started`: the lean
+  // path's record, taken as it is (its check in flight) instead of a new or recycled one.
+  std::shared_ptr<detail::Pending> new_pending(std::size_t level, std::size_t bytes,
+                                               std::shared_ptr<detail::Pending> started = nullptr);
   // Throws hma::Error naming `who` unless MPI is usable and this averager was not abandoned.
   void require_usable(const char* who) const;
   // Completes every average still in flight (destructor, move assignment); after a timeout it
@@ -276,6 +292,9 @@ class Averager {
   // The record of the last average, reused by the next one when nothing else holds it any more
   // and it is finished (Pending::reusable): a small average then allocates nothing for it.
   std::shared_ptr<detail::Pending> spare_;
+  // The lean path's record: only its check is used while it serves that path, so it stays fresh
+  // for a handover to the general path (which sets its fields; recycled once done).
+  std::shared_ptr<detail::Pending> lean_;
   std::shared_ptr<detail::Diagnostics> diag_;  // id() and "where are you?" (control/stall.hpp)
   std::shared_ptr<detail::CheckChannels> checks_;  // where its agreement checks travel (control/check.hpp)
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first

@@ -47,15 +47,22 @@ void Averager::set_step(std::int64_t step) {
   step_ = step;
 }
 
-std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::size_t bytes) {
+void Averager::drop_finished() {
   std::erase_if(inflight_, [](const std::weak_ptr<detail::Pending>& w) {
     const auto p = w.lock();
     return p == nullptr || p->done;
   });
+}
+
+std::shared_ptr<detail::Pending> Averager::new_pending(std::size_t level, std::size_t bytes,
+                                                       std::shared_ptr<detail::Pending> started) {
+  drop_finished();  // before a record is recycled: a fresh one is not done, and listed only when it starts
   // The outer optimizer remembers its level's last average by a weak pointer (settle_outer): a
   // record it may still point to is never recycled.
-  std::shared_ptr<detail::Pending> p;
-  if (!outer_ && detail::recycle(spare_)) {
+  std::shared_ptr<detail::Pending> p = std::move(started);
+  if (p != nullptr) {
+    // the lean path's record: fresh but for its check
+  } else if (!outer_ && detail::recycle(spare_)) {
     p = spare_;
   } else {
     p = std::make_shared<detail::Pending>();
@@ -83,7 +90,7 @@ void Averager::settle_issue() {
     if (auto p = w.lock()) detail::finish_issuing(*p);
 }
 
-bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
+bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare, ParamSet* lean_set) {
   require_usable(blocking ? "step()" : "start()");
   if (step_ >= kMaxStep)  // the counter never overflows; ranks at the same step all stop here
     throw InvalidArgument("hma: " + std::string(blocking ? "step()" : "start()") + ": the step counter is at hma's limit of 2^62 (" +
@@ -97,7 +104,8 @@ bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
   settle_outer(*lvl);
   bool did = false;
   try {
-    did = issue(prepared(prepare, *lvl, blocking, true), *lvl, blocking, out);
+    if (const auto taken = lean_set ? lean(*lean_set, *lvl, true) : std::nullopt) did = *taken;
+    else did = issue(prepared(prepare, *lvl, blocking, true), *lvl, blocking, out);
   } catch (const Timeout&) {
     ++step_;  // this average is pending on its set (params.wait() resumes it): the step is taken
     throw;
@@ -106,7 +114,8 @@ bool Averager::scheduled(bool blocking, Request* out, const Prepare& prepare) {
   return did;
 }
 
-bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare) {
+bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare,
+                        ParamSet* lean_set) {
   require_usable(blocking ? "average()" : "start_average()");
   if (!member()) return false;
   if (level >= hierarchy_.num_levels())
@@ -114,6 +123,7 @@ bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Pr
                       std::to_string(hierarchy_.num_levels() - 1));
   settle_issue();
   settle_outer(level);
+  if (const auto taken = lean_set ? lean(*lean_set, level, false) : std::nullopt) return *taken;
   return issue(prepared(prepare, level, blocking, false), level, blocking, out);
 }
 
@@ -158,7 +168,8 @@ void Averager::refuse(std::optional<std::size_t> level, const std::string& reaso
 bool Averager::issue(detail::Prepared job, std::size_t level, bool blocking, Request* out) {
   detail::Pending& p = *job.p;
   p.call = static_cast<std::int64_t>(job.header.v[detail::Header::call]);
-  if (settings_.check || settings_.nonfinite != NonFinite::ignore)
+  // (already started by the lean path when it handed this average over)
+  if (!p.control.started() && (settings_.check || settings_.nonfinite != NonFinite::ignore))
     p.control.start(hierarchy_.control(level).get(), job.header, job.nonfinite_here, p.weight);
   try {
     if (blocking) {
@@ -201,22 +212,29 @@ bool all_finite(detail::Bucket<T>& b) {
 }
 }  // namespace
 
+detail::Header Averager::host_header(ParamSet& params, std::size_t level, bool scheduled) const {
+  const auto& f = params.bucket<float>();
+  const auto& d = params.bucket<double>();
+  detail::Header h;
+  h.v = {static_cast<std::uint64_t>(step_), scheduled ? 0u : 1u, level, 0, params.layout_fingerprint(),
+         params.arrays(), f.owned, f.user_elems, d.owned, d.user_elems};
+  return h;
+}
+
 detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, bool blocking,
-                                        bool scheduled) {
+                                        bool scheduled, std::shared_ptr<detail::Pending> started) {
   if (params.in_flight())
     throw Error("hma: step " + std::to_string(step_) +
                 ": this ParamSet already has an average in flight; wait() on its Request first");
   params.drop_finished();  // its last average's record may then serve this one
   const Comm& comm = hierarchy_.level(level);
   detail::Prepared job;
-  job.p = new_pending(level, params.bytes());
+  job.p = new_pending(level, params.bytes(), std::move(started));
   job.p->params = &params;
   auto& f = params.bucket<float>();
   auto& d = params.bucket<double>();
   const detail::HostBuckets buckets{&f, &d, &params.bucket<bf16>(), &params.bucket<fp16>()};
-  job.header.v = {static_cast<std::uint64_t>(step_), scheduled ? 0u : 1u, level, 0,
-                  params.layout_fingerprint(), params.arrays(), f.owned, f.user_elems, d.owned,
-                  d.user_elems};
+  job.header = host_header(params, level, scheduled);
   job.nonfinite_here = settings_.nonfinite != NonFinite::ignore &&
                        (!all_finite(f) || !all_finite(d) || !all_finite(*buckets.b) || !all_finite(*buckets.h));
   job.attach = [&params](std::shared_ptr<detail::Pending> q) { params.set_pending(std::move(q)); };
@@ -268,7 +286,8 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
   // order of additions per element; HMA_REDUCTION=mpi keeps the MPI library's own order).
   if ((settings_.check || settings_.nonfinite != NonFinite::ignore) && post == nullptr &&
       r.wire == Wire::exact && r.two == nullptr && settings_.reduction == Reduction::automatic &&
-      params.count16() == 0 && params.bytes() > 0 && params.bytes() <= detail::kFusedBytes)
+      params.count16() == 0 && params.bytes() > 0 && params.bytes() <= detail::kFusedBytes &&
+      !job.p->control.started())  // (started: the lean path staged the payload and set land_fused)
     job.p->land_fused = detail::stage_fused(buckets, r.group, job.p->control);
   // The buckets and the scratch live on the heap: the data stage may run later (after a
   // timeout, from the set's wait()) or on the worker thread while the ParamSet moves.
@@ -347,7 +366,8 @@ std::optional<Divergence> Averager::last_divergence() const {
 }
 
 bool Averager::step(ParamSet& params) {
-  return scheduled(true, nullptr, [&](std::size_t l, bool b, bool s) { return prepare_host(params, l, b, s); });
+  return scheduled(true, nullptr, [&](std::size_t l, bool b, bool s) { return prepare_host(params, l, b, s); },
+                   &params);
 }
 
 Request Averager::start(ParamSet& params) {
@@ -357,7 +377,8 @@ Request Averager::start(ParamSet& params) {
 }
 
 void Averager::average(ParamSet& params, std::size_t level) {
-  at_level(level, true, nullptr, [&](std::size_t l, bool b, bool s) { return prepare_host(params, l, b, s); });
+  at_level(level, true, nullptr, [&](std::size_t l, bool b, bool s) { return prepare_host(params, l, b, s); },
+           &params);
 }
 
 Request Averager::start_average(ParamSet& params, std::size_t level) {

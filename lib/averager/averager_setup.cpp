@@ -120,6 +120,7 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   ipc_ = std::move(o.ipc_);
   inflight_ = std::move(o.inflight_);
   spare_ = std::move(o.spare_);
+  lean_ = std::move(o.lean_);
   diag_ = std::move(o.diag_);
   checks_ = std::move(o.checks_);
   worker_ = std::move(o.worker_);

@@ -96,6 +96,7 @@ bool recycle(const std::shared_ptr<Pending>& spare) noexcept {
   Live& l = live();
   std::lock_guard<std::mutex> lock(l.mu);
   if (spare.use_count() != 1 || !spare->reusable()) return false;
+  prune(l);  // unlists it (done): a fresh record is listed again when it starts (track)
   spare->recycle();
   return true;
 }

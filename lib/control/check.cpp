@@ -140,6 +140,12 @@ void ControlCheck::reset() noexcept {
   complete_ = fused_ = false;
 }
 
+void ControlCheck::reserve() {
+  state_.reserve(kInWords);
+  if (!in_) in_.reset(new std::uint64_t[kInWords]);
+  plan_.reserve(2 * kRounds);
+}
+
 std::size_t ControlCheck::payload_words(std::uint64_t counts) const noexcept {
   const std::uint64_t nf = counts >> 32, nd = counts & 0xffffffffu;
   return static_cast<std::size_t>((nf + 1) / 2 + nd);
@@ -152,6 +158,11 @@ ControlCheck::Payload ControlCheck::stage_payload(std::size_t nf, std::size_t nd
   state_.resize(kWords + payload_words(state_[kCounts]));
   auto* base = reinterpret_cast<unsigned char*>(state_.data() + kWords);
   return Payload{reinterpret_cast<float*>(base), reinterpret_cast<double*>(base + (nf + 1) / 2 * 8)};
+}
+
+bool ControlCheck::passed_plain() const noexcept {
+  return complete_ && (state_[kFlags] & (kDiffer | kBad | kInvalid | kUnfused)) == 0 &&
+         state_[kWMin] == state_[kWMax] && state_[kWMin] != 0;
 }
 
 const float* ControlCheck::fused_f() const noexcept {
@@ -174,9 +185,12 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   state_[kWMin] = state_[kWMax] = weight;
   state_[kSumLo] = weight;
   state_[kSumHi] = 0;
-  int r = 0, n = 0;
-  check(MPI_Comm_rank(ctrl, &r), "MPI_Comm_rank(agreement check)");
-  check(MPI_Comm_size(ctrl, &n), "MPI_Comm_size(agreement check)");
+  if (ctrl != known_) {
+    check(MPI_Comm_rank(ctrl, &known_rank_), "MPI_Comm_rank(agreement check)");
+    check(MPI_Comm_size(ctrl, &known_size_), "MPI_Comm_size(agreement check)");
+    known_ = ctrl;
+  }
+  const int r = known_rank_, n = known_size_;
   std::uint64_t slot = 0, number = 0;
   {
     Channels& c = channels();

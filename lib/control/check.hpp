@@ -122,6 +122,8 @@ class ControlCheck {
   [[nodiscard]] bool idle() const noexcept { return complete_ || !posted_; }
   /// Back to a check never started, keeping its buffers (idle() must hold).
   void reset() noexcept;
+  /// Allocates now what any check of any payload will need, so that none allocates later.
+  void reserve();
   /// True once every rank of the group has contributed (drives the exchange: call it to progress).
   bool test();
   /// Waits until complete (true) or until `deadline` (false). Yields between polls.
@@ -135,6 +137,10 @@ class ControlCheck {
   /// After resolve(): every rank carried a payload of the same counts, all of them summed (the
   /// same on every rank of the group). The sums, in the staged order:
   [[nodiscard]] bool fused() const noexcept { return fused_; }
+  /// Complete, and resolve() would find nothing to name or vote on and every rank's payload
+  /// summed with equal non-zero weights: the sums are the average (the lean path's test, the
+  /// same on every rank of the group; no collective).
+  [[nodiscard]] bool passed_plain() const noexcept;
   [[nodiscard]] const float* fused_f() const noexcept;
   [[nodiscard]] const double* fused_d() const noexcept;
 
@@ -164,6 +170,10 @@ class ControlCheck {
   [[nodiscard]] std::size_t payload_words(std::uint64_t counts) const noexcept;
 
   MPI_Comm ctrl_ = MPI_COMM_NULL;  // the level's control communicator (resolve's collectives)
+  // This rank's place in the last control communicator started on (a record serves one
+  // averager, whose communicators outlive it): asked of MPI once, kept by reset().
+  MPI_Comm known_ = MPI_COMM_NULL;
+  int known_rank_ = 0, known_size_ = 0;
   MPI_Comm p2p_ = MPI_COMM_NULL;   // the group's check communicator (the exchange)
   Header mine_;
   std::uint64_t bad_ = 0;

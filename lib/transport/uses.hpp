@@ -26,6 +26,7 @@ enum class Use : int {
   wire_piece,         // a 16-bit wire's blocking MPI_Allreduce, per piece
   wire_start,         // a 16-bit wire's MPI_Iallreduce, per call
   fused,              // a small average carried by its agreement check (no data collective), per average
+  lean,               // ... of which the lean path (averager/lean.cpp) completed it alone, per average
   count_
 };
 

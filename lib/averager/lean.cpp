@@ -1,0 +1,79 @@
+// The lean path of a small blocking host average: step() or average() of a host set that rides
+// in its agreement check (README "Small averages ride in the check"). It sends the same check
+// messages as the general path (averager.cpp, request.cpp) without its record keeping (a record
+// registered with the averager and the process, the set's pending average, the stall registry,
+// the deadline): when the check completes within a few polls and passes plainly (every header
+// equal, no vote, every payload summed, equal weights), the group's sums land and that is all.
+// Otherwise (a rank still on its way, a mismatch, unequal weights, another payload) the check in
+// flight is handed to the general path, which completes it exactly as if it had started it:
+// its timeout, stall warnings and errors are the general path's. Every rank of the group decides
+// alike where it matters (after a complete check, on the same flags), and a rank that hands
+// over only waits longer, so ranks on either path pair up.
+#include <memory>
+#include <optional>
+
+#include "averager/request.hpp"
+#include "hma/averager.hpp"
+#include "support/log.hpp"
+#include "support/timeline.hpp"
+#include "transport/host.hpp"
+#include "transport/post.hpp"
+#include "transport/uses.hpp"
+
+namespace hma {
+
+namespace {
+// Polls before a check still open goes to the general wait: a group that is there answers
+// within a few (one round per doubling of the group).
+constexpr int kLeanPolls = 64;
+
+// A record for the lean path whose check will never allocate.
+std::shared_ptr<detail::Pending> lean_record() {
+  auto p = std::make_shared<detail::Pending>();
+  p->control.reserve();
+  return p;
+}
+}  // namespace
+
+std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool scheduled) {
+  // What the general path would fuse (prepare_host), averaged flat with the exact wire, with
+  // nothing after the sum (outer optimizer, divergence), nothing to vote on and no timeline.
+  if (!settings_.check || settings_.nonfinite != NonFinite::ignore || settings_.reduction != Reduction::automatic ||
+      settings_.wire[level] != Wire::exact || divergence_ || (outer_ && outer_->opt.level == level))
+    return std::nullopt;
+  const std::size_t bytes = params.bytes();
+  if (bytes == 0 || bytes > detail::kFusedBytes || params.count16() != 0 || params.in_flight())
+    return std::nullopt;
+  const int group = static_cast<int>(hierarchy_.world_ranks(level).size());
+  if (group == 1 || use_two_level(level, bytes) || detail::Timeline::get() != nullptr ||
+      detail::log_enabled(detail::LogLevel::debug))
+    return std::nullopt;
+  // A record the general path finished after a handover (only it sets done) is made fresh again
+  // (Pending::recycle); one another holder still has (a timeout left it on its set) or whose
+  // check is still open (an MPI error left it so) stays theirs: this path takes a new one.
+  if (lean_ && lean_->done) {
+    drop_finished();  // settle_issue() must not find it listed once fresh
+    if (!detail::recycle(lean_)) lean_.reset();
+  }
+  if (!lean_ || lean_.use_count() != 1 || !lean_->control.idle()) lean_ = lean_record();
+  detail::ControlCheck& check = lean_->control;
+  check.reset();
+  auto& f = params.bucket<float>();
+  auto& d = params.bucket<double>();
+  const detail::HostBuckets buckets{&f, &d, &params.bucket<bf16>(), &params.bucket<fp16>()};
+  auto land = detail::stage_fused(buckets, group, check);
+  check.start(hierarchy_.control(level).get(), host_header(params, level, scheduled), false, weight_);
+  for (int i = 0; i < kLeanPolls && !check.test(); ++i) {
+  }
+  if (check.test() && check.passed_plain()) {
+    land(check);
+    detail::count_use(detail::Use::lean);
+    return true;
+  }
+  // The general path takes the record as it is, its check in flight or complete (lean_ keeps
+  // it, for the next lean average once it is done).
+  lean_->land_fused = std::move(land);
+  return issue(prepare_host(params, level, true, scheduled, lean_), level, true, nullptr);
+}
+
+}  // namespace hma
