@@ -63,9 +63,9 @@ std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool sch
   const detail::HostBuckets buckets{&f, &d, &params.bucket<bf16>(), &params.bucket<fp16>()};
   auto land = detail::stage_fused(buckets, group, check);
   check.start(hierarchy_.control(level).get(), host_header(params, level, scheduled), false, weight_);
-  for (int i = 0; i < kLeanPolls && !check.test(); ++i) {
-  }
-  if (check.test() && check.passed_plain()) {
+  bool complete = check.test();
+  for (int i = 1; i < kLeanPolls && !complete; ++i) complete = check.test();
+  if (complete && check.passed_plain()) {
     land(check);
     detail::count_use(detail::Use::lean);
     return true;
