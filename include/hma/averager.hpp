@@ -231,6 +231,16 @@ class Averager {
   // step()/average() return (a check still open after a few polls, or one that did not pass
   // plainly, is handed to the general path, which completes it).
   std::optional<bool> lean(ParamSet& params, std::size_t level, bool scheduled);
+  // Per level, fixed at construction by the settings (lean.cpp): the largest host set whose
+  // f32/f64 terms ride in its agreement check (0: none; prepare_host stages them), and the
+  // largest one whose blocking averages take the lean path (0: none), with the level's group
+  // size and control communicator (owned by hierarchy_).
+  struct SmallLimits {
+    std::size_t fused = 0, lean = 0;
+    int group = 0;
+    MPI_Comm control = MPI_COMM_NULL;
+  };
+  void init_small_limits();
   // The control stage, then the data stage: blocking (out null) or started into *out.
   bool issue(detail::Prepared job, std::size_t level, bool blocking, Request* out);
   // prepare(...), with an hma::InvalidArgument it throws turned into refuse(): the group hears.
@@ -295,6 +305,7 @@ class Averager {
   // The lean path's record: only its check is used while it serves that path, so it stays fresh
   // for a handover to the general path (which sets its fields; recycled once done).
   std::shared_ptr<detail::Pending> lean_;
+  std::vector<SmallLimits> small_;  // by level (empty on a non-member)
   std::shared_ptr<detail::Diagnostics> diag_;  // id() and "where are you?" (control/stall.hpp)
   std::shared_ptr<detail::CheckChannels> checks_;  // where its agreement checks travel (control/check.hpp)
   std::unique_ptr<detail::Worker> worker_;  // Progress::thread only; declared last: joined first

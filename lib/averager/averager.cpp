@@ -284,9 +284,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
                     (r.two ? ", two-level" : ""));
   // Small enough to ride in the agreement check: the flat exact average (the same terms and one
   // order of additions per element; HMA_REDUCTION=mpi keeps the MPI library's own order).
-  if ((settings_.check || settings_.nonfinite != NonFinite::ignore) && post == nullptr &&
-      r.wire == Wire::exact && r.two == nullptr && settings_.reduction == Reduction::automatic &&
-      params.count16() == 0 && params.bytes() > 0 && params.bytes() <= detail::kFusedBytes &&
+  if (params.count16() == 0 && params.bytes() > 0 && params.bytes() <= small_[level].fused &&
       !job.p->control.started())  // (started: the lean path staged the payload and set land_fused)
     job.p->land_fused = detail::stage_fused(buckets, r.group, job.p->control);
   // The buckets and the scratch live on the heap: the data stage may run later (after a

@@ -97,6 +97,7 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
         ipc_[i]->comm = hierarchy_.level(i).dup();
       }
     }
+  init_small_limits();
   if (hierarchy_.world().rank() == 0) {
     for (const auto& w : schedule_.warnings()) detail::log(detail::LogLevel::warn, w);
     detail::log(detail::LogLevel::info, describe());
@@ -121,6 +122,7 @@ Averager& Averager::operator=(Averager&& o) noexcept {
   inflight_ = std::move(o.inflight_);
   spare_ = std::move(o.spare_);
   lean_ = std::move(o.lean_);
+  small_ = std::move(o.small_);
   diag_ = std::move(o.diag_);
   checks_ = std::move(o.checks_);
   worker_ = std::move(o.worker_);

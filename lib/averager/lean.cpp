@@ -9,6 +9,7 @@
 // its timeout, stall warnings and errors are the general path's. Every rank of the group decides
 // alike where it matters (after a complete check, on the same flags), and a rank that hands
 // over only waits longer, so ranks on either path pair up.
+#include <algorithm>
 #include <memory>
 #include <optional>
 
@@ -35,18 +36,41 @@ std::shared_ptr<detail::Pending> lean_record() {
 }
 }  // namespace
 
+void Averager::init_small_limits() {
+  small_.assign(hierarchy_.member() ? hierarchy_.num_levels() : 0, SmallLimits{});
+  for (std::size_t level = 0; level < small_.size(); ++level) {
+    // What rides in the check: the flat exact average (the same terms and one order of additions
+    // per element; HMA_REDUCTION=mpi keeps the MPI library's own order), checked or voted on,
+    // with nothing after the sum (outer optimizer, divergence metric), below the size from which
+    // two-level pays.
+    std::size_t fused = detail::kFusedBytes;
+    if ((!settings_.check && settings_.nonfinite == NonFinite::ignore) || settings_.wire[level] != Wire::exact ||
+        settings_.reduction != Reduction::automatic || divergence_ || (outer_ && outer_->opt.level == level))
+      fused = 0;
+    if (hierarchy_.two_level(level) != nullptr) {
+      if (settings_.algorithm == Algorithm::two_level) fused = 0;
+      if (settings_.algorithm == Algorithm::automatic && !hierarchy_.emulated_nodes()) {
+        const std::size_t from = two_level_from(level);  // use_two_level() from this size on
+        fused = std::min(fused, from == 0 ? 0 : from - 1);
+      }
+    }
+    SmallLimits& s = small_[level];
+    s.fused = fused;
+    s.group = static_cast<int>(hierarchy_.world_ranks(level).size());
+    s.control = hierarchy_.control(level).get();
+    // The lean path: checked, no vote (its scan would cost more than the path saves), a group
+    // of several ranks, and nothing recorded per average (timeline, debug log).
+    const bool lean = settings_.check && settings_.nonfinite == NonFinite::ignore &&
+                      s.group > 1 && detail::Timeline::get() == nullptr &&
+                      !detail::log_enabled(detail::LogLevel::debug);
+    s.lean = lean ? fused : 0;
+  }
+}
+
 std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool scheduled) {
-  // What the general path would fuse (prepare_host), averaged flat with the exact wire, with
-  // nothing after the sum (outer optimizer, divergence), nothing to vote on and no timeline.
-  if (!settings_.check || settings_.nonfinite != NonFinite::ignore || settings_.reduction != Reduction::automatic ||
-      settings_.wire[level] != Wire::exact || divergence_ || (outer_ && outer_->opt.level == level))
-    return std::nullopt;
+  const SmallLimits& small = small_[level];
   const std::size_t bytes = params.bytes();
-  if (bytes == 0 || bytes > detail::kFusedBytes || params.count16() != 0 || params.in_flight())
-    return std::nullopt;
-  const int group = static_cast<int>(hierarchy_.world_ranks(level).size());
-  if (group == 1 || use_two_level(level, bytes) || detail::Timeline::get() != nullptr ||
-      detail::log_enabled(detail::LogLevel::debug))
+  if (bytes == 0 || bytes > small.lean || params.count16() != 0 || params.in_flight())
     return std::nullopt;
   // A record the general path finished after a handover (only it sets done) is made fresh again
   // (Pending::recycle); one another holder still has (a timeout left it on its set) or whose
@@ -58,21 +82,21 @@ std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool sch
   if (!lean_ || lean_.use_count() != 1 || !lean_->control.idle()) lean_ = lean_record();
   detail::ControlCheck& check = lean_->control;
   check.reset();
-  auto& f = params.bucket<float>();
-  auto& d = params.bucket<double>();
-  const detail::HostBuckets buckets{&f, &d, &params.bucket<bf16>(), &params.bucket<fp16>()};
-  auto land = detail::stage_fused(buckets, group, check);
-  check.start(hierarchy_.control(level).get(), host_header(params, level, scheduled), false, weight_);
+  const detail::HostBuckets buckets{&params.bucket<float>(), &params.bucket<double>(), nullptr, nullptr};
+  detail::stage_fused_terms(buckets, small.group, check);
+  check.start(small.control, host_header(params, level, scheduled), false, weight_);
   bool complete = check.test();
   for (int i = 1; i < kLeanPolls && !complete; ++i) complete = check.test();
   if (complete && check.passed_plain()) {
-    land(check);
+    detail::land_fused(buckets, check);
     detail::count_use(detail::Use::lean);
     return true;
   }
   // The general path takes the record as it is, its check in flight or complete (lean_ keeps
   // it, for the next lean average once it is done).
-  lean_->land_fused = std::move(land);
+  lean_->land_fused = [f = buckets.f, d = buckets.d](const detail::ControlCheck& done) {
+    detail::land_fused(detail::HostBuckets{f, d, nullptr, nullptr}, done);
+  };
   return issue(prepare_host(params, level, true, scheduled, lean_), level, true, nullptr);
 }
 

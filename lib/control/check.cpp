@@ -19,19 +19,20 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
          std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
 }
 
-namespace {
-
-// The check communicators (one per distinct group, kept for the process) and, by control
-// communicator, the slot and the next check number of each averager level.
-struct Channel {
+struct CheckChannel {
   MPI_Comm comm = MPI_COMM_NULL;
   std::uint64_t slot = 0;
   std::uint64_t next = 0;
 };
+
+namespace {
+
+// The check communicators (one per distinct group, kept for the process) and, by control
+// communicator, the slot and the next check number of each averager level.
 struct Channels {
   std::mutex mu;
   std::map<std::vector<int>, std::pair<MPI_Comm, std::uint64_t>> groups;  // by world ranks: comm, slots used
-  std::map<MPI_Comm, Channel> by_control;
+  std::map<MPI_Comm, CheckChannel> by_control;
 };
 Channels& channels() {
   static auto* c = new Channels;  // never destroyed: checks may end during static destruction
@@ -101,7 +102,7 @@ CheckChannels::CheckChannels(const std::vector<MPI_Comm>& controls) {
       MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
       it = c.groups.emplace(world, std::pair{comm, std::uint64_t{0}}).first;
     }
-    c.by_control[ctrl] = Channel{it->second.first, it->second.second++, 0};
+    c.by_control[ctrl] = CheckChannel{it->second.first, it->second.second++, 0};
     controls_.push_back(ctrl);
   }
 }
@@ -130,13 +131,13 @@ void ControlCheck::reset() noexcept {
   mine_ = Header{};
   bad_ = 0;
   invalid_.clear();
-  state_.assign(kWords, 0);
-  plan_.clear();
+  state_.resize(kWords);  // start() writes the header words
+  state_[kCounts] = 0;     // no payload until stage_payload()
+  rounds_ = 0;
   next_ = 0;
   posted_ = false;
   reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
   got_ = 0;
-  status_ = MPI_Status{};
   complete_ = fused_ = false;
 }
 
@@ -173,48 +174,34 @@ const double* ControlCheck::fused_d() const noexcept {
   return reinterpret_cast<const double*>(state_.data() + kWords + ((state_[kCounts] >> 32) + 1) / 2);
 }
 
-void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight,
-                         std::string invalid_here) {
-  mine_ = h;
-  bad_ = nonfinite_here ? 1 : 0;
-  invalid_ = std::move(invalid_here);
-  state_[kStep] = h.v[Header::step];
-  state_[kWhere] = h.v[Header::call] | h.v[Header::set] << 8 | h.v[Header::level] << 16;
-  state_[kLayout] = layout_word(h);
-  state_[kFlags] = (bad_ ? kBad : 0) | (invalid_.empty() ? 0 : kInvalid) | (state_[kCounts] == 0 ? kUnfused : 0);
-  state_[kWMin] = state_[kWMax] = weight;
-  state_[kSumLo] = weight;
-  state_[kSumHi] = 0;
-  if (ctrl != known_) {
-    check(MPI_Comm_rank(ctrl, &known_rank_), "MPI_Comm_rank(agreement check)");
-    check(MPI_Comm_size(ctrl, &known_size_), "MPI_Comm_size(agreement check)");
-    known_ = ctrl;
-  }
-  const int r = known_rank_, n = known_size_;
-  std::uint64_t slot = 0, number = 0;
+void ControlCheck::learn(MPI_Comm ctrl) {
+  check(MPI_Comm_rank(ctrl, &known_rank_), "MPI_Comm_rank(agreement check)");
+  check(MPI_Comm_size(ctrl, &known_size_), "MPI_Comm_size(agreement check)");
   {
     Channels& c = channels();
     std::lock_guard<std::mutex> lock(c.mu);
     auto it = c.by_control.find(ctrl);
     if (it == c.by_control.end()) throw Error("hma: internal: an agreement check on a level without a check channel");
-    p2p_ = it->second.comm;
-    slot = it->second.slot;
-    number = it->second.next++;
+    channel_ = &it->second;
   }
+  known_ = ctrl;
   // Recursive doubling over the largest power of two p <= n; the first 2 (n - p) ranks fold in
-  // pairs first (the even one hands its state to the odd one and gets the result back).
+  // pairs first (the even one hands its state to the odd one and gets the result back). The
+  // rounds are the same for every check on this communicator; their tags follow the number.
+  const int r = known_rank_, n = known_size_;
   int p = 1;
   while (p <= n / 2) p *= 2;
   const int rem = n - p;
+  const int last = static_cast<int>(kRounds) - 1;
   plan_.clear();
   int v = r - rem;  // this rank's place among the p
   if (r < 2 * rem) {
     if (r % 2 == 0) {
-      plan_.push_back(Round{r + 1, tag_of(slot, number, 0), true, false, false});
-      plan_.push_back(Round{r + 1, tag_of(slot, number, kRounds - 1), false, true, true});
+      plan_.push_back(Round{r + 1, 0, 0, true, false, false});
+      plan_.push_back(Round{r + 1, 0, last, false, true, true});
       v = -1;
     } else {
-      plan_.push_back(Round{r - 1, tag_of(slot, number, 0), false, true, false});
+      plan_.push_back(Round{r - 1, 0, 0, false, true, false});
       v = r / 2;
     }
   }
@@ -222,10 +209,37 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
     int round = 1;
     for (int mask = 1; mask < p; mask *= 2, ++round) {
       const int u = v ^ mask;
-      plan_.push_back(Round{u < rem ? 2 * u + 1 : u + rem, tag_of(slot, number, round), true, true, false});
+      plan_.push_back(Round{u < rem ? 2 * u + 1 : u + rem, 0, round, true, true, false});
     }
-    if (r < 2 * rem) plan_.push_back(Round{r - 1, tag_of(slot, number, kRounds - 1), true, false, false});
+    if (r < 2 * rem) plan_.push_back(Round{r - 1, 0, last, true, false, false});
   }
+}
+
+void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight,
+                         std::string invalid_here) {
+  mine_ = h;
+  bad_ = nonfinite_here ? 1 : 0;
+  invalid_ = std::move(invalid_here);
+  state_[kStep] = h.v[Header::step];
+  state_[kWhere] = h.v[Header::call] | h.v[Header::set] << 8 | h.v[Header::level] << 16;
+  // The layout's hash, kept for the next check of the same layout (the usual case).
+  if (!layout_known_ || !std::equal(layout_key_.begin(), layout_key_.end(), h.v.begin() + Header::fingerprint)) {
+    std::copy(h.v.begin() + Header::fingerprint, h.v.end(), layout_key_.begin());
+    layout_hash_ = layout_word(h);
+    layout_known_ = true;
+  }
+  state_[kLayout] = layout_hash_;
+  state_[kFlags] = (bad_ ? kBad : 0) | (invalid_.empty() ? 0 : kInvalid) | (state_[kCounts] == 0 ? kUnfused : 0);
+  state_[kWMin] = state_[kWMax] = weight;
+  state_[kSumLo] = weight;
+  state_[kSumHi] = 0;
+  if (ctrl != known_) learn(ctrl);
+  // This averager level's channel: its node stays put until the averager (the only starter of
+  // checks on `ctrl`, on the caller's thread) is gone.
+  p2p_ = channel_->comm;
+  const int base = tag_of(channel_->slot, channel_->next++, 0);
+  for (Round& round : plan_) round.tag = base + round.step;
+  rounds_ = plan_.size();
   if (!in_) in_.reset(new std::uint64_t[kInWords]);  // uninitialised: MPI fills what it receives
   next_ = 0;
   posted_ = false;
@@ -252,18 +266,15 @@ void ControlCheck::post(const Round& r) {
 }
 
 bool ControlCheck::whole(const Round& r) {
-  if (!r.recv) return true;
-  int words = 0;
-  check(MPI_Get_count(&status_, MPI_UINT64_T, &words), "MPI_Get_count(agreement check)");
-  if (got_ > 0) {  // the second fragment
-    got_ += static_cast<std::size_t>(words);
-    return true;
-  }
-  got_ = static_cast<std::size_t>(words);
-  if (got_ < kWords) throw Error("hma: internal: a short agreement check message");
-  // The sender's whole message: its header and the payload its counts announce.
-  if (got_ != kFirstWords || kWords + payload_words(in_[kCounts]) <= got_) return true;
-  check(MPI_Irecv(in_.get() + got_, static_cast<int>(kInWords - got_), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
+  if (!r.recv || got_ > 0) return true;  // (got_ > 0: its second fragment came)
+  // The sender's message is its state: the header and the payload its counts announce (a
+  // state always has that size), of which the first kFirstWords words come first.
+  const std::size_t words = kWords + payload_words(in_[kCounts]);
+  if (words > kInWords) throw Error("hma: internal: an agreement check message larger than any check sends");
+  got_ = words;
+  if (words <= kFirstWords) return true;
+  check(MPI_Irecv(in_.get() + kFirstWords, static_cast<int>(kInWords - kFirstWords), MPI_UINT64_T, r.peer, r.tag,
+                  p2p_, &reqs_[0]),
         "MPI_Irecv(agreement check, second fragment)");
   return false;
 }
@@ -304,18 +315,23 @@ void ControlCheck::combine(std::size_t words) {
 
 bool ControlCheck::test() {
   if (complete_) return true;
-  while (next_ < plan_.size()) {
+  while (next_ < rounds_) {
     const Round& r = plan_[next_];
     if (!posted_) {
       post(r);
       posted_ = true;
     }
     int flag = 0;
-    std::array<MPI_Status, 3> st{};
-    check(MPI_Testall(3, reqs_.data(), &flag, st.data()), "MPI_Testall(agreement check)");
-    if (!flag) return false;
-    status_ = st[0];
-    if (!whole(r)) continue;  // its second fragment is on its way
+    if (reqs_[0] != MPI_REQUEST_NULL) {  // the round's receive, still open
+      check(MPI_Test(&reqs_[0], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
+      if (!flag) return false;
+      if (!whole(r)) continue;  // its second fragment is on its way
+    }
+    for (std::size_t k = 1; k < reqs_.size(); ++k) {  // the sends: small ones complete at once
+      if (reqs_[k] == MPI_REQUEST_NULL) continue;
+      check(MPI_Test(&reqs_[k], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
+      if (!flag) return false;
+    }
     apply(r);
     posted_ = false;
     ++next_;

@@ -85,6 +85,8 @@ struct CheckChannels {
   std::vector<MPI_Comm> controls_;
 };
 
+struct CheckChannel;  // one averager level's: its check communicator, slot and next number
+
 /// Payload bytes a check message carries in its first fragment: with the header it stays within
 /// the eager limit of shared-memory transports (Open MPI's vader: 4 KiB with its own header).
 constexpr std::size_t kFragmentBytes = 3840;
@@ -157,10 +159,13 @@ class ControlCheck {
   static constexpr std::uint64_t kDiffer = 1, kBad = 2, kInvalid = 4, kUnfused = 8;  // flags
   struct Round {
     int peer = -1;
-    int tag = 0;
+    int tag = 0;   // this check's: its number's base tag + step
+    int step = 0;  // 0: the fold in, 1-30: recursive doubling, 31: the fold out
     bool send = false, recv = false;
     bool take = false;  // the received state replaces this rank's (the fold's last message)
   };
+  /// Learns this rank's place in `ctrl`, its channel and the rounds of its checks.
+  void learn(MPI_Comm ctrl);
   void post(const Round& r);
   /// After a receive completed: true when the message is whole, else posts the receive of its
   /// second fragment.
@@ -174,21 +179,26 @@ class ControlCheck {
   // averager, whose communicators outlive it): asked of MPI once, kept by reset().
   MPI_Comm known_ = MPI_COMM_NULL;
   int known_rank_ = 0, known_size_ = 0;
+  CheckChannel* channel_ = nullptr;
   MPI_Comm p2p_ = MPI_COMM_NULL;   // the group's check communicator (the exchange)
   Header mine_;
+  // The layout fields of the last check started and their hash (layout_word()).
+  std::array<std::uint64_t, Header::kFields - Header::fingerprint> layout_key_{};
+  std::uint64_t layout_hash_ = 0;
+  bool layout_known_ = false;
   std::uint64_t bad_ = 0;
   std::string invalid_;  // this rank's reason, empty when its arguments are fine
   static constexpr std::size_t kInWords = kWords + kFusedBytes / 8 + 1;  // the largest message
   static constexpr std::size_t kFirstWords = kWords + kFragmentBytes / 8;  // its first fragment
   std::vector<std::uint64_t> state_ = std::vector<std::uint64_t>(kWords);
   std::unique_ptr<std::uint64_t[]> in_;
-  std::vector<Round> plan_;
+  std::vector<Round> plan_;  // for known_, kept by reset()
+  std::size_t rounds_ = 0;   // of this check: plan_.size() once started, else 0
   std::size_t next_ = 0;
   bool posted_ = false;
   // The round's receive, its send of the first fragment, of the second (if any).
   std::array<MPI_Request, 3> reqs_{MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-  std::size_t got_ = 0;  // words of the round's message received so far (its first fragment)
-  MPI_Status status_{};
+  std::size_t got_ = 0;  // words of the round's message, once its first fragment came (else 0)
   bool complete_ = false;
   bool fused_ = false;
 };

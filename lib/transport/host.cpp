@@ -136,17 +136,24 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p) {
   }
 }
 
-std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c) {
+void stage_fused_terms(const HostBuckets& s, int group, ControlCheck& c) {
   Bucket<float>& f = *s.f;
   Bucket<double>& d = *s.d;
   const ControlCheck::Payload out = c.stage_payload(f.size(), d.size());
   scale_out(f, 0, f.size(), Scaler<float>(group), out.f);
   scale_out(d, 0, d.size(), Scaler<double>(group), out.d);
-  return [fp = &f, dp = &d](const ControlCheck& done) {
-    count_use(Use::fused);
-    copy_back(*fp, 0, fp->size(), done.fused_f());
-    copy_back(*dp, 0, dp->size(), done.fused_d());
-  };
+}
+
+void land_fused(const HostBuckets& s, const ControlCheck& done) {
+  count_use(Use::fused);
+  copy_back(*s.f, 0, s.f->size(), done.fused_f());
+  copy_back(*s.d, 0, s.d->size(), done.fused_d());
+}
+
+std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c) {
+  stage_fused_terms(s, group, c);
+  // Two pointers: held inside the std::function, no allocation.
+  return [f = s.f, d = s.d](const ControlCheck& done) { land_fused(HostBuckets{f, d, nullptr, nullptr}, done); };
 }
 
 }  // namespace hma::detail
