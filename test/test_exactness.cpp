@@ -82,6 +82,11 @@ constexpr std::size_t kSmallF = 601, kSmallD = 179;
 static_assert(kSmallF * 4 + kSmallD * 8 <= hma::detail::kFragmentBytes);
 constexpr std::size_t kTwoF = 1201, kTwoD = 357;
 static_assert(kTwoF * 4 + kTwoD * 8 > hma::detail::kFragmentBytes && kTwoF * 4 + kTwoD * 8 <= hma::detail::kFusedBytes);
+// One whose message (72 header bytes, the f32 terms padded to 8 bytes, the f64 terms) is just
+// over the 256 bytes an MPI sends inline: it goes as two inline fragments of 256 and 48 bytes,
+// the f64 terms across the cut (ControlCheck::first_fragment).
+constexpr std::size_t kInlineF = 17, kInlineD = 20;
+static_assert(72 + (kInlineF + 1) / 2 * 8 + kInlineD * 8 > 256 && 72 + (kInlineF + 1) / 2 * 8 + kInlineD * 8 <= 512);
 
 std::int64_t pieces(std::size_t n, std::size_t per) { return static_cast<std::int64_t>((n + per - 1) / per); }
 // Pieces of both buckets for a piece size in bytes.
@@ -141,6 +146,10 @@ std::vector<Mode> modes() {
   add({.name = "small: fused, start/wait", .options = {}, .start = true, .path = Use::fused, .nf = kSmallF,
        .nd = kSmallD});
   add({.name = "small: fused in two fragments", .options = {}, .path = Use::fused, .nf = kTwoF, .nd = kTwoD});
+  add({.name = "small: fused in two inline fragments", .options = {}, .path = Use::fused, .nf = kInlineF,
+       .nd = kInlineD});
+  add({.name = "small: fused in two inline fragments, packed, start/wait", .options = {}, .start = true,
+       .scattered = true, .path = Use::fused, .nf = kInlineF, .nd = kInlineD});
   add({.name = "small: fused in two fragments, packed, start/wait", .options = {}, .start = true, .scattered = true,
        .path = Use::fused, .nf = kTwoF, .nd = kTwoD});
   add({.name = "small: mpi, one piece (torch's recipe, not fused)", .options = mpi0, .bitwise_mpi = true,

@@ -20,7 +20,7 @@
 namespace hma {
 
 void Averager::require_usable(const char* who) const {
-  if (detail::mpi_finalized())
+  if (detail::mpi_finalizing())
     throw Error(std::string("hma: ") + who + " at step " + std::to_string(step_) +
                 ": MPI is already finalised; every use of an averager must come before MPI_Finalize");
 }

@@ -56,7 +56,11 @@ std::vector<int> world_ranks_of(MPI_Comm comm) {
 // Tags: the round (0: the fold in, 1-30: recursive doubling, 31: the fold out), the check's
 // number and, where MPI's tags are wide enough (Open MPI and MPICH: 2^28 and more), the slot.
 constexpr std::uint64_t kRounds = 32, kNumbers = 2048, kPerSlot = kRounds * kNumbers;
-int tag_of(std::uint64_t slot, std::uint64_t number, int round) {
+// A slot's tags: check number k's round r has tag base + (k % wrap) * kRounds + r.
+struct TagSpace {
+  std::uint64_t base = 0, wrap = kNumbers;
+};
+TagSpace tag_space(std::uint64_t slot) {
   static const std::uint64_t tag_ub = [] {
     void* v = nullptr;
     int found = 0;
@@ -64,8 +68,8 @@ int tag_of(std::uint64_t slot, std::uint64_t number, int round) {
     return found ? static_cast<std::uint64_t>(*static_cast<int*>(v)) : std::uint64_t{32767};
   }();
   const std::uint64_t slots = tag_ub / kPerSlot;
-  if (slots >= 2) return static_cast<int>((slot % slots) * kPerSlot + (number % kNumbers) * kRounds + static_cast<std::uint64_t>(round));
-  return static_cast<int>((number % (tag_ub / kRounds)) * kRounds + static_cast<std::uint64_t>(round));
+  if (slots >= 2) return TagSpace{(slot % slots) * kPerSlot, kNumbers};
+  return TagSpace{0, tag_ub / kRounds};
 }
 
 // The layout's fields (the fingerprint, the array count and the element counts) as one word.
@@ -152,6 +156,12 @@ std::size_t ControlCheck::payload_words(std::uint64_t counts) const noexcept {
   return static_cast<std::size_t>((nf + 1) / 2 + nd);
 }
 
+std::size_t ControlCheck::first_fragment(std::size_t words) noexcept {
+  if (words <= kInlineWords) return words;
+  if (words <= 2 * kInlineWords) return kInlineWords;  // two inline messages beat one that is not
+  return std::min(words, kFirstWords);
+}
+
 ControlCheck::Payload ControlCheck::stage_payload(std::size_t nf, std::size_t nd) {
   if (nf * sizeof(float) + nd * sizeof(double) > kFusedBytes)
     throw Error("hma: internal: a fused payload larger than the check carries");
@@ -184,6 +194,9 @@ void ControlCheck::learn(MPI_Comm ctrl) {
     if (it == c.by_control.end()) throw Error("hma: internal: an agreement check on a level without a check channel");
     channel_ = &it->second;
   }
+  const TagSpace t = tag_space(channel_->slot);
+  tag_base_ = t.base;
+  tag_wrap_ = t.wrap;
   known_ = ctrl;
   // Recursive doubling over the largest power of two p <= n; the first 2 (n - p) ranks fold in
   // pairs first (the even one hands its state to the odd one and gets the result back). The
@@ -237,7 +250,9 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   // This averager level's channel: its node stays put until the averager (the only starter of
   // checks on `ctrl`, on the caller's thread) is gone.
   p2p_ = channel_->comm;
-  const int base = tag_of(channel_->slot, channel_->next++, 0);
+  const std::uint64_t number = channel_->next++;
+  const std::uint64_t k = (tag_wrap_ & (tag_wrap_ - 1)) == 0 ? number & (tag_wrap_ - 1) : number % tag_wrap_;
+  const int base = static_cast<int>(tag_base_ + k * kRounds);
   for (Round& round : plan_) round.tag = base + round.step;
   rounds_ = plan_.size();
   if (!in_) in_.reset(new std::uint64_t[kInWords]);  // uninitialised: MPI fills what it receives
@@ -255,7 +270,7 @@ void ControlCheck::post(const Round& r) {
   got_ = 0;
   if (r.send) {
     // A large payload in two fragments of one tag: MPI keeps their order.
-    const std::size_t first = std::min(state_.size(), kFirstWords);
+    const std::size_t first = first_fragment(state_.size());
     check(MPI_Isend(state_.data(), static_cast<int>(first), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
           "MPI_Isend(agreement check)");
     if (state_.size() > first)
@@ -268,13 +283,14 @@ void ControlCheck::post(const Round& r) {
 bool ControlCheck::whole(const Round& r) {
   if (!r.recv || got_ > 0) return true;  // (got_ > 0: its second fragment came)
   // The sender's message is its state: the header and the payload its counts announce (a
-  // state always has that size), of which the first kFirstWords words come first.
+  // state always has that size), of which first_fragment() words came first.
   const std::size_t words = kWords + payload_words(in_[kCounts]);
   if (words > kInWords) throw Error("hma: internal: an agreement check message larger than any check sends");
   got_ = words;
-  if (words <= kFirstWords) return true;
-  check(MPI_Irecv(in_.get() + kFirstWords, static_cast<int>(kInWords - kFirstWords), MPI_UINT64_T, r.peer, r.tag,
-                  p2p_, &reqs_[0]),
+  const std::size_t first = first_fragment(words);
+  if (words == first) return true;
+  check(MPI_Irecv(in_.get() + first, static_cast<int>(kInWords - first), MPI_UINT64_T, r.peer, r.tag, p2p_,
+                  &reqs_[0]),
         "MPI_Irecv(agreement check, second fragment)");
   return false;
 }
@@ -321,17 +337,16 @@ bool ControlCheck::test() {
       post(r);
       posted_ = true;
     }
+    // The round's receive and first send in one call (a small send completes at once), then a
+    // second fragment's send.
     int flag = 0;
-    if (reqs_[0] != MPI_REQUEST_NULL) {  // the round's receive, still open
-      check(MPI_Test(&reqs_[0], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
-      if (!flag) return false;
-      if (!whole(r)) continue;  // its second fragment is on its way
-    }
-    for (std::size_t k = 1; k < reqs_.size(); ++k) {  // the sends: small ones complete at once
-      if (reqs_[k] == MPI_REQUEST_NULL) continue;
-      check(MPI_Test(&reqs_[k], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
+    check(MPI_Testall(2, reqs_.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(agreement check)");
+    if (!flag) return false;
+    if (reqs_[2] != MPI_REQUEST_NULL) {
+      check(MPI_Test(&reqs_[2], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
       if (!flag) return false;
     }
+    if (!whole(r)) continue;  // its second fragment is on its way
     apply(r);
     posted_ = false;
     ++next_;

@@ -180,6 +180,7 @@ class ControlCheck {
   MPI_Comm known_ = MPI_COMM_NULL;
   int known_rank_ = 0, known_size_ = 0;
   CheckChannel* channel_ = nullptr;
+  std::uint64_t tag_base_ = 0, tag_wrap_ = 1;  // its slot's tags (check.cpp: TagSpace)
   MPI_Comm p2p_ = MPI_COMM_NULL;   // the group's check communicator (the exchange)
   Header mine_;
   // The layout fields of the last check started and their hash (layout_word()).
@@ -190,6 +191,13 @@ class ControlCheck {
   std::string invalid_;  // this rank's reason, empty when its arguments are fine
   static constexpr std::size_t kInWords = kWords + kFusedBytes / 8 + 1;  // the largest message
   static constexpr std::size_t kFirstWords = kWords + kFragmentBytes / 8;  // its first fragment
+  // Open MPI's ob1 sends a message of up to 256 bytes inline (pml_ob1_isend.c, without a
+  // request); a larger one costs about 0.2 us more on shared memory (np 2, this VM).
+  static constexpr std::size_t kInlineWords = 256 / 8;
+  /// Words of a message of `words` words that go in its first fragment (the rest in a second,
+  /// sent at once behind it): all up to kInlineWords; kInlineWords up to twice that (two
+  /// inline messages); else up to kFirstWords.
+  static std::size_t first_fragment(std::size_t words) noexcept;
   std::vector<std::uint64_t> state_ = std::vector<std::uint64_t>(kWords);
   std::unique_ptr<std::uint64_t[]> in_;
   std::vector<Round> plan_;  // for known_, kept by reset()

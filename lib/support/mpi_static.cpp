@@ -1,5 +1,8 @@
 #include "support/mpi_static.hpp"
 
+#include <atomic>
+#include <mutex>
+
 #include "hma/error.hpp"
 
 namespace hma::detail {
@@ -29,6 +32,34 @@ bool mpi_finalized() noexcept {
   int fin = 0;
   MPI_Finalized(&fin);
   return fin != 0;
+}
+
+namespace {
+// MPI_Finalize deletes MPI_COMM_SELF's attributes before anything else: a watch attribute there
+// says it began, without asking MPI on every average.
+std::atomic<bool> g_finalizing{false};
+std::atomic<bool> g_watching{false};
+int mark_finalizing(MPI_Comm, int, void*, void*) {
+  g_finalizing.store(true, std::memory_order_release);
+  return MPI_SUCCESS;
+}
+}  // namespace
+
+bool mpi_finalizing() noexcept {
+  if (g_watching.load(std::memory_order_acquire)) return g_finalizing.load(std::memory_order_acquire);
+  if (mpi_finalized()) return true;
+  int init = 0;
+  MPI_Initialized(&init);
+  if (init) {
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lock(mu);
+    int key = MPI_KEYVAL_INVALID;
+    if (!g_watching.load(std::memory_order_relaxed) &&
+        MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, &mark_finalizing, &key, nullptr) == MPI_SUCCESS &&
+        MPI_Comm_set_attr(MPI_COMM_SELF, key, nullptr) == MPI_SUCCESS)
+      g_watching.store(true, std::memory_order_release);
+  }
+  return false;
 }
 
 int mpi_world_rank() noexcept {

@@ -140,14 +140,14 @@ void stage_fused_terms(const HostBuckets& s, int group, ControlCheck& c) {
   Bucket<float>& f = *s.f;
   Bucket<double>& d = *s.d;
   const ControlCheck::Payload out = c.stage_payload(f.size(), d.size());
-  scale_out(f, 0, f.size(), Scaler<float>(group), out.f);
-  scale_out(d, 0, d.size(), Scaler<double>(group), out.d);
+  if (f.size() > 0) scale_out(f, 0, f.size(), Scaler<float>(group), out.f);
+  if (d.size() > 0) scale_out(d, 0, d.size(), Scaler<double>(group), out.d);
 }
 
 void land_fused(const HostBuckets& s, const ControlCheck& done) {
   count_use(Use::fused);
-  copy_back(*s.f, 0, s.f->size(), done.fused_f());
-  copy_back(*s.d, 0, s.d->size(), done.fused_d());
+  if (s.f->size() > 0) copy_back(*s.f, 0, s.f->size(), done.fused_f());
+  if (s.d->size() > 0) copy_back(*s.d, 0, s.d->size(), done.fused_d());
 }
 
 std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c) {
