@@ -264,11 +264,10 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
 }
 
 void ControlCheck::post(const Round& r) {
-  if (r.recv)
-    check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
-          "MPI_Irecv(agreement check)");
   got_ = 0;
   if (r.send) {
+    // Sent first: the receive below is posted while the message travels (the partner's is
+    // usually still on its way; one already there waits for it as an unexpected message).
     // A large payload in two fragments of one tag: MPI keeps their order.
     const std::size_t first = first_fragment(state_.size());
     check(MPI_Isend(state_.data(), static_cast<int>(first), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
@@ -278,6 +277,9 @@ void ControlCheck::post(const Round& r) {
                       p2p_, &reqs_[2]),
             "MPI_Isend(agreement check, second fragment)");
   }
+  if (r.recv)
+    check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
+          "MPI_Irecv(agreement check)");
 }
 
 bool ControlCheck::whole(const Round& r) {
