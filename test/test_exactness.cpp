@@ -440,6 +440,13 @@ TEST_CASE("random values: every path within its bound of torch's terms, the same
                                                   before[static_cast<std::size_t>(*mode.path)]);
       INFO("path " << static_cast<int>(*mode.path) << " ran " << took << " times, expected " << mode.calls);
       REQUIRE_ALL_RANKS(took == mode.calls);
+      // Of two ranks, MPI's reduction takes the mean itself (no pass divides); never of more.
+      if (*mode.path == Use::allreduce_piece) {
+        const auto pair = static_cast<std::int64_t>(after[static_cast<std::size_t>(Use::pair_mean)] -
+                                                    before[static_cast<std::size_t>(Use::pair_mean)]);
+        INFO("the pair mean ran " << pair << " times");
+        REQUIRE_ALL_RANKS(pair == (g == 2 ? mode.calls : 0));
+      }
     }
     // The inputs are the same in every mode: one reference per group size and division.
     struct Reference {

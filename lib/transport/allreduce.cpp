@@ -2,25 +2,56 @@
 
 #include <algorithm>
 
+#include "support/mpi_static.hpp"
 #include "support/timeline.hpp"
 #include "transport/elements.hpp"
 #include "transport/uses.hpp"
 
 namespace hma::detail {
 
+namespace {
+// The mean of a pair, x / 2 + y / 2 per element, as MPI's reduction: with two ranks every
+// allreduce applies its operation once per element, to the two ranks' own values (MPI knows no
+// identity of a user operation to start from), so this is the divide-then-sum of torch's
+// average bit for bit (x * 0.5 is x / 2 exactly; a + b is b + a), without the pass that
+// divides. Commutative.
+template <Element T>
+void pair_mean(void* in, void* inout, int* len, MPI_Datatype*) {
+  const T* __restrict a = static_cast<const T*>(in);  // MPI's two buffers never overlap
+  T* __restrict b = static_cast<T*>(inout);
+  const std::size_t n = static_cast<std::size_t>(*len);
+  for (std::size_t i = 0; i < n; ++i) b[i] = a[i] * T(0.5) + b[i] * T(0.5);
+}
+
+template <Element T>
+MPI_Op pair_mean_op() {
+  static const MPI_Op op = [] {
+    MPI_Op o = MPI_OP_NULL;
+    check(MPI_Op_create(&pair_mean<T>, 1, &o), "MPI_Op_create(pair mean)");
+    free_at_finalize(o, MPI_DATATYPE_NULL);
+    return o;
+  }();
+  return op;
+}
+}  // namespace
+
 template <Element T>
 void allreduce_piece(Bucket<T>& b, std::size_t lo, std::size_t hi, const Route& route) {
-  const Scaler<T> s(route.group, route.weight);
   const std::size_t bytes = (hi - lo) * sizeof(T);
+  // Two ranks, unweighted: MPI's reduction takes the mean (pair_mean); the packed arrays are
+  // copied in unscaled.
+  const bool pair = route.group == 2 && route.weight < 0;
   {
     TimelineScope t("scale+pack", route.level, route.step, bytes, route.group);
-    scale_pack(b, lo, hi, s);
+    if (pair) pack_range(b, lo, hi);
+    else scale_pack(b, lo, hi, Scaler<T>(route.group, route.weight));
   }
   {
     count_use(Use::allreduce_piece);
+    if (pair) count_use(Use::pair_mean);
     TimelineScope t("MPI_Allreduce", route.level, route.step, bytes, route.group);
-    check(MPI_Allreduce(MPI_IN_PLACE, b.storage.data() + lo, static_cast<int>(hi - lo),
-                        mpi_type<T>(), MPI_SUM, route.comm),
+    check(MPI_Allreduce(MPI_IN_PLACE, b.storage.data() + lo, static_cast<int>(hi - lo), mpi_type<T>(),
+                        pair ? pair_mean_op<T>() : MPI_SUM, route.comm),
           "MPI_Allreduce(average)");
   }
   if (hi > b.owned) {

@@ -107,6 +107,15 @@ void scale_pack(Bucket<T>& b, std::size_t lo, std::size_t hi, const Scaler<T>& s
   });
 }
 
+// Copies the packed user arrays' part of [lo, hi) into the bucket's buffer, unscaled.
+template <Storable T>
+void pack_range(Bucket<T>& b, std::size_t lo, std::size_t hi) {
+  T* data = b.storage.data();
+  for_segments(b, lo, hi, [&](std::size_t at, T* user, std::size_t n) {
+    if (user != nullptr) std::copy(user, user + n, data + at);
+  });
+}
+
 // Writes [lo, hi) of the bucket (owned region or user arrays), scaled, to out[0, hi - lo): the
 // send side of an out-of-place reduction.
 template <Element T>

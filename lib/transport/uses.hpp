@@ -27,6 +27,7 @@ enum class Use : int {
   wire_start,         // a 16-bit wire's MPI_Iallreduce, per call
   fused,              // a small average carried by its agreement check (no data collective), per average
   lean,               // ... of which the lean path (averager/lean.cpp) completed it alone, per average
+  pair_mean,          // an allreduce_piece of two ranks whose MPI reduction took the mean, per call
   count_
 };
 
