@@ -32,6 +32,7 @@ struct Diagnostics;
 struct CheckChannels;
 struct Scratch;
 struct Header;
+struct Route;
 }  // namespace detail
 
 
@@ -232,11 +233,12 @@ class Averager {
   // plainly, is handed to the general path, which completes it).
   std::optional<bool> lean(ParamSet& params, std::size_t level, bool scheduled);
   // Per level, fixed at construction by the settings (lean.cpp): the largest host set whose
-  // f32/f64 terms ride in its agreement check (0: none; prepare_host stages them), and the
-  // largest one whose blocking averages take the lean path (0: none), with the level's group
-  // size and control communicator (owned by hierarchy_).
+  // f32/f64 terms ride in its agreement check (0: none; prepare_host stages them), whether its
+  // blocking host averages take the lean path, the level's group size and control
+  // communicator (owned by hierarchy_).
   struct SmallLimits {
-    std::size_t fused = 0, lean = 0;
+    std::size_t fused = 0;
+    bool lean = false;
     int group = 0;
     MPI_Comm control = MPI_COMM_NULL;
   };
@@ -248,6 +250,8 @@ class Averager {
   // `started`: a record whose agreement check the lean path already started (its land_fused set).
   detail::Prepared prepare_host(ParamSet& params, std::size_t level, bool blocking, bool scheduled,
                                 std::shared_ptr<detail::Pending> started = nullptr);
+  // How a host set's data moves at `level` (group > 1), with `post` after the sum (or none).
+  detail::Route host_route(const ParamSet& params, std::size_t level, detail::Post* post) const;
   // What every rank of the group must hold alike for an average of a host set.
   [[nodiscard]] detail::Header host_header(ParamSet& params, std::size_t level, bool scheduled) const;
   detail::Prepared prepare_device(DeviceParamSet& params, std::size_t level, bool blocking,

@@ -221,6 +221,31 @@ detail::Header Averager::host_header(ParamSet& params, std::size_t level, bool s
   return h;
 }
 
+detail::Route Averager::host_route(const ParamSet& params, std::size_t level, detail::Post* post) const {
+  const Comm& comm = hierarchy_.level(level);
+  detail::Route r;
+  r.comm = comm.get();
+  r.group = comm.size();
+  r.rank = comm.rank();
+  r.chunk_bytes = settings_.chunk_bytes;
+  r.reduction = settings_.reduction;
+  // auto: hma's ring was measured faster only over shared memory; across real nodes (TCP on
+  // the emulated cluster: 1.4-2x slower) Open MPI's own network-aware allreduce wins.
+  if (r.reduction == Reduction::automatic && !within_shared_memory(level)) r.reduction = Reduction::mpi;
+  r.ring_min_block = settings_.ring_min_block_bytes;
+  r.layout_agreed = settings_.check || settings_.nonfinite != NonFinite::ignore;  // issue() checks then
+  r.wire = settings_.wire[level];
+  // 16-bit arrays always travel flat: only the f32/f64 bytes decide two-level.
+  r.two = use_two_level(level, params.bytes() - 2 * params.count16()) ? hierarchy_.two_level(level) : nullptr;
+  r.per_node = hierarchy_.ranks_per_node();
+  if (r.two != nullptr)
+    r.split_min_piece = detail::split_min_piece(settings_.model, {r.group / r.per_node, r.per_node});
+  r.level = static_cast<int>(level);
+  r.step = step_;
+  r.post = post;
+  return r;
+}
+
 detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, bool blocking,
                                         bool scheduled, std::shared_ptr<detail::Pending> started) {
   if (params.in_flight())
@@ -256,26 +281,7 @@ detail::Prepared Averager::prepare_host(ParamSet& params, std::size_t level, boo
     };
     return job;
   }
-  detail::Route r;
-  r.comm = comm.get();
-  r.group = comm.size();
-  r.rank = comm.rank();
-  r.chunk_bytes = settings_.chunk_bytes;
-  r.reduction = settings_.reduction;
-  // auto: hma's ring was measured faster only over shared memory; across real nodes (TCP on
-  // the emulated cluster: 1.4-2x slower) Open MPI's own network-aware allreduce wins.
-  if (r.reduction == Reduction::automatic && !within_shared_memory(level)) r.reduction = Reduction::mpi;
-  r.ring_min_block = settings_.ring_min_block_bytes;
-  r.layout_agreed = settings_.check || settings_.nonfinite != NonFinite::ignore;  // issue() checks then
-  r.wire = settings_.wire[level];
-  // 16-bit arrays always travel flat: only the f32/f64 bytes decide two-level.
-  r.two = use_two_level(level, params.bytes() - 2 * params.count16()) ? hierarchy_.two_level(level) : nullptr;
-  r.per_node = hierarchy_.ranks_per_node();
-  if (r.two != nullptr)
-    r.split_min_piece = detail::split_min_piece(settings_.model, {r.group / r.per_node, r.per_node});
-  r.level = static_cast<int>(level);
-  r.step = step_;
-  r.post = post.get();  // kept alive by the launch below
+  const detail::Route r = host_route(params, level, post.get());  // post: kept alive by the launch below
   if (detail::log_enabled(detail::LogLevel::debug))
     detail::log(detail::LogLevel::debug,
                 "rank " + std::to_string(hierarchy_.world_rank()) + " step " +

@@ -39,13 +39,17 @@ std::shared_ptr<detail::Pending> lean_record() {
 void Averager::init_small_limits() {
   small_.assign(hierarchy_.member() ? hierarchy_.num_levels() : 0, SmallLimits{});
   for (std::size_t level = 0; level < small_.size(); ++level) {
+    SmallLimits& s = small_[level];
+    s.group = static_cast<int>(hierarchy_.world_ranks(level).size());
+    s.control = hierarchy_.control(level).get();
+    // Nothing after the sum (outer optimizer, divergence metric).
+    const bool plain = !divergence_ && !(outer_ && outer_->opt.level == level);
     // What rides in the check: the flat exact average (the same terms and one order of additions
     // per element; HMA_REDUCTION=mpi keeps the MPI library's own order), checked or voted on,
-    // with nothing after the sum (outer optimizer, divergence metric), below the size from which
-    // two-level pays.
+    // below the size from which two-level pays.
     std::size_t fused = detail::kFusedBytes;
     if ((!settings_.check && settings_.nonfinite == NonFinite::ignore) || settings_.wire[level] != Wire::exact ||
-        settings_.reduction != Reduction::automatic || divergence_ || (outer_ && outer_->opt.level == level))
+        settings_.reduction != Reduction::automatic || !plain)
       fused = 0;
     if (hierarchy_.two_level(level) != nullptr) {
       if (settings_.algorithm == Algorithm::two_level) fused = 0;
@@ -54,24 +58,22 @@ void Averager::init_small_limits() {
         fused = std::min(fused, from == 0 ? 0 : from - 1);
       }
     }
-    SmallLimits& s = small_[level];
     s.fused = fused;
-    s.group = static_cast<int>(hierarchy_.world_ranks(level).size());
-    s.control = hierarchy_.control(level).get();
-    // The lean path: checked, no vote (its scan would cost more than the path saves), a group
-    // of several ranks, and nothing recorded per average (timeline, debug log).
-    const bool lean = settings_.check && settings_.nonfinite == NonFinite::ignore &&
-                      s.group > 1 && detail::Timeline::get() == nullptr &&
-                      !detail::log_enabled(detail::LogLevel::debug);
-    s.lean = lean ? fused : 0;
+    // The lean path: checked, no vote (its scan would cost more than the path saves), nothing
+    // after the sum, a group of several ranks, nothing recorded per average (timeline, debug
+    // log), and no progress thread (whose queue the data would have to wait for).
+    s.lean = settings_.check && settings_.nonfinite == NonFinite::ignore && plain && s.group > 1 &&
+             !worker_ && detail::Timeline::get() == nullptr && !detail::log_enabled(detail::LogLevel::debug);
   }
 }
 
 std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool scheduled) {
   const SmallLimits& small = small_[level];
   const std::size_t bytes = params.bytes();
-  if (bytes == 0 || bytes > small.lean || params.count16() != 0 || params.in_flight())
-    return std::nullopt;
+  if (!small.lean || bytes == 0 || params.in_flight()) return std::nullopt;
+  // Its terms ride in the check (the sums land from it), or the check goes alone and the data
+  // moves after it as on the general path.
+  const bool fused = bytes <= small.fused && params.count16() == 0;
   // A record the general path finished after a handover (only it sets done) is made fresh again
   // (Pending::recycle); one another holder still has (a timeout left it on its set) or whose
   // check is still open (an MPI error left it so) stays theirs: this path takes a new one.
@@ -82,21 +84,30 @@ std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool sch
   if (!lean_ || lean_.use_count() != 1 || !lean_->control.idle()) lean_ = lean_record();
   detail::ControlCheck& check = lean_->control;
   check.reset();
-  const detail::HostBuckets buckets{&params.bucket<float>(), &params.bucket<double>(), nullptr, nullptr};
-  detail::stage_fused_terms(buckets, small.group, check);
+  const detail::HostBuckets terms{&params.bucket<float>(), &params.bucket<double>(), nullptr, nullptr};
+  if (fused) detail::stage_fused_terms(terms, small.group, check);
   check.start(small.control, host_header(params, level, scheduled), false, weight_);
   bool complete = check.test();
   for (int i = 1; i < kLeanPolls && !complete; ++i) complete = check.test();
-  if (complete && check.passed_plain()) {
-    detail::land_fused(buckets, check);
+  if (complete && fused && check.passed_plain()) {
+    detail::land_fused(terms, check);
     detail::count_use(detail::Use::lean);
+    return true;
+  }
+  if (complete && !fused && check.agreed_plain()) {
+    // The group agreed, with equal weights: the data moves as the general path's blocking
+    // launch moves it (no worker queue to wait for: s.lean).
+    detail::count_use(detail::Use::lean_check);
+    const detail::HostBuckets all{terms.f, terms.d, &params.bucket<bf16>(), &params.bucket<fp16>()};
+    detail::average_host(all, host_route(params, level, nullptr), *scratch_);
     return true;
   }
   // The general path takes the record as it is, its check in flight or complete (lean_ keeps
   // it, for the next lean average once it is done).
-  lean_->land_fused = [f = buckets.f, d = buckets.d](const detail::ControlCheck& done) {
-    detail::land_fused(detail::HostBuckets{f, d, nullptr, nullptr}, done);
-  };
+  if (fused)
+    lean_->land_fused = [f = terms.f, d = terms.d](const detail::ControlCheck& done) {
+      detail::land_fused(detail::HostBuckets{f, d, nullptr, nullptr}, done);
+    };
   return issue(prepare_host(params, level, true, scheduled, lean_), level, true, nullptr);
 }
 

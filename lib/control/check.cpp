@@ -176,6 +176,11 @@ bool ControlCheck::passed_plain() const noexcept {
          state_[kWMin] == state_[kWMax] && state_[kWMin] != 0;
 }
 
+bool ControlCheck::agreed_plain() const noexcept {
+  return complete_ && (state_[kFlags] & (kDiffer | kBad | kInvalid)) == 0 && state_[kWMin] == state_[kWMax] &&
+         state_[kWMin] != 0;
+}
+
 const float* ControlCheck::fused_f() const noexcept {
   return reinterpret_cast<const float*>(state_.data() + kWords);
 }

@@ -143,6 +143,9 @@ class ControlCheck {
   /// summed with equal non-zero weights: the sums are the average (the lean path's test, the
   /// same on every rank of the group; no collective).
   [[nodiscard]] bool passed_plain() const noexcept;
+  /// The same without a payload: complete, nothing to name or vote on, equal non-zero weights
+  /// (a lean average whose data moves after the check).
+  [[nodiscard]] bool agreed_plain() const noexcept;
   [[nodiscard]] const float* fused_f() const noexcept;
   [[nodiscard]] const double* fused_d() const noexcept;
 

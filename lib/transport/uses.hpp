@@ -28,6 +28,7 @@ enum class Use : int {
   fused,              // a small average carried by its agreement check (no data collective), per average
   lean,               // ... of which the lean path (averager/lean.cpp) completed it alone, per average
   pair_mean,          // an allreduce_piece of two ranks whose MPI reduction took the mean, per call
+  lean_check,         // a blocking host average whose check the lean path completed, its data after, per average
   count_
 };
 
