@@ -221,7 +221,19 @@ class Averager {
   // What a set (host or device) hands the orchestrator for one average: the pending average
   // with its data launch, the header its group must agree on, its non-finite vote, and how to
   // hang the average on the set. See lib/averager/averager.cpp.
-  using Prepare = std::function<detail::Prepared(std::size_t level, bool blocking, bool scheduled)>;
+  // (a reference to the caller's lambda, valid for the call it is passed to: no std::function
+  // to build per average)
+  class Prepare {
+   public:
+    template <class F>
+    Prepare(const F& f) noexcept  // NOLINT: converts from any such callable
+        : obj_(&f), fn_([](const void* o, std::size_t l, bool b, bool s) { return (*static_cast<const F*>(o))(l, b, s); }) {}
+    detail::Prepared operator()(std::size_t level, bool blocking, bool scheduled) const;
+
+   private:
+    const void* obj_;
+    detail::Prepared (*fn_)(const void*, std::size_t, bool, bool);
+  };
   // step()/start() and average()/start_average() for either kind of set.
   // `lean`: the host set of a blocking call, which may take the lean path (lean()).
   bool scheduled(bool blocking, Request* out, const Prepare& prepare, ParamSet* lean = nullptr);

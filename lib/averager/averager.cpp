@@ -127,6 +127,10 @@ bool Averager::at_level(std::size_t level, bool blocking, Request* out, const Pr
   return issue(prepared(prepare, level, blocking, false), level, blocking, out);
 }
 
+detail::Prepared Averager::Prepare::operator()(std::size_t level, bool blocking, bool scheduled) const {
+  return fn_(obj_, level, blocking, scheduled);
+}
+
 detail::Prepared Averager::prepared(const Prepare& prepare, std::size_t level, bool blocking, bool scheduled) {
   try {
     return prepare(level, blocking, scheduled);

@@ -234,10 +234,10 @@ void ControlCheck::learn(MPI_Comm ctrl) {
 }
 
 void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight,
-                         std::string invalid_here) {
+                         std::string_view invalid_here) {
   mine_ = h;
   bad_ = nonfinite_here ? 1 : 0;
-  invalid_ = std::move(invalid_here);
+  invalid_.assign(invalid_here);
   state_[kStep] = h.v[Header::step];
   state_[kWhere] = h.v[Header::call] | h.v[Header::set] << 8 | h.v[Header::level] << 16;
   // The layout's hash, kept for the next check of the same layout (the usual case).

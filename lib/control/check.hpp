@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace hma::detail {
@@ -118,7 +119,7 @@ class ControlCheck {
   /// `weight`: this rank's weight in the group's sum (weighted averaging; 2^32 = weight 1).
   /// `invalid_here` non-empty: this rank's arguments are bad (the reason, without "hma: "); the
   /// check then fails with it on every rank of the group (resolve()).
-  void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight, std::string invalid_here = {});
+  void start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, Weight weight, std::string_view invalid_here = {});
   [[nodiscard]] bool started() const noexcept { return ctrl_ != MPI_COMM_NULL; }
   /// True when no message of it is in flight (never started, or complete).
   [[nodiscard]] bool idle() const noexcept { return complete_ || !posted_; }
