@@ -36,6 +36,9 @@ const char* kUsage =
     "                    flat MPI_Allreduce with hma's op), next to hma's flat f32 average (add flat)\n"
     "                    outer: with an outer optimizer (Nesterov, lr 0.7, momentum 0.9) at the level\n"
     "                    divergence: with the divergence metric\n"
+    "                    exchange: the floor of the agreement check's protocol, groups of 2: one\n"
+    "                    MPI_Isend + MPI_Irecv of the check's message (72 bytes + the bytes, or the\n"
+    "                    72-byte header alone above what rides in the check) with the partner\n"
     "  --csv FILE        write the results as CSV\n"
     "  --json FILE       write the results and the run's metadata as JSON\n";
 
@@ -57,6 +60,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
   if (min_b < 1 || max_b < min_b || factor <= 1 || iters < 1 || warm < 0 || arrays < 1)
     flags.fail("need 1 <= min-bytes <= max-bytes, factor > 1, iters >= 1, arrays >= 1");
   if (group < 1 || world % group != 0) flags.fail("--group must divide the rank count");
+  if (on("exchange") && group != 2) flags.fail("--variants exchange: groups of 2 only");
 
   std::vector<hma::Level> levels;
   if (group < world) levels.push_back({std::int64_t{1} << 40, group});
@@ -146,6 +150,21 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (on("outer")) avg_outer = make_outer();
     auto t_outer = !on("outer") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_outer->average(contig, 0); }));
     auto t_div = !on("divergence") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_div->average(contig, 0); }));
+    // The check's message: its 9-word header, and the terms where they ride in it (7,680 bytes
+    // at most); sent as the check sends it (at most 256 bytes per inline message).
+    std::vector<std::uint64_t> out_msg(9 + (bytes <= 7680 ? (static_cast<std::size_t>(bytes) + 7) / 8 : 0), 1), in_msg(out_msg.size());
+    int ex_tag = 0;
+    auto t_exchange = !on("exchange") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] {
+      const int peer = bench::rank() ^ 1;
+      const std::size_t w = out_msg.size(), first = w <= 32 ? w : (w <= 64 ? 32 : std::min<std::size_t>(w, 489));
+      MPI_Request q[4] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+      MPI_Isend(out_msg.data(), static_cast<int>(first), MPI_UINT64_T, peer, ex_tag, comm, &q[0]);
+      if (w > first) MPI_Isend(out_msg.data() + first, static_cast<int>(w - first), MPI_UINT64_T, peer, ex_tag, comm, &q[1]);
+      MPI_Irecv(in_msg.data(), static_cast<int>(first), MPI_UINT64_T, peer, ex_tag, comm, &q[2]);
+      if (w > first) MPI_Irecv(in_msg.data() + first, static_cast<int>(w - first), MPI_UINT64_T, peer, ex_tag, comm, &q[3]);
+      MPI_Waitall(4, q, MPI_STATUSES_IGNORE);
+      ex_tag = (ex_tag + 1) % 1024;
+    }));
     auto t_unchecked = !on("unchecked") ? none : bench::stats(bench::time_op(comm, warm, iters, max_s, [&] { avg_unchecked->average(contig, 0); }));
     std::unique_ptr<hma::DeviceParamSet> dps;
     hma::DeviceArray<T> dw;
@@ -185,6 +204,7 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (on("flat")) add("hma_flat", t_flat, base);
     if (on("two-level")) add("hma_two_level", t_two, base);
     if (on("unchecked")) add("hma_unchecked", t_unchecked, base);
+    if (on("exchange")) add("check_exchange", t_exchange, base);
     if (on("bf16")) add("hma_wire_bf16", t_bf16, base);
     if (on("fp16")) add("hma_wire_fp16", t_fp16, base);
     if (on("outer")) add("hma_outer_nesterov", t_outer, base);
@@ -203,6 +223,9 @@ void run(bench::Flags& flags, const bench::Meta& meta) {
     if (bench::rank() == 0 && on("unchecked"))
       std::printf("%10s   agreement check: checked %10.1f µs, unchecked %10.1f µs: %+.1f%%\n", "",
                   t_hma.median, t_unchecked.median, 100.0 * (t_hma.median / t_unchecked.median - 1));
+    if (bench::rank() == 0 && on("exchange"))
+      std::printf("%10s   the check's exchange alone (%zu bytes) %10.2f µs (%.3f of bare)\n", "", out_msg.size() * 8,
+                  t_exchange.median, t_exchange.median / base);
     if (bench::rank() == 0 && (on("bf16") || on("fp16")))
       std::printf("%10s   16-bit wire: bf16 %10.1f µs (%.3f of flat f32)   fp16 %10.1f µs (%.3f)\n", "",
                   t_bf16.median, t_flat.median > 0 ? t_bf16.median / t_flat.median : 0.0, t_fp16.median,

@@ -122,11 +122,12 @@ ControlCheck::~ControlCheck() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
-  if (reqs_[0] != MPI_REQUEST_NULL) {
-    MPI_Cancel(&reqs_[0]);
-    MPI_Wait(&reqs_[0], MPI_STATUS_IGNORE);
-  }
-  for (std::size_t i = 1; i < reqs_.size(); ++i)
+  for (std::size_t i : {kRecv, kRecvSecond})
+    if (reqs_[i] != MPI_REQUEST_NULL) {
+      MPI_Cancel(&reqs_[i]);
+      MPI_Wait(&reqs_[i], MPI_STATUS_IGNORE);
+    }
+  for (std::size_t i : {kSend, kSendSecond})
     if (reqs_[i] != MPI_REQUEST_NULL) MPI_Request_free(&reqs_[i]);
 }
 
@@ -140,7 +141,7 @@ void ControlCheck::reset() noexcept {
   rounds_ = 0;
   next_ = 0;
   posted_ = false;
-  reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
   got_ = 0;
   complete_ = fused_ = false;
 }
@@ -271,20 +272,29 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
 void ControlCheck::post(const Round& r) {
   got_ = 0;
   if (r.send) {
-    // Sent first: the receive below is posted while the message travels (the partner's is
-    // usually still on its way; one already there waits for it as an unexpected message).
+    // Sent first: the receives below are posted while the message travels (the partner's is
+    // usually still on its way; one already there waits for them as an unexpected message).
     // A large payload in two fragments of one tag: MPI keeps their order.
     const std::size_t first = first_fragment(state_.size());
-    check(MPI_Isend(state_.data(), static_cast<int>(first), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[1]),
+    check(MPI_Isend(state_.data(), static_cast<int>(first), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[kSend]),
           "MPI_Isend(agreement check)");
     if (state_.size() > first)
       check(MPI_Isend(state_.data() + first, static_cast<int>(state_.size() - first), MPI_UINT64_T, r.peer, r.tag,
-                      p2p_, &reqs_[2]),
+                      p2p_, &reqs_[kSendSecond]),
             "MPI_Isend(agreement check, second fragment)");
   }
-  if (r.recv)
-    check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[0]),
+  if (r.recv) {
+    check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[kRecv]),
           "MPI_Irecv(agreement check)");
+    // A partner in the same average sends a message of this rank's size: where that has two
+    // fragments, the second one's receive is posted now too (MPI matches the two in order),
+    // and whole() cancels it if the partner's message turns out to be whole in one.
+    early_at_ = first_fragment(state_.size());
+    if (state_.size() > early_at_)
+      check(MPI_Irecv(in_.get() + early_at_, static_cast<int>(kInWords - early_at_), MPI_UINT64_T, r.peer, r.tag,
+                      p2p_, &reqs_[kRecvSecond]),
+            "MPI_Irecv(agreement check, second fragment)");
+  }
 }
 
 bool ControlCheck::whole(const Round& r) {
@@ -295,9 +305,21 @@ bool ControlCheck::whole(const Round& r) {
   if (words > kInWords) throw Error("hma: internal: an agreement check message larger than any check sends");
   got_ = words;
   const std::size_t first = first_fragment(words);
+  if (reqs_[kRecvSecond] != MPI_REQUEST_NULL) {
+    if (words == first) {  // whole in one fragment: the early receive will never match
+      check(MPI_Cancel(&reqs_[kRecvSecond]), "MPI_Cancel(agreement check, second fragment)");
+      check(MPI_Wait(&reqs_[kRecvSecond], MPI_STATUS_IGNORE), "MPI_Wait(agreement check, second fragment)");
+      return true;
+    }
+    // Its second fragment lands where this rank's own would (a partner cut elsewhere has
+    // other counts: its payload is never summed, and every cut leaves room for the rest).
+    reqs_[kRecv] = reqs_[kRecvSecond];
+    reqs_[kRecvSecond] = MPI_REQUEST_NULL;
+    return false;
+  }
   if (words == first) return true;
   check(MPI_Irecv(in_.get() + first, static_cast<int>(kInWords - first), MPI_UINT64_T, r.peer, r.tag, p2p_,
-                  &reqs_[0]),
+                  &reqs_[kRecv]),
         "MPI_Irecv(agreement check, second fragment)");
   return false;
 }
@@ -349,8 +371,8 @@ bool ControlCheck::test() {
     int flag = 0;
     check(MPI_Testall(2, reqs_.data(), &flag, MPI_STATUSES_IGNORE), "MPI_Testall(agreement check)");
     if (!flag) return false;
-    if (reqs_[2] != MPI_REQUEST_NULL) {
-      check(MPI_Test(&reqs_[2], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
+    if (reqs_[kSendSecond] != MPI_REQUEST_NULL) {
+      check(MPI_Test(&reqs_[kSendSecond], &flag, MPI_STATUS_IGNORE), "MPI_Test(agreement check)");
       if (!flag) return false;
     }
     if (!whole(r)) continue;  // its second fragment is on its way

@@ -208,8 +208,11 @@ class ControlCheck {
   std::size_t rounds_ = 0;   // of this check: plan_.size() once started, else 0
   std::size_t next_ = 0;
   bool posted_ = false;
-  // The round's receive, its send of the first fragment, of the second (if any).
-  std::array<MPI_Request, 3> reqs_{MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  // The round's receive (of the first fragment, then of the second), its send of the first
+  // fragment, of the second (if any), and the second fragment's receive posted early (if any).
+  static constexpr std::size_t kRecv = 0, kSend = 1, kSendSecond = 2, kRecvSecond = 3;
+  std::array<MPI_Request, 4> reqs_{MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  std::size_t early_at_ = 0;  // where the early receive puts its fragment
   std::size_t got_ = 0;  // words of the round's message, once its first fragment came (else 0)
   bool complete_ = false;
   bool fused_ = false;
