@@ -1,9 +1,10 @@
-// The lean path of a small blocking host average: step() or average() of a host set that rides
-// in its agreement check (README "Small averages ride in the check"). It sends the same check
-// messages as the general path (averager.cpp, request.cpp) without its record keeping (a record
-// registered with the averager and the process, the set's pending average, the stall registry,
-// the deadline): when the check completes within a few polls and passes plainly (every header
-// equal, no vote, every payload summed, equal weights), the group's sums land and that is all.
+// The lean path of a blocking host average: step() or average() of a host set (README "Small
+// averages ride in the check", fourth and fifth rounds). It sends the same check messages as the
+// general path (averager.cpp, request.cpp) without its record keeping (a record registered with
+// the averager and the process, the set's pending average, the stall registry, the deadline):
+// when the check completes within a few polls and passes plainly (every header equal, no vote,
+// equal weights, and for a set that rides in it every payload summed), the group's sums land
+// (Use::lean), or the data moves at once by the general path's blocking route (Use::lean_check).
 // Otherwise (a rank still on its way, a mismatch, unequal weights, another payload) the check in
 // flight is handed to the general path, which completes it exactly as if it had started it:
 // its timeout, stall warnings and errors are the general path's. Every rank of the group decides
