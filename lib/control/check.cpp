@@ -136,8 +136,7 @@ void ControlCheck::reset() noexcept {
   mine_ = Header{};
   bad_ = 0;
   invalid_.clear();
-  state_.resize(kWords);  // start() writes the header words
-  state_[kCounts] = 0;     // no payload until stage_payload()
+  state_[kCounts] = 0;  // no payload until stage_payload() (start() sizes the state to its counts)
   rounds_ = 0;
   next_ = 0;
   posted_ = false;
@@ -239,6 +238,9 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   mine_ = h;
   bad_ = nonfinite_here ? 1 : 0;
   invalid_.assign(invalid_here);
+  // The header and the payload the counts announce: a payload of the last check's size is
+  // staged over the old one, not zeroed first.
+  state_.resize(kWords + payload_words(state_[kCounts]));
   state_[kStep] = h.v[Header::step];
   state_[kWhere] = h.v[Header::call] | h.v[Header::set] << 8 | h.v[Header::level] << 16;
   // The layout's hash, kept for the next check of the same layout (the usual case).
