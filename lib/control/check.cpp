@@ -365,8 +365,8 @@ bool ControlCheck::test() {
   while (next_ < rounds_) {
     const Round& r = plan_[next_];
     if (!posted_) {
+      posted_ = true;  // first: what post() issued before an error is cancelled or freed, never dropped
       post(r);
-      posted_ = true;
     }
     // The round's receive and first send in one call (a small send completes at once), then a
     // second fragment's send.

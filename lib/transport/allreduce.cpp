@@ -20,7 +20,16 @@ void pair_mean(void* in, void* inout, int* len, MPI_Datatype*) {
   const T* __restrict a = static_cast<const T*>(in);  // MPI's two buffers never overlap
   T* __restrict b = static_cast<T*>(inout);
   const std::size_t n = static_cast<std::size_t>(*len);
-  for (std::size_t i = 0; i < n; ++i) b[i] = a[i] * T(0.5) + b[i] * T(0.5);
+  // Each half rounded on its own, then added: never fused into a multiply-add (FP_CONTRACT
+  // off for compilers that contract within an expression; GCC's -std=c++20 never contracts).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+  for (std::size_t i = 0; i < n; ++i) {
+    const T x = a[i] * T(0.5);
+    const T y = b[i] * T(0.5);
+    b[i] = x + y;
+  }
 }
 
 template <Element T>
