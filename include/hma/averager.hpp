@@ -239,10 +239,10 @@ class Averager {
   bool scheduled(bool blocking, Request* out, const Prepare& prepare, ParamSet* lean = nullptr);
   bool at_level(std::size_t level, bool blocking, Request* out, const Prepare& prepare,
                 ParamSet* lean = nullptr);
-  // A small blocking host average that rides in its agreement check, without the general
-  // path's record keeping (lib/averager/lean.cpp): nullopt when it does not apply, else what
-  // step()/average() return (a check still open after a few polls, or one that did not pass
-  // plainly, is handed to the general path, which completes it).
+  // A blocking host average without the general path's record keeping (lib/averager/lean.cpp):
+  // its sums land from its agreement check, or its data moves right after it; nullopt when it
+  // does not apply, else what step()/average() return (a check still open after a few polls,
+  // or one that did not pass plainly, is handed to the general path, which completes it).
   std::optional<bool> lean(ParamSet& params, std::size_t level, bool scheduled);
   // Per level, fixed at construction by the settings (lean.cpp): the largest host set whose
   // f32/f64 terms ride in its agreement check (0: none; prepare_host stages them), whether its

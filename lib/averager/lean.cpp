@@ -105,10 +105,7 @@ std::optional<bool> Averager::lean(ParamSet& params, std::size_t level, bool sch
   }
   // The general path takes the record as it is, its check in flight or complete (lean_ keeps
   // it, for the next lean average once it is done).
-  if (fused)
-    lean_->land_fused = [f = terms.f, d = terms.d](const detail::ControlCheck& done) {
-      detail::land_fused(detail::HostBuckets{f, d, nullptr, nullptr}, done);
-    };
+  if (fused) lean_->land_fused = detail::fused_lander(terms);
   return issue(prepare_host(params, level, true, scheduled, lean_), level, true, nullptr);
 }
 

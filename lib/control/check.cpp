@@ -171,15 +171,12 @@ ControlCheck::Payload ControlCheck::stage_payload(std::size_t nf, std::size_t nd
   return Payload{reinterpret_cast<float*>(base), reinterpret_cast<double*>(base + (nf + 1) / 2 * 8)};
 }
 
-bool ControlCheck::passed_plain() const noexcept {
-  return complete_ && (state_[kFlags] & (kDiffer | kBad | kInvalid | kUnfused)) == 0 &&
-         state_[kWMin] == state_[kWMax] && state_[kWMin] != 0;
-}
-
 bool ControlCheck::agreed_plain() const noexcept {
   return complete_ && (state_[kFlags] & (kDiffer | kBad | kInvalid)) == 0 && state_[kWMin] == state_[kWMax] &&
          state_[kWMin] != 0;
 }
+
+bool ControlCheck::passed_plain() const noexcept { return agreed_plain() && (state_[kFlags] & kUnfused) == 0; }
 
 const float* ControlCheck::fused_f() const noexcept {
   return reinterpret_cast<const float*>(state_.data() + kWords);

@@ -150,10 +150,14 @@ void land_fused(const HostBuckets& s, const ControlCheck& done) {
   if (s.d->size() > 0) copy_back(*s.d, 0, s.d->size(), done.fused_d());
 }
 
-std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c) {
-  stage_fused_terms(s, group, c);
+std::function<void(const ControlCheck&)> fused_lander(const HostBuckets& s) {
   // Two pointers: held inside the std::function, no allocation.
   return [f = s.f, d = s.d](const ControlCheck& done) { land_fused(HostBuckets{f, d, nullptr, nullptr}, done); };
+}
+
+std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c) {
+  stage_fused_terms(s, group, c);
+  return fused_lander(s);
 }
 
 }  // namespace hma::detail

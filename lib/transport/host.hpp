@@ -81,8 +81,10 @@ void start_host(const HostBuckets& s, const Route& route, Pending& p);
 /// (x / group, as the flat average divides) of the f32 and f64 buckets as the check's payload.
 /// Returns what lands the group's sums in the arrays when the check fused, to run then.
 std::function<void(const ControlCheck&)> stage_fused(const HostBuckets& s, int group, ControlCheck& c);
-/// The same in two calls, for the lean path: stage_fused_terms() stages, land_fused() lands.
+/// The same in two calls, for the lean path: stage_fused_terms() stages, land_fused() lands;
+/// fused_lander() is land_fused() on these buckets, to run later (what stage_fused() returns).
 void stage_fused_terms(const HostBuckets& s, int group, ControlCheck& c);
 void land_fused(const HostBuckets& s, const ControlCheck& done);
+std::function<void(const ControlCheck&)> fused_lander(const HostBuckets& s);
 
 }  // namespace hma::detail
