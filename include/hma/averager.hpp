@@ -299,6 +299,8 @@ class Averager {
   std::size_t two_level_from(std::size_t level) const;
   // True when every group of `level` lies inside one (detected) node, or nodes are emulated.
   bool within_shared_memory(std::size_t level) const;
+  // True when every group of `level` lies inside one node, detected or emulated.
+  bool within_one_node(std::size_t level) const;
   // Empty when the node transport may average device sets at `level`, else why not.
   std::string ipc_why(std::size_t level) const;
   std::string algorithm_line(std::size_t level) const;

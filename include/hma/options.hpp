@@ -285,6 +285,7 @@ struct Settings {
   OuterSettings outer;
   bool divergence = false;
   bool device_ipc = true;
+  bool check_shm = true;  // HMA_CHECK_SHM: a group in one node checks through shared memory
   // The node transport's two-shot sum from this many bytes of a set (HMA_IPC_TWO_SHOT_BYTES).
   // Default: never, until it is measured on a GPU (it is tested on the emulation backend only).
   std::size_t ipc_two_shot_bytes = kDefaultIpcTwoShotBytes;

@@ -396,7 +396,11 @@ Request Averager::start_average(ParamSet& params, std::size_t level) {
 }
 
 bool Averager::within_shared_memory(std::size_t level) const {
-  if (hierarchy_.emulated_nodes() || hierarchy_.num_nodes() <= 1) return true;
+  return hierarchy_.emulated_nodes() || within_one_node(level);
+}
+
+bool Averager::within_one_node(std::size_t level) const {
+  if (hierarchy_.num_nodes() <= 1) return true;  // (real or emulated nodes)
   const int rpn = hierarchy_.ranks_per_node();
   const int g = schedule_.levels()[level].group_size;
   return hierarchy_.contiguous_nodes() && rpn > 0 && g <= rpn && rpn % g == 0;

@@ -71,11 +71,14 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
                                                 schedule_.to_string());
   {
     std::vector<MPI_Comm> controls;
+    std::vector<bool> shared;  // the level's group lies in one node: its checks through shared memory
     for (std::size_t i = 0; hierarchy_.member() && i < sizes.size(); ++i)
       if (const MPI_Comm c = hierarchy_.control(i).get();
-          c != MPI_COMM_NULL && std::find(controls.begin(), controls.end(), c) == controls.end())
+          c != MPI_COMM_NULL && std::find(controls.begin(), controls.end(), c) == controls.end()) {
         controls.push_back(c);
-    checks_ = std::make_shared<detail::CheckChannels>(controls);
+        shared.push_back(settings_.check_shm && within_one_node(i));
+      }
+    checks_ = std::make_shared<detail::CheckChannels>(controls, shared);
   }
   if (settings_.outer.enabled) {
     outer_ = std::make_shared<detail::OuterState>();
@@ -249,7 +252,11 @@ std::string Averager::describe() const {
   std::snprintf(secs, sizeof secs, "%g s", settings_.timeout_s);
   s += std::string("  agreement check before each average: ") +
        (settings_.check ? "on" : "OFF (HMA_CHECK=0: unsafe)") + "; timeout " +
-       (settings_.timeout_s > 0 && settings_.timeout_s <= 1e9 ? secs : "none") + "\n";
+       (settings_.timeout_s > 0 && settings_.timeout_s <= 1e9 ? secs : "none");
+  for (std::size_t i = 0; settings_.check && hierarchy_.member() && i < lv.size(); ++i)
+    s += std::string(i == 0 ? "; " : ", ") + "level " + std::to_string(i) +
+         (checks_->shared_memory(hierarchy_.control(i).get()) ? " through shared memory" : " as messages");
+  s += "\n";
   s += "  " + device_path() + "\n";
   return s;
 }

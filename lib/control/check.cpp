@@ -23,6 +23,7 @@ struct CheckChannel {
   MPI_Comm comm = MPI_COMM_NULL;
   std::uint64_t slot = 0;
   std::uint64_t next = 0;
+  std::shared_ptr<ShmChannel> shm;  // null: the checks go as messages on comm
 };
 
 namespace {
@@ -93,10 +94,12 @@ void add_into(unsigned char* a, const unsigned char* b, std::size_t n) {
 
 }  // namespace
 
-CheckChannels::CheckChannels(const std::vector<MPI_Comm>& controls) {
+CheckChannels::CheckChannels(const std::vector<MPI_Comm>& controls, const std::vector<bool>& shared) {
   Channels& c = channels();
-  for (MPI_Comm ctrl : controls) {
+  for (std::size_t i = 0; i < controls.size(); ++i) {
+    const MPI_Comm ctrl = controls[i];
     if (ctrl == MPI_COMM_NULL) continue;
+    std::shared_ptr<ShmChannel> shm = ShmChannel::make(ctrl, i < shared.size() && shared[i]);
     const std::vector<int> world = world_ranks_of(ctrl);
     std::lock_guard<std::mutex> lock(c.mu);
     auto it = c.groups.find(world);
@@ -106,7 +109,7 @@ CheckChannels::CheckChannels(const std::vector<MPI_Comm>& controls) {
       MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
       it = c.groups.emplace(world, std::pair{comm, std::uint64_t{0}}).first;
     }
-    c.by_control[ctrl] = CheckChannel{it->second.first, it->second.second++, 0};
+    c.by_control[ctrl] = CheckChannel{it->second.first, it->second.second++, 0, std::move(shm)};
     controls_.push_back(ctrl);
   }
 }
@@ -117,8 +120,20 @@ CheckChannels::~CheckChannels() {
   for (MPI_Comm ctrl : controls_) c.by_control.erase(ctrl);
 }
 
+bool CheckChannels::shared_memory(MPI_Comm ctrl) const {
+  Channels& c = channels();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const auto it = c.by_control.find(ctrl);
+  return it != c.by_control.end() && it->second.shm != nullptr;
+}
+
 ControlCheck::~ControlCheck() {
-  if (complete_ || !posted_) return;
+  if (listed_) {  // dropped unfinished: this rank reads it no more
+    shm_->delist(this);
+    shm_->release(number_);
+    return;
+  }
+  if (complete_ || !posted_ || shm_) return;
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
@@ -143,6 +158,7 @@ void ControlCheck::reset() noexcept {
   reqs_ = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
   got_ = 0;
   complete_ = fused_ = false;
+  written_ = false;
 }
 
 void ControlCheck::reserve() {
@@ -256,6 +272,18 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   // checks on `ctrl`, on the caller's thread) is gone.
   p2p_ = channel_->comm;
   const std::uint64_t number = channel_->next++;
+  shm_ = channel_->shm;
+  complete_ = fused_ = false;
+  ctrl_ = ctrl;
+  if (shm_) {
+    number_ = number;
+    written_ = false;
+    next_ = 0;
+    posted_ = true;
+    shm_->enlist(this);
+    shm_->progress();  // written now where its buffer is free
+    return;
+  }
   const std::uint64_t k = (tag_wrap_ & (tag_wrap_ - 1)) == 0 ? number & (tag_wrap_ - 1) : number % tag_wrap_;
   const int base = static_cast<int>(tag_base_ + k * kRounds);
   for (Round& round : plan_) round.tag = base + round.step;
@@ -263,8 +291,6 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   if (!in_) in_.reset(new std::uint64_t[kInWords]);  // uninitialised: MPI fills what it receives
   next_ = 0;
   posted_ = false;
-  complete_ = fused_ = false;
-  ctrl_ = ctrl;
   (void)test();  // the first messages go out now
 }
 
@@ -329,13 +355,12 @@ void ControlCheck::apply(const Round& r) {
   if (r.take) {
     state_.assign(in_.get(), in_.get() + words);
   } else {
-    combine(static_cast<std::size_t>(words));
+    combine(in_.get(), words);
   }
 }
 
-void ControlCheck::combine(std::size_t words) {
+void ControlCheck::combine(const std::uint64_t* b, std::size_t words, bool payload) {
   std::uint64_t* a = state_.data();
-  const std::uint64_t* b = in_.get();
   std::uint64_t flags = a[kFlags] | b[kFlags];
   for (std::size_t i = 0; i < kHeaderWords; ++i)
     if (a[i] != b[i]) flags |= kDiffer;
@@ -346,7 +371,7 @@ void ControlCheck::combine(std::size_t words) {
   a[kSumHi] = static_cast<std::uint64_t>(sum >> 64);
   if (a[kCounts] != b[kCounts] || words != state_.size()) flags |= kUnfused;
   // The payloads are added only where both sides are in the same average so far.
-  if ((flags & (kDiffer | kUnfused | kInvalid)) == 0) {
+  if (payload && (flags & (kDiffer | kUnfused | kInvalid)) == 0) {
     const std::size_t nf = a[kCounts] >> 32, nd = a[kCounts] & 0xffffffffu;
     auto* pa = reinterpret_cast<unsigned char*>(a + kWords);
     const auto* pb = reinterpret_cast<const unsigned char*>(b + kWords);
@@ -359,6 +384,10 @@ void ControlCheck::combine(std::size_t words) {
 
 bool ControlCheck::test() {
   if (complete_) return true;
+  if (shm_) {
+    shm_->progress();
+    return complete_;
+  }
   while (next_ < rounds_) {
     const Round& r = plan_[next_];
     if (!posted_) {
@@ -390,6 +419,86 @@ bool ControlCheck::wait_until(std::chrono::steady_clock::time_point deadline) {
       return false;
     if (i > 1000) std::this_thread::yield();
   }
+  return true;
+}
+
+namespace {
+
+// The sum the checks as messages compute (recursive doubling: the first 2 rem ranks' terms
+// paired, then a balanced tree over the p = g - rem values in order), element by element from
+// every rank's terms in place: the same bits as they give, whichever transport a level uses.
+template <class T>
+void tree_sum(unsigned char* out, const unsigned char* const* src, int g, std::size_t n) {
+  int p = 1;
+  while (p <= g / 2) p *= 2;
+  const int rem = g - p;
+  constexpr std::size_t kBlock = 32;
+  T stack[8][kBlock];  // one partial sum per tree level (p <= 64)
+  int height[8];
+  const auto at = [](const unsigned char* base, std::size_t i) {
+    T v;
+    std::memcpy(&v, base + i * sizeof(T), sizeof(T));
+    return v;
+  };
+  for (std::size_t lo = 0; lo < n; lo += kBlock) {
+    const std::size_t m = std::min(kBlock, n - lo);
+    int top = 0;
+    for (int v = 0; v < p; ++v) {
+      T* t = stack[top];
+      if (v < rem) {
+        for (std::size_t i = 0; i < m; ++i) t[i] = at(src[2 * v], lo + i) + at(src[2 * v + 1], lo + i);
+      } else {
+        for (std::size_t i = 0; i < m; ++i) t[i] = at(src[v + rem], lo + i);
+      }
+      height[top++] = 0;
+      for (; top >= 2 && height[top - 1] == height[top - 2]; --top) {
+        for (std::size_t i = 0; i < m; ++i) stack[top - 2][i] += stack[top - 1][i];
+        ++height[top - 2];
+      }
+    }
+    std::memcpy(out + lo * sizeof(T), stack[0], m * sizeof(T));
+  }
+}
+
+}  // namespace
+
+bool ControlCheck::shm_step() {
+  ShmChannel& ch = *shm_;
+  if (!written_) {
+    if (!ch.writable(number_)) return false;
+    std::uint64_t* own = ch.buffer(ch.rank(), number_);
+    std::memcpy(own + 1, state_.data(), state_.size() * sizeof(std::uint64_t));
+    store_release(own[0], number_ + 1);
+    written_ = true;
+  }
+  const int g = ch.size();
+  for (; next_ < static_cast<std::size_t>(g); ++next_)  // next_: the ranks found written
+    if (load_acquire(ch.buffer(static_cast<int>(next_), number_)[0]) != number_ + 1) return false;
+  // Every rank's header folded in (flags, weights: the same whatever the order), then, where
+  // every rank carries the same counts and header, the terms summed in recursive doubling's tree.
+  std::array<const unsigned char*, ShmChannel::kMaxGroup> terms{};
+  for (int r = 0; r < g; ++r) {
+    const std::uint64_t* st = ch.buffer(r, number_) + 1;
+    const std::size_t words = kWords + payload_words(st[kCounts]);
+    if (words > kInWords) throw Error("hma: internal: an agreement check state larger than any check writes");
+    if (r == 0) {
+      state_.assign(st, st + words);
+    } else {
+      combine(st, words, false);
+    }
+    terms[static_cast<std::size_t>(r)] = reinterpret_cast<const unsigned char*>(st + kWords);
+  }
+  if ((state_[kFlags] & (kDiffer | kUnfused | kInvalid)) == 0 && g > 1) {
+    const std::size_t nf = state_[kCounts] >> 32, nd = state_[kCounts] & 0xffffffffu;
+    auto* out = reinterpret_cast<unsigned char*>(state_.data() + kWords);
+    tree_sum<float>(out, terms.data(), g, nf);
+    const std::size_t at = (nf + 1) / 2 * 8;
+    std::array<const unsigned char*, ShmChannel::kMaxGroup> dterms{};
+    for (int r = 0; r < g; ++r) dterms[static_cast<std::size_t>(r)] = terms[static_cast<std::size_t>(r)] + at;
+    tree_sum<double>(out + at, dterms.data(), g, nd);
+  }
+  complete_ = true;
+  ch.release(number_);
   return true;
 }
 

@@ -13,6 +13,11 @@
 // payload summed (fused()), the sums are the average and no data collective follows; otherwise
 // the payload is ignored and the average moves as usual. Every rank gets the same bits (each
 // round's two partners add the same two numbers).
+//
+// Where the group lies in one node and its ranks can map memory together, the same states go
+// through that memory instead of messages (check_shm.hpp: each rank writes its state, then
+// reads every rank's), combined to the same verdict and, for a payload, to the same sums in the
+// same tree as recursive doubling: the level's transport changes nothing but the time.
 #pragma once
 
 #include <mpi.h>
@@ -24,6 +29,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "control/check_shm.hpp"
 
 namespace hma::detail {
 
@@ -76,9 +83,14 @@ struct Verdict {
 /// for the process: never freed, so that a message of an abandoned check (after a timeout) can
 /// never land on a communicator that reuses its context. Each averager level has a slot among
 /// those over its group, and its checks are numbered in call order: the tags say both.
+/// Where `shared[i]` (the same on every rank of the group: the group lies in one node), the
+/// checks on controls[i] go through memory the group shares instead, if its ranks can map it
+/// (check_shm.hpp).
 struct CheckChannels {
-  explicit CheckChannels(const std::vector<MPI_Comm>& controls);
+  CheckChannels(const std::vector<MPI_Comm>& controls, const std::vector<bool>& shared);
   ~CheckChannels();
+  /// The checks on `ctrl` (one of the controls) go through shared memory.
+  [[nodiscard]] bool shared_memory(MPI_Comm ctrl) const;
   CheckChannels(const CheckChannels&) = delete;
   CheckChannels& operator=(const CheckChannels&) = delete;
 
@@ -100,6 +112,8 @@ constexpr std::size_t kFusedBytes = 2 * kFragmentBytes;
 /// flight (it lives inside a heap-allocated Pending).
 class ControlCheck {
  public:
+  /// Words of the largest state a check exchanges (header and payload; ShmChannel's buffers).
+  static constexpr std::size_t kMaxStateWords = 16 + kFusedBytes / 8;
   ControlCheck() = default;
   ControlCheck(const ControlCheck&) = delete;
   ControlCheck& operator=(const ControlCheck&) = delete;
@@ -175,7 +189,13 @@ class ControlCheck {
   /// second fragment.
   bool whole(const Round& r);
   void apply(const Round& r);
-  void combine(std::size_t words);
+  /// Folds a state of `words` words (another rank's, or several ranks' combined) into this one.
+  /// `payload`: its terms added too, where both carry the same counts and header so far.
+  void combine(const std::uint64_t* b, std::size_t words, bool payload = true);
+  /// Through shared memory (ShmChannel::progress()): writes this rank's state once its buffer is
+  /// free, then combines every rank's in group rank order as they come; true once complete.
+  bool shm_step();
+  friend class ShmChannel;
   [[nodiscard]] std::size_t payload_words(std::uint64_t counts) const noexcept;
 
   MPI_Comm ctrl_ = MPI_COMM_NULL;  // the level's control communicator (resolve's collectives)
@@ -194,6 +214,7 @@ class ControlCheck {
   std::uint64_t bad_ = 0;
   std::string invalid_;  // this rank's reason, empty when its arguments are fine
   static constexpr std::size_t kInWords = kWords + kFusedBytes / 8 + 1;  // the largest message
+  static_assert(kInWords <= kMaxStateWords);
   static constexpr std::size_t kFirstWords = kWords + kFragmentBytes / 8;  // its first fragment
   // Open MPI's ob1 sends a message of up to 256 bytes inline (pml_ob1_isend.c, without a
   // request); a larger one costs about 0.2 us more on shared memory (np 2, this VM).
@@ -216,6 +237,15 @@ class ControlCheck {
   std::size_t got_ = 0;  // words of the round's message, once its first fragment came (else 0)
   bool complete_ = false;
   bool fused_ = false;
+  // Through shared memory (null: messages): the channel, this check's number on it, whether its
+  // state is written (next_ is then the next group rank to combine), its place in the channel's
+  // list of checks in flight.
+  std::shared_ptr<ShmChannel> shm_;
+  std::uint64_t number_ = 0;
+  bool written_ = false;
+  bool listed_ = false;
+  ControlCheck* shm_prev_ = nullptr;
+  ControlCheck* shm_next_ = nullptr;
 };
 
 }  // namespace hma::detail

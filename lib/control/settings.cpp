@@ -196,6 +196,7 @@ Settings resolve_settings(const AveragerOptions& o) {
   s.outer = resolve_outer(o.outer);
   s.divergence = o.divergence.value_or(env_bool("HMA_DIVERGENCE", false));
   s.device_ipc = o.device_ipc.value_or(env_bool("HMA_DEVICE_IPC", true));
+  s.check_shm = env_bool("HMA_CHECK_SHM", true);
   if (!env_str("HMA_IPC_TWO_SHOT_BYTES", "").empty())
     s.ipc_two_shot_bytes = env_bytes("HMA_IPC_TWO_SHOT_BYTES", 0);
   s.wire = resolve_wire(o.wire);
@@ -272,6 +273,7 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
                              s.divergence ? 1u : 0u,
                              s.device_ipc ? 1u : 0u,
                              s.ipc_two_shot_bytes,
+                             s.check_shm ? 1u : 0u,
                              std::hash<std::string>{}(wire_text(s.wire))};
   check_same(comm, v, "the averaging settings (HMA_* variables or AveragerOptions)", [&] {
     char secs[40];
@@ -289,7 +291,7 @@ void check_settings(MPI_Comm comm, const Settings& s, const DevicePlan& plan) {
            ", outer " + (s.outer.enabled ? outer_text(s.outer) : "none") + ", divergence " +
            (s.divergence ? "on" : "off") + ", node transport " + (s.device_ipc ? "on" : "off") + (s.ipc_two_shot_bytes == SIZE_MAX ? std::string(" (one-shot)")
                                       : " (two-shot from " + std::to_string(s.ipc_two_shot_bytes) + " bytes)") +
-           ", wire " + wire_text(s.wire);
+           ", wire " + wire_text(s.wire) + ", check through shared memory " + (s.check_shm ? "on" : "off");
   });
 }
 

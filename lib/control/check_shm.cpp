@@ -1,0 +1,162 @@
+#include "control/check_shm.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "control/check.hpp"
+#include "hma/error.hpp"
+
+namespace hma::detail {
+
+namespace {
+
+constexpr std::size_t kLine = 64;
+constexpr std::size_t kLineWords = kLine / sizeof(std::uint64_t);
+constexpr std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
+// A buffer: its sequence word, then the largest state a check writes, in whole cache lines.
+constexpr std::size_t kBufferWords = round_up(1 + ControlCheck::kMaxStateWords, kLineWords);
+// A rank's slot: a line of acknowledgements (one word per buffer), then its buffers.
+constexpr std::size_t kSlotWords = kLineWords + ShmChannel::kBuffers * kBufferWords;
+static_assert(ShmChannel::kBuffers <= kLineWords);
+
+// What the group's first rank offers: its memory, by its process and descriptor, and a cookie
+// the others find in it (a rank that maps another process's descriptor by mistake sees none).
+struct Offer {
+  std::int64_t pid = 0;
+  std::int32_t fd = -1;
+  std::int32_t ok = 0;
+  std::uint64_t cookie[2] = {0, 0};
+};
+
+}  // namespace
+
+std::size_t ShmChannel::buffer_words() noexcept { return kBufferWords - 1; }
+
+std::uint64_t* ShmChannel::slot(int r) const noexcept {
+  return reinterpret_cast<std::uint64_t*>(base_ + kLine) + static_cast<std::size_t>(r) * kSlotWords;
+}
+
+std::uint64_t* ShmChannel::buffer(int r, std::uint64_t number) const noexcept {
+  return slot(r) + kLineWords + (number % kBuffers) * kBufferWords;
+}
+
+bool ShmChannel::writable(std::uint64_t number) const noexcept {
+  if (number < kBuffers) return true;
+  const std::uint64_t need = number - kBuffers + 1;  // check number - kBuffers released
+  const std::size_t k = number % kBuffers;
+  for (int r = 0; r < size_; ++r)
+    if (load_acquire(slot(r)[k]) < need) return false;
+  return true;
+}
+
+void ShmChannel::release(std::uint64_t number) noexcept {
+  std::uint64_t& ack = slot(rank_)[number % kBuffers];
+  if (ack < number + 1) store_release(ack, number + 1);
+}
+
+std::shared_ptr<ShmChannel> ShmChannel::make(MPI_Comm ctrl, bool want) {
+  if (!want || ctrl == MPI_COMM_NULL) return nullptr;
+  int rank = 0, size = 0;
+  check(MPI_Comm_rank(ctrl, &rank), "MPI_Comm_rank(agreement check, shared memory)");
+  check(MPI_Comm_size(ctrl, &size), "MPI_Comm_size(agreement check, shared memory)");
+  if (size < 2 || size > kMaxGroup) return nullptr;
+  {  // every rank of the group on one node (then every rank finds the group's size)
+    MPI_Comm node = MPI_COMM_NULL;
+    check(MPI_Comm_split_type(ctrl, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node),
+          "MPI_Comm_split_type(agreement check, shared memory)");
+    int n = 0;
+    MPI_Comm_size(node, &n);
+    MPI_Comm_free(&node);
+    if (n != size) return nullptr;
+  }
+  auto ch = std::shared_ptr<ShmChannel>(new ShmChannel);
+  ch->rank_ = rank;
+  ch->size_ = size;
+  ch->bytes_ = kLine + static_cast<std::size_t>(size) * kSlotWords * sizeof(std::uint64_t);
+  Offer offer;
+  void* p = MAP_FAILED;
+  if (rank == 0) {
+    std::random_device rd;
+    offer.cookie[0] = (std::uint64_t{rd()} << 32) ^ rd() ^ static_cast<std::uint64_t>(getpid());
+    offer.cookie[1] = (std::uint64_t{rd()} << 32) ^ rd();
+    offer.pid = getpid();
+    offer.fd = memfd_create("hma-check", MFD_CLOEXEC);
+    if (offer.fd >= 0 && ftruncate(offer.fd, static_cast<off_t>(ch->bytes_)) == 0)
+      p = mmap(nullptr, ch->bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, offer.fd, 0);
+    if (p != MAP_FAILED) {
+      std::memcpy(p, offer.cookie, sizeof offer.cookie);
+      offer.ok = 1;
+    }
+  }
+  check(MPI_Bcast(&offer, sizeof offer, MPI_BYTE, 0, ctrl), "MPI_Bcast(agreement check, shared memory)");
+  if (rank != 0 && offer.ok) {
+    const std::string path = "/proc/" + std::to_string(offer.pid) + "/fd/" + std::to_string(offer.fd);
+    const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+      p = mmap(nullptr, ch->bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      close(fd);
+    }
+    if (p != MAP_FAILED && std::memcmp(p, offer.cookie, sizeof offer.cookie) != 0) {
+      munmap(p, ch->bytes_);
+      p = MAP_FAILED;
+    }
+  }
+  int all = p != MAP_FAILED ? 1 : 0;
+  const int rc = MPI_Allreduce(MPI_IN_PLACE, &all, 1, MPI_INT, MPI_MIN, ctrl);
+  if (rank == 0 && offer.fd >= 0) close(offer.fd);  // every rank has mapped it, or given up
+  if (rc != MPI_SUCCESS || !all) {
+    if (p != MAP_FAILED) munmap(p, ch->bytes_);
+    check(rc, "MPI_Allreduce(agreement check, shared memory)");
+    return nullptr;
+  }
+  ch->base_ = static_cast<unsigned char*>(p);
+  return ch;
+}
+
+ShmChannel::~ShmChannel() {
+  if (base_ != nullptr) munmap(base_, bytes_);
+}
+
+void ShmChannel::enlist(ControlCheck* c) noexcept {
+  c->shm_prev_ = tail_;
+  c->shm_next_ = nullptr;
+  (tail_ != nullptr ? tail_->shm_next_ : head_) = c;
+  tail_ = c;
+  c->listed_ = true;
+}
+
+void ShmChannel::delist(ControlCheck* c) noexcept {
+  (c->shm_prev_ != nullptr ? c->shm_prev_->shm_next_ : head_) = c->shm_next_;
+  (c->shm_next_ != nullptr ? c->shm_next_->shm_prev_ : tail_) = c->shm_prev_;
+  c->shm_prev_ = c->shm_next_ = nullptr;
+  c->listed_ = false;
+}
+
+void ShmChannel::progress() {
+  bool moved = false;
+  for (ControlCheck* c = head_; c != nullptr;) {
+    ControlCheck* next = c->shm_next_;
+    const bool was_written = c->written_;
+    const std::size_t seen = c->next_;
+    if (c->shm_step()) {
+      delist(c);
+      moved = true;
+    } else {
+      moved = moved || c->written_ != was_written || c->next_ != seen;
+    }
+    c = next;
+  }
+  // Nothing came: after a few such polls, each one yields the core, as an MPI library's progress
+  // does when idle and oversubscribed (a rank spinning here would keep the rank it waits for,
+  // on the same core, from ever writing; the emulated cluster runs 4-8 ranks on 2 cores).
+  idle_ = moved ? 0 : idle_ + 1;
+  if (idle_ > kIdlePolls) std::this_thread::yield();
+}
+
+}  // namespace hma::detail
