@@ -440,6 +440,13 @@ void tree_sum(unsigned char* out, const unsigned char* const* src, int g, std::s
     std::memcpy(&v, base + i * sizeof(T), sizeof(T));
     return v;
   };
+  if (g == 2) {  // one addition per element
+    for (std::size_t i = 0; i < n; ++i) {
+      const T x = at(src[0], i) + at(src[1], i);
+      std::memcpy(out + i * sizeof(T), &x, sizeof(T));
+    }
+    return;
+  }
   for (std::size_t lo = 0; lo < n; lo += kBlock) {
     const std::size_t m = std::min(kBlock, n - lo);
     int top = 0;
@@ -466,19 +473,17 @@ bool ControlCheck::shm_step() {
   ShmChannel& ch = *shm_;
   if (!written_) {
     if (!ch.writable(number_)) return false;
-    std::uint64_t* own = ch.buffer(ch.rank(), number_);
-    std::memcpy(own + 1, state_.data(), state_.size() * sizeof(std::uint64_t));
-    store_release(own[0], number_ + 1);
+    ch.publish(number_, state_.data(), state_.size());
     written_ = true;
   }
   const int g = ch.size();
   for (; next_ < static_cast<std::size_t>(g); ++next_)  // next_: the ranks found written
-    if (load_acquire(ch.buffer(static_cast<int>(next_), number_)[0]) != number_ + 1) return false;
+    if (!ch.written(static_cast<int>(next_), number_)) return false;
   // Every rank's header folded in (flags, weights: the same whatever the order), then, where
   // every rank carries the same counts and header, the terms summed in recursive doubling's tree.
   std::array<const unsigned char*, ShmChannel::kMaxGroup> terms{};
   for (int r = 0; r < g; ++r) {
-    const std::uint64_t* st = ch.buffer(r, number_) + 1;
+    const std::uint64_t* st = ch.state(r, number_);
     const std::size_t words = kWords + payload_words(st[kCounts]);
     if (words > kInWords) throw Error("hma: internal: an agreement check state larger than any check writes");
     if (r == 0) {

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <string>
@@ -19,8 +20,11 @@ namespace {
 constexpr std::size_t kLine = 64;
 constexpr std::size_t kLineWords = kLine / sizeof(std::uint64_t);
 constexpr std::size_t round_up(std::size_t n, std::size_t to) { return (n + to - 1) / to * to; }
-// A buffer: its sequence word, then the largest state a check writes, in whole cache lines.
-constexpr std::size_t kBufferWords = round_up(1 + ControlCheck::kMaxStateWords, kLineWords);
+// A buffer: its sequence number, the writer's releases when it wrote it, then its state: a small
+// check's state and its sequence number share lines (the fewer lines a reader pulls from
+// another core, the sooner it has them all).
+constexpr std::size_t kStateAt = 1 + ShmChannel::kBuffers;
+constexpr std::size_t kBufferWords = round_up(kStateAt + ControlCheck::kMaxStateWords, kLineWords);
 // A rank's slot: a line of acknowledgements (one word per buffer), then its buffers.
 constexpr std::size_t kSlotWords = kLineWords + ShmChannel::kBuffers * kBufferWords;
 static_assert(ShmChannel::kBuffers <= kLineWords);
@@ -34,24 +38,58 @@ struct Offer {
   std::uint64_t cookie[2] = {0, 0};
 };
 
+// A spin-wait hint (x86 PAUSE, Arm YIELD): a rank polling a line another core will write leaves
+// that core, or its hyperthread sibling, the time to write it.
+inline void relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
 }  // namespace
 
-std::size_t ShmChannel::buffer_words() noexcept { return kBufferWords - 1; }
 
 std::uint64_t* ShmChannel::slot(int r) const noexcept {
   return reinterpret_cast<std::uint64_t*>(base_ + kLine) + static_cast<std::size_t>(r) * kSlotWords;
 }
 
-std::uint64_t* ShmChannel::buffer(int r, std::uint64_t number) const noexcept {
+std::uint64_t* ShmChannel::line(int r, std::uint64_t number) const noexcept {
   return slot(r) + kLineWords + (number % kBuffers) * kBufferWords;
 }
 
-bool ShmChannel::writable(std::uint64_t number) const noexcept {
+const std::uint64_t* ShmChannel::state(int r, std::uint64_t number) const noexcept {
+  return line(r, number) + kStateAt;
+}
+
+bool ShmChannel::writable(std::uint64_t number) noexcept {
   if (number < kBuffers) return true;
   const std::uint64_t need = number - kBuffers + 1;  // check number - kBuffers released
   const std::size_t k = number % kBuffers;
-  for (int r = 0; r < size_; ++r)
-    if (load_acquire(slot(r)[k]) < need) return false;
+  for (int r = 0; r < size_; ++r) {
+    std::uint64_t& seen = seen_[static_cast<std::size_t>(r)][k];
+    if (seen < need) seen = load_acquire(slot(r)[k]);
+    if (seen < need) return false;
+  }
+  return true;
+}
+
+void ShmChannel::publish(std::uint64_t number, const std::uint64_t* state, std::size_t words) noexcept {
+  std::uint64_t* l = line(rank_, number);
+  std::memcpy(l + kStateAt, state, words * sizeof(std::uint64_t));
+  for (std::size_t k = 0; k < kBuffers; ++k) l[1 + k] = slot(rank_)[k];
+  store_release(l[0], number + 1);
+}
+
+bool ShmChannel::written(int r, std::uint64_t number) noexcept {
+  const std::uint64_t* l = line(r, number);
+  if (load_acquire(l[0]) != number + 1) return false;
+  // Its writer's releases then: a reader that releases an acquire, so they are as good as read.
+  for (std::size_t k = 0; k < kBuffers; ++k) {
+    std::uint64_t& seen = seen_[static_cast<std::size_t>(r)][k];
+    seen = std::max(seen, l[1 + k]);
+  }
   return true;
 }
 
@@ -156,7 +194,11 @@ void ShmChannel::progress() {
   // does when idle and oversubscribed (a rank spinning here would keep the rank it waits for,
   // on the same core, from ever writing; the emulated cluster runs 4-8 ranks on 2 cores).
   idle_ = moved ? 0 : idle_ + 1;
-  if (idle_ > kIdlePolls) std::this_thread::yield();
+  if (idle_ > kIdlePolls) {
+    std::this_thread::yield();
+  } else if (!moved) {
+    relax();
+  }
 }
 
 }  // namespace hma::detail

@@ -15,6 +15,7 @@
 
 #include <mpi.h>
 
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -38,14 +39,15 @@ class ShmChannel {
 
   [[nodiscard]] int rank() const noexcept { return rank_; }
   [[nodiscard]] int size() const noexcept { return size_; }
-  /// Words a buffer holds after its sequence word (the largest check state).
-  [[nodiscard]] static std::size_t buffer_words() noexcept;
-  /// Rank `r`'s buffer for check `number`: word 0 the sequence number (number + 1 once written),
-  /// then the state.
-  [[nodiscard]] std::uint64_t* buffer(int r, std::uint64_t number) const noexcept;
   /// Every rank has released check number - kBuffers (or there was none): this rank may write
   /// check `number` into its buffer.
-  [[nodiscard]] bool writable(std::uint64_t number) const noexcept;
+  [[nodiscard]] bool writable(std::uint64_t number) noexcept;
+  /// Writes this rank's state for check `number` (writable(number) held) and marks it written.
+  void publish(std::uint64_t number, const std::uint64_t* state, std::size_t words) noexcept;
+  /// Rank `r` has written check `number`: its state(r, number) may be read (until this rank
+  /// releases the check).
+  [[nodiscard]] bool written(int r, std::uint64_t number) noexcept;
+  [[nodiscard]] const std::uint64_t* state(int r, std::uint64_t number) const noexcept;
   /// This rank will read check `number` no more.
   void release(std::uint64_t number) noexcept;
 
@@ -57,12 +59,17 @@ class ShmChannel {
  private:
   ShmChannel() = default;
   [[nodiscard]] std::uint64_t* slot(int r) const noexcept;
+  // A buffer's first line: its sequence number, then the writer's releases when it wrote it
+  // (which spare most reads of the release lines, another rank's lines, in writable()).
+  [[nodiscard]] std::uint64_t* line(int r, std::uint64_t number) const noexcept;
+  // The releases this rank has seen of every rank (per buffer), from those lines or read anew.
+  std::array<std::array<std::uint64_t, kBuffers>, kMaxGroup> seen_{};
   unsigned char* base_ = nullptr;
   std::size_t bytes_ = 0;
   int rank_ = 0, size_ = 0;
   ControlCheck* head_ = nullptr;
   ControlCheck* tail_ = nullptr;
-  static constexpr int kIdlePolls = 64;
+  static constexpr int kIdlePolls = 1024;
   int idle_ = 0;  // progress() calls in a row that found nothing new
 };
 
