@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -37,6 +38,19 @@ struct Offer {
   std::int32_t ok = 0;
   std::uint64_t cookie[2] = {0, 0};
 };
+
+// More ranks on this host than it has CPUs (the launcher's count of the job's ranks here, else
+// this group's): a rank waiting must give its core to the rank it waits for at once.
+bool oversubscribed(int group) {
+  long local = group;
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"})
+    if (const char* s = std::getenv(v); s != nullptr && std::atol(s) > 0) {
+      local = std::atol(s);
+      break;
+    }
+  const unsigned cpus = std::thread::hardware_concurrency();
+  return cpus > 0 && local > static_cast<long>(cpus);
+}
 
 // A spin-wait hint (x86 PAUSE, Arm YIELD): a rank polling a line another core will write leaves
 // that core, or its hyperthread sibling, the time to write it.
@@ -154,6 +168,7 @@ std::shared_ptr<ShmChannel> ShmChannel::make(MPI_Comm ctrl, bool want) {
     return nullptr;
   }
   ch->base_ = static_cast<unsigned char*>(p);
+  ch->spin_polls_ = oversubscribed(size) ? kOversubscribedPolls : kIdlePolls;
   return ch;
 }
 
@@ -194,7 +209,7 @@ void ShmChannel::progress() {
   // does when idle and oversubscribed (a rank spinning here would keep the rank it waits for,
   // on the same core, from ever writing; the emulated cluster runs 4-8 ranks on 2 cores).
   idle_ = moved ? 0 : idle_ + 1;
-  if (idle_ > kIdlePolls) {
+  if (idle_ > spin_polls_) {
     std::this_thread::yield();
   } else if (!moved) {
     relax();

@@ -69,7 +69,10 @@ class ShmChannel {
   int rank_ = 0, size_ = 0;
   ControlCheck* head_ = nullptr;
   ControlCheck* tail_ = nullptr;
-  static constexpr int kIdlePolls = 1024;
+  // Idle polls (each with a spin-wait hint) before each further one yields the core: a rank
+  // that has a core to itself spins a while, one on an oversubscribed host hardly at all.
+  static constexpr int kIdlePolls = 1024, kOversubscribedPolls = 8;
+  int spin_polls_ = kIdlePolls;
   int idle_ = 0;  // progress() calls in a row that found nothing new
 };
 
