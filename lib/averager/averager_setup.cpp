@@ -76,7 +76,8 @@ Averager::Averager(MPI_Comm comm, Schedule schedule, AveragerOptions options)
       if (const MPI_Comm c = hierarchy_.control(i).get();
           c != MPI_COMM_NULL && std::find(controls.begin(), controls.end(), c) == controls.end()) {
         controls.push_back(c);
-        shared.push_back(settings_.check_shm && within_one_node(i));
+        shared.push_back(settings_.check_shm && (settings_.check || settings_.nonfinite != NonFinite::ignore) &&
+                         within_one_node(i));
       }
     checks_ = std::make_shared<detail::CheckChannels>(controls, shared);
   }

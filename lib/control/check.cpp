@@ -130,7 +130,10 @@ bool CheckChannels::shared_memory(MPI_Comm ctrl) const {
 ControlCheck::~ControlCheck() {
   if (listed_) {  // dropped unfinished: this rank reads it no more
     shm_->delist(this);
-    shm_->release(number_);
+    // Released only if written: writing it took every rank's release of the check its buffer
+    // held before, so this never marks an older check of this rank, still listed, as released.
+    // (Unwritten, nobody can complete it, so nobody waits to reuse its buffer.)
+    if (written_) shm_->release(number_);
     return;
   }
   if (complete_ || !posted_ || shm_) return;

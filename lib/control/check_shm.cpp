@@ -2,17 +2,19 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <random>
+#include <chrono>
 #include <string>
 #include <thread>
 
 #include "control/check.hpp"
 #include "hma/error.hpp"
+#include "support/hash.hpp"
 
 namespace hma::detail {
 
@@ -36,8 +38,35 @@ struct Offer {
   std::int64_t pid = 0;
   std::int32_t fd = -1;
   std::int32_t ok = 0;
+  std::uint64_t dev = 0, ino = 0;  // the file's identity: a reader opens nothing else
   std::uint64_t cookie[2] = {0, 0};
 };
+
+// 128 bits that differ between regions: no source here can throw (a rank that threw before the
+// broadcast would leave the others waiting in it).
+void make_cookie(std::uint64_t (&c)[2], const void* where) {
+  const auto t = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  c[0] = splitmix_finish(t ^ (static_cast<std::uint64_t>(getpid()) << 32));
+  c[1] = splitmix_finish(c[0] ^ reinterpret_cast<std::uintptr_t>(where));
+}
+
+// Maps the file at `path` if it is the one offered (the same device, inode and size; a pid of
+// another process, in another namespace, may name anything), else MAP_FAILED.
+void* map_offered(const std::string& path, const Offer& o, std::size_t bytes) {
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) return MAP_FAILED;
+  struct stat st {};
+  void* p = MAP_FAILED;
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && static_cast<std::uint64_t>(st.st_dev) == o.dev &&
+      static_cast<std::uint64_t>(st.st_ino) == o.ino && static_cast<std::size_t>(st.st_size) == bytes)
+    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p != MAP_FAILED && std::memcmp(p, o.cookie, sizeof o.cookie) != 0) {
+    munmap(p, bytes);
+    p = MAP_FAILED;
+  }
+  return p;
+}
 
 // More ranks on this host than it has CPUs (the launcher's count of the job's ranks here, else
 // this group's): a rank waiting must give its core to the rank it waits for at once.
@@ -127,46 +156,44 @@ std::shared_ptr<ShmChannel> ShmChannel::make(MPI_Comm ctrl, bool want) {
     MPI_Comm_free(&node);
     if (n != size) return nullptr;
   }
-  auto ch = std::shared_ptr<ShmChannel>(new ShmChannel);
-  ch->rank_ = rank;
-  ch->size_ = size;
-  ch->bytes_ = kLine + static_cast<std::size_t>(size) * kSlotWords * sizeof(std::uint64_t);
+  const std::size_t bytes = kLine + static_cast<std::size_t>(size) * kSlotWords * sizeof(std::uint64_t);
   Offer offer;
   void* p = MAP_FAILED;
   if (rank == 0) {
-    std::random_device rd;
-    offer.cookie[0] = (std::uint64_t{rd()} << 32) ^ rd() ^ static_cast<std::uint64_t>(getpid());
-    offer.cookie[1] = (std::uint64_t{rd()} << 32) ^ rd();
     offer.pid = getpid();
     offer.fd = memfd_create("hma-check", MFD_CLOEXEC);
-    if (offer.fd >= 0 && ftruncate(offer.fd, static_cast<off_t>(ch->bytes_)) == 0)
-      p = mmap(nullptr, ch->bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, offer.fd, 0);
+    struct stat st {};
+    if (offer.fd >= 0 && ftruncate(offer.fd, static_cast<off_t>(bytes)) == 0 && fstat(offer.fd, &st) == 0)
+      p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, offer.fd, 0);
     if (p != MAP_FAILED) {
+      make_cookie(offer.cookie, p);
       std::memcpy(p, offer.cookie, sizeof offer.cookie);
+      offer.dev = static_cast<std::uint64_t>(st.st_dev);
+      offer.ino = static_cast<std::uint64_t>(st.st_ino);
       offer.ok = 1;
     }
   }
-  check(MPI_Bcast(&offer, sizeof offer, MPI_BYTE, 0, ctrl), "MPI_Bcast(agreement check, shared memory)");
-  if (rank != 0 && offer.ok) {
-    const std::string path = "/proc/" + std::to_string(offer.pid) + "/fd/" + std::to_string(offer.fd);
-    const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
-    if (fd >= 0) {
-      p = mmap(nullptr, ch->bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      close(fd);
-    }
-    if (p != MAP_FAILED && std::memcmp(p, offer.cookie, sizeof offer.cookie) != 0) {
-      munmap(p, ch->bytes_);
-      p = MAP_FAILED;
-    }
-  }
+  int rc = MPI_Bcast(&offer, sizeof offer, MPI_BYTE, 0, ctrl);
+  if (rc == MPI_SUCCESS && rank != 0 && offer.ok)
+    p = map_offered("/proc/" + std::to_string(offer.pid) + "/fd/" + std::to_string(offer.fd), offer, bytes);
   int all = p != MAP_FAILED ? 1 : 0;
-  const int rc = MPI_Allreduce(MPI_IN_PLACE, &all, 1, MPI_INT, MPI_MIN, ctrl);
+  if (rc == MPI_SUCCESS) rc = MPI_Allreduce(MPI_IN_PLACE, &all, 1, MPI_INT, MPI_MIN, ctrl);
   if (rank == 0 && offer.fd >= 0) close(offer.fd);  // every rank has mapped it, or given up
   if (rc != MPI_SUCCESS || !all) {
-    if (p != MAP_FAILED) munmap(p, ch->bytes_);
-    check(rc, "MPI_Allreduce(agreement check, shared memory)");
+    if (p != MAP_FAILED) munmap(p, bytes);
+    check(rc, "MPI_Bcast/MPI_Allreduce(agreement check, shared memory)");
     return nullptr;
   }
+  std::shared_ptr<ShmChannel> ch;
+  try {
+    ch = std::shared_ptr<ShmChannel>(new ShmChannel);
+  } catch (...) {
+    munmap(p, bytes);
+    throw;
+  }
+  ch->rank_ = rank;
+  ch->size_ = size;
+  ch->bytes_ = bytes;
   ch->base_ = static_cast<unsigned char*>(p);
   ch->spin_polls_ = oversubscribed(size) ? kOversubscribedPolls : kIdlePolls;
   return ch;
@@ -208,7 +235,7 @@ void ShmChannel::progress() {
   // Nothing came: after a few such polls, each one yields the core, as an MPI library's progress
   // does when idle and oversubscribed (a rank spinning here would keep the rank it waits for,
   // on the same core, from ever writing; the emulated cluster runs 4-8 ranks on 2 cores).
-  idle_ = moved ? 0 : idle_ + 1;
+  idle_ = moved ? 0 : std::min(idle_ + 1, spin_polls_ + 1);  // (saturating: waits may be long)
   if (idle_ > spin_polls_) {
     std::this_thread::yield();
   } else if (!moved) {
