@@ -175,12 +175,6 @@ std::size_t ControlCheck::payload_words(std::uint64_t counts) const noexcept {
   return static_cast<std::size_t>((nf + 1) / 2 + nd);
 }
 
-std::size_t ControlCheck::first_fragment(std::size_t words) noexcept {
-  if (words <= kInlineWords) return words;
-  if (words <= 2 * kInlineWords) return kInlineWords;  // two inline messages beat one that is not
-  return std::min(words, kFirstWords);
-}
-
 ControlCheck::Payload ControlCheck::stage_payload(std::size_t nf, std::size_t nd) {
   if (nf * sizeof(float) + nd * sizeof(double) > kFusedBytes)
     throw Error("hma: internal: a fused payload larger than the check carries");
@@ -297,71 +291,6 @@ void ControlCheck::start(MPI_Comm ctrl, const Header& h, bool nonfinite_here, We
   (void)test();  // the first messages go out now
 }
 
-void ControlCheck::post(const Round& r) {
-  got_ = 0;
-  if (r.send) {
-    // Sent first: the receives below are posted while the message travels (the partner's is
-    // usually still on its way; one already there waits for them as an unexpected message).
-    // A large payload in two fragments of one tag: MPI keeps their order.
-    const std::size_t first = first_fragment(state_.size());
-    check(MPI_Isend(state_.data(), static_cast<int>(first), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[kSend]),
-          "MPI_Isend(agreement check)");
-    if (state_.size() > first)
-      check(MPI_Isend(state_.data() + first, static_cast<int>(state_.size() - first), MPI_UINT64_T, r.peer, r.tag,
-                      p2p_, &reqs_[kSendSecond]),
-            "MPI_Isend(agreement check, second fragment)");
-  }
-  if (r.recv) {
-    check(MPI_Irecv(in_.get(), static_cast<int>(kInWords), MPI_UINT64_T, r.peer, r.tag, p2p_, &reqs_[kRecv]),
-          "MPI_Irecv(agreement check)");
-    // A partner in the same average sends a message of this rank's size: where that has two
-    // fragments, the second one's receive is posted now too (MPI matches the two in order),
-    // and whole() cancels it if the partner's message turns out to be whole in one.
-    early_at_ = first_fragment(state_.size());
-    if (state_.size() > early_at_)
-      check(MPI_Irecv(in_.get() + early_at_, static_cast<int>(kInWords - early_at_), MPI_UINT64_T, r.peer, r.tag,
-                      p2p_, &reqs_[kRecvSecond]),
-            "MPI_Irecv(agreement check, second fragment)");
-  }
-}
-
-bool ControlCheck::whole(const Round& r) {
-  if (!r.recv || got_ > 0) return true;  // (got_ > 0: its second fragment came)
-  // The sender's message is its state: the header and the payload its counts announce (a
-  // state always has that size), of which first_fragment() words came first.
-  const std::size_t words = kWords + payload_words(in_[kCounts]);
-  if (words > kInWords) throw Error("hma: internal: an agreement check message larger than any check sends");
-  got_ = words;
-  const std::size_t first = first_fragment(words);
-  if (reqs_[kRecvSecond] != MPI_REQUEST_NULL) {
-    if (words == first) {  // whole in one fragment: the early receive will never match
-      check(MPI_Cancel(&reqs_[kRecvSecond]), "MPI_Cancel(agreement check, second fragment)");
-      check(MPI_Wait(&reqs_[kRecvSecond], MPI_STATUS_IGNORE), "MPI_Wait(agreement check, second fragment)");
-      return true;
-    }
-    // Its second fragment lands where this rank's own would (a partner cut elsewhere has
-    // other counts: its payload is never summed, and every cut leaves room for the rest).
-    reqs_[kRecv] = reqs_[kRecvSecond];
-    reqs_[kRecvSecond] = MPI_REQUEST_NULL;
-    return false;
-  }
-  if (words == first) return true;
-  check(MPI_Irecv(in_.get() + first, static_cast<int>(kInWords - first), MPI_UINT64_T, r.peer, r.tag, p2p_,
-                  &reqs_[kRecv]),
-        "MPI_Irecv(agreement check, second fragment)");
-  return false;
-}
-
-void ControlCheck::apply(const Round& r) {
-  if (!r.recv) return;
-  const std::size_t words = got_;
-  if (r.take) {
-    state_.assign(in_.get(), in_.get() + words);
-  } else {
-    combine(in_.get(), words);
-  }
-}
-
 void ControlCheck::combine(const std::uint64_t* b, std::size_t words, bool payload) {
   std::uint64_t* a = state_.data();
   std::uint64_t flags = a[kFlags] | b[kFlags];
@@ -422,91 +351,6 @@ bool ControlCheck::wait_until(std::chrono::steady_clock::time_point deadline) {
       return false;
     if (i > 1000) std::this_thread::yield();
   }
-  return true;
-}
-
-namespace {
-
-// The sum the checks as messages compute (recursive doubling: the first 2 rem ranks' terms
-// paired, then a balanced tree over the p = g - rem values in order), element by element from
-// every rank's terms in place: the same bits as they give, whichever transport a level uses.
-template <class T>
-void tree_sum(unsigned char* out, const unsigned char* const* src, int g, std::size_t n) {
-  int p = 1;
-  while (p <= g / 2) p *= 2;
-  const int rem = g - p;
-  constexpr std::size_t kBlock = 32;
-  T stack[8][kBlock];  // one partial sum per tree level (p <= 64)
-  int height[8];
-  const auto at = [](const unsigned char* base, std::size_t i) {
-    T v;
-    std::memcpy(&v, base + i * sizeof(T), sizeof(T));
-    return v;
-  };
-  if (g == 2) {  // one addition per element
-    for (std::size_t i = 0; i < n; ++i) {
-      const T x = at(src[0], i) + at(src[1], i);
-      std::memcpy(out + i * sizeof(T), &x, sizeof(T));
-    }
-    return;
-  }
-  for (std::size_t lo = 0; lo < n; lo += kBlock) {
-    const std::size_t m = std::min(kBlock, n - lo);
-    int top = 0;
-    for (int v = 0; v < p; ++v) {
-      T* t = stack[top];
-      if (v < rem) {
-        for (std::size_t i = 0; i < m; ++i) t[i] = at(src[2 * v], lo + i) + at(src[2 * v + 1], lo + i);
-      } else {
-        for (std::size_t i = 0; i < m; ++i) t[i] = at(src[v + rem], lo + i);
-      }
-      height[top++] = 0;
-      for (; top >= 2 && height[top - 1] == height[top - 2]; --top) {
-        for (std::size_t i = 0; i < m; ++i) stack[top - 2][i] += stack[top - 1][i];
-        ++height[top - 2];
-      }
-    }
-    std::memcpy(out + lo * sizeof(T), stack[0], m * sizeof(T));
-  }
-}
-
-}  // namespace
-
-bool ControlCheck::shm_step() {
-  ShmChannel& ch = *shm_;
-  if (!written_) {
-    if (!ch.writable(number_)) return false;
-    ch.publish(number_, state_.data(), state_.size());
-    written_ = true;
-  }
-  const int g = ch.size();
-  for (; next_ < static_cast<std::size_t>(g); ++next_)  // next_: the ranks found written
-    if (!ch.written(static_cast<int>(next_), number_)) return false;
-  // Every rank's header folded in (flags, weights: the same whatever the order), then, where
-  // every rank carries the same counts and header, the terms summed in recursive doubling's tree.
-  std::array<const unsigned char*, ShmChannel::kMaxGroup> terms{};
-  for (int r = 0; r < g; ++r) {
-    const std::uint64_t* st = ch.state(r, number_);
-    const std::size_t words = kWords + payload_words(st[kCounts]);
-    if (words > kInWords) throw Error("hma: internal: an agreement check state larger than any check writes");
-    if (r == 0) {
-      state_.assign(st, st + words);
-    } else {
-      combine(st, words, false);
-    }
-    terms[static_cast<std::size_t>(r)] = reinterpret_cast<const unsigned char*>(st + kWords);
-  }
-  if ((state_[kFlags] & (kDiffer | kUnfused | kInvalid)) == 0 && g > 1) {
-    const std::size_t nf = state_[kCounts] >> 32, nd = state_[kCounts] & 0xffffffffu;
-    auto* out = reinterpret_cast<unsigned char*>(state_.data() + kWords);
-    tree_sum<float>(out, terms.data(), g, nf);
-    const std::size_t at = (nf + 1) / 2 * 8;
-    std::array<const unsigned char*, ShmChannel::kMaxGroup> dterms{};
-    for (int r = 0; r < g; ++r) dterms[static_cast<std::size_t>(r)] = terms[static_cast<std::size_t>(r)] + at;
-    tree_sum<double>(out + at, dterms.data(), g, nd);
-  }
-  complete_ = true;
-  ch.release(number_);
   return true;
 }
 

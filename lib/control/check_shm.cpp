@@ -6,9 +6,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
-#include <cstring>
 #include <chrono>
+#include <cstring>
 #include <string>
 #include <thread>
 
@@ -241,6 +242,90 @@ void ShmChannel::progress() {
   } else if (!moved) {
     relax();
   }
+}
+
+namespace {
+
+// The sum the checks as messages compute (recursive doubling: the first 2 rem ranks' terms
+// paired, then a balanced tree over the p = g - rem values in order), element by element from
+// every rank's terms in place: the same bits as they give, whichever transport a level uses.
+template <class T>
+void tree_sum(unsigned char* out, const unsigned char* const* src, std::size_t at, int g, std::size_t n) {
+  int p = 1;
+  while (p <= g / 2) p *= 2;
+  const int rem = g - p;
+  constexpr std::size_t kBlock = 32;
+  T stack[8][kBlock];  // one partial sum per tree level (p <= 64)
+  int height[8];
+  // Element i of a rank's terms of this type (`at` bytes into its payload).
+  const auto term = [at](const unsigned char* payload, std::size_t i) {
+    T v;
+    std::memcpy(&v, payload + at + i * sizeof(T), sizeof(T));
+    return v;
+  };
+  out += at;
+  if (g == 2) {  // one addition per element
+    for (std::size_t i = 0; i < n; ++i) {
+      const T x = term(src[0], i) + term(src[1], i);
+      std::memcpy(out + i * sizeof(T), &x, sizeof(T));
+    }
+    return;
+  }
+  for (std::size_t lo = 0; lo < n; lo += kBlock) {
+    const std::size_t m = std::min(kBlock, n - lo);
+    int top = 0;
+    for (int v = 0; v < p; ++v) {
+      T* t = stack[top];
+      if (v < rem) {
+        for (std::size_t i = 0; i < m; ++i) t[i] = term(src[2 * v], lo + i) + term(src[2 * v + 1], lo + i);
+      } else {
+        for (std::size_t i = 0; i < m; ++i) t[i] = term(src[v + rem], lo + i);
+      }
+      height[top++] = 0;
+      for (; top >= 2 && height[top - 1] == height[top - 2]; --top) {
+        for (std::size_t i = 0; i < m; ++i) stack[top - 2][i] += stack[top - 1][i];
+        ++height[top - 2];
+      }
+    }
+    std::memcpy(out + lo * sizeof(T), stack[0], m * sizeof(T));
+  }
+}
+
+}  // namespace
+
+bool ControlCheck::shm_step() {
+  ShmChannel& ch = *shm_;
+  if (!written_) {
+    if (!ch.writable(number_)) return false;
+    ch.publish(number_, state_.data(), state_.size());
+    written_ = true;
+  }
+  const int g = ch.size();
+  for (; next_ < static_cast<std::size_t>(g); ++next_)  // next_: the ranks found written
+    if (!ch.written(static_cast<int>(next_), number_)) return false;
+  // Every rank's header folded in (flags, weights: the same whatever the order), then, where
+  // every rank carries the same counts and header, the terms summed in recursive doubling's tree.
+  std::array<const unsigned char*, ShmChannel::kMaxGroup> terms{};
+  for (int r = 0; r < g; ++r) {
+    const std::uint64_t* st = ch.state(r, number_);
+    const std::size_t words = kWords + payload_words(st[kCounts]);
+    if (words > kInWords) throw Error("hma: internal: an agreement check state larger than any check writes");
+    if (r == 0) {
+      state_.assign(st, st + words);
+    } else {
+      combine(st, words, false);
+    }
+    terms[static_cast<std::size_t>(r)] = reinterpret_cast<const unsigned char*>(st + kWords);
+  }
+  if ((state_[kFlags] & (kDiffer | kUnfused | kInvalid)) == 0 && g > 1) {
+    const std::size_t nf = state_[kCounts] >> 32, nd = state_[kCounts] & 0xffffffffu;
+    auto* out = reinterpret_cast<unsigned char*>(state_.data() + kWords);
+    tree_sum<float>(out, terms.data(), 0, g, nf);
+    tree_sum<double>(out, terms.data(), (nf + 1) / 2 * 8, g, nd);
+  }
+  complete_ = true;
+  ch.release(number_);
+  return true;
 }
 
 }  // namespace hma::detail
